@@ -1,0 +1,85 @@
+"""The `visionzip` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+# The project never downloads at run time; make transformers fail fast instead of waiting on a network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit status 2.
+
+    ValueError/TypeError from the library (bad budgets, unsupported models) are reported the same
+    way; set VISIONZIP_DEBUG=1 to see the traceback instead.
+    """
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    import visionzip
+    from visionzip.adapters import supported_families
+    from visionzip.methods import available_methods
+    from visionzip.probe import supported_towers
+
+    print(f"visionzip     {visionzip.__version__}")
+    print(f"torch         {torch.__version__} (cuda available: {torch.cuda.is_available()})")
+    print(f"transformers  {transformers.__version__}")
+    print(f"families      {', '.join(supported_families())}")
+    print(f"towers        {', '.join(supported_towers())}")
+    print(f"methods       {', '.join(available_methods())}")
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "info": ("Show versions, supported model families, towers and reduction methods.", lambda p: None, _info),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visionzip",
+        description=(
+            "VisionZip: make vision-language models fast by sending the language model far fewer visual "
+            "tokens. Dominant tokens are kept by [CLS] attention at the feature layer, the rest are merged "
+            "into a few contextual tokens, before the language model and independent of the text."
+        ),
+        epilog="Run 'visionzip COMMAND --help' for the options of each command.",
+    )
+    from visionzip import __version__
+
+    parser.add_argument("--version", action="version", version=f"visionzip {__version__}")
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        sub = subcommands.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except (UserError, ValueError, TypeError, OSError) as error:
+        if os.environ.get("VISIONZIP_DEBUG"):
+            raise
+        print(f"visionzip {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"visionzip {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

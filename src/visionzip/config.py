@@ -1,0 +1,104 @@
+"""VisionZipConfig: the token budget and options, with all validation in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+from typing import Any, Literal
+
+MergeMode = Literal["target_plus_mean", "average"]
+MERGE_MODES: tuple[str, ...] = ("target_plus_mean", "average")
+
+# The paper's (dominant, contextual) splits per image.
+PAPER_SPLITS: dict[int, tuple[int, int]] = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
+
+
+def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    """Return `value` as an int, or raise naming `name` and the allowed range.
+
+    bool is refused although it is an int subclass: `dominant=True` is always a mistake.
+    """
+    bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer {bounds}, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an integer {bounds}, got {value}")
+    return value
+
+
+def split_budget(tokens: int) -> tuple[int, int]:
+    """Split a per-image token budget into (dominant, contextual).
+
+    The paper's splits are used for 64/128/192; other budgets keep the same ratio
+    (54:10, i.e. about 84 % dominant), with at least one dominant token ([CLS]'s slot).
+    """
+    tokens = check_int("tokens", tokens, 1)
+    if tokens in PAPER_SPLITS:
+        return PAPER_SPLITS[tokens]
+    dominant = max(1, round(tokens * 54 / 64))
+    return dominant, tokens - dominant
+
+
+@dataclass(frozen=True)
+class VisionZipConfig:
+    """How many visual tokens to keep per image (or per crop / frame) and how.
+
+    Args:
+        dominant: tokens kept by attention, counting [CLS]'s own slot on towers that have one (>= 1).
+        contextual: tokens made by merging the remaining ones (>= 0; 0 keeps dominant tokens only).
+        feature_layer: encoder layer whose output feeds the projector; None uses the model's
+            `vision_feature_layer` (LLaVA: -2).
+        merge: "target_plus_mean" (the published behaviour: target token + mean of the tokens
+            assigned to it) or "average" (plain average of the target and its assigned tokens).
+        method: reduction method name from `visionzip.methods.available_methods()`.
+        seed: seed for methods that draw at random (e.g. "random").
+    """
+
+    dominant: int = 54
+    contextual: int = 10
+    feature_layer: int | None = None
+    merge: MergeMode = "target_plus_mean"
+    method: str = "visionzip"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dominant", check_int("dominant", self.dominant, 1))
+        object.__setattr__(self, "contextual", check_int("contextual", self.contextual, 0))
+        if self.feature_layer is not None:
+            if isinstance(self.feature_layer, bool) or not isinstance(self.feature_layer, numbers.Integral):
+                raise TypeError(f"feature_layer must be an integer layer index or None, got {self.feature_layer!r}")
+            object.__setattr__(self, "feature_layer", int(self.feature_layer))
+        if self.merge not in MERGE_MODES:
+            raise ValueError(f"merge must be one of {MERGE_MODES}, got {self.merge!r}")
+        object.__setattr__(self, "seed", check_int("seed", self.seed, 0))
+        from visionzip.methods import available_methods
+
+        if self.method not in available_methods():
+            raise ValueError(f"method must be one of {available_methods()}, got {self.method!r}")
+
+    @property
+    def tokens(self) -> int:
+        """Visual tokens per image (or crop / frame) that reach the language model."""
+        return self.dominant + self.contextual
+
+    @classmethod
+    def from_tokens(cls, tokens: int, **kwargs: Any) -> VisionZipConfig:
+        """Config for a total budget, split as the paper does (64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30)."""
+        dominant, contextual = split_budget(tokens)
+        return cls(dominant=dominant, contextual=contextual, **kwargs)
+
+    def replace(self, **changes: Any) -> VisionZipConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VisionZipConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown VisionZipConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)

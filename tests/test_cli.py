@@ -1,0 +1,40 @@
+"""The command line: help, info, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from visionzip import __version__
+from visionzip.cli import main
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert __version__ in out
+    assert "LlavaForConditionalGeneration" in out
+    assert "transformers" in out and "torch" in out
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "info" in capsys.readouterr().out
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_unknown_command_is_one_line_error():
+    result = subprocess.run(
+        [sys.executable, "-m", "visionzip.cli", "frobnicate"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+    assert "Traceback" not in result.stderr
