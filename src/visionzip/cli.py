@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 # The project never downloads at run time; make transformers fail fast instead of waiting on a network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,9 +38,16 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "info": ("Show versions, supported model families, towers and reduction methods.", lambda p: None, _info),
-}
+def _add_info(subcommands: argparse._SubParsersAction) -> None:
+    help_text = "Show versions, supported model families, towers and reduction methods."
+    sub = subcommands.add_parser("info", help=help_text, description=help_text)
+    sub.set_defaults(run=_info)
+
+
+# Modules that add commands: each has `register(subcommands)`, which adds one or more sub-parsers
+# with `set_defaults(run=function)`; `function(args) -> int` is the exit status. Imported lazily in
+# `register` bodies so that `visionzip --help` stays fast.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,10 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"visionzip {__version__}")
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, add_arguments, run) in COMMANDS.items():
-        sub = subcommands.add_parser(name, help=help_text, description=help_text)
-        add_arguments(sub)
-        sub.set_defaults(run=run)
+    _add_info(subcommands)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subcommands)
     return parser
 
 

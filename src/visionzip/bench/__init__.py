@@ -1,0 +1,1 @@
+"""Measurement: timing, memory and FLOPs."""
