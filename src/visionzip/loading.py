@@ -1,0 +1,78 @@
+"""Loading local models and images with clear errors: shared by every command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+# Larger images are refused before decoding: they are almost always a mistake and can exhaust memory.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+def load_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image file as RGB, or raise a one-line error naming the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"image path is not a file: {path}")
+    try:
+        with Image.open(path) as probe:
+            width, height = probe.size
+            if width * height > max_pixels:
+                raise ValueError(
+                    f"image too large: {width}x{height} = {width * height} pixels (limit {max_pixels}): {path}"
+                )
+            probe.verify()
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError):
+        raise ValueError(f"not a readable image file: {path}") from None
+    except OSError as error:
+        raise ValueError(f"cannot read image {path}: {error}") from None
+
+
+def load_model(model: str | Path | None = None, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """(model, processor) from a local directory, or the embedded default model when `model` is None.
+
+    Only families visionzip supports are accepted; the processor's tokenizer is set to left padding
+    (what batched generation needs).
+    """
+    if model is None:
+        from visionzip.default_model import load_default_model
+
+        return load_default_model(dtype=dtype)
+
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    from visionzip.adapters import supported_families
+
+    path = Path(model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"not a transformers model directory (no config.json): {path}")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"cannot read the model config in {path}: {error}") from None
+    architectures = list(getattr(config, "architectures", None) or [])
+    supported = [name for name in architectures if name in supported_families()]
+    if not supported:
+        raise ValueError(
+            f"model in {path} is {architectures or 'of unknown architecture'}; supported: {supported_families()}"
+        )
+    model_class = getattr(transformers, supported[0])
+    loaded = model_class.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load the processor in {path}: {error}") from None
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"
+    return loaded, processor
