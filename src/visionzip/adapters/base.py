@@ -9,6 +9,7 @@ compressed features handed to the model through its own precomputed-features pat
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -171,6 +172,23 @@ class Adapter:
         }
         self.last_encoded = encoded
         return prepared
+
+
+def prepare_unreduced(model: nn.Module, inputs: Mapping[str, Any], modality: str = "image") -> dict[str, Any]:
+    """The same hand-over as `Adapter.prepare`, with the model's own full-length features.
+
+    Encodes the images exactly as `generate()` does before prefill (the base model's
+    `get_{modality}_features`, called with the inputs its signature names), so that timing the
+    language model on the result measures the unreduced baseline with the tower kept out of it.
+    """
+    prepared = dict(inputs)
+    encoder = getattr(model.base_model, f"get_{modality}_features")
+    names = [name for name in inspect.signature(encoder).parameters if name != "kwargs" and name in prepared]
+    encoded = encoder(**{name: prepared[name] for name in names}, return_dict=True)
+    for name in names:
+        prepared.pop(name)
+    prepared["mm_encoder_outputs"] = {modality: encoded}
+    return prepared
 
 
 def find_placeholder_blocks(

@@ -1,0 +1,70 @@
+"""`visionzip demo`: measurement on a tiny model and the command's error paths."""
+
+from __future__ import annotations
+
+import pytest
+
+import visionzip
+from conftest import make_llava, make_llava_processor, random_images
+from visionzip.bench.memory import PeakMemory, current_rss_bytes
+from visionzip.cli import main
+from visionzip.demo import build_prompt, render_table, run_demo
+
+
+def test_run_demo_on_tiny_llava():
+    model, processor = make_llava(), make_llava_processor()
+    config = visionzip.VisionZipConfig(dominant=20, contextual=4)
+    result = run_demo(
+        model, processor, random_images(1)[0], "what is in the image ?", config, repeats=1, max_new_tokens=3
+    )
+    assert result.full.visual_tokens == 576 and result.reduced.visual_tokens == 24
+    assert result.full.prefill_ms > 0 and result.reduced.vision_ms > 0
+    assert isinstance(result.reduced.answer, str) and result.full.answer
+    assert result.reduction.kept_indices.shape == (1, 20)
+    assert not visionzip.is_applied(model)  # the demo never leaves the model patched
+    table = render_table(result, "q")
+    assert table.row_count == 6
+
+
+def test_prompt_without_chat_template():
+    assert build_prompt(make_llava_processor(), "how many ?") == "<image>\nhow many ?"
+
+
+def test_peak_memory_sees_an_allocation():
+    assert current_rss_bytes() > 0
+    with PeakMemory() as memory:
+        block = bytearray(64 * 2**20)
+        block[::4096] = b"x" * len(block[::4096])
+    assert memory.delta_mb >= 32
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--image", "/nonexistent.png"], "image not found"),
+        (["demo", "--tokens", "64", "--dominant", "3"], "either --tokens or --dominant"),
+        (["demo", "--dominant", "0"], "dominant must be an integer >= 1"),
+        (["demo", "--question", "  "], "--question must not be empty"),
+        (["demo", "--model", "/nonexistent-dir", "--image", "x.png"], "image not found"),
+        (["demo", "--method", "nope"], "method must be one of"),
+    ],
+)
+def test_demo_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_demo_rejects_non_image(tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_text("not an image")
+    assert main(["demo", "--image", str(path)]) == 2
+    assert "not a readable image" in capsys.readouterr().err
+
+
+def test_demo_rejects_bad_model_dir(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    random_images(1)[0].save(image)
+    assert main(["demo", "--model", str(tmp_path), "--image", str(image), "--question", "q"]) == 2
+    assert "no config.json" in capsys.readouterr().err
