@@ -13,8 +13,24 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 DEFAULT_QUERY_CHUNK = 256
+
+
+def capture_q_k_projections(attention: nn.Module, captured: dict[str, torch.Tensor]) -> list[RemovableHandle]:
+    """Hook separate `q_proj` / `k_proj` modules: their outputs are the queries and keys, (B, N, heads * d)."""
+
+    def keep_output(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            captured[name] = _first(output)
+
+        return hook
+
+    return [
+        attention.q_proj.register_forward_hook(keep_output("queries")),
+        attention.k_proj.register_forward_hook(keep_output("keys")),
+    ]
 
 
 @dataclass(frozen=True)
@@ -25,6 +41,9 @@ class TowerLayout:
     attention: Callable[[nn.Module], nn.Module]  # encoder layer -> its self-attention module
     has_cls: bool
     num_prefix_tokens: Callable[[Any], int]  # config -> tokens before the patches ([CLS], registers)
+    # (attention module, dict) -> hook handles that store "queries" and "keys" (B, N, heads * d) in the
+    # dict; towers with a fused qkv projection (e.g. vLLM's) supply their own.
+    capture_qk: Callable[[nn.Module, dict[str, torch.Tensor]], list[RemovableHandle]] = capture_q_k_projections
 
 
 def _clip_like_layers(tower: nn.Module) -> nn.ModuleList:
@@ -88,12 +107,12 @@ class TowerInfo:
         return self.num_prefix_tokens + (height // self.patch_size) * (width // self.patch_size)
 
 
-def resolve_tower(vision_model: nn.Module) -> TowerInfo:
-    """Look up `vision_model`'s layout, or raise naming the supported towers."""
+def resolve_tower(vision_model: nn.Module, layout: TowerLayout | None = None) -> TowerInfo:
+    """Look up `vision_model`'s layout (unless one is given), or raise naming the supported towers."""
     if not isinstance(vision_model, nn.Module):
         raise TypeError(f"vision_model must be a transformers vision tower (nn.Module), got {type(vision_model)}")
     name = type(vision_model).__name__
-    layout = TOWER_LAYOUTS.get(name)
+    layout = TOWER_LAYOUTS.get(name) if layout is None else layout
     if layout is None:
         raise ValueError(f"vision_model: unsupported vision tower {name}; supported: {supported_towers()}")
     config = vision_model.config
@@ -187,34 +206,26 @@ def probe_vision_tower(
     feature_layer: int = -2,
     *,
     query_chunk: int = DEFAULT_QUERY_CHUNK,
+    layout: TowerLayout | None = None,
     **tower_kwargs: Any,
 ) -> ProbeOutput:
-    """Run `vision_model` up to `feature_layer` and return its output, attention scores and keys."""
-    tower = resolve_tower(vision_model)
+    """Run `vision_model` up to `feature_layer` and return its output, attention scores and keys.
+
+    `layout` overrides the lookup by class name (for towers outside transformers, e.g. vLLM's).
+    """
+    tower = resolve_tower(vision_model, layout)
     layer_index = tower.feature_layer_index(feature_layer)
     pixel_values = check_pixel_values(pixel_values, tower)
     layer = tower.layers[layer_index]
     attention = tower.layout.attention(layer)
-    head_dim = attention.k_proj.out_features // tower.num_heads
-    scale = float(getattr(attention, "scaling", getattr(attention, "scale", head_dim**-0.5)))
 
     captured: dict[str, torch.Tensor] = {}
-
-    def keep_output(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            captured[name] = _first(output)
-
-        return hook
 
     def stop_after_layer(module: nn.Module, args: Any, output: Any) -> None:
         captured["features"] = _first(output)
         raise _StopAfterFeatureLayer
 
-    handles = [
-        attention.q_proj.register_forward_hook(keep_output("queries")),
-        attention.k_proj.register_forward_hook(keep_output("keys")),
-        layer.register_forward_hook(stop_after_layer),
-    ]
+    handles = [*tower.layout.capture_qk(attention, captured), layer.register_forward_hook(stop_after_layer)]
     try:
         vision_model(pixel_values=pixel_values, **tower_kwargs)
     except _StopAfterFeatureLayer:
@@ -227,6 +238,8 @@ def probe_vision_tower(
 
     features = captured["features"]
     batch, num_tokens, _ = features.shape
+    head_dim = captured["keys"].shape[-1] // tower.num_heads
+    scale = float(getattr(attention, "scaling", getattr(attention, "scale", head_dim**-0.5)))
     queries = captured["queries"].view(batch, num_tokens, tower.num_heads, head_dim)
     keys = captured["keys"].view(batch, num_tokens, tower.num_heads, head_dim)
     if tower.has_cls:
