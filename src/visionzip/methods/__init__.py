@@ -41,6 +41,8 @@ def get_method(name: str) -> ReductionMethod:
 
 
 # Registration happens on import; order here is the order shown to users.
+from visionzip.methods import divprune as _divprune  # noqa: E402,F401
 from visionzip.methods import pool as _pool  # noqa: E402,F401
 from visionzip.methods import random_keep as _random_keep  # noqa: E402,F401
+from visionzip.methods import tome as _tome  # noqa: E402,F401
 from visionzip.methods import visionzip as _visionzip  # noqa: E402,F401
