@@ -3,6 +3,7 @@
 from visionzip.api import apply, compress_vision, is_applied, prepare, remove
 from visionzip.config import VisionZipConfig, split_budget
 from visionzip.core import Reduction
+from visionzip.viz import visualize
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,5 @@ __all__ = [
     "prepare",
     "remove",
     "split_budget",
+    "visualize",
 ]

@@ -1,0 +1,365 @@
+"""A local web demo: ask a question about an image with all visual tokens and with VisionZip.
+
+`ask(model, processor, image, question, budget, method)` is the whole computation as a plain
+function (answers, visual token counts, timings, speedup, visualisation; the measurement itself is
+`visionzip.demo.run_demo`'s); `build_app` wraps it in a Gradio page and `launch` serves it on
+localhost. Gradio is imported only by those two, so `ask` works without it. CPU, offline.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch import nn
+
+from visionzip.adapters import adapter_class_for
+from visionzip.config import VisionZipConfig, check_int
+from visionzip.demo import DemoRun, run_demo
+from visionzip.loading import MAX_IMAGE_PIXELS, load_image
+from visionzip.methods import available_methods
+from visionzip.viz import model_adapter, reduced_images_for, token_summary, visualize
+from visionzip.viz_cli import DEFAULT_BUDGET, DEFAULT_HOST, DEFAULT_PORT
+
+DEFAULT_MAX_NEW_TOKENS = 16  # when the model's generation config does not say
+MAX_QUESTION_CHARS = 500
+MAX_UPLOAD = "20mb"  # refused by the server before it reaches the model
+BUDGET_TOKENS = "total tokens"
+BUDGET_SPLIT = "dominant + contextual"
+FALLBACK_QUESTIONS = ("what shape is in the image ?", "how many shapes are there ?", "what color is the circle ?")
+
+
+# --- the computation -------------------------------------------------------------------------
+
+
+def budget_config(budget: int | Sequence[int], method: str = "visionzip") -> VisionZipConfig:
+    """VisionZipConfig for a total token budget (split as the paper does) or a (dominant, contextual) pair."""
+    if isinstance(budget, (tuple, list)):
+        if len(budget) != 2:
+            raise ValueError(f"budget must be a token count or (dominant, contextual), got {budget!r}")
+        return VisionZipConfig(dominant=budget[0], contextual=budget[1], method=method)
+    return VisionZipConfig.from_tokens(budget, method=method)
+
+
+def _check_image(image: Image.Image | str | Path) -> Image.Image:
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image or a path to one, got {type(image).__name__}")
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"image too large: {width}x{height} pixels (limit {MAX_IMAGE_PIXELS})")
+    return image.convert("RGB")
+
+
+def _check_question(question: str) -> str:
+    if not isinstance(question, str):
+        raise TypeError(f"question must be a string, got {type(question).__name__}")
+    question = question.strip()
+    if not question:
+        raise ValueError("question must not be empty")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ValueError(f"question must be at most {MAX_QUESTION_CHARS} characters, got {len(question)}")
+    return question
+
+
+def _run_dict(run: DemoRun) -> dict[str, Any]:
+    return {
+        "answer": run.answer,
+        "visual_tokens": run.visual_tokens,
+        "vision_ms": run.vision_ms,
+        "prefill_ms": run.prefill_ms,
+        "first_token_ms": run.first_token_ms,
+    }
+
+
+def ask(
+    model: nn.Module,
+    processor: Any,
+    image: Image.Image | str | Path,
+    question: str,
+    budget: int | Sequence[int] = DEFAULT_BUDGET,
+    method: str = "visionzip",
+    *,
+    heatmap: bool = True,
+    max_new_tokens: int | None = None,
+    repeats: int = 1,
+) -> dict[str, Any]:
+    """Answer `question` about `image` with all visual tokens and with the reduction, and time both.
+
+    budget: total visual tokens per image (64 = 54 + 10, split as the paper does) or (dominant, contextual).
+    method: one of `visionzip.methods.available_methods()`. Decoding is greedy; timings are the
+    medians of `repeats` interleaved rounds (see `visionzip.demo.run_demo`).
+
+    Returns a dict: "question", "method", "dominant", "contextual", "summary" (token counts, as in
+    the visualisation's title), "full" and "reduced" (each: "answer", "visual_tokens" reaching the
+    language model, "vision_ms" tower (+ selection) and projector, "prefill_ms" language model,
+    "first_token_ms" their sum), "speedup" and "prefill_speedup" (full / reduced time to first
+    token and language-model prefill) and "visualization" (a PIL image from `visionzip.visualize`).
+    """
+    adapter_class_for(model)
+    image = _check_image(image)
+    question = _check_question(question)
+    config = budget_config(budget, method)
+    repeats = check_int("repeats", repeats, 1, 100)
+    if not isinstance(heatmap, bool):
+        raise TypeError(f"heatmap must be True or False, got {heatmap!r}")
+    if max_new_tokens is None:
+        generation_config = getattr(model, "generation_config", None)
+        max_new_tokens = getattr(generation_config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, 1024)
+
+    result = run_demo(model, processor, image, question, config, repeats=repeats, max_new_tokens=max_new_tokens)
+    panels = reduced_images_for(model, processor, image, result.reduction)
+    full, reduced = result.full, result.reduced
+    return {
+        "question": question,
+        "method": config.method,
+        "dominant": config.dominant,
+        "contextual": config.contextual,
+        "summary": token_summary(panels),
+        "full": _run_dict(full),
+        "reduced": _run_dict(reduced),
+        "speedup": full.first_token_ms / max(reduced.first_token_ms, 1e-9),
+        "prefill_speedup": full.prefill_ms / max(reduced.prefill_ms, 1e-9),
+        "visualization": visualize(panels, heatmap=heatmap),
+    }
+
+
+def format_stats(result: dict[str, Any]) -> str:
+    """Markdown table of an `ask` result: visual tokens, timings and speedups."""
+    full, reduced = result["full"], result["reduced"]
+    name = f"{result['method']} {result['dominant']} + {result['contextual']}"
+    rows = [("all tokens", full), (name, reduced)]
+    return "\n".join(
+        [
+            f"**{result['summary']}**",
+            "",
+            "| | visual tokens to the LLM | vision ms | LLM prefill ms | first token ms |",
+            "|---|---:|---:|---:|---:|",
+            *(
+                f"| {label} | {run['visual_tokens']} | {run['vision_ms']:.1f} | {run['prefill_ms']:.1f} "
+                f"| {run['first_token_ms']:.1f} |"
+                for label, run in rows
+            ),
+            "",
+            f"**Speedup: {result['prefill_speedup']:.2f}x LLM prefill, {result['speedup']:.2f}x time to first "
+            "token** (CPU; vision = tower + selection + projector)",
+        ]
+    )
+
+
+# --- examples --------------------------------------------------------------------------------
+
+
+def draw_example_images(directory: str | Path, count: int = 3) -> list[Path]:
+    """Write `count` simple scenes (coloured shapes on a plain background) as PNG files; return their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    count = check_int("count", count, 1, 16)
+    rng = np.random.default_rng(0)
+    colors = [(220, 40, 40), (40, 90, 220), (40, 170, 60), (240, 200, 30)]
+    paths = []
+    for index in range(count):
+        picture = Image.new("RGB", (336, 336), tuple(int(v) for v in rng.integers(170, 240, 3)))
+        draw = ImageDraw.Draw(picture)
+        for shape in range(index + 1):
+            x, y = (int(v) for v in rng.integers(30, 250, 2))
+            size = int(rng.integers(40, 80))
+            box = [x, y, x + size, y + size]
+            color = colors[(index + shape) % len(colors)]
+            (draw.ellipse if shape % 2 == 0 else draw.rectangle)(box, fill=color)
+        path = directory / f"example_{index + 1}.png"
+        picture.save(path)
+        paths.append(path)
+    return paths
+
+
+def default_examples(use_default_model: bool, directory: str | Path) -> list[tuple[Path, str]]:
+    """(image path, question) pairs: the default model's held-out samples, else drawn scenes."""
+    if use_default_model:
+        from visionzip.default_model import sample_inputs
+
+        return [(Path(item["image_path"]), str(item["question"])) for item in sample_inputs()[:4]]
+    paths = draw_example_images(directory, len(FALLBACK_QUESTIONS))
+    return list(zip(paths, FALLBACK_QUESTIONS, strict=True))
+
+
+# --- the web page ----------------------------------------------------------------------------
+
+
+def _gradio() -> Any:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls from an offline demo
+    try:
+        import gradio
+    except ImportError:
+        raise ImportError("the web demo needs gradio: pip install 'visionzip[app]'") from None
+    return gradio
+
+
+def _upload_image_class(gr: Any) -> type:
+    class UploadImage(gr.Image):
+        """gr.Image that answers a non-image upload with a clear message instead of a decoding trace."""
+
+        is_template = True  # rendered by the frontend as a plain Image
+
+        def preprocess(self, payload: Any) -> Any:
+            try:
+                return super().preprocess(payload)
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                name = getattr(payload, "orig_name", None) or "the upload"
+                raise gr.Error(
+                    f"{name} is not a readable image ({type(error).__name__}); upload a PNG or JPEG"
+                ) from None
+
+    return UploadImage
+
+
+def build_app(
+    model: nn.Module,
+    processor: Any,
+    *,
+    examples: Sequence[tuple[str | Path, str]] = (),
+    max_new_tokens: int | None = None,
+    repeats: int = 3,
+) -> Any:
+    """The Gradio Blocks page around `run_demo`. Components have stable `elem_id`s ("vz-...")."""
+    gr = _gradio()
+    adapter_class_for(model)
+    repeats = check_int("repeats", repeats, 1, 100)
+    largest = model_adapter(model).tokens_per_unit()  # the page offers budgets up to all tokens
+    default_split = budget_config(min(DEFAULT_BUDGET, largest))
+
+    def on_ask(
+        image_path: str | None,
+        question: str,
+        mode: str,
+        tokens: float | None,
+        dominant: float | None,
+        contextual: float | None,
+        method: str,
+        heatmap: bool,
+    ) -> tuple[str, str, str, Image.Image]:
+        if image_path is None:
+            raise gr.Error("Upload an image first (or pick an example).")
+        try:
+            if mode == BUDGET_SPLIT:
+                if dominant is None or contextual is None:
+                    raise ValueError("dominant and contextual must both be set")
+                budget: int | tuple[int, int] = (_whole("dominant", dominant), _whole("contextual", contextual))
+            else:
+                budget = _whole("tokens", tokens)
+            result = ask(
+                model,
+                processor,
+                image_path,
+                question,
+                budget,
+                method,
+                heatmap=heatmap,
+                max_new_tokens=max_new_tokens,
+                repeats=repeats,
+            )
+        except (ValueError, TypeError, OSError) as error:
+            raise gr.Error(str(error)) from None
+        return (
+            result["full"]["answer"] or "(empty answer)",
+            result["reduced"]["answer"] or "(empty answer)",
+            format_stats(result),
+            result["visualization"],
+        )
+
+    upload_image = _upload_image_class(gr)
+    with gr.Blocks(title="VisionZip demo") as page:
+        gr.Markdown(
+            "# VisionZip\nAsk about an image. The model answers twice: with every visual token, and with "
+            "VisionZip's few dominant + contextual tokens. Runs locally on CPU.",
+            elem_id="vz-intro",
+        )
+        with gr.Row():
+            with gr.Column():
+                image = upload_image(label="Image", type="filepath", sources=["upload"], elem_id="vz-image")
+                question = gr.Textbox(label="Question", lines=1, max_length=MAX_QUESTION_CHARS, elem_id="vz-question")
+                mode = gr.Radio([BUDGET_TOKENS, BUDGET_SPLIT], value=BUDGET_TOKENS, label="Budget", elem_id="vz-mode")
+                tokens = gr.Slider(
+                    1, largest, value=min(DEFAULT_BUDGET, largest), step=1, label="Visual tokens", elem_id="vz-tokens"
+                )
+                with gr.Row():
+                    dominant = gr.Number(
+                        value=default_split.dominant, precision=0, label="Dominant", elem_id="vz-dominant"
+                    )
+                    contextual = gr.Number(
+                        value=default_split.contextual, precision=0, label="Contextual", elem_id="vz-contextual"
+                    )
+                method = gr.Dropdown(list(available_methods()), value="visionzip", label="Method", elem_id="vz-method")
+                heatmap = gr.Checkbox(value=True, label="Show the attention heatmap", elem_id="vz-heatmap")
+                ask_button = gr.Button("Ask", variant="primary", elem_id="vz-ask")
+            with gr.Column():
+                answer_full = gr.Textbox(label="Answer with all visual tokens", elem_id="vz-answer-full")
+                answer_reduced = gr.Textbox(label="Answer with VisionZip", elem_id="vz-answer-reduced")
+                stats = gr.Markdown(elem_id="vz-stats")
+                picture = gr.Image(label="What VisionZip keeps", type="pil", elem_id="vz-visualization")
+        if examples:
+            gr.Examples(
+                examples=[[str(path), text] for path, text in examples],
+                inputs=[image, question],
+                label="Examples",
+                elem_id="vz-examples",
+            )
+        ask_button.click(
+            on_ask,
+            inputs=[image, question, mode, tokens, dominant, contextual, method, heatmap],
+            outputs=[answer_full, answer_reduced, stats, picture],
+        )
+        question.submit(
+            on_ask,
+            inputs=[image, question, mode, tokens, dominant, contextual, method, heatmap],
+            outputs=[answer_full, answer_reduced, stats, picture],
+        )
+    return page
+
+
+def _whole(name: str, value: float | None) -> int:
+    """A number field's value as an int, or a ValueError naming the field."""
+    if value is None or float(value) != int(value):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def launch(
+    model: nn.Module,
+    processor: Any,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    examples: Sequence[tuple[str | Path, str]] | None = None,
+    use_default_examples: bool = False,
+    max_new_tokens: int | None = None,
+    repeats: int = 3,
+) -> None:
+    """Serve the demo on http://host:port until interrupted (localhost only by default)."""
+    if not isinstance(host, str) or not host:
+        raise ValueError(f"host must be a host name or address, got {host!r}")
+    port = check_int("port", port, 1, 65535)
+    example_dir = Path(tempfile.mkdtemp(prefix="visionzip-app-"))
+    if examples is None:
+        examples = default_examples(use_default_examples, example_dir)
+    page = build_app(model, processor, examples=examples, max_new_tokens=max_new_tokens, repeats=repeats)
+    allowed = sorted({str(Path(path).resolve().parent) for path, _ in examples} | {str(example_dir)})
+    print(f"VisionZip demo on http://{host}:{port} (Ctrl+C to stop)", flush=True)
+    page.queue(default_concurrency_limit=1).launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        inbrowser=False,
+        ssr_mode=False,
+        max_file_size=MAX_UPLOAD,
+        allowed_paths=allowed,
+        show_error=True,
+        quiet=True,
+    )

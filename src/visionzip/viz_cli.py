@@ -1,0 +1,108 @@
+"""`visionzip show` (draw what VisionZip keeps of an image) and `visionzip app` (the local web demo)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from visionzip.cli import UserError
+
+DEFAULT_BUDGET = 64  # the paper's 54 + 10
+DEFAULT_HOST = "127.0.0.1"  # the demo listens on this machine only unless told otherwise
+DEFAULT_PORT = 7860
+
+
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        metavar="DIR",
+        help="local transformers model directory of a supported family (default: the embedded default model)",
+    )
+
+
+def load_model_for_cli(model_dir: str | None) -> tuple[Any, Any]:
+    """(model, processor) from `model_dir`, or the embedded default model, with one-line errors."""
+    from visionzip.loading import load_model
+
+    if model_dir is not None:
+        return load_model(model_dir)
+    try:
+        return load_model(None)
+    except (ImportError, OSError, RuntimeError, ValueError) as error:
+        raise UserError(f"the embedded default model is not available ({error}); pass --model DIR") from None
+
+
+def budget_from_args(args: argparse.Namespace) -> int | tuple[int, int]:
+    """--tokens N, or --dominant N --contextual M together; the default is 64 tokens (54 + 10)."""
+    split_given = args.dominant is not None or args.contextual is not None
+    if args.tokens is not None and split_given:
+        raise UserError("give either --tokens or --dominant/--contextual, not both")
+    if split_given:
+        if args.dominant is None or args.contextual is None:
+            raise UserError("--dominant and --contextual must be given together")
+        return args.dominant, args.contextual
+    return DEFAULT_BUDGET if args.tokens is None else args.tokens
+
+
+def _show(args: argparse.Namespace) -> int:
+    from visionzip.app import budget_config
+    from visionzip.loading import load_image
+    from visionzip.viz import check_output_path, reduce_image, token_summary, visualize
+
+    output = check_output_path(args.output)
+    config = budget_config(budget_from_args(args), args.method)  # bad budgets fail before any loading
+    image = load_image(args.image)
+    model, processor = load_model_for_cli(args.model)
+    panels = reduce_image(model, processor, image, config)
+    visualize(panels, heatmap=args.heatmap, save=output)
+    print(f"wrote {output}: {token_summary(panels)} ({config.method})")
+    return 0
+
+
+def _app(args: argparse.Namespace) -> int:
+    from visionzip.app import launch
+    from visionzip.config import check_int
+
+    port = check_int("--port", args.port, 1, 65535)
+    model, processor = load_model_for_cli(args.model)
+    launch(
+        model,
+        processor,
+        host=args.host,
+        port=port,
+        use_default_examples=args.model is None,
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+    )
+    return 0
+
+
+def register(subcommands: argparse._SubParsersAction) -> None:
+    help_text = "Draw which patches VisionZip keeps and merges for an image."
+    show = subcommands.add_parser(
+        "show",
+        help=help_text,
+        description=help_text
+        + " Dominant patches are outlined in white, each contextual group has its own colour, dropped patches "
+        "are dark; --heatmap adds the attention scores the selection used.",
+    )
+    show.add_argument("--image", required=True, metavar="PATH", help="image file (PNG, JPEG, ...)")
+    _add_model_argument(show)
+    show.add_argument("--tokens", type=int, metavar="N", help="visual tokens per image (default 64 = 54 + 10)")
+    show.add_argument("--dominant", type=int, metavar="N", help="dominant tokens ([CLS] included); with --contextual")
+    show.add_argument("--contextual", type=int, metavar="M", help="contextual (merged) tokens; with --dominant")
+    show.add_argument(
+        "--method", default="visionzip", help="reduction method (see 'visionzip info'; default visionzip)"
+    )
+    show.add_argument("--heatmap", action="store_true", help="also draw the attention heatmap beside the tokens")
+    show.add_argument("-o", "--output", required=True, metavar="PATH", help="picture to write (.png, .jpg, .webp)")
+    show.set_defaults(run=_show)
+
+    help_text = "Serve the web demo on localhost: answers with all tokens vs VisionZip, timings, visualisation."
+    app = subcommands.add_parser("app", help=help_text, description=help_text + " Needs gradio (visionzip[app]).")
+    _add_model_argument(app)
+    app.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    app.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    app.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the model's generation config)")
+    app.add_argument("--repeats", type=int, default=3, help="prefill timing: best of this many runs (default 3)")
+    app.set_defaults(run=_app)

@@ -1,0 +1,154 @@
+"""The web demo's computation (`visionzip.app.ask`) and page, without a browser."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+import visionzip
+from conftest import make_llava, make_llava_processor, random_images
+from visionzip import app
+from visionzip.cli import main
+
+QUESTION = "what is in the image ?"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_llava(), make_llava_processor()
+
+
+@pytest.fixture(scope="module")
+def result(tiny):
+    model, processor = tiny
+    return app.ask(model, processor, random_images(1)[0], QUESTION, 64, "visionzip", max_new_tokens=2)
+
+
+def test_ask_reports_answers_tokens_and_timings(result, tiny):
+    assert result["question"] == QUESTION and result["method"] == "visionzip"
+    assert (result["dominant"], result["contextual"]) == (54, 10)
+    assert result["summary"] == "64 of 577 tokens: 54 dominant + 10 contextual"
+    # LLaVA's "default" strategy drops [CLS]: 576 placeholders without VisionZip, 64 with it.
+    assert result["full"]["visual_tokens"] == 576 and result["reduced"]["visual_tokens"] == 64
+    for run in (result["full"], result["reduced"]):
+        assert isinstance(run["answer"], str)
+        assert run["vision_ms"] > 0 and run["prefill_ms"] > 0
+        assert run["first_token_ms"] == pytest.approx(run["vision_ms"] + run["prefill_ms"])
+    assert result["speedup"] == pytest.approx(result["full"]["first_token_ms"] / result["reduced"]["first_token_ms"])
+    picture = result["visualization"]
+    assert isinstance(picture, Image.Image)
+    (panel,) = picture.info["visionzip_panels"]
+    assert panel["grid"] == (24, 24) and panel["heatmap"] is not None
+    assert not visionzip.is_applied(tiny[0])
+
+
+def test_format_stats_shows_the_numbers(result):
+    text = app.format_stats(result)
+    assert "64 of 577 tokens: 54 dominant + 10 contextual" in text
+    assert "| all tokens | 576 |" in text and "| visionzip 54 + 10 | 64 |" in text
+    assert f"{result['speedup']:.2f}x time to first token" in text
+
+
+def test_ask_with_a_split_budget_and_another_method(tiny):
+    model, processor = tiny
+    image = random_images(1, seed=3)[0]
+    out = app.ask(model, processor, image, QUESTION, (20, 4), "pool", heatmap=False, max_new_tokens=1)
+    assert out["reduced"]["visual_tokens"] == 24 and out["method"] == "pool"
+    assert out["visualization"].info["visionzip_panels"][0]["heatmap"] is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"question": "   "}, ValueError, "question must not be empty"),
+        ({"question": "a" * 501}, ValueError, "at most 500 characters"),
+        ({"question": 3}, TypeError, "question must be a string"),
+        ({"budget": 0}, ValueError, "tokens must be an integer >= 1"),
+        ({"budget": 9999}, ValueError, "must be <= 577"),
+        ({"budget": (1, 2, 3)}, ValueError, "budget must be a token count or"),
+        ({"budget": (-1, 2)}, ValueError, "dominant must be an integer >= 1"),
+        ({"method": "magic"}, ValueError, "method must be one of"),
+        ({"image": "no-such-file.png"}, FileNotFoundError, "image not found"),
+        ({"image": 42}, TypeError, "image must be a PIL image"),
+        ({"repeats": 0}, ValueError, "repeats"),
+    ],
+)
+def test_ask_input_errors(tiny, kwargs, error, message):
+    model, processor = tiny
+    arguments = {"image": random_images(1)[0], "question": QUESTION, "budget": 64, "method": "visionzip", **kwargs}
+    with pytest.raises(error, match=message):
+        app.ask(model, processor, **arguments)
+
+
+def test_ask_refuses_non_images_and_huge_images(tiny, tmp_path, monkeypatch):
+    model, processor = tiny
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(ValueError, match="not a readable image"):
+        app.ask(model, processor, text, QUESTION)
+    monkeypatch.setattr(app, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match="image too large"):
+        app.ask(model, processor, Image.new("RGB", (100, 100)), QUESTION)
+    with pytest.raises(ValueError, match="unsupported model family"):
+        app.ask(torch.nn.Linear(2, 2), processor, Image.new("RGB", (10, 10)), QUESTION)
+
+
+def test_example_images(tmp_path):
+    paths = app.draw_example_images(tmp_path, 3)
+    assert [p.name for p in paths] == ["example_1.png", "example_2.png", "example_3.png"]
+    assert all(Image.open(p).size == (336, 336) for p in paths)
+    pairs = app.default_examples(False, tmp_path / "more")
+    assert [q for _, q in pairs] == list(app.FALLBACK_QUESTIONS)
+
+
+ELEM_IDS = {
+    "vz-image",
+    "vz-question",
+    "vz-mode",
+    "vz-tokens",
+    "vz-dominant",
+    "vz-contextual",
+    "vz-method",
+    "vz-heatmap",
+    "vz-ask",
+    "vz-answer-full",
+    "vz-answer-reduced",
+    "vz-stats",
+    "vz-visualization",
+}
+
+
+def test_page_has_stable_element_ids(tiny, tmp_path):
+    pytest.importorskip("gradio")
+    model, processor = tiny
+    examples = app.default_examples(False, tmp_path)
+    page = app.build_app(model, processor, examples=examples, repeats=1)
+    config = page.get_config_file()
+    components = {c["props"].get("elem_id"): c for c in config["components"]}
+    assert ELEM_IDS <= set(components)
+    assert components["vz-image"]["type"] == "image"  # the upload check keeps the stock frontend
+    assert components["vz-tokens"]["props"]["maximum"] == 577
+    choices = [tuple(choice) for choice in components["vz-method"]["props"]["choices"]]
+    assert choices == [(m, m) for m in visionzip.methods.available_methods()]
+
+
+def test_upload_of_a_non_image_is_a_clear_error(tmp_path):
+    gr = pytest.importorskip("gradio")
+    from gradio.data_classes import ImageData
+
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    component = app._upload_image_class(gr)(type="filepath")
+    with pytest.raises(gr.Error, match="notes.png is not a readable image"):
+        component.preprocess(ImageData(path=str(text), orig_name="notes.png"))
+    picture = tmp_path / "ok.png"
+    Image.new("RGB", (8, 8)).save(picture)
+    assert component.preprocess(ImageData(path=str(picture), orig_name="ok.png")) == str(picture)
+
+
+def test_app_command_errors(capsys):
+    assert main(["app", "--port", "0", "--model", "/nonexistent"]) == 2
+    assert "--port must be an integer in [1, 65535]" in capsys.readouterr().err
+    assert main(["app", "--model", "/nonexistent"]) == 2
+    assert "model directory not found" in capsys.readouterr().err
