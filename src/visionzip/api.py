@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +24,8 @@ STATE_ATTRIBUTE = "_visionzip_state"
 _MISSING = object()
 # Instance attributes apply() overrides; remove() puts back exactly what was there before.
 _WRAPPED_METHODS = ("forward", "generate")
+# Written beside a model whose projector was fine-tuned on reduced tokens: the budget it was tuned for.
+SAVED_CONFIG_NAME = "visionzip_config.json"
 
 
 def compress_vision(
@@ -81,6 +85,8 @@ def apply(model: nn.Module, config: VisionZipConfig | None = None, **config_fiel
 
     `apply(model, VisionZipConfig(dominant=54, contextual=10))` or `apply(model, dominant=54, contextual=10)`.
     State lives on this instance only (no class or global patch); `remove(model)` undoes it.
+    With no config and no fields, a model loaded from a directory holding `visionzip_config.json`
+    (written by `visionzip finetune`) gets the budget it was fine-tuned for; others get the defaults.
     Applying to a model that already has VisionZip raises: call `remove(model)` first.
     After apply, `model.generate(**inputs)` and `model(**inputs)` prepare raw processor inputs
     themselves; `prepare(model, inputs)` does the same explicitly. Returns `model`.
@@ -88,7 +94,7 @@ def apply(model: nn.Module, config: VisionZipConfig | None = None, **config_fiel
     if config is not None and config_fields:
         raise TypeError("apply() takes either a VisionZipConfig or config fields as keywords, not both")
     if config is None:
-        config = VisionZipConfig(**config_fields)
+        config = VisionZipConfig(**config_fields) if config_fields else saved_config(model) or VisionZipConfig()
     if not isinstance(config, VisionZipConfig):
         raise TypeError(f"config must be a VisionZipConfig, got {type(config).__name__}")
     adapter_class = adapter_class_for(model)
@@ -103,6 +109,28 @@ def apply(model: nn.Module, config: VisionZipConfig | None = None, **config_fiel
     model.generate = _auto_prepare(model, model.generate, adapter)
     model.__dict__[STATE_ATTRIBUTE] = state
     return model
+
+
+def load_saved_config(directory: str | Path) -> VisionZipConfig | None:
+    """The VisionZipConfig saved in `directory` (`visionzip_config.json`), or None when there is none."""
+    path = Path(directory) / SAVED_CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        return VisionZipConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path}: not a valid VisionZip config ({error})") from None
+
+
+def saved_config(model: nn.Module) -> VisionZipConfig | None:
+    """The config saved in the directory `model` was loaded from (`name_or_path`), if any."""
+    sources = (getattr(model, "name_or_path", None), getattr(getattr(model, "config", None), "_name_or_path", None))
+    for source in sources:
+        if isinstance(source, (str, Path)) and str(source) and Path(source).is_dir():
+            config = load_saved_config(source)
+            if config is not None:
+                return config
+    return None
 
 
 def _auto_prepare(model: nn.Module, method: Callable[..., Any], adapter: Adapter) -> Callable[..., Any]:

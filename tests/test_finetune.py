@@ -1,0 +1,272 @@
+"""Projector fine-tuning on reduced tokens, on a tiny random LLaVA (CLIP 336/14 tower, Llama LM)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import LlavaForConditionalGeneration, TrainerCallback
+
+import visionzip
+from conftest import IMAGE_TOKEN_ID, make_llava, make_llava_processor, random_images
+from visionzip.adapters.base import IGNORE_INDEX
+from visionzip.api import SAVED_CONFIG_NAME
+from visionzip.cli import main
+from visionzip.data import DataError
+from visionzip.finetune import (
+    PARTIAL_SUFFIX,
+    PROJECTOR_FILE,
+    SUMMARY_FILE,
+    encode_image_examples,
+    finetune_projector,
+    load_projector,
+)
+from visionzip.loading import load_model
+
+CONFIG = visionzip.VisionZipConfig(dominant=8, contextual=2)
+QUESTIONS = [("how many are there ?", "two"), ("what is in the image ?", "a cat")]
+# Four optimizer steps over 12 pairs, a checkpoint every two: enough to see resume and the schedule.
+FAST = {"max_steps": 4, "batch_size": 4, "save_steps": 2, "logging_steps": 1, "progress": False}
+
+
+def projector_state(model):
+    return {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
+
+
+def write_dataset(folder, rows=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(random_images(6, size=(64, 80))):
+        image.save(folder / f"{i}.png")
+    if rows is None:
+        rows = [{"image": f"{i}.png", "question": q, "answers": [a]} for i in range(6) for q, a in QUESTIONS]
+    path = folder / "train.jsonl"
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    make_llava().save_pretrained(root / "base")
+    make_llava_processor().save_pretrained(root / "base")
+    return root, write_dataset(root / "data")
+
+
+@pytest.fixture(scope="module")
+def reference(workspace):
+    """A model trained in place for four steps (cached features), and its output directory."""
+    root, data = workspace
+    model = make_llava()
+    result = finetune_projector(model, data, CONFIG, root / "reference", processor=make_llava_processor(), **FAST)
+    return model, result
+
+
+def test_only_the_projector_changes(reference):
+    trained, result = reference
+    original = make_llava().state_dict()
+    changed = {k for k, v in trained.state_dict().items() if not torch.equal(v, original[k])}
+    assert changed == {f"model.multi_modal_projector.{k}" for k in projector_state(trained)}
+    assert result.steps == 4 and result.examples == 12 and result.images == 6
+    # The instance is handed back as it came: no VisionZip, gradients and config untouched.
+    assert not visionzip.is_applied(trained)
+    assert all(p.requires_grad for p in trained.parameters())
+    fresh = make_llava().config.to_dict()
+    saved = {"architectures", "dtype"}  # save_pretrained records these; nothing else may change
+    assert {k: v for k, v in trained.config.to_dict().items() if k not in saved} == {
+        k: v for k, v in fresh.items() if k not in saved
+    }
+
+
+def test_output_is_a_model_directory_that_applies_its_budget(reference, images):
+    trained, result = reference
+    out = result.output_dir
+    assert not out.with_name(out.name + PARTIAL_SUFFIX).exists()  # checkpoints are cleaned up
+    assert json.loads((out / SAVED_CONFIG_NAME).read_text()) == CONFIG.to_dict()
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["steps"] == 4 and summary["config"] == CONFIG.to_dict()
+    assert [e["loss"] for e in summary["log_history"] if "loss" in e]  # the loss was logged every step
+    loaded = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    for key, value in projector_state(trained).items():
+        assert torch.equal(projector_state(loaded)[key], value)
+    processor = load_model(out)[1]
+    visionzip.apply(loaded)  # no config: the budget the projector was tuned for
+    inputs = processor(images=images[:1], text=["USER: <image> what is in the image ? ASSISTANT:"], return_tensors="pt")
+    prepared = visionzip.prepare(loaded, inputs)
+    assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum() == CONFIG.tokens
+    visionzip.remove(loaded)
+    # Fields or a config still win over the saved budget.
+    visionzip.apply(loaded, dominant=20, contextual=4)
+    assert visionzip.api.get_state(loaded).config.tokens == 24
+
+
+def test_labels_cover_the_answer_only(fresh_llava, images):
+    processor = make_llava_processor()
+    pixels, pairs = encode_image_examples(processor, images[0], QUESTIONS)
+    assert pixels.shape == (1, 3, 336, 336)
+    for (ids, labels), (_, answer) in zip(pairs, QUESTIONS, strict=True):
+        answer_ids = labels[labels != IGNORE_INDEX]
+        assert processor.tokenizer.convert_ids_to_tokens(answer_ids.tolist()) == [*answer.split(), "</s>"]
+        assert torch.equal(ids[-answer_ids.numel() :], answer_ids)
+        assert (ids == IMAGE_TOKEN_ID).sum() == 576
+    # Through VisionZip the placeholders shrink and the loss is the mean over answer tokens only.
+    visionzip.apply(fresh_llava, CONFIG)
+    ids, labels = pairs[1]
+    with torch.no_grad():
+        out = fresh_llava(input_ids=ids[None], labels=labels[None], pixel_values=pixels)
+    prepared = visionzip.prepare(fresh_llava, {"input_ids": ids[None], "labels": labels[None], "pixel_values": pixels})
+    assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum() == CONFIG.tokens
+    assert torch.equal(prepared["labels"][prepared["labels"] != IGNORE_INDEX], labels[labels != IGNORE_INDEX])
+    targets = prepared["labels"][0, 1:]
+    expected = torch.nn.functional.cross_entropy(out.logits[0, :-1][targets != IGNORE_INDEX], targets[targets != -100])
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_tower_every_step_trains_the_same_projector(workspace, reference):
+    root, data = workspace
+    trained, _ = reference
+    result = finetune_projector(str(root / "base"), data, CONFIG, root / "no-cache", cache_features=False, **FAST)
+    assert result.steps == 4
+    loaded = LlavaForConditionalGeneration.from_pretrained(result.output_dir)
+    for key, value in projector_state(trained).items():
+        torch.testing.assert_close(projector_state(loaded)[key], value, rtol=1e-5, atol=1e-6)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_keeps_the_old_output_and_resumes(workspace, reference):
+    root, data = workspace
+    trained, _ = reference
+    out = root / "resumed"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous result")
+    base = str(root / "base")
+    with pytest.raises(KeyboardInterrupt):
+        finetune_projector(base, data, CONFIG, out, overwrite=True, callbacks=[StopAt(3)], **FAST)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    work = out.with_name(out.name + PARTIAL_SUFFIX)
+    assert (work / "checkpoints" / "checkpoint-2").is_dir()
+    with pytest.raises(ValueError, match="different settings.*batch_size"):
+        finetune_projector(base, data, CONFIG, out, overwrite=True, resume=True, **{**FAST, "batch_size": 3})
+    result = finetune_projector(base, data, CONFIG, out, overwrite=True, resume=True, **FAST)
+    assert result.steps == 4 and not work.exists() and not (out / "keep.txt").exists()
+    loaded = LlavaForConditionalGeneration.from_pretrained(out)
+    for key, value in projector_state(trained).items():
+        torch.testing.assert_close(projector_state(loaded)[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_only_saves_the_projector_and_loads_on_the_base(workspace):
+    root, data = workspace
+    model = make_llava()
+    out = root / "adapter"
+    finetune_projector(
+        model, data, CONFIG, out, processor=make_llava_processor(), adapter_only=True, **{**FAST, "max_steps": 1}
+    )
+    assert sorted(p.name for p in out.iterdir()) == sorted([PROJECTOR_FILE, SAVED_CONFIG_NAME, SUMMARY_FILE])
+    assert (out / PROJECTOR_FILE).stat().st_size < 100_000
+    base = make_llava()
+    assert load_projector(base, out) == CONFIG
+    assert torch.equal(
+        torch.cat([v.flatten() for v in projector_state(base).values()]),
+        torch.cat([v.flatten() for v in projector_state(model).values()]),
+    )
+    with pytest.raises(FileNotFoundError, match="projector weights not found"):
+        load_projector(base, root)
+    save_file({"model.multi_modal_projector.linear_1.weight": torch.zeros(2, 2)}, str(root / "wrong.safetensors"))
+    with pytest.raises(ValueError, match="do not match this model"):
+        load_projector(base, root / "wrong.safetensors")
+
+
+def test_skips_bad_rows_and_images_and_reports_line_numbers(workspace):
+    root, _ = workspace
+    folder = root / "bad-data"
+    rows = [
+        {"image": "0.png", "question": "how many are there ?", "answers": ["two"]},
+        "{not json",
+        {"image": "broken.png", "question": "how many are there ?", "answers": ["two"]},
+        {"image": "1.png", "question": "what is in the image ?", "answers": ["a cat"]},
+        {"image": "missing.png", "question": "how many are there ?", "answers": ["two"]},
+    ]
+    data = write_dataset(folder, rows)
+    (folder / "broken.png").write_text("not an image")
+    base = str(root / "base")
+    with pytest.raises(DataError, match=r"train.jsonl:2: not valid JSON"):
+        finetune_projector(base, data, CONFIG, root / "bad-out", **FAST)
+    skipped = finetune_projector(base, data, CONFIG, root / "bad-out", on_error="skip", **{**FAST, "max_steps": 1})
+    assert skipped.examples == 2
+    assert [p.split(": ")[0].rsplit(":", 1)[1] for p in skipped.problems] == ["2", "5", "3"]
+    assert "not a readable image" in skipped.problems[2]
+    rows.pop(4)
+    rows.pop(1)
+    with pytest.raises(DataError, match=r"train.jsonl:2: not a readable image"):
+        finetune_projector(base, write_dataset(folder, rows), CONFIG, root / "bad-out-2", **FAST)
+    assert not (root / "bad-out-2").exists() and not (root / f"bad-out-2{PARTIAL_SUFFIX}").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"learning_rate": "fast"}, TypeError, "learning_rate"),
+        ({"warmup_ratio": 1.0}, ValueError, "warmup_ratio"),
+        ({"epochs": 0}, ValueError, "epochs"),
+        ({"scheduler": "cyclic"}, ValueError, "scheduler"),
+        ({"on_error": "ignore"}, ValueError, "on_error"),
+        ({"prompt_template": "no placeholder"}, ValueError, "prompt_template"),
+        ({"config": {"dominant": 8}}, TypeError, "config must be a VisionZipConfig"),
+        ({"config": visionzip.VisionZipConfig(dominant=570, contextual=10)}, ValueError, "must be <= 577"),
+        ({"data": 42}, TypeError, "data must be"),
+        ({"model": 42}, TypeError, "model must be"),
+        ({"output_dir": None}, TypeError, "output_dir"),
+    ],
+)
+def test_bad_arguments(workspace, kwargs, error, match):
+    root, data = workspace
+    arguments = {"model": str(root / "base"), "data": data, "config": CONFIG, "output_dir": root / "never", **kwargs}
+    with pytest.raises(error, match=match):
+        finetune_projector(**arguments, max_steps=1, progress=False)
+    assert not (root / "never").exists() and not (root / f"never{PARTIAL_SUFFIX}").exists()
+
+
+def test_existing_output_or_interrupted_run_is_refused(workspace, reference):
+    root, data = workspace
+    with pytest.raises(FileExistsError, match="output directory exists.*--overwrite"):
+        finetune_projector(str(root / "base"), data, CONFIG, reference[1].output_dir, max_steps=1)
+    (root / f"stale{PARTIAL_SUFFIX}").mkdir()
+    with pytest.raises(FileExistsError, match="interrupted run.*--resume"):
+        finetune_projector(str(root / "base"), data, CONFIG, root / "stale", max_steps=1)
+
+
+def test_corrupt_saved_config_is_an_error(tmp_path):
+    model = make_llava()
+    model.save_pretrained(tmp_path)
+    (tmp_path / SAVED_CONFIG_NAME).write_text('{"dominant": "many"}')
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=SAVED_CONFIG_NAME):
+        visionzip.apply(loaded)
+
+
+def test_cli(workspace, capsys):
+    root, data = workspace
+    out = root / "cli"
+    args = ["finetune", "--model", str(root / "base"), "--data", str(data), "-o", str(out), "--no-progress"]
+    assert main([*args, "--tokens", "10", "--max-steps", "1", "--batch-size", "4"]) == 0
+    assert "fine-tuned the projector for 8 + 2 tokens on 12 examples" in capsys.readouterr().out
+    assert json.loads((out / SAVED_CONFIG_NAME).read_text())["dominant"] == 8
+    assert main([*args, "--tokens", "10"]) == 2
+    assert "output directory exists" in capsys.readouterr().err
+    assert main([*args, "--tokens", "10", "--dominant", "3", "--overwrite"]) == 2
+    assert "either --tokens or --dominant" in capsys.readouterr().err
+    assert main([*args, "--dominant", "600", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("visionzip finetune: error: dominant + contextual must be <= 577")
+    assert "Traceback" not in err
