@@ -105,11 +105,18 @@ def test_labels_cover_the_answer_only(fresh_llava, images):
     processor = make_llava_processor()
     pixels, pairs = encode_image_examples(processor, images[0], QUESTIONS)
     assert pixels.shape == (1, 3, 336, 336)
-    for (ids, labels), (_, answer) in zip(pairs, QUESTIONS, strict=True):
+    for (ids, labels), (question, answer) in zip(pairs, QUESTIONS, strict=True):
         answer_ids = labels[labels != IGNORE_INDEX]
         assert processor.tokenizer.convert_ids_to_tokens(answer_ids.tolist()) == [*answer.split(), "</s>"]
-        assert torch.equal(ids[-answer_ids.numel() :], answer_ids)
-        assert (ids == IMAGE_TOKEN_ID).sum() == 576
+        # The prompt part is exactly what the processor makes of this image and prompt.
+        prompt = f"USER: <image>\n{question} ASSISTANT:"
+        expected = processor(images=images[:1], text=[prompt], return_tensors="pt")["input_ids"][0]
+        assert torch.equal(ids, torch.cat([expected, answer_ids]))
+        assert torch.equal(labels[: expected.numel()], torch.full_like(expected, IGNORE_INDEX))
+    # A processor that cannot say its image token is asked for every prompt: same result.
+    processor.image_token_id = None
+    _, again = encode_image_examples(processor, images[0], QUESTIONS)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(again, pairs, strict=True))
     # Through VisionZip the placeholders shrink and the loss is the mean over answer tokens only.
     visionzip.apply(fresh_llava, CONFIG)
     ids, labels = pairs[1]
