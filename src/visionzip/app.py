@@ -8,6 +8,7 @@ localhost. Gradio is imported only by those two, so `ask` works without it. CPU,
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -275,58 +276,76 @@ def build_app(
         )
 
     upload_image = _upload_image_class(gr)
+    inputs_order = ("image", "question", "mode", "tokens", "dominant", "contextual", "method", "heatmap")
     with gr.Blocks(title="VisionZip demo") as page:
         gr.Markdown(
             "# VisionZip\nAsk about an image. The model answers twice: with every visual token, and with "
             "VisionZip's few dominant + contextual tokens. Runs locally on CPU.",
             elem_id="vz-intro",
         )
+        fields: dict[str, Any] = {}
         with gr.Row():
             with gr.Column():
-                image = upload_image(label="Image", type="filepath", sources=["upload"], elem_id="vz-image")
-                question = gr.Textbox(label="Question", lines=1, max_length=MAX_QUESTION_CHARS, elem_id="vz-question")
-                mode = gr.Radio([BUDGET_TOKENS, BUDGET_SPLIT], value=BUDGET_TOKENS, label="Budget", elem_id="vz-mode")
-                tokens = gr.Slider(
-                    1, largest, value=min(DEFAULT_BUDGET, largest), step=1, label="Visual tokens", elem_id="vz-tokens"
+                fields["image"] = upload_image(label="Image", type="filepath", sources=["upload"], elem_id="vz-image")
+                fields["question"] = gr.Textbox(
+                    label="Question", lines=1, max_length=MAX_QUESTION_CHARS, elem_id="vz-question"
                 )
-                with gr.Row():
-                    dominant = gr.Number(
+            with gr.Column():
+                fields["mode"] = gr.Radio(
+                    [BUDGET_TOKENS, BUDGET_SPLIT], value=BUDGET_TOKENS, label="Budget", elem_id="vz-mode"
+                )
+                fields["tokens"] = gr.Slider(
+                    1, largest, value=default_split.tokens, step=1, label="Visual tokens per image", elem_id="vz-tokens"
+                )
+                with gr.Row(visible=False) as split_row:
+                    fields["dominant"] = gr.Number(
                         value=default_split.dominant, precision=0, label="Dominant", elem_id="vz-dominant"
                     )
-                    contextual = gr.Number(
+                    fields["contextual"] = gr.Number(
                         value=default_split.contextual, precision=0, label="Contextual", elem_id="vz-contextual"
                     )
-                method = gr.Dropdown(list(available_methods()), value="visionzip", label="Method", elem_id="vz-method")
-                heatmap = gr.Checkbox(value=True, label="Show the attention heatmap", elem_id="vz-heatmap")
+                fields["method"] = gr.Dropdown(
+                    list(available_methods()), value="visionzip", label="Method", elem_id="vz-method"
+                )
+                fields["heatmap"] = gr.Checkbox(value=True, label="Show the attention heatmap", elem_id="vz-heatmap")
                 ask_button = gr.Button("Ask", variant="primary", elem_id="vz-ask")
-            with gr.Column():
-                answer_full = gr.Textbox(label="Answer with all visual tokens", elem_id="vz-answer-full")
-                answer_reduced = gr.Textbox(label="Answer with VisionZip", elem_id="vz-answer-reduced")
+                with gr.Row():
+                    answer_full = gr.Textbox(label="Answer with all visual tokens", elem_id="vz-answer-full")
+                    answer_reduced = gr.Textbox(label="Answer with VisionZip", elem_id="vz-answer-reduced")
                 stats = gr.Markdown(elem_id="vz-stats")
-                picture = gr.Image(label="What VisionZip keeps", type="pil", elem_id="vz-visualization")
+        picture = gr.Image(label="What VisionZip keeps", show_label=False, type="pil", elem_id="vz-visualization")
         if examples:
             gr.Examples(
                 examples=[[str(path), text] for path, text in examples],
-                inputs=[image, question],
+                inputs=[fields["image"], fields["question"]],
                 label="Examples",
                 elem_id="vz-examples",
             )
-        ask_button.click(
-            on_ask,
-            inputs=[image, question, mode, tokens, dominant, contextual, method, heatmap],
-            outputs=[answer_full, answer_reduced, stats, picture],
-        )
-        question.submit(
-            on_ask,
-            inputs=[image, question, mode, tokens, dominant, contextual, method, heatmap],
-            outputs=[answer_full, answer_reduced, stats, picture],
-        )
+
+        def show_budget_fields(mode: str) -> tuple[Any, Any]:
+            return gr.update(visible=mode == BUDGET_TOKENS), gr.update(visible=mode == BUDGET_SPLIT)
+
+        def check_upload(image_path: str | None) -> None:
+            # Decoding problems surface in UploadImage.preprocess; size limits in load_image. Either way the
+            # message appears right after the upload, not only when Ask is clicked.
+            if image_path is not None:
+                try:
+                    load_image(image_path)
+                except (ValueError, OSError) as error:
+                    raise gr.Error(str(error)) from None
+
+        fields["image"].upload(check_upload, inputs=fields["image"], outputs=None)
+        fields["mode"].change(show_budget_fields, inputs=fields["mode"], outputs=[fields["tokens"], split_row])
+        event_inputs = [fields[name] for name in inputs_order]
+        outputs = [answer_full, answer_reduced, stats, picture]
+        ask_button.click(on_ask, inputs=event_inputs, outputs=outputs)
+        fields["question"].submit(on_ask, inputs=event_inputs, outputs=outputs)
     return page
 
 
 def _whole(name: str, value: float | None) -> int:
     """A number field's value as an int, or a ValueError naming the field."""
-    if value is None or float(value) != int(value):
+    if value is None or not math.isfinite(float(value)) or float(value) != int(value):
         raise ValueError(f"{name} must be a whole number, got {value!r}")
     return int(value)
 
