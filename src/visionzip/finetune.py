@@ -26,7 +26,9 @@ import math
 import numbers
 import os
 import shutil
+import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -703,26 +705,13 @@ def finetune_projector(
     if not isinstance(model, nn.Module):
         model, loaded_processor = load_model(model)
         processor = processor or loaded_processor
-    apply(model, config)  # budgets the model cannot take fail here, before anything is written
-    was_training = model.training
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    use_cache = model.config.__dict__.get("use_cache", _UNSET)
-    try:
-        adapter = get_state(model).adapter
-        if tuple(adapter.image_input_keys) != ("pixel_values",):
-            raise ValueError(
-                f"model: projector fine-tuning supports families with one pixel tensor per image (LLaVA-1.5); "
-                f"{type(model).__name__} takes {list(adapter.image_input_keys)}"
-            )
-        projector = _projector(adapter)
-        model.requires_grad_(False)
-        projector.requires_grad_(True)
+    with _projector_training(model, config) as (adapter, projector):
         cache = ReducedFeatureCache() if options.cache_features else None
         prepared = _prepare_examples(data, records, processor, options, adapter.reduce, cache, progress)
         problems = problems + prepared.problems
         if cache is not None and not _cache_serves_like_tower(adapter, cache, prepared):
-            print(
-                "visionzip finetune: cached features do not reproduce this model's inputs; running the tower every step"
+            warnings.warn(
+                "cached tower features do not reproduce this model's inputs; running the tower every step", stacklevel=2
             )
             cache = None
         if cache is not None:
@@ -732,7 +721,7 @@ def finetune_projector(
             pixels = _image_loader(processor, prepared.images)
         checkpoint = run_dir.start(run, resume)
         if resume and checkpoint is None:
-            print(f"visionzip finetune: no checkpoint in {run_dir.work}; starting from the beginning")
+            warnings.warn(f"no checkpoint to resume from in {run_dir.work}; training from the beginning", stacklevel=2)
         trainer = _make_trainer(
             model=model,
             args=_training_arguments(options, run_dir.checkpoints, progress),
@@ -746,19 +735,9 @@ def finetune_projector(
         try:
             output = trainer.train(resume_from_checkpoint=checkpoint)
         except KeyboardInterrupt:
-            print(f"visionzip finetune: interrupted; checkpoints are in {run_dir.checkpoints} (rerun with --resume)")
+            print(f"interrupted; checkpoints are in {run_dir.checkpoints} (run again with resume)", file=sys.stderr)
             raise
         train_seconds = time.perf_counter() - start
-    finally:
-        if is_applied(model):
-            remove(model)
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(requires_grad[name])
-        if use_cache is _UNSET:
-            model.config.__dict__.pop("use_cache", None)
-        else:
-            model.config.use_cache = use_cache
-        model.train(was_training)
 
     result = FinetuneResult(
         output_dir=run_dir.output,
@@ -775,6 +754,35 @@ def finetune_projector(
     _save_result(model, processor, projector, result, run, adapter_only, run_dir.staged)
     run_dir.finish()
     return result
+
+
+@contextmanager
+def _projector_training(model: nn.Module, config: VisionZipConfig) -> Iterator[tuple[Any, nn.Module]]:
+    """VisionZip applied and everything but the projector frozen; the model is handed back as it came."""
+    apply(model, config)  # budgets the model cannot take fail here, before anything is written
+    was_training = model.training
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    use_cache = model.config.__dict__.get("use_cache", _UNSET)  # the Trainer sets it
+    try:
+        adapter = get_state(model).adapter
+        if tuple(adapter.image_input_keys) != ("pixel_values",):
+            raise ValueError(
+                f"model: projector fine-tuning supports families with one pixel tensor per image (LLaVA-1.5); "
+                f"{type(model).__name__} takes {list(adapter.image_input_keys)}"
+            )
+        projector = _projector(adapter)
+        model.requires_grad_(False)
+        projector.requires_grad_(True)
+        yield adapter, projector
+    finally:
+        remove(model)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(requires_grad[name])
+        if use_cache is _UNSET:
+            model.config.__dict__.pop("use_cache", None)
+        else:
+            model.config.use_cache = use_cache
+        model.train(was_training)
 
 
 _UNSET = object()
