@@ -183,6 +183,14 @@ def test_compress_vision_result_on_a_real_tower(clip_tower, tmp_path):
         visionzip.visualize(plain(), result, save=tmp_path / "missing" / "kept.png")
 
 
+def test_dinov2_tower_grid_is_inferred(dinov2_tower):
+    result = visionzip.compress_vision(dinov2_tower, torch.zeros(1, 3, 224, 224), 20, 4)
+    picture = visualize(plain(), result, heatmap=True)
+    (panel,) = picture.info["visionzip_panels"]
+    assert panel["grid"] == (16, 16) and panel["cell"] == 336 // 16
+    assert (cell_centers(picture, panel["tokens"], (16, 16)) == GREY).all(axis=-1).sum() == 19
+
+
 def test_pool_method_tints_every_patch(clip_tower):
     result = visionzip.compress_vision(clip_tower, torch.zeros(1, 3, 336, 336), 54, 10, method="pool")
     picture = visualize(plain(), result)

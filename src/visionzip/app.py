@@ -8,8 +8,10 @@ localhost. Gradio is imported only by those two, so `ask` works without it. CPU,
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -229,7 +231,7 @@ def build_app(
     max_new_tokens: int | None = None,
     repeats: int = 3,
 ) -> Any:
-    """The Gradio Blocks page around `run_demo`. Components have stable `elem_id`s ("vz-...")."""
+    """The Gradio Blocks page around `ask`. Components have stable `elem_id`s ("vz-image", "vz-ask", ...)."""
     gr = _gradio()
     adapter_class_for(model)
     repeats = check_int("repeats", repeats, 1, 100)
@@ -366,6 +368,7 @@ def launch(
         raise ValueError(f"host must be a host name or address, got {host!r}")
     port = check_int("port", port, 1, 65535)
     example_dir = Path(tempfile.mkdtemp(prefix="visionzip-app-"))
+    atexit.register(shutil.rmtree, example_dir, ignore_errors=True)
     if examples is None:
         examples = default_examples(use_default_examples, example_dir)
     page = build_app(model, processor, examples=examples, max_new_tokens=max_new_tokens, repeats=repeats)
