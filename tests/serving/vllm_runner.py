@@ -1,0 +1,94 @@
+"""Runs vLLM (offline `LLM`) on a JSON spec and writes what happened as JSON; the tests start it as a subprocess.
+
+    python vllm_runner.py SPEC.json RESULT.json
+
+SPEC: {"runs": [{"model": DIR, "hf_overrides": {...} | null,
+                 "requests": [{"prompt": "USER: <image> ... ASSISTANT:", "images": [PNG paths]}]}]}
+RESULT: {"runs": [{"error": "..."} | {"outputs": [{"prompt_token_ids", "token_ids", "text"}],
+                                      "max_image_tokens", "hf_processor_image_tokens"}]}
+Each run builds its own engine; a run whose engine fails to start records the error and the next run goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MAX_NEW_TOKENS = 8
+
+
+def processor_checks(llm, image) -> dict:
+    """What vLLM's multimodal processor for this model declares and what its HF processor emits."""
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    processor = MULTIMODAL_REGISTRY.create_processor(llm.llm_engine.model_config)
+    info = processor.info
+    hf_processor = info.get_hf_processor()
+    encoded = hf_processor(images=[image], text=["USER: <image> what ? ASSISTANT:"], return_tensors="pt")
+    image_token_id = info.get_hf_config().image_token_index
+    return {
+        "max_image_tokens": info.get_max_image_tokens(),
+        "hf_processor_image_tokens": int((encoded["input_ids"] == image_token_id).sum()),
+    }
+
+
+def run_one(run: dict) -> dict:
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    try:
+        llm = LLM(
+            model=run["model"],
+            hf_overrides=run.get("hf_overrides") or {},
+            enforce_eager=True,
+            max_model_len=1024,
+            dtype="float32",
+            seed=0,
+            limit_mm_per_prompt={"image": 2},
+        )
+    except Exception as error:  # noqa: BLE001 - the test asserts on the message
+        return {"error": f"{type(error).__name__}: {error}"}
+    requests = []
+    first_image = None
+    for request in run["requests"]:
+        images = [Image.open(path).convert("RGB") for path in request["images"]]
+        first_image = first_image or (images[0] if images else None)
+        item = {"prompt": request["prompt"]}
+        if images:
+            item["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+        requests.append(item)
+    outputs = llm.generate(requests, SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS), use_tqdm=False)
+    result = {
+        "outputs": [
+            {
+                "prompt_token_ids": list(o.prompt_token_ids),
+                "token_ids": list(o.outputs[0].token_ids),
+                "text": o.outputs[0].text,
+            }
+            for o in outputs
+        ]
+    }
+    if first_image is not None:
+        result.update(processor_checks(llm, first_image))
+    del llm
+    gc.collect()
+    return result
+
+
+def main(spec_path: str, result_path: str) -> int:
+    with open(spec_path, encoding="utf-8") as handle:
+        spec = json.load(handle)
+    results = [run_one(run) for run in spec["runs"]]
+    with open(result_path, "w", encoding="utf-8") as handle:
+        json.dump({"runs": results}, handle)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))
