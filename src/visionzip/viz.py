@@ -112,9 +112,9 @@ class ReducedImage:
     def patch_scores(self) -> np.ndarray | None:
         """(rows, cols) float array of the selection scores over the patches, or None."""
         scores = self.reduction.scores
-        if scores is None:
-            return None
         rows, cols = self.grid
+        if scores is None or scores.ndim != 2 or scores.shape[1] < rows * cols:
+            return None
         # Patches are the last tokens in both layouts: [CLS]-row scores (N - 1) and received attention (N).
         return scores[0, -rows * cols :].detach().float().cpu().numpy().reshape(rows, cols)
 
@@ -316,7 +316,7 @@ def _heat_panel(panel: ReducedImage, cell: int) -> Image.Image:
     base = _fit(panel.image, panel.grid, cell)
     scores = panel.patch_scores()
     if scores is None:
-        raise ValueError("heatmap=True needs the reduction's scores, but result.scores is None")
+        raise ValueError("heatmap=True needs the reduction's per-patch scores, but result.scores has none")
     scores = scores - scores.min()
     peak = scores.max()
     # Square-root scale: [CLS] attention is very peaked, a linear scale would show a few dots on black.
