@@ -1,0 +1,48 @@
+import numpy as np
+
+from visionzip.default_model import data
+
+
+def test_scenes_are_deterministic_and_split_specific():
+    a = data.generate_scene(0, "test", 3)
+    b = data.generate_scene(0, "test", 3)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert a.objects == b.objects
+    assert a.image.size == (data.IMAGE_SIZE, data.IMAGE_SIZE)
+    assert data.MIN_OBJECTS <= len(a.objects) <= data.MAX_OBJECTS
+    assert data.scene_objects(0, "train", 3) != a.objects
+    assert data.scene_objects(1, "test", 3) != a.objects
+
+
+def test_questions_answers_are_consistent():
+    objects = data.scene_objects(0, "train", 11)
+    pool = data.question_pool(objects)
+    count_all = next(q for q in pool["count"] if q.question == "how many objects are there?")
+    assert count_all.answer == str(len(objects))
+    vocab = set(data.answer_vocabulary())
+    words = set(data.text_vocabulary())
+    for qs in pool.values():
+        for q in qs:
+            assert q.answer in vocab
+            assert set(q.question.replace("?", " ?").split()) <= words
+
+
+def test_test_split_is_deterministic_and_large_enough():
+    records = data.test_split()
+    assert len(records) >= 1000
+    assert {r.type for r in records} == set(data.QUESTION_TYPES)
+    again = list(data.iter_split("test", 5))
+    assert [(r.question, r.answers) for r in again] == [
+        (r.question, r.answers) for r in records[: len(again)]
+    ]
+
+
+def test_jsonl_round_trip(tmp_path):
+    records = list(data.iter_split("val", 3))
+    path = data.export_jsonl(records, tmp_path / "val.jsonl")
+    rows = data.load_jsonl(path)
+    assert len(rows) == len(records)
+    assert rows[0]["question"] == records[0].question
+    assert rows[0]["answers"] == records[0].answers
+    assert rows[0]["image"].is_file()
+    assert len({r["image"] for r in rows}) == 3
