@@ -47,7 +47,13 @@ def _add_info(subcommands: argparse._SubParsersAction) -> None:
 # Modules that add commands: each has `register(subcommands)`, which adds one or more sub-parsers
 # with `set_defaults(run=function)`; `function(args) -> int` is the exit status. Imported lazily in
 # `register` bodies so that `visionzip --help` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ("visionzip.demo", "visionzip.viz_cli", "visionzip.finetune", "visionzip.export")
+COMMAND_MODULES: tuple[str, ...] = (
+    "visionzip.demo",
+    "visionzip.viz_cli",
+    "visionzip.finetune",
+    "visionzip.export",
+    "visionzip.bench.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,171 @@
+"""Real-size architectures with random weights, for timing without downloading anything.
+
+Each entry is a published configuration (layer counts, widths, heads, vocabulary, image geometry).
+Weights are random (speed does not depend on their values): the model is allocated directly in the
+requested dtype without running the initialisers, then every parameter is filled by tiling one
+small random block, so a 7B model in bfloat16 takes ~14 GB and a few seconds to fill, never an
+fp32 copy. The processor pairs the family's PIL image processor with a synthetic word-level
+tokenizer that knows the special tokens the model needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+# Token ids of the synthetic tokenizers; the image token sits where the real checkpoints put it.
+_WORDS = ("<unk>", "<s>", "</s>", *"what is shown in the image ? describe it briefly . USER: ASSISTANT:".split())
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A published architecture: how to build it and which budgets (tokens per image) to measure."""
+
+    name: str
+    description: str
+    build_config: Callable[[], Any]
+    build_processor: Callable[[Any], Any]  # config -> processor
+    budgets: tuple[int, ...] = (192, 128, 64)
+
+
+def synthetic_tokenizer(special: dict[str, int], extra_special: dict[str, str] | None = None) -> Any:
+    """Word-level tokenizer over a few words plus `special` tokens at fixed ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: index for index, word in enumerate(_WORDS)}
+    vocab.update(special)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    pad = next((token for token in special if "pad" in token), "<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token=pad,
+        extra_special_tokens=extra_special or {},
+        padding_side="left",
+    )
+
+
+def _llava_15_7b_config() -> Any:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(  # CLIP ViT-L/14 at 336 px
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(  # Llama-2-7B (vicuna-7b-v1.5) with LLaVA's extended vocabulary
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        pad_token_id=32001,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=32000,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=576,
+        tie_word_embeddings=False,
+    )
+
+
+def _llava_15_processor(config: Any) -> Any:
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    image_size = config.vision_config.image_size
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    tokenizer = synthetic_tokenizer(
+        {"<image>": config.image_token_id, "<pad>": config.text_config.pad_token_id}, {"image_token": "<image>"}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "llava-1.5-7b": ArchSpec(
+        "llava-1.5-7b",
+        "LLaVA-1.5-7B: CLIP ViT-L/14-336 (576 tokens per image) + Llama-2-7B-shaped language model",
+        _llava_15_7b_config,
+        _llava_15_processor,
+    ),
+}
+
+
+def available_archs() -> list[str]:
+    return sorted(ARCHS)
+
+
+def _fill_random(model: nn.Module, seed: int = 0, block: int = 1 << 20) -> None:
+    """Give every parameter plausible values cheaply: norms 1, biases 0, the rest a tiled N(0, 0.02) block."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(block, generator=generator) * 0.02
+    converted: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # converting per parameter is slow
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim == 1 and name.endswith("weight"):
+                parameter.fill_(1.0)
+            elif name.endswith("bias"):
+                parameter.zero_()
+            else:
+                flat = parameter.view(-1)
+                key = (flat.device, flat.dtype)
+                if key not in converted:
+                    converted[key] = noise.to(device=flat.device, dtype=flat.dtype)
+                source = converted[key]
+                whole = flat.numel() // block * block
+                # One broadcast copy for the bulk: a Python loop over blocks is several times slower.
+                flat[:whole].view(-1, block).copy_(source.expand(whole // block, block))
+                flat[whole:] = source[: flat.numel() - whole]
+
+
+def build_arch(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> tuple[Any, Any]:
+    """(model, processor) of a table architecture with random weights, in `dtype` on `device`."""
+    if name not in ARCHS:
+        raise ValueError(f"arch must be one of {available_archs()}, got {name!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    from transformers import AutoModelForImageTextToText
+    from transformers.initialization import no_init_weights
+
+    spec = ARCHS[name]
+    config = spec.build_config()
+    with torch.device(device), no_init_weights():
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    _fill_random(model)
+    model.eval()
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    return model, spec.build_processor(config)

@@ -1,0 +1,95 @@
+"""`visionzip bench` end to end on a tiny local model, the --arch table, and its errors."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from bench.tiny_model import save_tiny_llava
+from visionzip.bench import arch
+from visionzip.bench.cli import synthetic_image
+from visionzip.cli import main
+
+REQUIRED = {"method", "tokens", "llm_prefill_ms", "ttft_ms", "speedup_llm_prefill", "speedup_ttft", "peak_mem_mb"}
+FAST = ["--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--question", "what is in the image ?"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+def test_json_plot_and_table(model_dir, tmp_path, capsys):
+    out, picture = tmp_path / "bench.json", tmp_path / "bench.png"
+    argv = ["bench", "--model", str(model_dir), "--methods", "visionzip", "fastv", "--tokens", "64", "128"]
+    assert main([*argv, *FAST, "--json", str(out), "--plot", str(picture)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(row["method"], row["tokens"]) for row in rows] == [
+        ("full", 576), ("visionzip", 64), ("visionzip", 128), ("fastv", 64), ("fastv", 128)
+    ]  # fmt: skip
+    assert all(REQUIRED <= row.keys() for row in rows)
+    assert rows[0]["speedup_ttft"] == 1.0 and rows[0]["device"] == "cpu"
+    assert picture.stat().st_size > 1000
+    table = capsys.readouterr().out
+    assert "visionzip" in table and "fastv" in table and "TTFT" in table
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--methods", "nope"], "methods must be among"),
+        (["--json", "out.txt"], "--json must name a .json file"),
+        (["--plot", "out.jpg"], "--plot must name a .png file"),
+        (["--batch", "0"], "--batch"),
+        (["--new-tokens", "1"], "--new-tokens"),
+        (["--tokens", "700"], r"dominant \+ contextual must be <= 577"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--repeats", "0"], "CUDA|--repeats"),
+    ],
+)
+def test_bad_arguments_exit_2(model_dir, capsys, extra, message):
+    assert main(["bench", "--model", str(model_dir), *FAST, *extra]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after any weight-loading progress bar
+    assert error.startswith("visionzip bench: error: ") and re.search(message, error), error
+
+
+def test_model_and_arch_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", "x", "--arch", "llava-1.5-7b"])
+    assert main(["bench", "--arch", "nope", *FAST]) == 2
+    assert "--arch must be one of" in capsys.readouterr().err
+
+
+def test_llava_15_7b_shape_without_memory():
+    model, processor = arch.build_arch("llava-1.5-7b", device="meta")
+    parameters = sum(p.numel() for p in model.parameters())
+    assert 7.0e9 < parameters < 7.1e9  # LLaVA-1.5-7B: 7.06 B
+    assert model.dtype == torch.bfloat16
+    text = model.config.text_config
+    assert (text.num_hidden_layers, text.hidden_size, text.intermediate_size) == (32, 4096, 11008)
+    inputs = processor(images=[synthetic_image()], text=["USER: <image>\nwhat ASSISTANT:"])
+    assert inputs["input_ids"][0].count(model.config.image_token_id) == 576
+
+
+def test_arch_command_with_a_small_entry(monkeypatch, tmp_path):
+    def small_config():
+        config = arch._llava_15_7b_config()
+        config.vision_config.update({"num_hidden_layers": 3, "hidden_size": 64, "intermediate_size": 128})
+        config.vision_config.num_attention_heads = 4
+        config.text_config.update({"num_hidden_layers": 3, "hidden_size": 64, "intermediate_size": 128})
+        config.text_config.update({"num_attention_heads": 4, "num_key_value_heads": 4})
+        return config
+
+    spec = arch.ArchSpec("small", "test entry", small_config, arch._llava_15_processor, budgets=(64,))
+    monkeypatch.setitem(arch.ARCHS, "small", spec)
+    out = tmp_path / "arch.json"
+    assert (
+        main(["bench", "--arch", "small", "--methods", "visionzip", "--dtype", "float32", *FAST, "--json", str(out)])
+        == 0
+    )
+    rows = json.loads(out.read_text())
+    assert [(row["method"], row["tokens"], row["dtype"]) for row in rows] == [
+        ("full", 576, "float32"), ("visionzip", 64, "float32")
+    ]  # fmt: skip

@@ -1,0 +1,119 @@
+"""The bench engine on a tiny random LLaVA: what each row measures, and its ratios to all tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_llava, make_llava_processor, random_images
+from visionzip.bench.flops import FlopCounter, linear_weights
+from visionzip.bench.runner import PipelineBench, kv_cache_bytes_after_prefill, with_ratios
+from visionzip.bench.variants import FULL, Variant, build_variants
+
+PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = make_llava()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return make_llava_processor()(images=random_images(2), text=[PROMPT] * 2, return_tensors="pt", padding=True)
+
+
+@pytest.fixture(scope="module")
+def rows(model, inputs):
+    variants = [Variant(FULL), Variant("visionzip", 64), Variant("fastv", 64)]
+    bench = PipelineBench(model, inputs, variants, new_tokens=3)
+    results = bench.run(repeats=2, warmup=0)
+    assert [len(result.runs) for result in results] == [2, 2, 2]
+    return {row["method"]: row for row in with_ratios([result.summary() for result in results])}
+
+
+def test_tokens_and_sequence_lengths(rows, inputs):
+    prompt = inputs["input_ids"].shape[1]
+    assert rows["full"]["tokens"] == 576 and rows["full"]["prompt_tokens"] == prompt
+    assert rows["visionzip"]["tokens"] == 64 and rows["visionzip"]["prompt_tokens"] == prompt - 576 + 64
+    # FastV: the first layer sees the full prompt, the second the pruned one (K = 1 on a 2-layer model).
+    assert rows["fastv"]["tokens"] == 64 and rows["fastv"]["fastv_layer"] == 1
+    assert rows["fastv"]["llm_tokens"] == (prompt + prompt - 576 + 64) / 2
+
+
+def test_timings_are_consistent(rows):
+    for row in rows.values():
+        assert 0 < row["llm_prefill_ms"] < row["ttft_ms"] < row["e2e_ms"]
+        assert row["tower_ms"] < row["ttft_ms"]
+        assert row["decode_tok_s"] > 0 and row["peak_mem_mb"] > 0
+        assert row["llm_prefill_ms_min"] <= row["llm_prefill_ms"] <= row["llm_prefill_ms_max"]
+    assert rows["visionzip"]["select_ms"] > 0
+    assert rows["full"]["select_ms"] == rows["fastv"]["select_ms"] == 0
+
+
+def test_kv_cache_and_ratios(rows, model):
+    text = model.config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    per_token = 2 * text.num_key_value_heads * head_dim * 4  # keys and values, float32
+    expected = 2 * text.num_hidden_layers * rows["full"]["prompt_tokens"] * per_token / 2**20  # batch of 2
+    assert rows["full"]["kv_cache_mb"] == pytest.approx(expected)
+    assert rows["visionzip"]["kv_ratio"] == pytest.approx(
+        rows["visionzip"]["prompt_tokens"] / rows["full"]["prompt_tokens"]
+    )
+    full = rows["full"]
+    assert all(full[key] == 1 for key in ("speedup_llm_prefill", "speedup_ttft", "kv_ratio", "llm_flops_ratio"))
+    assert rows["visionzip"]["ideal_speedup_llm_prefill"] == pytest.approx(
+        full["prompt_tokens"] / rows["visionzip"]["prompt_tokens"]
+    )
+    assert rows["visionzip"]["speedup_ttft"] == pytest.approx(full["ttft_ms"] / rows["visionzip"]["ttft_ms"])
+
+
+def test_flops_count_what_ran(rows, model):
+    tower = model.model.vision_tower.encoder.layers
+    tokens, width = 577, model.config.vision_config.hidden_size
+    per_layer = 2 * tokens * linear_weights(tower[0]) + 4 * tokens * tokens * width
+    projector = 2 * linear_weights(model.model.multi_modal_projector)
+    # All 4 tower layers run for the full model; the probe stops after layer -2 (3 layers).
+    assert rows["full"]["tower_gflops"] * 1e9 == pytest.approx(2 * (4 * per_layer + 576 * projector))
+    assert rows["visionzip"]["tower_gflops"] * 1e9 == pytest.approx(2 * (3 * per_layer + 64 * projector))
+    decoder = model.model.language_model.layers[0]
+    text_width = model.config.text_config.hidden_size
+    head = 2 * linear_weights(model.lm_head)
+
+    def prefill(length):
+        return 2 * length * linear_weights(decoder) + 4 * length * (length + 1) // 2 * text_width
+
+    full, reduced = rows["full"]["prompt_tokens"], rows["visionzip"]["prompt_tokens"]
+    assert rows["full"]["llm_prefill_gflops"] * 1e9 == pytest.approx(2 * (2 * prefill(full) + head))
+    assert rows["fastv"]["llm_prefill_gflops"] * 1e9 == pytest.approx(2 * (prefill(full) + prefill(reduced) + head))
+
+
+def test_kv_cache_helper_without_layers():
+    assert kv_cache_bytes_after_prefill(None, 3) is None
+    counter = FlopCounter(torch.nn.ModuleList(), torch.nn.ModuleList())
+    with counter:
+        pass
+    assert counter.count.tower_gflops == 0
+
+
+def test_variants():
+    variants = build_variants(["visionzip", "fastv", "visionzip"], [64, 128, 64])
+    assert [v.label for v in variants] == ["full", "visionzip@64", "visionzip@128", "fastv@64", "fastv@128"]
+    with pytest.raises(ValueError, match="methods must be among"):
+        build_variants(["nope"], [64])
+    with pytest.raises(ValueError, match="budget"):
+        build_variants(["visionzip"], [0])
+    with pytest.raises(ValueError, match="empty"):
+        build_variants([], [64])
+
+
+def test_bad_inputs(model, inputs):
+    with pytest.raises(ValueError, match="new_tokens"):
+        PipelineBench(model, inputs, [Variant(FULL)], new_tokens=0)
+    text_only = make_llava_processor().tokenizer([PROMPT.replace("<image> ", "")], return_tensors="pt")
+    with pytest.raises(ValueError, match="no image placeholder"):
+        PipelineBench(model, text_only, [Variant(FULL)])
+    with pytest.raises(ValueError, match="dominant \\+ contextual must be <= 577"):
+        PipelineBench(model, inputs, [Variant("visionzip", 600)])
