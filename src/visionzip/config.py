@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 MergeMode = Literal["target_plus_mean", "average"]
 MERGE_MODES: tuple[str, ...] = ("target_plus_mean", "average")
+BudgetScope = Literal["per_crop", "per_image"]
+BUDGET_SCOPES: tuple[str, ...] = ("per_crop", "per_image")
 
 # The paper's (dominant, contextual) splits per image.
 PAPER_SPLITS: dict[int, tuple[int, int]] = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
@@ -25,6 +27,16 @@ def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -
     value = int(value)
     if value < minimum or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be an integer {bounds}, got {value}")
+    return value
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """Return `value` as a float in (0, 1], or raise naming `name` and the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in (0, 1], got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not 0.0 < value <= 1.0:  # also refuses NaN
+        raise ValueError(f"{name} must be a number in (0, 1], got {value}")
     return value
 
 
@@ -54,6 +66,13 @@ class VisionZipConfig:
             assigned to it) or "average" (plain average of the target and its assigned tokens).
         method: reduction method name from `visionzip.methods.available_methods()`.
         seed: seed for methods that draw at random (e.g. "random").
+        budget_scope: what `dominant` and `contextual` count for models that split one image into
+            several crops (LLaVA-NeXT, OneVision) or a video into frames. "per_crop" (default): every
+            crop / frame gets `dominant + contextual`. "per_image": the numbers are totals for one image
+            (or video), split evenly over its actual crops / frames (see `per_unit`).
+        temporal_threshold: videos only; None (default) is off. Otherwise a dominant token of a frame
+            is dropped when its cosine similarity with the token at the same position of the previous
+            frame is >= this value, in (0, 1] (see `visionzip.video`).
     """
 
     dominant: int = 54
@@ -62,6 +81,8 @@ class VisionZipConfig:
     merge: MergeMode = "target_plus_mean"
     method: str = "visionzip"
     seed: int = 0
+    budget_scope: BudgetScope = "per_crop"
+    temporal_threshold: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dominant", check_int("dominant", self.dominant, 1))
@@ -73,6 +94,11 @@ class VisionZipConfig:
         if self.merge not in MERGE_MODES:
             raise ValueError(f"merge must be one of {MERGE_MODES}, got {self.merge!r}")
         object.__setattr__(self, "seed", check_int("seed", self.seed, 0))
+        if self.budget_scope not in BUDGET_SCOPES:
+            raise ValueError(f"budget_scope must be one of {BUDGET_SCOPES}, got {self.budget_scope!r}")
+        if self.temporal_threshold is not None:
+            threshold = check_fraction("temporal_threshold", self.temporal_threshold)
+            object.__setattr__(self, "temporal_threshold", threshold)
         from visionzip.methods import available_methods
 
         if self.method not in available_methods():
@@ -88,6 +114,27 @@ class VisionZipConfig:
         """Config for a total budget, split as the paper does (64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30)."""
         dominant, contextual = split_budget(tokens)
         return cls(dominant=dominant, contextual=contextual, **kwargs)
+
+    def per_unit(self, units: int) -> VisionZipConfig:
+        """The config one crop (or frame) gets when an image (or video) is split into `units` of them.
+
+        "per_crop": unchanged. "per_image": `dominant // units` and `contextual // units` per crop, so
+        that every crop is reduced alike and the image gets `units * (dominant // units + contextual // units)`
+        tokens, at most `dominant + contextual` (short by less than `units` per part). An image with 3
+        crops under a 540 + 100 budget gets 180 + 33 per crop (639 tokens); with 5 crops, 108 + 20 (640).
+        Raises when there are more units than dominant tokens (each crop needs one).
+        """
+        units = check_int("units", units, 1)
+        if self.budget_scope == "per_crop":
+            return self
+        if self.dominant < units:
+            raise ValueError(
+                f"dominant must be >= the number of crops / frames ({units}) with budget_scope='per_image', "
+                f"got {self.dominant}; raise dominant or use budget_scope='per_crop'"
+            )
+        return self.replace(
+            dominant=self.dominant // units, contextual=self.contextual // units, budget_scope="per_crop"
+        )
 
     def replace(self, **changes: Any) -> VisionZipConfig:
         return dataclasses.replace(self, **changes)

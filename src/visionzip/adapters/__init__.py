@@ -6,8 +6,10 @@ from torch import nn
 
 from visionzip.adapters.base import Adapter
 from visionzip.adapters.llava import LlavaAdapter
+from visionzip.adapters.llava_next import LlavaNextAdapter
+from visionzip.adapters.llava_onevision import LlavaOnevisionAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter)
 
 
 def supported_families() -> list[str]:

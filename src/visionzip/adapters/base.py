@@ -86,6 +86,17 @@ class Adapter:
             raise ValueError(f"model config has no {self.modality}_token_id")
         return int(token_id)
 
+    @property
+    def placeholder_token_ids(self) -> tuple[int, ...]:
+        """Placeholder token ids whose runs `full_counts` and `encode` cover, in text order."""
+        return (self.image_token_id,)
+
+    def attach_features(self, prepared: dict[str, Any], encoded: EncodedImages) -> None:
+        """Hand the reduced features to the model's precomputed-features path (after shrinking)."""
+        prepared["mm_encoder_outputs"] = {
+            self.modality: BaseModelOutputWithPooling(pooler_output=list(encoded.features))
+        }
+
     def _resolve_feature_layer(self) -> int:
         layer = self.config.feature_layer
         if layer is None:
@@ -152,7 +163,7 @@ class Adapter:
             )
 
         full_counts = self.full_counts(prepared)
-        blocks = find_placeholder_blocks(input_ids, attention_mask, self.image_token_id, full_counts)
+        blocks = find_placeholder_blocks(input_ids, attention_mask, self.placeholder_token_ids, full_counts)
         encoded = self.encode(prepared)
         new_counts = [int(f.shape[0]) for f in encoded.features]
         keep = placeholder_keep_mask(attention_mask, blocks, new_counts, encoded.slots)
@@ -167,9 +178,7 @@ class Adapter:
         prepared["attention_mask"] = compact_and_pad(torch.ones_like(attention_mask), keep, 0, padding_side)
         for key in self.image_input_keys:
             prepared.pop(key, None)
-        prepared["mm_encoder_outputs"] = {
-            self.modality: BaseModelOutputWithPooling(pooler_output=list(encoded.features))
-        }
+        self.attach_features(prepared, encoded)
         self.last_encoded = encoded
         return prepared
 
@@ -192,14 +201,15 @@ def prepare_unreduced(model: nn.Module, inputs: Mapping[str, Any], modality: str
 
 
 def find_placeholder_blocks(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, token_id: int, full_counts: Sequence[int]
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, token_id: int | Sequence[int], full_counts: Sequence[int]
 ) -> list[tuple[int, int, int]]:
     """(sample, start, length) of each image's placeholder run, in image order.
 
     Images are matched to placeholders in order, run by run; adjacent images (no text between)
     are told apart by their expected counts. Raises when the counts do not line up.
     """
-    is_placeholder = (input_ids == token_id) & attention_mask.bool()
+    token_ids = torch.tensor([token_id] if isinstance(token_id, int) else list(token_id), device=input_ids.device)
+    is_placeholder = torch.isin(input_ids, token_ids) & attention_mask.bool()
     per_sample = is_placeholder.sum(dim=1).tolist()
     expected_total = sum(full_counts)
     if sum(per_sample) != expected_total:
@@ -227,6 +237,51 @@ def find_placeholder_blocks(
             cursor += size
             image += 1
     return blocks
+
+
+def placeholder_order(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    kinds: Mapping[int, str],
+    counts: Mapping[str, Sequence[int]],
+) -> list[tuple[str, int]]:
+    """(kind, index within its kind) of every placeholder run, in text order, for inputs mixing kinds.
+
+    `kinds` maps each placeholder token id to a kind ("image", "video"); `counts[kind][i]` is the
+    run length of item i of that kind. Runs are read sample by sample, left to right; a run of the
+    wrong length or a count of items that does not match the text raises naming the kind.
+    """
+    order: list[tuple[str, int]] = []
+    used = dict.fromkeys(counts, 0)
+    for sample in range(input_ids.shape[0]):
+        ids = input_ids[sample][attention_mask[sample].bool()].tolist()
+        position = 0
+        while position < len(ids):
+            kind = kinds.get(ids[position])
+            if kind is None:
+                position += 1
+                continue
+            index = used.get(kind, 0)
+            kind_counts = counts.get(kind, ())
+            if index >= len(kind_counts):
+                raise ValueError(
+                    f"inputs: the text holds more {kind} placeholder runs than the {len(kind_counts)} {kind}(s) given"
+                )
+            size = kind_counts[index]
+            if ids[position : position + size] != [ids[position]] * size:
+                raise ValueError(
+                    f"inputs: {kind} {index} needs a run of {size} consecutive {kind} placeholder tokens in sample "
+                    f"{sample}; pass the processor's unmodified output for the same {kind}s and text"
+                )
+            order.append((kind, index))
+            used[kind] = index + 1
+            position += size
+    for kind, kind_counts in counts.items():
+        if used[kind] != len(kind_counts):
+            raise ValueError(
+                f"inputs: {len(kind_counts)} {kind}(s) were given but the text holds placeholders for {used[kind]}"
+            )
+    return order
 
 
 def placeholder_keep_mask(

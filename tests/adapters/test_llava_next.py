@@ -1,0 +1,231 @@
+"""LLaVA-NeXT end to end on a tiny random LlavaNextForConditionalGeneration (CLIP 336/14 crops, AnyRes grid)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import visionzip
+from conftest import random_images
+from families import (
+    IMAGE_TOKEN_ID,
+    generated_tokens,
+    make_llava_next,
+    make_llava_next_processor,
+    visual_tokens_reaching_llm,
+)
+from visionzip.adapters.llava_next import anyres_layout
+
+PROMPTS = [
+    "USER: <image> what is in the image ? ASSISTANT:",
+    "USER: <image> how many are there ? ASSISTANT:",
+    "USER: <image> a big red circle left of a small blue square ? what shape is above ? ASSISTANT:",
+]
+# (height, width) -> crops (base included) under the default pinpoints: 1x2 grid, 1x3 grid, 2x2 grid.
+SIZES_AND_CROPS = [((150, 300), 3), ((200, 700), 4), ((500, 600), 5)]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return make_llava_next_processor()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [random_images(1, seed=i, size=size)[0] for i, (size, _) in enumerate(SIZES_AND_CROPS)]
+
+
+@pytest.fixture
+def model():
+    model = make_llava_next()
+    yield model
+    if visionzip.is_applied(model):
+        visionzip.remove(model)
+
+
+def process(processor, images, prompts):
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+def generate(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=5, pad_token_id=0, **kwargs)
+
+
+def test_anyres_layout_reference_order():
+    # 2x2 grid of crops, 2x2 patches each, one [CLS]; token value = 100 * crop + token index.
+    crops, tokens = 5, 1 + 4 + 2  # 5 tokens per crop + 2 stand-ins for contextual tokens
+    features = (100 * torch.arange(crops)[:, None] + torch.arange(tokens)[None]).float().unsqueeze(-1)
+    # Dominant: [CLS] + the patches at (0, 0) and (1, 1) of each crop (token indices 1 and 4).
+    kept = torch.tensor([[0, 1, 4]] * crops)
+    reduced = torch.cat([features.gather(1, kept.unsqueeze(-1)), features[:, 5:]], dim=1)  # (crops, 3 + 2, 1)
+    out = anyres_layout(reduced, kept, crop_grid=(2, 2), patch_grid=(2, 2), num_prefix_tokens=1)
+    stitched = [101, 201, 104, 204, 301, 401, 304, 404]  # row-major over the 4x4 stitched grid
+    cls = [100, 200, 300, 400]
+    contextual = [105, 106, 205, 206, 305, 306, 405, 406]
+    assert out.squeeze(-1).tolist() == [0, 1, 4, 5, 6, *stitched, *cls, *contextual]
+
+
+def test_anyres_layout_single_crop_and_no_dominant():
+    features = torch.randn(1, 6, 3)
+    assert torch.equal(anyres_layout(features, torch.zeros(1, 0, dtype=torch.long), (0, 0), (2, 2), 1), features[0])
+    # Methods without dominant tokens (pool): the grid crops' tokens follow the base crop in crop order.
+    features = torch.arange(3 * 2).float().view(3, 2, 1)
+    out = anyres_layout(features, torch.zeros(3, 0, dtype=torch.long), (1, 2), (2, 2), 1)
+    assert out.squeeze(-1).tolist() == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="crop grid"):
+        anyres_layout(features, torch.zeros(3, 0, dtype=torch.long), (2, 2), (2, 2), 1)
+
+
+def test_exact_tokens_reach_the_language_model(model, processor, images):
+    inputs = process(processor, images, PROMPTS)
+    assert inputs["pixel_values"].shape[1] == 5  # padded to the largest crop count
+    visionzip.apply(model, dominant=54, contextual=10)
+    prepared = visionzip.prepare(model, inputs)
+    expected_counts = [crops * 64 for _, crops in SIZES_AND_CROPS]
+    assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == expected_counts
+    features = prepared["mm_encoder_outputs"]["image"].pooler_output
+    assert [f.shape[0] for f in features] == expected_counts
+    reached = visual_tokens_reaching_llm(model, prepared)
+    # Rows are in sequence order, which is image order here (one image per sample).
+    torch.testing.assert_close(reached, torch.cat(features), rtol=0, atol=0)
+    assert prepared["input_ids"].shape[1] < 320 + 30  # the ~2000-token sequences never reached the LLM
+
+
+def test_features_are_per_crop_visionzip_in_reference_layout(model, processor, images):
+    inputs = process(processor, images[:1], PROMPTS[:1])  # 3 crops: base + a 1x2 grid
+    visionzip.apply(model, dominant=20, contextual=4)
+    prepared = visionzip.prepare(model, inputs)
+    crops = inputs["pixel_values"][0, :3]
+    with torch.no_grad():
+        reduction = visionzip.compress_vision(model.model.vision_tower, crops, 20, 4)
+        projected = model.model.multi_modal_projector(reduction.features)
+    expected = anyres_layout(projected, reduction.kept_indices, (1, 2), (24, 24), 1)
+    torch.testing.assert_close(prepared["mm_encoder_outputs"]["image"].pooler_output[0], expected)
+    # The base crop comes first and unchanged: [CLS] first, then its dominant patches, then contextual.
+    torch.testing.assert_close(expected[:24], projected[0])
+
+
+@pytest.mark.parametrize(
+    ("dominant", "contextual", "expected"),
+    [
+        (540, 100, [3 * (180 + 33), 4 * (135 + 25), 5 * (108 + 20)]),
+        (270, 50, [3 * (90 + 16), 4 * (67 + 12), 5 * (54 + 10)]),
+        (135, 25, [3 * (45 + 8), 4 * (33 + 6), 5 * (27 + 5)]),
+    ],
+    ids=["640", "320", "160"],
+)
+def test_paper_totals_per_image_whatever_the_crop_count(model, processor, images, dominant, contextual, expected):
+    visionzip.apply(model, dominant=dominant, contextual=contextual, budget_scope="per_image")
+    prepared = visionzip.prepare(model, process(processor, images, PROMPTS))
+    counts = (prepared["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
+    assert counts == expected
+    assert all(count <= dominant + contextual for count in counts)
+    assert counts[2] == dominant + contextual  # 5 crops: the paper's split, exactly
+
+
+@pytest.mark.parametrize("generate_kwargs", [{}, {"num_beams": 2}], ids=["greedy", "beam"])
+def test_batched_generate_equals_per_sample(model, processor, images, generate_kwargs):
+    visionzip.apply(model, dominant=54, contextual=10)
+    batch = generated_tokens(model, process(processor, images, PROMPTS), **generate_kwargs)
+    for i in range(len(images)):
+        single = generated_tokens(model, process(processor, images[i : i + 1], PROMPTS[i : i + 1]), **generate_kwargs)
+        assert single == [batch[i]], f"sample {i} differs in batch"
+
+
+def test_two_images_across_turns(model, processor, images):
+    prompt = "USER: <image> what is in the image ? ASSISTANT: a cat USER: <image> what is left of ? ASSISTANT:"
+    inputs = processor(images=[images[0], images[2]], text=[prompt], return_tensors="pt")
+    visionzip.apply(model, dominant=30, contextual=6)
+    prepared = visionzip.prepare(model, inputs)
+    assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum().item() == (3 + 5) * 36
+    ids = prepared["input_ids"][0].tolist()
+    first = ids.index(IMAGE_TOKEN_ID)
+    assert ids[first : first + 3 * 36] == [IMAGE_TOKEN_ID] * (3 * 36)  # first image's run, then text
+    assert ids[first + 3 * 36] != IMAGE_TOKEN_ID
+    explicit = generate(model, prepared)
+    assert torch.equal(generate(model, inputs), explicit)  # generate() prepares raw inputs itself
+
+
+def test_remove_restores_bit_identical_logits(processor, images):
+    inputs = process(processor, images[:2], PROMPTS[:2])
+    reference = make_llava_next()
+    model = make_llava_next()
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+        visionzip.apply(model, dominant=54, contextual=10)
+        reduced = model(**inputs).logits
+        visionzip.remove(model)
+        restored = model(**inputs).logits
+    assert reduced.shape[1] < expected.shape[1]
+    assert torch.equal(restored, expected)
+
+
+def test_labels_shrink_with_the_sequence(model, processor, images):
+    inputs = process(processor, images[:2], PROMPTS[:2])
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, -100)
+    labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
+    visionzip.apply(model, dominant=54, contextual=10)
+    prepared = visionzip.prepare(model, {**inputs, "labels": labels})
+    text = (prepared["input_ids"] != IMAGE_TOKEN_ID) & prepared["attention_mask"].bool()
+    assert torch.equal(prepared["labels"][text], prepared["input_ids"][text])
+    with torch.no_grad():
+        assert torch.isfinite(model(**prepared).loss)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dominant": 570, "contextual": 10}, r"dominant \+ contextual must be <= 577 .*per crop"),
+        (
+            {"dominant": 1700, "contextual": 100, "budget_scope": "per_image"},
+            r"must be <= 1731 on this model \(an image may have only 3 crops",
+        ),
+        (
+            {"dominant": 4, "contextual": 0, "budget_scope": "per_image"},
+            r"dominant must be >= the number of crops / frames \(5\)",
+        ),
+        ({"budget_scope": "per_frame"}, "budget_scope must be one of"),
+    ],
+)
+def test_bad_budgets_are_refused_at_apply(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        visionzip.apply(model, **kwargs)
+    assert not visionzip.is_applied(model)
+
+
+def test_full_feature_strategy_is_refused():
+    model = make_llava_next()
+    model.config.vision_feature_select_strategy = "full"
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='full' is not supported"):
+        visionzip.apply(model)
+
+
+def test_budget_larger_than_a_narrow_image(model, processor):
+    narrow = random_images(1, size=(100, 1000))[0]  # a 1x3 grid, mostly padding: few placeholders
+    visionzip.apply(model, dominant=500, contextual=77)
+    with pytest.raises(ValueError, match=r"image 0: the budget gives 2308 tokens .* only \d+ placeholders"):
+        visionzip.prepare(model, process(processor, [narrow], PROMPTS[:1]))
+
+
+def test_mismatched_inputs_are_refused(model, processor, images):
+    inputs = process(processor, images[:2], PROMPTS[:2])
+    visionzip.apply(model, dominant=54, contextual=10)
+    no_sizes = {k: v for k, v in inputs.items() if k != "image_sizes"}
+    with pytest.raises(ValueError, match="image_sizes"):
+        visionzip.prepare(model, no_sizes)
+    with pytest.raises(ValueError, match="pixel_values"):
+        visionzip.prepare(model, {**inputs, "pixel_values": inputs["pixel_values"][:, :2]})
+    with pytest.raises(ValueError, match="pixel_values"):
+        visionzip.prepare(model, {**inputs, "pixel_values": inputs["pixel_values"][0, 0]})
+    swapped = {**inputs, "image_sizes": inputs["image_sizes"].flip(0)}  # counts no longer match the text
+    with pytest.raises(ValueError, match="placeholder"):
+        visionzip.prepare(model, swapped)
+
+
+@pytest.mark.parametrize("method", ["pool", "random", "visionzip-dominant"])
+def test_other_methods_keep_the_budget(model, processor, images, method):
+    visionzip.apply(model, dominant=54, contextual=10, method=method)
+    prepared = visionzip.prepare(model, process(processor, images[:2], PROMPTS[:2]))
+    assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == [3 * 64, 4 * 64]
+    generate(model, prepared)

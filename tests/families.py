@@ -1,0 +1,232 @@
+"""Tiny random-initialised multi-crop and video models (LLaVA-NeXT, LLaVA-OneVision) and their processors.
+
+Real transformers classes with small widths; crop and grid geometry is kept small too so that the
+unreduced model (needed to check `remove()`) stays cheap on CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import (
+    BatchFeature,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
+    SiglipVisionConfig,
+)
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
+
+import visionzip
+from conftest import WORDS, clip_vision_config, make_tokenizer
+
+IMAGE_TOKEN_ID = WORDS.index("<image>")
+VIDEO_TOKEN_ID = len(WORDS)  # "<video>" is added after the shared vocabulary
+
+# LLaVA-NeXT: the real 336 px / patch 14 crop geometry (577 tokens per crop with [CLS]) and its
+# default grid pinpoints, so that the paper's per-image budgets (e.g. 540 + 100) are representable.
+NEXT_CROP = 336
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+# LLaVA-OneVision: 98 px / patch 14 crops = a 7 x 7 grid (49 tokens, no [CLS]); pooled video frames
+# are ceil(7 / 2)^2 = 16 tokens. Up to 3 x 3 crops; "anyres_max_2" so that large grids take the
+# model's downscaling branch.
+OV_CROP = 98
+OV_PATCH = 14
+OV_PINPOINTS = [[98 * r, 98 * c] for r in (1, 2, 3) for c in (1, 2, 3)]
+OV_ASPECT = "anyres_max_2"
+
+
+def tiny_text_config() -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(WORDS) + 1,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=3,
+    )
+
+
+def make_llava_next(seed: int = 0) -> LlavaNextForConditionalGeneration:
+    config = LlavaNextConfig(
+        vision_config=clip_vision_config(image_size=NEXT_CROP),
+        text_config=tiny_text_config(),
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=NEXT_PINPOINTS,
+    )
+    torch.manual_seed(seed)
+    return LlavaNextForConditionalGeneration(config).eval()
+
+
+def make_llava_next_processor(padding_side: str = "left") -> LlavaNextProcessor:
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": NEXT_CROP},
+        crop_size={"height": NEXT_CROP, "width": NEXT_CROP},
+        image_grid_pinpoints=NEXT_PINPOINTS,
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=make_tokenizer(padding_side),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+
+
+def siglip_vision_config() -> SiglipVisionConfig:
+    return SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=OV_CROP,
+        patch_size=OV_PATCH,
+        vision_use_head=False,
+    )
+
+
+def make_onevision(seed: int = 0) -> LlavaOnevisionForConditionalGeneration:
+    config = LlavaOnevisionConfig(
+        vision_config=siglip_vision_config(),
+        text_config=tiny_text_config(),
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=VIDEO_TOKEN_ID,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=OV_PINPOINTS,
+        vision_aspect_ratio=OV_ASPECT,
+    )
+    torch.manual_seed(seed)
+    return LlavaOnevisionForConditionalGeneration(config).eval()
+
+
+class PilVideoProcessor:
+    """Frames through the PIL image processor: what LlavaOnevisionVideoProcessor does, without torchvision.
+
+    Each frame is resized to the crop size, rescaled and normalised like the base crop of an image;
+    returns `pixel_values_videos` (videos, frames, channels, height, width).
+    """
+
+    def __init__(self, image_processor: LlavaOnevisionImageProcessorPil) -> None:
+        self.image_processor = image_processor
+
+    def __call__(self, videos: list[np.ndarray], **kwargs: object) -> BatchFeature:
+        processed = []
+        for video in videos:
+            frames = self.image_processor(
+                [list(video)], image_grid_pinpoints=[[OV_CROP, OV_CROP]], return_tensors="pt"
+            )["pixel_values"]
+            processed.append(frames[:, 0])  # one "multi-image" sample: every frame is a single crop
+        return BatchFeature({"pixel_values_videos": torch.stack(processed)})
+
+
+class PilOnevisionProcessor(LlavaOnevisionProcessor):
+    """The real OneVision processor (placeholder expansion included) with a PIL video processor.
+
+    transformers refuses any video processor when torchvision is absent (its class check looks the
+    video processor up in a registry that needs torchvision); the check is skipped for that slot only.
+    """
+
+    def check_argument_for_proper_class(self, argument_name: str, argument: object) -> type:
+        if argument_name == "video_processor":
+            return type(argument)
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+def make_onevision_processor(padding_side: str = "left") -> PilOnevisionProcessor:
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": OV_CROP, "width": OV_CROP}, image_grid_pinpoints=OV_PINPOINTS
+    )
+    tokenizer = make_tokenizer(padding_side)
+    tokenizer.add_tokens(["<video>"], special_tokens=True)
+    assert tokenizer.convert_tokens_to_ids("<video>") == VIDEO_TOKEN_ID
+    return PilOnevisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=PilVideoProcessor(image_processor),
+        num_image_tokens=(OV_CROP // OV_PATCH) ** 2,
+        vision_feature_select_strategy="full",
+        image_token="<image>",
+        video_token="<video>",
+        vision_aspect_ratio=OV_ASPECT,
+    )
+
+
+def random_video(frames: int = 4, size: int = 120, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
+
+
+def static_video(frames: int = 6, size: int = 120, square: int = 24, seed: int = 0) -> np.ndarray:
+    """A fixed textured background with a bright square sliding left to right: mostly static content."""
+    rng = np.random.default_rng(seed)
+    background = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    video = np.repeat(background[None], frames, axis=0)
+    for t in range(frames):
+        left = t * (size - square) // max(1, frames - 1)
+        top = size // 2 - square // 2
+        video[t, top : top + square, left : left + square] = (255, 40, 40)
+    return video
+
+
+class EmbeddingSpy:
+    """Records the `inputs_embeds` of every call into a model's language model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls: list[torch.Tensor] = []
+        self.handle = model.model.language_model.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.calls.append(kwargs["inputs_embeds"].detach().clone())
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def visual_tokens_reaching_llm(model: torch.nn.Module, prepared: dict, token_id: int = IMAGE_TOKEN_ID) -> torch.Tensor:
+    """Run one forward on `prepared` and return the embeddings the language model got at `token_id` positions.
+
+    Also checks that nothing but the prepared sequence reached it (same length, one call).
+    """
+    spy = EmbeddingSpy(model)
+    try:
+        with torch.no_grad():
+            model(**prepared)
+    finally:
+        spy.close()
+    assert len(spy.calls) == 1
+    embeds = spy.calls[0]
+    assert embeds.shape[:2] == prepared["input_ids"].shape
+    return embeds[prepared["input_ids"] == token_id]
+
+
+def generated_tokens(
+    model: torch.nn.Module, inputs: dict, max_new_tokens: int = 5, **kwargs: object
+) -> list[list[int]]:
+    """Prepare `inputs`, generate, and return each row's new tokens up to its first end-of-sequence.
+
+    Rows of a batch are padded after they finish, so only the tokens up to EOS are comparable.
+    """
+    prepared = visionzip.prepare(model, inputs)
+    prompt_length = prepared["input_ids"].shape[1]
+    with torch.no_grad():
+        output = model.generate(**prepared, max_new_tokens=max_new_tokens, pad_token_id=0, **kwargs)
+    eos = model.config.text_config.eos_token_id
+    rows = []
+    for row in output[:, prompt_length:].tolist():
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+    return rows
