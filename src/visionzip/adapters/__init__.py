@@ -8,8 +8,9 @@ from visionzip.adapters.base import Adapter
 from visionzip.adapters.llava import LlavaAdapter
 from visionzip.adapters.llava_next import LlavaNextAdapter
 from visionzip.adapters.llava_onevision import LlavaOnevisionAdapter
+from visionzip.adapters.qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter)
 
 
 def supported_families() -> list[str]:

@@ -55,7 +55,7 @@ class Adapter:
     def __init__(self, model: nn.Module, config: VisionZipConfig) -> None:
         self.model = model
         self.config = config
-        self.tower_info: TowerInfo = resolve_tower(self.vision_tower())
+        self.tower_info: TowerInfo = self.resolve_tower_info()
         self.feature_layer = self._resolve_feature_layer()
         self.method = get_method(config.method)
         self.check_budget()
@@ -63,6 +63,10 @@ class Adapter:
     # --- what each family provides -------------------------------------------------------
     def vision_tower(self) -> nn.Module:
         raise NotImplementedError
+
+    def resolve_tower_info(self) -> TowerInfo:
+        """The tower's layout; families whose tower has its own probe (e.g. Qwen2-VL) override this."""
+        return resolve_tower(self.vision_tower())
 
     def tokens_per_unit(self) -> int:
         """Tokens the tower yields per image (or crop / frame) at the model's native resolution."""
