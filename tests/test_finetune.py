@@ -15,6 +15,7 @@ from visionzip.adapters.base import IGNORE_INDEX
 from visionzip.api import SAVED_CONFIG_NAME
 from visionzip.cli import main
 from visionzip.data import DataError
+from visionzip.demo import build_prompt
 from visionzip.finetune import (
     PARTIAL_SUFFIX,
     PROJECTOR_FILE,
@@ -109,7 +110,7 @@ def test_labels_cover_the_answer_only(fresh_llava, images):
         answer_ids = labels[labels != IGNORE_INDEX]
         assert processor.tokenizer.convert_ids_to_tokens(answer_ids.tolist()) == [*answer.split(), "</s>"]
         # The prompt part is exactly what the processor makes of this image and prompt.
-        prompt = f"USER: <image>\n{question} ASSISTANT:"
+        prompt = build_prompt(processor, question)  # what visionzip eval asks with
         expected = processor(images=images[:1], text=[prompt], return_tensors="pt")["input_ids"][0]
         assert torch.equal(ids, torch.cat([expected, answer_ids]))
         assert torch.equal(labels[: expected.numel()], torch.full_like(expected, IGNORE_INDEX))
@@ -228,6 +229,7 @@ def test_skips_bad_rows_and_images_and_reports_line_numbers(workspace):
         ({"scheduler": "cyclic"}, ValueError, "scheduler"),
         ({"on_error": "ignore"}, ValueError, "on_error"),
         ({"prompt_template": "no placeholder"}, ValueError, "prompt_template"),
+        ({"prompt_template": "Q: {question} A:"}, ValueError, "image token <image>"),
         ({"config": {"dominant": 8}}, TypeError, "config must be a VisionZipConfig"),
         ({"config": visionzip.VisionZipConfig(dominant=570, contextual=10)}, ValueError, "must be <= 577"),
         ({"data": 42}, TypeError, "data must be"),

@@ -52,8 +52,6 @@ PARTIAL_SUFFIX = ".partial"  # the run's working directory, beside the output di
 IMAGE_KEYS = "visionzip_image_keys"  # batch entry naming the cached reductions of the batch's images
 TOWER_BATCH = 8  # images per tower pass when filling the cache
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
-# Used when the processor has no chat template and no template is given (the LLaVA-1.5 conversation format).
-FALLBACK_PROMPT = "USER: {image}\n{question} ASSISTANT:"
 
 
 def _check_float(
@@ -86,8 +84,8 @@ class FinetuneOptions:
     seed: seed of the data order and of everything random in training.
     cache_features: compute each image's reduced tower features once and reuse them.
     on_error: "stop" at the first bad data row or image, or "skip" it and report it.
-    prompt_template: text around each question, with `{question}` and the processor's image token;
-        None uses the processor's chat template (or the LLaVA-1.5 format when it has none).
+    prompt_template: text around each question, with `{question}` and the processor's image token
+        (as `visionzip eval --prompt` takes it); None uses the processor's chat template.
     limit: train on the first `limit` records only (None: all).
     """
 
@@ -166,15 +164,16 @@ class Example:
 
 
 def build_prompt(processor: Any, question: str, template: str | None = None) -> str:
-    """The prompt for one image and one question, ending where the answer starts."""
-    image_token = getattr(processor, "image_token", None) or "<image>"
+    """The prompt for one image and one question, ending where the answer starts.
+
+    The same text `visionzip eval` and `visionzip demo` ask with: `template` with `{question}` replaced,
+    or the processor's chat template.
+    """
     if template is not None:
-        prompt = template.format(question=question)
-        return prompt if image_token in prompt else f"{image_token}\n{prompt}"
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return FALLBACK_PROMPT.format(image=image_token, question=question)
+        return template.replace("{question}", question)
+    from visionzip.demo import build_prompt as chat_prompt
+
+    return chat_prompt(processor, question)
 
 
 def _answer_tokens(tokenizer: Any, prompt: str, answer: str) -> tuple[int, list[int]]:
@@ -705,6 +704,9 @@ def finetune_projector(
     if not isinstance(model, nn.Module):
         model, loaded_processor = load_model(model)
         processor = processor or loaded_processor
+    image_token = getattr(processor, "image_token", None)
+    if options.prompt_template is not None and image_token and image_token not in options.prompt_template:
+        raise ValueError(f"prompt_template must contain the image token {image_token}, got {options.prompt_template!r}")
     with _projector_training(model, config) as (adapter, projector):
         cache = ReducedFeatureCache() if options.cache_features else None
         prepared = _prepare_examples(data, records, processor, options, adapter.reduce, cache, progress)
