@@ -14,6 +14,7 @@ from families import (
     make_llava_next_processor,
     visual_tokens_reaching_llm,
 )
+from test_conversation import run_dialogue
 from visionzip.adapters.llava_next import anyres_layout
 
 PROMPTS = [
@@ -229,3 +230,15 @@ def test_other_methods_keep_the_budget(model, processor, images, method):
     prepared = visionzip.prepare(model, process(processor, images[:2], PROMPTS[:2]))
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == [3 * 64, 4 * 64]
     generate(model, prepared)
+
+
+def test_conversation_turns_equal_fresh_runs(model, images):
+    turns = [
+        ("USER: <image> what is in the image ? ASSISTANT:", True),
+        ("USER: how many are there ? ASSISTANT:", False),
+        ("USER: <image> what is left of ? ASSISTANT:", True),
+    ]
+    visionzip.apply(model, dominant=54, contextual=10)
+    chat, tower_calls = run_dialogue(model, make_llava_next_processor(), turns, images[:2], model.model.vision_tower)
+    assert tower_calls == 2  # once per image, in the turn that brings it
+    assert int((chat.input_ids == IMAGE_TOKEN_ID).sum()) == (3 + 4) * 64

@@ -19,6 +19,7 @@ from families import (
     random_video,
     visual_tokens_reaching_llm,
 )
+from test_conversation import run_dialogue
 
 PER_FRAME = 16  # pooled tokens per frame
 # (height, width) -> crops (base included): a 1x3 grid, a 2x2 grid, a 3x3 grid.
@@ -257,3 +258,15 @@ def test_mismatched_inputs_are_refused(model, processor, images, videos):
     image_inputs = processor(images=images[:1], text=PROMPTS[:1], return_tensors="pt")
     with pytest.raises(ValueError, match=r"1 image\(s\) were given but the text holds placeholders for 0"):
         visionzip.prepare(model, {**inputs, **{k: image_inputs[k] for k in ("pixel_values", "image_sizes")}})
+
+
+def test_conversation_turns_equal_fresh_runs(model, images):
+    turns = [
+        ("USER: <image> what is in the image ? ASSISTANT:", True),
+        ("USER: how many are there ? ASSISTANT:", False),
+        ("USER: <image> what is left of ? ASSISTANT:", True),
+    ]
+    visionzip.apply(model, dominant=8, contextual=2)
+    chat, tower_calls = run_dialogue(model, make_onevision_processor(), turns, images[:2], model.model.vision_tower)
+    assert tower_calls == 2  # once per image, in the turn that brings it
+    assert int((chat.input_ids == IMAGE_TOKEN_ID).sum()) == (4 + 5) * 10
