@@ -28,6 +28,7 @@ from visionzip.serving.settings import (
 )
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
+SERVABLE_ARCHITECTURE_OF = {model_type: name for name, model_type in SERVABLE_ARCHITECTURES.items()}
 # Files not copied as they are: rewritten (config, weights) or not servable by vLLM's loader.
 _REWRITTEN = {"config.json", CONFIG_FILENAME, WEIGHTS_INDEX}
 # Checkpoint prefixes -> vLLM LLaVA's module names, first match wins.
@@ -87,12 +88,14 @@ def export_model(
     config: VisionZipConfig | None = None,
     *,
     overwrite: bool = False,
+    plugin: bool = True,
 ) -> VisionZipConfig:
     """Write `out_dir`: `model_dir` made servable by vLLM with the VisionZip plugin. Returns the budget.
 
     `config` defaults to `model_dir`'s own visionzip_config.json (e.g. from `visionzip finetune`),
     else `VisionZipConfig()` (54 + 10). Everything is validated before `out_dir` is written.
-    Without the budget arguments on the command line the same defaults apply.
+    Without the budget arguments on the command line the same defaults apply. `plugin=False` writes
+    the same weights for vLLM's own LLaVA (all visual tokens, no visionzip_config.json): a baseline.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not model_dir.is_dir():
@@ -128,9 +131,10 @@ def export_model(
         (out_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
     raw_config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    raw_config["architectures"] = [ARCHITECTURE]
+    raw_config["architectures"] = [ARCHITECTURE if plugin else SERVABLE_ARCHITECTURE_OF[raw_config["model_type"]]]
     (out_dir / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n", encoding="utf-8")
-    (out_dir / CONFIG_FILENAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if plugin:
+        (out_dir / CONFIG_FILENAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
     return config
 
 
@@ -145,7 +149,12 @@ def _run(args: argparse.Namespace) -> int:
         config = VisionZipConfig.from_tokens(args.tokens, method=method)
     elif args.method is not None:
         raise ValueError("--method needs a budget: pass --dominant and --contextual, or --tokens")
-    config = export_model(args.model, args.output, config, overwrite=args.force)
+    if args.plain and (config is not None or args.method is not None):
+        raise ValueError("--plain writes vLLM's own LLaVA with every visual token: it takes no budget or --method")
+    config = export_model(args.model, args.output, config, overwrite=args.force, plugin=not args.plain)
+    if args.plain:
+        print(f"wrote {args.output}: vLLM's own LLaVA, all visual tokens; serve it with: vllm serve {args.output}")
+        return 0
     print(
         f"wrote {args.output}: {ARCHITECTURE}, {config.dominant} + {config.contextual} = {config.tokens} "
         f"tokens per image ({config.method}); serve it with: vllm serve {args.output}"
@@ -170,4 +179,7 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     sub.add_argument("--contextual", type=int, help="contextual (merged) tokens per image (with --dominant)")
     sub.add_argument("--method", help="reduction method, with a budget (default: visionzip)")
     sub.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    sub.add_argument(
+        "--plain", action="store_true", help="write vLLM's own LLaVA instead (every visual token; a baseline)"
+    )
     sub.set_defaults(run=_run)

@@ -205,3 +205,14 @@ def test_tiny_builder_validates(tmp_path):
         build_tiny_llava(tmp_path, text_hidden=48)
     with pytest.raises(ValueError, match="vision_layers"):
         build_tiny_llava(tmp_path, vision_layers=1)
+
+
+def test_plain_export_is_vllm_own_llava(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "plain"
+    assert cli_main(["export", "--model", str(tiny_dir), "-o", str(out), "--plain"]) == 0
+    assert "vLLM's own LLaVA" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]
+    assert not (out / CONFIG_FILENAME).exists()
+    assert all(name.startswith(VLLM_PREFIXES) for name in tensors(out))
+    assert cli_main(["export", "--model", str(tiny_dir), "-o", str(tmp_path / "p2"), "--plain", "--tokens", "64"]) == 2
+    assert "--plain writes vLLM's own LLaVA" in capsys.readouterr().err

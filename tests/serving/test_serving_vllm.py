@@ -31,9 +31,11 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E
 import visionzip  # noqa: E402
 from visionzip.config import VisionZipConfig  # noqa: E402
 from visionzip.export import export_model  # noqa: E402
+from visionzip.serving.bench_vllm import PROMPT  # noqa: E402
 from visionzip.serving.tiny import build_tiny_llava  # noqa: E402
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
+PROMPT_WORDS = PROMPT.split()  # the benchmark's prompt, one token per word
 MAX_NEW_TOKENS = 8  # vllm_runner.MAX_NEW_TOKENS
 EOS_TOKEN_ID = 2
 IMAGE_TOKEN_ID = 4
@@ -255,3 +257,18 @@ def test_vllm_serve_answers_an_image_question(workdir):
     # Word-level tokens are joined with spaces; vLLM's incremental detokenizer also puts one in front.
     assert choice["message"]["content"].strip() == processor.tokenizer.decode(expected, skip_special_tokens=True)
     assert response.usage.prompt_tokens == hf_prompt_length == len(prompt.split()) - 1 + override.tokens
+
+
+@pytest.mark.slow
+def test_benchmark_runs_both_engines(workdir, tmp_path):
+    report_path = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "visionzip.serving.bench_vllm", "--model", str(workdir / "tiny")]
+    command += ["--requests", "2", "--single", "1", "--max-tokens", "2", "--output", str(report_path)]
+    completed = subprocess.run(command, env=VLLM_ENV, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "requests / s (batch)" in completed.stdout
+    results = json.loads(report_path.read_text())["results"]
+    text_tokens = len(PROMPT_WORDS) - 1
+    assert results["vllm"]["prompt_tokens_per_request"] == text_tokens + 576
+    assert results["vllm+visionzip"]["prompt_tokens_per_request"] == text_tokens + BUDGET.tokens
+    assert all(result["requests_per_s"] > 0 for result in results.values())
