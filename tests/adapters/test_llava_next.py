@@ -180,13 +180,14 @@ def test_labels_shrink_with_the_sequence(model, processor, images):
         ({"dominant": 570, "contextual": 10}, r"dominant \+ contextual must be <= 577 .*per crop"),
         (
             {"dominant": 1700, "contextual": 100, "budget_scope": "per_image"},
-            r"must be <= 1731 on this model \(an image may have only 3 crops",
+            r"an image of 3 crops .* would give each crop 566 \+ 33 tokens, more than the 577",
         ),
         (
             {"dominant": 4, "contextual": 0, "budget_scope": "per_image"},
             r"dominant must be >= the number of crops / frames \(5\)",
         ),
         ({"budget_scope": "per_frame"}, "budget_scope must be one of"),
+        ({"temporal_threshold": 0.9}, "temporal_threshold applies to videos; LlavaNextForConditionalGeneration"),
     ],
 )
 def test_bad_budgets_are_refused_at_apply(model, kwargs, match):

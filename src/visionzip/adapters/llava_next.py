@@ -102,6 +102,7 @@ class LlavaNextAdapter(Adapter):
     image_input_keys = ("pixel_values",)
     # The model's packing only lines up for this strategy (with "full", the [CLS] row breaks its grid view).
     feature_select_strategy = "default"
+    takes_videos = False
 
     def __init__(self, model: nn.Module, config: VisionZipConfig) -> None:
         strategy = getattr(model.config, "vision_feature_select_strategy", None)
@@ -110,6 +111,8 @@ class LlavaNextAdapter(Adapter):
                 f"model: {type(model).__name__} with vision_feature_select_strategy={strategy!r} is not supported; "
                 f"expected {self.feature_select_strategy!r}"
             )
+        if config.temporal_threshold is not None and not self.takes_videos:
+            raise ValueError(f"temporal_threshold applies to videos; {type(model).__name__} takes none (leave it None)")
         super().__init__(model, config)
 
     # --- model parts ---------------------------------------------------------------------
@@ -150,10 +153,12 @@ class LlavaNextAdapter(Adapter):
             return
         fewest, most = self.crop_count_range()
         self.config.per_unit(most)  # raises when the crops outnumber the dominant tokens
-        if self.config.per_unit(fewest).tokens > available:
+        per_crop = self.config.per_unit(fewest)
+        if per_crop.tokens > available:
             raise ValueError(
-                f"with budget_scope='per_image', dominant + contextual must be <= {fewest * available} on this "
-                f"model (an image may have only {fewest} crops of {available} tokens), got {self.config.tokens}"
+                f"with budget_scope='per_image', an image of {fewest} crops (the fewest on this model) would give "
+                f"each crop {per_crop.dominant} + {per_crop.contextual} tokens, more than the {available} a crop has; "
+                f"lower dominant + contextual (at most about {fewest * available}), got {self.config.tokens}"
             )
 
     # --- images ----------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     families = ("LlavaOnevisionForConditionalGeneration",)
     image_input_keys = ("pixel_values", "pixel_values_videos")
     feature_select_strategy = "full"
+    takes_videos = True
 
     def __init__(self, model: nn.Module, config: VisionZipConfig) -> None:
         tower = model.model.vision_tower
