@@ -274,6 +274,8 @@ def test_cli(workspace, capsys):
     assert "output directory exists" in capsys.readouterr().err
     assert main([*args, "--tokens", "10", "--dominant", "3", "--overwrite"]) == 2
     assert "either --tokens or --dominant" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(root / "base"), "-o", str(out), "--overwrite"]) == 2
+    assert "--data is required with --model" in capsys.readouterr().err
     assert main([*args, "--dominant", "600", "--overwrite"]) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]

@@ -51,6 +51,9 @@ RUN_FILE = "run.json"  # settings of a run in progress, compared on resume
 PARTIAL_SUFFIX = ".partial"  # the run's working directory, beside the output directory
 IMAGE_KEYS = "visionzip_image_keys"  # batch entry naming the cached reductions of the batch's images
 TOWER_BATCH = 8  # images per tower pass when filling the cache
+# Without --data: this much of the embedded model's training split (scenes it was trained on).
+DEFAULT_TRAIN_IMAGES = 300
+DEFAULT_PER_TYPE = 2
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 
@@ -146,8 +149,12 @@ class FinetuneResult:
     problems: list[str]  # skipped data rows and images (on_error="skip")
     steps: int
     train_loss: float  # mean training loss over the run
-    precompute_seconds: float  # loading, tokenising and (with the cache) the tower pass
-    train_seconds: float
+    precompute_seconds: float  # wall clock: loading, tokenising and (with the cache) the tower pass
+    train_seconds: float  # wall clock of the Trainer
+    # CPU time of this process (all threads) for the same two phases: on a shared machine it shows
+    # the work done, which the wall clock does not.
+    precompute_cpu_seconds: float = 0.0
+    train_cpu_seconds: float = 0.0
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -344,6 +351,7 @@ class _Prepared:
     images: list[Path]
     problems: list[str]
     seconds: float
+    cpu_seconds: float
     first_pixels: torch.Tensor | None = None  # pixel_values of images[0], for the cache's self-check
 
 
@@ -359,7 +367,7 @@ def _prepare_examples(
     """Load each image once, tokenise its questions, and (with a cache) reduce it once."""
     from tqdm.auto import tqdm
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     by_image: dict[Path, list[VQARecord]] = {}
     for record in records:
         by_image.setdefault(record.image, []).append(record)
@@ -409,7 +417,8 @@ def _prepare_examples(
     bar.close()
     if not examples:
         raise DataError(f"{data}: no usable training examples ({len(problems)} skipped)")
-    return _Prepared(examples, images, problems, time.perf_counter() - start, first_pixels)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return _Prepared(examples, images, problems, seconds, cpu_seconds, first_pixels)
 
 
 def _cache_serves_like_tower(adapter: Any, cache: ReducedFeatureCache, prepared: _Prepared) -> bool:
@@ -733,13 +742,13 @@ def finetune_projector(
             projector=projector,
             cache=cache,
         )
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             output = trainer.train(resume_from_checkpoint=checkpoint)
         except KeyboardInterrupt:
             print(f"interrupted; checkpoints are in {run_dir.checkpoints} (run again with resume)", file=sys.stderr)
             raise
-        train_seconds = time.perf_counter() - start
+        train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
 
     result = FinetuneResult(
         output_dir=run_dir.output,
@@ -751,6 +760,8 @@ def finetune_projector(
         train_loss=float(output.training_loss),
         precompute_seconds=prepared.seconds,
         train_seconds=train_seconds,
+        precompute_cpu_seconds=prepared.cpu_seconds,
+        train_cpu_seconds=train_cpu_seconds,
         log_history=list(trainer.state.log_history),
     )
     _save_result(model, processor, projector, result, run, adapter_only, run_dir.staged)
@@ -867,6 +878,8 @@ def _save_result(
         "train_loss": result.train_loss,
         "precompute_seconds": round(result.precompute_seconds, 2),
         "train_seconds": round(result.train_seconds, 2),
+        "precompute_cpu_seconds": round(result.precompute_cpu_seconds, 2),
+        "train_cpu_seconds": round(result.train_cpu_seconds, 2),
         "log_history": result.log_history,
     }
     (target / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -884,7 +897,10 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         "visionzip_config.json makes visionzip.apply(model) use the budget it was tuned for.",
     )
     sub.add_argument("--model", help="model directory (default: the embedded default model)")
-    sub.add_argument("--data", required=True, help="VQA JSONL file (image, question, answers per line)")
+    sub.add_argument(
+        "--data",
+        help="VQA JSONL file (image, question, answers per line); default: the embedded model's training split",
+    )
     sub.add_argument("-o", "--output", required=True, help="output directory (refused if it exists, see --overwrite)")
     budget = sub.add_argument_group("budget (per image; default 54 + 10)")
     budget.add_argument("--tokens", type=int, help="total tokens, split as the paper does (64 = 54 + 10)")
@@ -910,6 +926,18 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     train.add_argument("--logging-steps", type=int, default=defaults.logging_steps, help="default: %(default)s")
     train.add_argument("--seed", type=int, default=defaults.seed, help="default: %(default)s")
     train.add_argument("--limit", type=int, help="use the first N records only")
+    train.add_argument(
+        "--train-images",
+        type=int,
+        default=DEFAULT_TRAIN_IMAGES,
+        help="without --data: scenes of the embedded model's training split (default: %(default)s)",
+    )
+    train.add_argument(
+        "--per-type",
+        type=int,
+        default=DEFAULT_PER_TYPE,
+        help="without --data: questions of each type per scene (default: %(default)s)",
+    )
     train.add_argument("--prompt", help="prompt template with {question} (default: the processor's chat template)")
     train.add_argument("--no-cache", action="store_true", help="run the tower every step instead of once per image")
     run = sub.add_argument_group("run")
@@ -935,10 +963,30 @@ def _config_from_args(args: argparse.Namespace) -> VisionZipConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from visionzip.cli import UserError
+
     config = _config_from_args(args)
+    if args.data is not None:
+        return _finetune_from_args(args, config, args.data)
+    if args.model is not None:
+        raise UserError("--data is required with --model (the training split belongs to the embedded model)")
+    from visionzip.default_model.data import export_split
+
+    images = check_int("--train-images", args.train_images, 1)
+    per_type = check_int("--per-type", args.per_type, 1)
+    _RunDirectory(Path(args.output)).check(args.resume, args.overwrite)  # before generating any data
+    with tempfile.TemporaryDirectory(prefix="visionzip-finetune-") as folder:
+        # Regenerated identically every time, so a resumed run sees the same data.
+        data = export_split(Path(folder) / "train.jsonl", split="train", num_images=images, per_type=per_type)
+        return _finetune_from_args(args, config, data)
+
+
+def _finetune_from_args(args: argparse.Namespace, config: VisionZipConfig, data: str | Path) -> int:
     result = finetune_projector(
         args.model,
-        args.data,
+        data,
         config,
         args.output,
         resume=args.resume,
