@@ -105,6 +105,7 @@ def test_llava_three_turns_encode_the_image_once():
     assert int((chat.input_ids == visionzip.api.get_state(model).adapter.image_token_id).sum()) == 64
 
 
+@pytest.mark.slow  # the unreduced 576-token image; Qwen covers the path without VisionZip by default
 def test_llava_without_visionzip():
     model, processor = make_llava(seed=3), make_llava_processor()
     images = random_images(1)

@@ -143,7 +143,12 @@ def test_rope_positions_of_kept_tokens_are_the_original_ones(patched, processor,
 
 
 @pytest.mark.parametrize(
-    "generate_kwargs", [{}, {"num_beams": 2}, {"use_cache": False}], ids=["greedy", "beam", "no-cache"]
+    "generate_kwargs",
+    [
+        pytest.param({}, id="greedy"),
+        pytest.param({"num_beams": 2}, id="beam"),
+        pytest.param({"use_cache": False}, id="no-cache", marks=pytest.mark.slow),
+    ],
 )
 def test_batched_generate_equals_per_sample(patched, processor, qwen_images, generate_kwargs):
     batch = generate(patched, batch_inputs(processor, qwen_images), **generate_kwargs)
