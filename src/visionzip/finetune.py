@@ -260,8 +260,8 @@ def encode_image_examples(
 class ReducedFeatureCache:
     """Each image's reduction, computed once by the adapter's own `reduce` and served in its place.
 
-    Installed on the adapter instance (`install`), it answers `reduce(pixel_values)` for the images
-    named by `serving(keys)`: the pixels of those batches are shape-only stand-ins.
+    Set as the adapter instance's `reduce`, it answers for the images named by `serving(keys)`: the
+    pixel_values of those batches are shape-only stand-ins (`stand_in_pixels`).
     """
 
     def __init__(self) -> None:
@@ -364,7 +364,10 @@ def _prepare_examples(
     cache: ReducedFeatureCache | None,
     progress: bool,
 ) -> _Prepared:
-    """Load each image once, tokenise its questions, and (with a cache) reduce it once."""
+    """Load each image once, tokenise its questions, and (with a cache) reduce it once.
+
+    The first accepted answer of each record is the training target.
+    """
     from tqdm.auto import tqdm
 
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -409,9 +412,10 @@ def _prepare_examples(
             first_pixels = pixels
         images.append(path)
         examples.extend(Example(ids, labels, index) for ids, labels in pairs)
-        pending.append((index, pixels))
-        if len(pending) >= TOWER_BATCH:
-            flush()
+        if cache is not None:
+            pending.append((index, pixels))
+            if len(pending) >= TOWER_BATCH:
+                flush()
         bar.update(1)
     flush()
     bar.close()
