@@ -281,3 +281,14 @@ def test_cli(workspace, capsys):
     last = err.strip().splitlines()[-1]
     assert last.startswith("visionzip finetune: error: dominant + contextual must be <= 577")
     assert "Traceback" not in err
+
+
+def test_missing_accelerate_is_a_clear_error(workspace, monkeypatch, capsys):
+    import transformers.utils
+
+    root, data = workspace
+    monkeypatch.setattr(transformers.utils, "is_accelerate_available", lambda *args: False)
+    with pytest.raises(ImportError, match=r"pip install 'visionzip\[finetune\]'"):
+        finetune_projector(str(root / "base"), data, CONFIG, root / "never")
+    assert main(["finetune", "--data", str(data), "-o", str(root / "never")]) == 2
+    assert "needs the accelerate package" in capsys.readouterr().err

@@ -546,6 +546,13 @@ def load_projector(model: nn.Module, path: str | Path) -> VisionZipConfig | None
     return config
 
 
+def _require_trainer() -> None:
+    from transformers.utils import is_accelerate_available
+
+    if not is_accelerate_available():
+        raise ImportError("projector fine-tuning needs the accelerate package: pip install 'visionzip[finetune]'")
+
+
 def _make_trainer(**kwargs: Any) -> Any:
     """A `Trainer` that trains the projector on (optionally cached) reduced tokens."""
     from safetensors.torch import load_file, save_file
@@ -683,6 +690,7 @@ def finetune_projector(
         **options: `FinetuneOptions` fields (epochs, max_steps, batch_size, learning_rate, ...).
     """
     options = FinetuneOptions(**options)
+    _require_trainer()
     if not isinstance(config, VisionZipConfig):
         raise TypeError(f"config must be a VisionZipConfig, got {type(config).__name__}")
     if not isinstance(output_dir, (str, Path)) or not str(output_dir):
@@ -988,6 +996,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _finetune_from_args(args: argparse.Namespace, config: VisionZipConfig, data: str | Path) -> int:
+    from visionzip.cli import UserError
+
+    try:
+        _require_trainer()
+    except ImportError as error:
+        raise UserError(str(error)) from None
     result = finetune_projector(
         args.model,
         data,
