@@ -236,6 +236,23 @@ def test_reduce_image_uses_the_applied_config(tiny):
         reduce_image(torch.nn.Linear(2, 2), processor, random_images(1)[0])
 
 
+def test_reduce_image_one_panel_per_crop():
+    from families import make_llava_next, make_llava_next_processor
+
+    model, processor = make_llava_next(), make_llava_next_processor()
+    config = visionzip.VisionZipConfig(dominant=20, contextual=4)
+    panels = reduce_image(model, processor, random_images(1, size=(300, 500))[0], config)
+    assert [p.label for p in panels] == ["base image", "crop 1", "crop 2"]
+    assert all(p.grid == (24, 24) and (p.dominant, p.contextual) == (20, 4) for p in panels)
+    picture = visualize(panels, heatmap=True)
+    boxes = picture.info["visionzip_panels"]
+    assert [box["label"] for box in boxes] == ["base image", "crop 1", "crop 2"]
+    assert len({box["tokens"][1] for box in boxes}) == 2  # with heatmaps: at most two panels a row
+    for panel, box in zip(panels, boxes, strict=True):
+        untouched = (cell_centers(picture, box["tokens"], (24, 24)) == np.asarray(panel.image)[7::14, 7::14]).all(-1)
+        assert untouched.sum() == 19  # exactly the kept patches show the crop's own pixels
+
+
 def test_processor_view_without_a_processor_spans_the_range():
     (view,) = processor_view(torch.linspace(-1, 1, 3 * 4 * 4).view(1, 3, 4, 4))
     pixels = np.asarray(view)

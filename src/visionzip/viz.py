@@ -406,7 +406,7 @@ def visualize(
         labels: a caption per panel (default "image 1", "image 2", ... when there are several).
         title: replaces the default title, the token counts ("64 of 577 tokens: 54 dominant + 10 contextual").
         panel_size: long side of each panel in pixels (each patch gets panel_size // max(rows, cols) pixels).
-        columns: panels per row (default: up to 4).
+        columns: panels per row (default: up to 4, or 2 with heatmaps).
         save: also write the picture to this path (format from the extension).
 
     Returns an RGB PIL image. `image.info["visionzip_panels"]` lists each panel's pixel boxes
@@ -416,8 +416,9 @@ def visualize(
         raise TypeError(f"heatmap must be True or False, got {heatmap!r}")
     panels = _as_panels(image, result, grid, num_prefix_tokens, labels)
     panel_size = check_int("panel_size", panel_size, 16, 4096)
-    if columns is None:  # balanced rows of at most DEFAULT_COLUMNS panels
-        columns = math.ceil(len(panels) / math.ceil(len(panels) / DEFAULT_COLUMNS))
+    if columns is None:  # balanced rows of at most DEFAULT_COLUMNS pictures (a heatmap counts as one)
+        limit = max(1, DEFAULT_COLUMNS // 2) if heatmap else DEFAULT_COLUMNS
+        columns = math.ceil(len(panels) / math.ceil(len(panels) / limit))
     columns = min(check_int("columns", columns, 1), len(panels))
     if title is not None and not isinstance(title, str):
         raise TypeError(f"title must be a string, got {type(title).__name__}")
@@ -532,19 +533,31 @@ def reduced_images(
     patch_size: int,
     num_prefix_tokens: int,
     image_processor: Any = None,
+    labels: Sequence[str] | None = None,
 ) -> list[ReducedImage]:
-    """Pair each row of `pixel_values` (images, C, H, W) with its row of a batched `reduction`."""
+    """Pair each row of `pixel_values` (images, C, H, W) with its row of a batched `reduction`.
+
+    labels: a caption per row; by default none for one image, "image 1", "image 2", ... for several.
+    """
     views = processor_view(pixel_values, image_processor)
     rows = _split_reduction(reduction)
     if len(rows) != len(views):
         raise ValueError(f"reduction holds {len(rows)} images but pixel_values holds {len(views)}")
     patch_size = check_int("patch_size", patch_size, 1)
     grid = (pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size)
-    name = "crop" if len(views) > 1 else ""
+    if labels is None:
+        labels = [f"image {index + 1}" for index in range(len(views))] if len(views) > 1 else [""]
+    if len(labels) != len(views):
+        raise ValueError(f"labels must have one entry per image ({len(views)}), got {len(labels)}")
     return [
-        ReducedImage(view, row, grid, num_prefix_tokens, f"{name} {index + 1}" if name else "")
-        for index, (view, row) in enumerate(zip(views, rows, strict=True))
+        ReducedImage(view, row, grid, num_prefix_tokens, str(label))
+        for view, row, label in zip(views, rows, labels, strict=True)
     ]
+
+
+def _crop_labels(count: int) -> list[str]:
+    # AnyRes processors (LLaVA-NeXT, OneVision) put the whole image, resized, before the grid crops.
+    return ["base image"] + [f"crop {index}" for index in range(1, count)]
 
 
 def model_adapter(model: nn.Module, config: VisionZipConfig | None = None) -> Any:
@@ -565,8 +578,9 @@ def model_adapter(model: nn.Module, config: VisionZipConfig | None = None) -> An
     return adapter_class(model, config)
 
 
-def image_pixel_values(processor: Any, image: Image.Image | str | Path) -> tuple[torch.Tensor, Any]:
-    """(pixel_values (crops, C, H, W), image processor) for one image, as the model's processor makes them."""
+def image_pixel_values(processor: Any, image: Image.Image | str | Path) -> tuple[torch.Tensor, Any, list[str] | None]:
+    """(pixel_values (crops, C, H, W), image processor, crop labels or None) for one image, as the
+    model's processor makes them."""
     from visionzip.loading import load_image
 
     if isinstance(image, (str, Path)):
@@ -577,9 +591,11 @@ def image_pixel_values(processor: Any, image: Image.Image | str | Path) -> tuple
     if not callable(image_processor):
         raise TypeError(f"processor must be the model's processor (or image processor), got {type(processor).__name__}")
     pixel_values = image_processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]
-    if pixel_values.ndim == 5:  # (images, crops / frames, C, H, W): each crop is reduced on its own
+    labels = None
+    if pixel_values.ndim == 5:  # (images, crops, C, H, W): each crop is reduced on its own
         pixel_values = pixel_values.flatten(0, 1)
-    return pixel_values, image_processor
+        labels = _crop_labels(pixel_values.shape[0]) if pixel_values.shape[0] > 1 else None
+    return pixel_values, image_processor, labels
 
 
 def reduced_images_for(
@@ -588,8 +604,8 @@ def reduced_images_for(
     """Pair a reduction `model` made of `image` (e.g. `visionzip.demo.run_demo(...).reduction`) with the
     processor's view of that image, ready for `visualize`."""
     tower = model_adapter(model).tower_info
-    pixel_values, image_processor = image_pixel_values(processor, image)
-    return reduced_images(pixel_values, reduction, tower.patch_size, tower.num_prefix_tokens, image_processor)
+    pixel_values, image_processor, labels = image_pixel_values(processor, image)
+    return reduced_images(pixel_values, reduction, tower.patch_size, tower.num_prefix_tokens, image_processor, labels)
 
 
 def reduce_image(
@@ -612,9 +628,9 @@ def reduce_image(
     if config is None and not is_applied(model):
         config = VisionZipConfig()
     adapter = model_adapter(model, config)
-    pixel_values, image_processor = image_pixel_values(processor, image)
+    pixel_values, image_processor, labels = image_pixel_values(processor, image)
     parameter = next(adapter.vision_tower().parameters())
     with torch.no_grad():
         probe, reduction = adapter.reduce(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
     tower = adapter.tower_info
-    return reduced_images(pixel_values, reduction, tower.patch_size, probe.num_prefix_tokens, image_processor)
+    return reduced_images(pixel_values, reduction, tower.patch_size, probe.num_prefix_tokens, image_processor, labels)
