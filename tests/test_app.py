@@ -133,6 +133,15 @@ def test_page_has_stable_element_ids(tiny, tmp_path):
     assert choices == [(m, m) for m in visionzip.methods.available_methods()]
 
 
+def test_largest_budget_follows_the_processor_not_the_tower_config(tiny):
+    model, processor = tiny
+    assert app.tokens_per_image(model, processor) == 577
+    small = make_llava_processor()
+    small.image_processor.size = {"shortest_edge": 224}
+    small.image_processor.crop_size = {"height": 224, "width": 224}
+    assert app.tokens_per_image(model, small) == 1 + 16 * 16
+
+
 def test_upload_of_a_non_image_is_a_clear_error(tmp_path):
     gr = pytest.importorskip("gradio")
     from gradio.data_classes import ImageData

@@ -26,7 +26,7 @@ from visionzip.config import VisionZipConfig, check_int
 from visionzip.demo import DemoRun, run_demo
 from visionzip.loading import MAX_IMAGE_PIXELS, load_image
 from visionzip.methods import available_methods
-from visionzip.viz import model_adapter, reduced_images_for, token_summary, visualize
+from visionzip.viz import image_pixel_values, model_adapter, reduced_images_for, token_summary, visualize
 from visionzip.viz_cli import DEFAULT_BUDGET, DEFAULT_HOST, DEFAULT_PORT
 
 DEFAULT_MAX_NEW_TOKENS = 16  # when the model's generation config does not say
@@ -205,6 +205,16 @@ def _gradio() -> Any:
     return gradio
 
 
+def tokens_per_image(model: nn.Module, processor: Any) -> int:
+    """Tokens the tower yields for one image (or crop) at the size the processor produces.
+
+    Read from the processor's output rather than the tower's config: a tower may be configured for
+    another resolution than the one its model is used at (DINOv2: 518 in the config, 336 here).
+    """
+    pixel_values, _, _ = image_pixel_values(processor, Image.new("RGB", (64, 64)))
+    return model_adapter(model).tower_info.num_tokens(*pixel_values.shape[-2:])
+
+
 def _upload_image_class(gr: Any) -> type:
     class UploadImage(gr.Image):
         """gr.Image that answers a non-image upload with a clear message instead of a decoding trace."""
@@ -235,7 +245,7 @@ def build_app(
     gr = _gradio()
     adapter_class_for(model)
     repeats = check_int("repeats", repeats, 1, 100)
-    largest = model_adapter(model).tokens_per_unit()  # the page offers budgets up to all tokens
+    largest = tokens_per_image(model, processor)  # the page offers budgets up to all tokens
     default_split = budget_config(min(DEFAULT_BUDGET, largest))
 
     def on_ask(
