@@ -50,7 +50,7 @@ CHAT_TEMPLATE = (
 class TextModelSize:
     hidden_size: int = 128
     intermediate_size: int = 512
-    num_hidden_layers: int = 6
+    num_hidden_layers: int = 4
     num_attention_heads: int = 4
     max_position_embeddings: int = 1024
 

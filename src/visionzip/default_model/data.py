@@ -292,6 +292,37 @@ def sample_questions(
     return chosen
 
 
+def patch_labels(objects: Sequence[SceneObject], patch: int = 14) -> np.ndarray:
+    """Per-patch class in raster order (0 background, else ``1 + 3 * shape + size``), for training only.
+
+    A patch belongs to the nearest object whose disc covers the patch centre; small objects always claim
+    the patch holding their centre.
+    """
+    grid = IMAGE_SIZE // patch
+    centres = (np.arange(grid) + 0.5) * patch
+    cy, cx = np.meshgrid(centres, centres, indexing="ij")
+    labels = np.zeros((grid, grid), dtype=np.int64)
+    best = np.full((grid, grid), np.inf)
+    for o in objects:
+        dist = np.hypot(cx - o.x, cy - o.y)
+        hit = (dist <= max(o.diameter / 2, patch * 0.75)) & (dist < best)
+        labels[hit] = 1 + 3 * SHAPES.index(o.shape) + SIZES.index(o.size)
+        best[hit] = dist[hit]
+    return labels.reshape(-1)
+
+
+NUM_PATCH_CLASSES = 1 + 3 * len(SHAPES)
+NUM_SUMMARY_COUNTS = 1 + len(SHAPES) + len(SIZES)
+
+
+def summary_counts(objects: Sequence[SceneObject]) -> np.ndarray:
+    """Training-only scene summary: total count, count per shape, count per size."""
+    counts = [len(objects)]
+    counts += [sum(o.shape == s for o in objects) for s in SHAPES]
+    counts += [sum(o.size == z for o in objects) for z in SIZES]
+    return np.array(counts, dtype=np.int64)
+
+
 # --------------------------------------------------------------------------- vocabulary and prompt
 
 PROMPT_TEMPLATE = "<image>\nQuestion: {question} Answer:"

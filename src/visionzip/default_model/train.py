@@ -117,16 +117,29 @@ class TrainableVLM(nn.Module):
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(text.hidden_size, text.hidden_size)
         self.lm = LlamaForCausalLM(text)
+        # Training-only heads (never exported): dense per-patch targets teach the image positions to carry
+        # object identity early, which the question tokens then learn to read.
+        self.aux_patch = nn.Linear(text.hidden_size, data.NUM_PATCH_CLASSES)
+        self.aux_count = nn.Linear(text.hidden_size, data.NUM_SUMMARY_COUNTS * (data.MAX_OBJECTS + 1))
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1((features - self.feat_mean) / self.feat_std)))
 
-    def forward(self, features, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    def forward(self, features, input_ids, attention_mask, position_ids, aux_layer: int | None = None):
+        """Text-position hidden states; with ``aux_layer``, also that layer's image-position states."""
         image = self.project(features)
         text = self.lm.get_input_embeddings()(input_ids)
         embeds = torch.cat([image, text], dim=1)
-        hidden = self.lm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
-        return hidden.last_hidden_state[:, image.shape[1] :]
+        hidden = self.lm.model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=aux_layer is not None,
+        )
+        text_hidden = hidden.last_hidden_state[:, image.shape[1] :]
+        if aux_layer is None:
+            return text_hidden
+        return text_hidden, hidden.hidden_states[aux_layer][:, : image.shape[1]]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm.lm_head(hidden)
@@ -234,14 +247,31 @@ class TrainSettings:
     train_images: int = 1440
     val_images: int = 48
     test_images: int = data.DEFAULT_TEST_IMAGES
-    steps: int = 800
-    images_per_step: int = 2
-    questions_per_type: int = 10
-    lr: float = 3e-3
+    steps: int = 1200
+    images_per_step: int = 8
+    questions_per_type: int = 2
+    lr: float = 2e-3
     weight_decay: float = 0.05
-    warmup: int = 50
+    warmup: int = 30
     eval_every: int = 200
+    aux_weight: float = 0.5
+    aux_layer: int = 2
+    projector_steps: int = 1000
+    projector_batch: int = 16
     text_model: build.TextModelSize = field(default_factory=build.TextModelSize)
+
+
+def shipped_settings() -> TrainSettings:
+    """The settings recorded with the shipped weights (``TrainSettings()`` when none are recorded)."""
+    from . import files_dir
+
+    path = files_dir() / "training_metadata.json"
+    if not path.is_file():
+        return TrainSettings()
+    recorded = dict(json.loads(path.read_text())["settings"])
+    text_model = build.TextModelSize(**recorded.pop("text_model"))
+    known = {f for f in TrainSettings.__dataclass_fields__}
+    return TrainSettings(**{k: v for k, v in recorded.items() if k in known}, text_model=text_model)
 
 
 def _questions_for(seed: int, split: str, index: int, rng: np.random.Generator, per_type: int):
@@ -282,6 +312,48 @@ def evaluate_cached(
     return result
 
 
+def pretrain_projector(model: TrainableVLM, settings: TrainSettings, train_feats: np.ndarray) -> None:
+    """Stage 1: align the projector with dense per-patch targets (shape and size under every patch, and the
+    scene's counts from the mean of all projected tokens) before the language model is trained.
+
+    Cheap (no language model involved) and it makes the image tokens, and their plain average, informative
+    from the first step of stage 2; without it the language model stays on answer priors for a long time.
+    """
+    hidden = model.linear_2.out_features
+    patch_head = nn.Linear(hidden, data.NUM_PATCH_CLASSES)
+    count_head = nn.Linear(hidden, data.NUM_SUMMARY_COUNTS * (data.MAX_OBJECTS + 1))
+    params = [
+        *model.linear_1.parameters(),
+        *model.linear_2.parameters(),
+        *patch_head.parameters(),
+        *count_head.parameters(),
+    ]
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+    rng = np.random.default_rng([settings.seed, 98])
+    n_train = train_feats.shape[0]
+    objects = [data.scene_objects(settings.seed, "train", i) for i in range(n_train)]
+    patch_all = np.stack([data.patch_labels(o) for o in objects])
+    count_all = np.stack([data.summary_counts(o) for o in objects])
+    progress = _Progress(settings.projector_steps, "projector")
+    losses: list[float] = []
+    for step in range(settings.projector_steps):
+        idx = np.sort(rng.choice(n_train, size=settings.projector_batch, replace=False))
+        feats = torch.from_numpy(np.asarray(train_feats[idx], dtype=np.float32))
+        tokens = model.project(feats)
+        loss = nn.functional.cross_entropy(
+            patch_head(tokens[:, 1:]).flatten(0, 1), torch.from_numpy(patch_all[idx]).flatten()
+        )
+        counts = count_head(tokens.mean(1)).view(len(idx), data.NUM_SUMMARY_COUNTS, -1)
+        loss = loss + nn.functional.cross_entropy(
+            counts.flatten(0, 1), torch.from_numpy(count_all[idx]).flatten()
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        progress.update(step + 1, f"loss {np.mean(losses[-20:]):.4f}")
+
+
 def train_model(
     settings: TrainSettings, train_feats: np.ndarray, val_feats: np.ndarray | None
 ) -> TrainableVLM:
@@ -290,8 +362,10 @@ def train_model(
     mean, std = feature_stats(train_feats)
     model = TrainableVLM(config, mean, std)
     packer = Packer(build.build_tokenizer())
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("aux_"))
     print(f"trainable parameters: {n_params / 1e6:.2f}M", flush=True)
+    if settings.projector_steps:
+        pretrain_projector(model, settings, train_feats)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
@@ -324,11 +398,24 @@ def train_model(
         ]
         feats = torch.from_numpy(np.asarray(train_feats[idx], dtype=np.float32))
         input_ids, labels, mask, pos, _ = packer.pack(batch)
-        hidden = model(feats, input_ids, mask, pos)
+        use_aux = settings.aux_weight > 0
+        out = model(feats, input_ids, mask, pos, aux_layer=settings.aux_layer if use_aux else None)
+        hidden, image_hidden = out if use_aux else (out, None)
         # Only answer and end-of-answer positions carry a loss: project just those rows.
         sel = labels != -100
         logits = model.logits(hidden[sel])
         loss = nn.functional.cross_entropy(logits, labels[sel])
+        if image_hidden is not None:
+            objects = [data.scene_objects(settings.seed, "train", int(i)) for i in idx]
+            patch_t = torch.from_numpy(np.stack([data.patch_labels(o) for o in objects]))
+            count_t = torch.from_numpy(np.stack([data.summary_counts(o) for o in objects]))
+            aux = nn.functional.cross_entropy(
+                model.aux_patch(image_hidden[:, 1:]).flatten(0, 1), patch_t.flatten()
+            )
+            # The last image position is the first to have seen every patch (causal attention).
+            counts = model.aux_count(image_hidden[:, -1]).view(len(idx), data.NUM_SUMMARY_COUNTS, -1)
+            aux = aux + nn.functional.cross_entropy(counts.flatten(0, 1), count_t.flatten())
+            loss = loss + settings.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -416,11 +503,12 @@ def train_default(
 ) -> dict:
     """Rebuild the default model's package payload in ``output_dir`` (deterministic for a given seed).
 
-    ``work_dir`` keeps the feature caches (about 2 GB) so that reruns skip tower passes; defaults to
+    ``settings`` default to those recorded with the shipped weights, so the default call rebuilds them.
+    ``work_dir`` keeps the feature caches (about 1 GB) so that reruns skip tower passes; defaults to
     ``output_dir/_work``. Returns the training metadata (settings, timings, accuracies).
     """
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    settings = settings or TrainSettings(seed=seed)
+    settings = settings or shipped_settings()
     if settings.seed != seed:
         settings = replace(settings, seed=seed)
     output_dir = Path(output_dir)
@@ -490,7 +578,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--work-dir", type=Path, default=None, help="feature caches (default: OUTPUT_DIR/_work)"
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help=f"training steps (default: {TrainSettings.steps})"
+        "--steps",
+        type=int,
+        default=None,
+        help="stage-2 training steps (default: as recorded with the shipped weights)",
     )
     parser.add_argument("--train-images", type=int, default=None)
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
@@ -500,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["steps"] = args.steps
     if args.train_images is not None:
         overrides["train_images"] = args.train_images
-    settings = TrainSettings(seed=args.seed, **overrides)
+    settings = replace(shipped_settings(), seed=args.seed, **overrides)
     meta = train_default(
         args.output_dir, seed=args.seed, work_dir=args.work_dir, settings=settings, evaluate=not args.no_eval
     )
