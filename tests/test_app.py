@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -142,18 +144,24 @@ def test_largest_budget_follows_the_processor_not_the_tower_config(tiny):
     assert app.tokens_per_image(model, small) == 1 + 16 * 16
 
 
-def test_upload_of_a_non_image_is_a_clear_error(tmp_path):
-    gr = pytest.importorskip("gradio")
-    from gradio.data_classes import ImageData
+def test_page_values_to_budget_and_upload_path():
+    assert app.page_budget(app.BUDGET_TOKENS, 128.0, None, None) == 128
+    assert app.page_budget(app.BUDGET_SPLIT, 64, 20.0, 4) == (20, 4)
+    for bad in ((app.BUDGET_TOKENS, 12.5, 1, 1), (app.BUDGET_SPLIT, 64, None, 4), (app.BUDGET_TOKENS, "x", 1, 1)):
+        with pytest.raises(ValueError, match="must be a whole number"):
+            app.page_budget(*bad)
+    with pytest.raises(ValueError, match="budget mode"):
+        app.page_budget("fast", 64, 1, 1)
+    assert app.uploaded_path(None) is None
+    assert app.uploaded_path({"path": "/tmp/a.png", "orig_name": "a.png"}) == "/tmp/a.png"
+    with pytest.raises(ValueError, match="upload the image again"):
+        app.uploaded_path({"path": None})
 
-    text = tmp_path / "notes.png"
-    text.write_text("not an image")
-    component = app._upload_image_class(gr)(type="filepath")
-    with pytest.raises(gr.Error, match="notes.png is not a readable image"):
-        component.preprocess(ImageData(path=str(text), orig_name="notes.png"))
-    picture = tmp_path / "ok.png"
-    Image.new("RGB", (8, 8)).save(picture)
-    assert component.preprocess(ImageData(path=str(picture), orig_name="ok.png")) == str(picture)
+
+def test_no_stub_files_next_to_the_source(tiny, tmp_path):
+    pytest.importorskip("gradio")
+    app.build_app(*tiny, examples=(), repeats=1)
+    assert not Path(app.__file__).with_suffix(".pyi").exists()
 
 
 def test_app_command_errors(capsys):

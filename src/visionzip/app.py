@@ -205,6 +205,27 @@ def _gradio() -> Any:
     return gradio
 
 
+def uploaded_path(payload: Any) -> str | None:
+    """The file path of an image component's raw (unprocessed) value; None when nothing was uploaded."""
+    if payload is None:
+        return None
+    if isinstance(payload, (str, Path)):
+        return str(payload)
+    path = payload.get("path") if isinstance(payload, dict) else getattr(payload, "path", None)
+    if not path:
+        raise ValueError("the upload did not arrive completely; upload the image again")
+    return str(path)
+
+
+def page_budget(mode: str, tokens: float | None, dominant: float | None, contextual: float | None) -> Any:
+    """The budget the page's fields describe: a token count, or (dominant, contextual) in that mode."""
+    if mode == BUDGET_SPLIT:
+        return _whole("dominant", dominant), _whole("contextual", contextual)
+    if mode != BUDGET_TOKENS:
+        raise ValueError(f"budget mode must be {BUDGET_TOKENS!r} or {BUDGET_SPLIT!r}, got {mode!r}")
+    return _whole("tokens", tokens)
+
+
 def tokens_per_image(model: nn.Module, processor: Any) -> int:
     """Tokens the tower yields for one image (or crop) at the size the processor produces.
 
@@ -213,24 +234,6 @@ def tokens_per_image(model: nn.Module, processor: Any) -> int:
     """
     pixel_values, _, _ = image_pixel_values(processor, Image.new("RGB", (64, 64)))
     return model_adapter(model).tower_info.num_tokens(*pixel_values.shape[-2:])
-
-
-def _upload_image_class(gr: Any) -> type:
-    class UploadImage(gr.Image):
-        """gr.Image that answers a non-image upload with a clear message instead of a decoding trace."""
-
-        is_template = True  # rendered by the frontend as a plain Image
-
-        def preprocess(self, payload: Any) -> Any:
-            try:
-                return super().preprocess(payload)
-            except (OSError, ValueError, Image.DecompressionBombError) as error:
-                name = getattr(payload, "orig_name", None) or "the upload"
-                raise gr.Error(
-                    f"{name} is not a readable image ({type(error).__name__}); upload a PNG or JPEG"
-                ) from None
-
-    return UploadImage
 
 
 def build_app(
@@ -248,8 +251,10 @@ def build_app(
     largest = tokens_per_image(model, processor)  # the page offers budgets up to all tokens
     default_split = budget_config(min(DEFAULT_BUDGET, largest))
 
+    # The events take the components' raw values (preprocess=False), so that a file that is not an
+    # image reaches load_image and gets its one-line message instead of a decoding error from gradio.
     def on_ask(
-        image_path: str | None,
+        image: Any,
         question: str,
         mode: str,
         tokens: float | None,
@@ -258,23 +263,18 @@ def build_app(
         method: str,
         heatmap: bool,
     ) -> tuple[str, str, str, Image.Image]:
-        if image_path is None:
-            raise gr.Error("Upload an image first (or pick an example).")
         try:
-            if mode == BUDGET_SPLIT:
-                if dominant is None or contextual is None:
-                    raise ValueError("dominant and contextual must both be set")
-                budget: int | tuple[int, int] = (_whole("dominant", dominant), _whole("contextual", contextual))
-            else:
-                budget = _whole("tokens", tokens)
+            image_path = uploaded_path(image)
+            if image_path is None:
+                raise ValueError("upload an image first (or pick an example)")
             result = ask(
                 model,
                 processor,
                 image_path,
                 question,
-                budget,
+                page_budget(mode, tokens, dominant, contextual),
                 method,
-                heatmap=heatmap,
+                heatmap=bool(heatmap),
                 max_new_tokens=max_new_tokens,
                 repeats=repeats,
             )
@@ -287,7 +287,6 @@ def build_app(
             result["visualization"],
         )
 
-    upload_image = _upload_image_class(gr)
     inputs_order = ("image", "question", "mode", "tokens", "dominant", "contextual", "method", "heatmap")
     with gr.Blocks(title="VisionZip demo") as page:
         gr.Markdown(
@@ -298,7 +297,7 @@ def build_app(
         fields: dict[str, Any] = {}
         with gr.Row():
             with gr.Column():
-                fields["image"] = upload_image(label="Image", type="filepath", sources=["upload"], elem_id="vz-image")
+                fields["image"] = gr.Image(label="Image", type="filepath", sources=["upload"], elem_id="vz-image")
                 fields["question"] = gr.Textbox(
                     label="Question", lines=1, max_length=MAX_QUESTION_CHARS, elem_id="vz-question"
                 )
@@ -337,29 +336,33 @@ def build_app(
         def show_budget_fields(mode: str) -> tuple[Any, Any]:
             return gr.update(visible=mode == BUDGET_TOKENS), gr.update(visible=mode == BUDGET_SPLIT)
 
-        def check_upload(image_path: str | None) -> None:
-            # Decoding problems surface in UploadImage.preprocess; size limits in load_image. Either way the
-            # message appears right after the upload, not only when Ask is clicked.
-            if image_path is not None:
-                try:
+        def check_upload(image: Any) -> None:
+            # Right after the upload, not only when Ask is clicked: not an image, unreadable, too large.
+            try:
+                image_path = uploaded_path(image)
+                if image_path is not None:
                     load_image(image_path)
-                except (ValueError, OSError) as error:
-                    raise gr.Error(str(error)) from None
+            except (ValueError, OSError) as error:
+                raise gr.Error(str(error)) from None
 
-        fields["image"].upload(check_upload, inputs=fields["image"], outputs=None)
+        fields["image"].upload(check_upload, inputs=fields["image"], outputs=None, preprocess=False)
         fields["mode"].change(show_budget_fields, inputs=fields["mode"], outputs=[fields["tokens"], split_row])
         event_inputs = [fields[name] for name in inputs_order]
         outputs = [answer_full, answer_reduced, stats, picture]
-        ask_button.click(on_ask, inputs=event_inputs, outputs=outputs)
-        fields["question"].submit(on_ask, inputs=event_inputs, outputs=outputs)
+        ask_button.click(on_ask, inputs=event_inputs, outputs=outputs, preprocess=False)
+        fields["question"].submit(on_ask, inputs=event_inputs, outputs=outputs, preprocess=False)
     return page
 
 
-def _whole(name: str, value: float | None) -> int:
+def _whole(name: str, value: Any) -> int:
     """A number field's value as an int, or a ValueError naming the field."""
-    if value is None or not math.isfinite(float(value)) or float(value) != int(value):
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    if not math.isfinite(number) or number != int(number):
         raise ValueError(f"{name} must be a whole number, got {value!r}")
-    return int(value)
+    return int(number)
 
 
 def launch(
