@@ -38,3 +38,17 @@ def test_unknown_command_is_one_line_error():
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_train_default_hands_its_arguments_to_its_own_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-default", "--help"])
+    assert exit_info.value.code == 0
+    assert "--seed" in capsys.readouterr().out
+
+
+def test_train_default_and_export_split_are_listed(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "train-default" in out and "export-split" in out

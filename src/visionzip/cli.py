@@ -49,6 +49,7 @@ def _add_info(subcommands: argparse._SubParsersAction) -> None:
 # `register` bodies so that `visionzip --help` stays fast.
 COMMAND_MODULES: tuple[str, ...] = (
     "visionzip.demo",
+    "visionzip.default_model.commands",
     "visionzip.viz_cli",
     "visionzip.finetune",
     "visionzip.export",
@@ -77,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from visionzip.default_model.commands import PASSTHROUGH
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:  # scripts with parsers of their own
+        try:
+            return PASSTHROUGH[argv[0]][0](argv[1:])
+        except (UserError, ValueError, TypeError, OSError) as error:
+            if os.environ.get("VISIONZIP_DEBUG"):
+                raise
+            print(f"visionzip {argv[0]}: error: {error}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:
