@@ -54,6 +54,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "visionzip.finetune",
     "visionzip.export",
     "visionzip.bench.cli",
+    "visionzip.eval.cli",
 )
 
 

@@ -1,0 +1,83 @@
+"""`visionzip eval` end to end on a tiny local model: results file, resuming, plots and errors."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from bench.tiny_model import save_tiny_llava
+from eval.tiny_data import write_vqa
+from visionzip.cli import main
+
+PROMPT = "USER: <image> {question} ASSISTANT:"
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    model = save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+    data = write_vqa(tmp_path_factory.mktemp("vqa"), images=2)
+    return model, data
+
+
+def run(paths, out, *extra):
+    model, data = paths
+    argv = ["eval", "--model", str(model), "--data", str(data), "--prompt", PROMPT, "--max-new-tokens", "2"]
+    return main([*argv, "--batch-size", "4", "--json", str(out), *extra])
+
+
+def test_results_resume_and_plot(paths, tmp_path, capsys):
+    out, picture = tmp_path / "eval.json", tmp_path / "eval.png"
+    assert run(paths, out, "--methods", "visionzip", "--tokens", "64") == 0
+    first = json.loads(out.read_text())
+    assert [(r["method"], r["tokens"]) for r in first["results"]] == [("full", 576), ("visionzip", 64)]
+    row = first["results"][1]
+    assert {"method", "tokens", "accuracy", "retention", "n", "per_type", "per_type_n"} <= row.keys()
+    assert row["n"] == 6 and set(row["per_type"]) == {"what", "count"}
+    assert first["settings"]["n"] == 6 and first["settings"]["prompt"] == PROMPT
+    capsys.readouterr()
+
+    # A rerun with one more method evaluates only that one and keeps the earlier rows as they were.
+    assert run(paths, out, "--methods", "visionzip", "pool", "--tokens", "64", "--plot", str(picture)) == 0
+    captured = capsys.readouterr()
+    assert "2 of 3 already done" in captured.err
+    second = json.loads(out.read_text())
+    assert second["results"][:2] == first["results"]
+    assert [r["method"] for r in second["results"]] == ["full", "visionzip", "pool"]
+    assert "pool" in captured.out and picture.stat().st_size > 1000
+
+
+def test_other_settings_are_refused_unless_overwritten(paths, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert run(paths, out, "--methods", "random", "--tokens", "32") == 0
+    assert run(paths, out, "--methods", "random", "--tokens", "32", "--max-new-tokens", "3") == 2
+    assert "different settings (max_new_tokens)" in capsys.readouterr().err
+    assert run(paths, out, "--methods", "random", "--tokens", "32", "--max-new-tokens", "3", "--overwrite") == 0
+    assert json.loads(out.read_text())["settings"]["max_new_tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--methods", "nope"], "methods must be among"),
+        (["--tokens", "0"], "budget"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--prompt", "no placeholder"], r"--prompt must contain \{question\}"),
+        (["--plot", "x.pdf"], r"--plot must name a \.png file"),
+    ],
+)
+def test_bad_arguments_exit_2(paths, tmp_path, capsys, extra, message):
+    assert run(paths, tmp_path / "eval.json", *extra) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("visionzip eval: error: ") and re.search(message, error), error
+
+
+def test_model_without_data_and_bad_results_file(paths, tmp_path, capsys):
+    model, _ = paths
+    assert main(["eval", "--model", str(model), "--json", str(tmp_path / "x.json")]) == 2
+    assert "--data is required with --model" in capsys.readouterr().err
+    broken = tmp_path / "broken.json"
+    broken.write_text("[1, 2]")
+    assert run(paths, broken, "--methods", "random", "--tokens", "32") == 2
+    assert "not a results file" in capsys.readouterr().err
