@@ -32,9 +32,7 @@ def test_test_split_is_deterministic_and_large_enough():
     assert len(records) >= 1000
     assert {r.type for r in records} == set(data.QUESTION_TYPES)
     again = list(data.iter_split("test", 5))
-    assert [(r.question, r.answers) for r in again] == [
-        (r.question, r.answers) for r in records[: len(again)]
-    ]
+    assert [(r.question, r.answers) for r in again] == [(r.question, r.answers) for r in records[: len(again)]]
 
 
 def test_jsonl_round_trip(tmp_path):

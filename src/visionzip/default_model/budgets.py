@@ -115,9 +115,7 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure the default model at reduced visual-token budgets on the held-out split."""
-    parser = argparse.ArgumentParser(
-        prog="python -m visionzip.default_model.budgets", description=main.__doc__
-    )
+    parser = argparse.ArgumentParser(prog="python -m visionzip.default_model.budgets", description=main.__doc__)
     parser.add_argument("--images", type=int, default=data.DEFAULT_TEST_IMAGES, help="test scenes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")

@@ -201,9 +201,7 @@ def build_model_from_files(files_dir: str | Path, onnx_path: str | Path | None =
     return model.eval()
 
 
-def assemble_model_dir(
-    files_dir: str | Path, target: str | Path, onnx_path: str | Path | None = None
-) -> Path:
+def assemble_model_dir(files_dir: str | Path, target: str | Path, onnx_path: str | Path | None = None) -> Path:
     """Write a complete ``from_pretrained`` directory (model + processor) to ``target``.
 
     Written to a temporary sibling and renamed, so concurrent or interrupted runs never leave a partial model.

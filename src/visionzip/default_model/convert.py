@@ -86,9 +86,7 @@ _RENAMES = (
 def _uses_proj_names() -> bool:
     from transformers import Dinov2Config, Dinov2Model
 
-    tiny = Dinov2Model(
-        Dinov2Config(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, image_size=28)
-    )
+    tiny = Dinov2Model(Dinov2Config(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, image_size=28))
     return any(".q_proj." in key for key in tiny.state_dict())
 
 

@@ -70,9 +70,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Muted textured background (float32 HxWx3 in [0, 1])."""
     base_v = rng.uniform(0.3, 0.8)
     c1 = _hsv_to_rgb(rng.uniform(), rng.uniform(0.0, 0.35), base_v)
-    c2 = _hsv_to_rgb(
-        rng.uniform(), rng.uniform(0.0, 0.35), np.clip(base_v + rng.uniform(-0.2, 0.2), 0.2, 0.9)
-    )
+    c2 = _hsv_to_rgb(rng.uniform(), rng.uniform(0.0, 0.35), np.clip(base_v + rng.uniform(-0.2, 0.2), 0.2, 0.9))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     kind = rng.integers(5)
     if kind == 0:  # linear gradient
@@ -251,19 +249,11 @@ def question_pool(objects: Sequence[SceneObject]) -> dict[str, list[Question]]:
             if a is b:
                 continue
             if abs(a.x - b.x) >= POSITION_MARGIN:
-                pool["position"].append(
-                    Question(f"is {pa} left of {pb}?", "yes" if a.x < b.x else "no", "position")
-                )
-                pool["position"].append(
-                    Question(f"is {pa} right of {pb}?", "yes" if a.x > b.x else "no", "position")
-                )
+                pool["position"].append(Question(f"is {pa} left of {pb}?", "yes" if a.x < b.x else "no", "position"))
+                pool["position"].append(Question(f"is {pa} right of {pb}?", "yes" if a.x > b.x else "no", "position"))
             if abs(a.y - b.y) >= POSITION_MARGIN:
-                pool["position"].append(
-                    Question(f"is {pa} above {pb}?", "yes" if a.y < b.y else "no", "position")
-                )
-                pool["position"].append(
-                    Question(f"is {pa} below {pb}?", "yes" if a.y > b.y else "no", "position")
-                )
+                pool["position"].append(Question(f"is {pa} above {pb}?", "yes" if a.y < b.y else "no", "position"))
+                pool["position"].append(Question(f"is {pa} below {pb}?", "yes" if a.y > b.y else "no", "position"))
     return pool
 
 
@@ -275,9 +265,7 @@ def _balanced_choice(rng: np.random.Generator, questions: list[Question]) -> Que
     return matching[int(rng.integers(len(matching)))]
 
 
-def sample_questions(
-    objects: Sequence[SceneObject], rng: np.random.Generator, per_type: int = 1
-) -> list[Question]:
+def sample_questions(objects: Sequence[SceneObject], rng: np.random.Generator, per_type: int = 1) -> list[Question]:
     """Up to ``per_type`` distinct questions of each type, answer-balanced."""
     pool = question_pool(objects)
     chosen: list[Question] = []
@@ -409,10 +397,7 @@ def export_jsonl(records: Sequence[Record], path: str | Path, image_dir: str | P
             except ValueError:
                 shown = str(img_path.resolve())
             fh.write(
-                json.dumps(
-                    {"image": shown, "question": rec.question, "answers": rec.answers, "type": rec.type}
-                )
-                + "\n"
+                json.dumps({"image": shown, "question": rec.question, "answers": rec.answers, "type": rec.type}) + "\n"
             )
     return path
 

@@ -43,9 +43,7 @@ class _Progress:
         self.last = now
         elapsed = now - self.start
         eta = elapsed / max(done, 1) * (self.total - done)
-        print(
-            f"[{self.label}] {done}/{self.total} {elapsed:6.0f}s elapsed, eta {eta:5.0f}s {extra}", flush=True
-        )
+        print(f"[{self.label}] {done}/{self.total} {elapsed:6.0f}s elapsed, eta {eta:5.0f}s {extra}", flush=True)
 
 
 # --------------------------------------------------------------------------- feature cache
@@ -200,9 +198,7 @@ class Packer:
                 tail = [self.answer_id(q.answer), self.eos] if with_answers else []
                 answer_pos.append((b, len(ids) + len(p) - 1))
                 ids += p + tail
-                lab += [-100] * (len(p) - 1) + (
-                    [self.answer_id(q.answer), self.eos, -100] if with_answers else [-100]
-                )
+                lab += [-100] * (len(p) - 1) + ([self.answer_id(q.answer), self.eos, -100] if with_answers else [-100])
                 seg += [j] * (len(p) + len(tail))
             rows.append(ids)
             labels.append(lab)
@@ -344,9 +340,7 @@ def pretrain_projector(model: TrainableVLM, settings: TrainSettings, train_feats
             patch_head(tokens[:, 1:]).flatten(0, 1), torch.from_numpy(patch_all[idx]).flatten()
         )
         counts = count_head(tokens.mean(1)).view(len(idx), data.NUM_SUMMARY_COUNTS, -1)
-        loss = loss + nn.functional.cross_entropy(
-            counts.flatten(0, 1), torch.from_numpy(count_all[idx]).flatten()
-        )
+        loss = loss + nn.functional.cross_entropy(counts.flatten(0, 1), torch.from_numpy(count_all[idx]).flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -354,9 +348,7 @@ def pretrain_projector(model: TrainableVLM, settings: TrainSettings, train_feats
         progress.update(step + 1, f"loss {np.mean(losses[-20:]):.4f}")
 
 
-def train_model(
-    settings: TrainSettings, train_feats: np.ndarray, val_feats: np.ndarray | None
-) -> TrainableVLM:
+def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.ndarray | None) -> TrainableVLM:
     torch.manual_seed(settings.seed)
     config = build.build_config(settings.text_model)
     mean, std = feature_stats(train_feats)
@@ -393,9 +385,7 @@ def train_model(
             order, cursor = rng.permutation(n_train), 0
         idx = np.sort(order[cursor : cursor + settings.images_per_step])
         cursor += settings.images_per_step
-        batch = [
-            _questions_for(settings.seed, "train", int(i), rng, settings.questions_per_type) for i in idx
-        ]
+        batch = [_questions_for(settings.seed, "train", int(i), rng, settings.questions_per_type) for i in idx]
         feats = torch.from_numpy(np.asarray(train_feats[idx], dtype=np.float32))
         input_ids, labels, mask, pos, _ = packer.pack(batch)
         use_aux = settings.aux_weight > 0
@@ -409,9 +399,7 @@ def train_model(
             objects = [data.scene_objects(settings.seed, "train", int(i)) for i in idx]
             patch_t = torch.from_numpy(np.stack([data.patch_labels(o) for o in objects]))
             count_t = torch.from_numpy(np.stack([data.summary_counts(o) for o in objects]))
-            aux = nn.functional.cross_entropy(
-                model.aux_patch(image_hidden[:, 1:]).flatten(0, 1), patch_t.flatten()
-            )
+            aux = nn.functional.cross_entropy(model.aux_patch(image_hidden[:, 1:]).flatten(0, 1), patch_t.flatten())
             # The last image position is the first to have seen every patch (causal attention).
             counts = model.aux_count(image_hidden[:, -1]).view(len(idx), data.NUM_SUMMARY_COUNTS, -1)
             aux = aux + nn.functional.cross_entropy(counts.flatten(0, 1), count_t.flatten())
@@ -551,9 +539,7 @@ def train_default(
         llava = LlavaForConditionalGeneration.from_pretrained(str(assembled))
         processor = AutoProcessor.from_pretrained(str(assembled))
         full = evaluate_llava(llava, processor, data.test_split(seed, settings.test_images))
-        (work_dir / "test_predictions.jsonl").write_text(
-            "".join(json.dumps(p) + "\n" for p in full.pop("predictions"))
-        )
+        (work_dir / "test_predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in full.pop("predictions")))
         timings["evaluate_s"] = time.time() - t2
         meta["test_accuracy"] = full
         print(
@@ -574,9 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="visionzip train-default", description=main.__doc__)
     parser.add_argument("output_dir", type=Path, help="where to write the model payload")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--work-dir", type=Path, default=None, help="feature caches (default: OUTPUT_DIR/_work)"
-    )
+    parser.add_argument("--work-dir", type=Path, default=None, help="feature caches (default: OUTPUT_DIR/_work)")
     parser.add_argument(
         "--steps",
         type=int,
