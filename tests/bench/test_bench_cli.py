@@ -62,15 +62,20 @@ def test_model_and_arch_exclusive(capsys):
     assert "--arch must be one of" in capsys.readouterr().err
 
 
-def test_llava_15_7b_shape_without_memory():
-    model, processor = arch.build_arch("llava-1.5-7b", device="meta")
-    parameters = sum(p.numel() for p in model.parameters())
-    assert 7.0e9 < parameters < 7.1e9  # LLaVA-1.5-7B: 7.06 B
+@pytest.mark.parametrize(
+    ("name", "parameters", "prompt", "image_tokens"),
+    [
+        ("llava-1.5-7b", 7.06e9, "USER: <image>\nwhat ASSISTANT:", 576),
+        ("llava-next-7b", 7.06e9, "USER: <image>\nwhat ASSISTANT:", 576 + 48 * 48 + 48),  # base + 2x2 crops
+        ("qwen2-vl-2b", 2.21e9, "<|vision_start|><|image_pad|><|vision_end|>what", 576),  # 48x48 patches, 2x2 merged
+    ],
+)
+def test_published_shapes_without_memory(name, parameters, prompt, image_tokens):
+    model, processor = arch.build_arch(name, device="meta")  # no memory: shapes only
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(parameters, rel=0.005)
     assert model.dtype == torch.bfloat16
-    text = model.config.text_config
-    assert (text.num_hidden_layers, text.hidden_size, text.intermediate_size) == (32, 4096, 11008)
-    inputs = processor(images=[synthetic_image()], text=["USER: <image>\nwhat ASSISTANT:"])
-    assert inputs["input_ids"][0].count(model.config.image_token_id) == 576
+    inputs = processor(images=[synthetic_image(arch.ARCHS[name].image_size)], text=[prompt])
+    assert inputs["input_ids"][0].count(model.config.image_token_id) == image_tokens
 
 
 def test_arch_command_with_a_small_entry(monkeypatch, tmp_path):

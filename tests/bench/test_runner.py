@@ -51,6 +51,9 @@ def test_timings_are_consistent(rows):
         assert row["llm_prefill_ms_min"] <= row["llm_prefill_ms"] <= row["llm_prefill_ms_max"]
     assert rows["visionzip"]["select_ms"] > 0
     assert rows["full"]["select_ms"] == rows["fastv"]["select_ms"] == 0
+    for row in rows.values():  # process CPU time, the load-independent twin of every timing
+        assert 0 < row["llm_prefill_cpu_ms"] <= row["ttft_cpu_ms"] <= row["e2e_cpu_ms"]
+        assert row["speedup_ttft_cpu"] == pytest.approx(rows["full"]["ttft_cpu_ms"] / row["ttft_cpu_ms"])
 
 
 def test_kv_cache_and_ratios(rows, model):

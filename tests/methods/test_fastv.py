@@ -183,3 +183,13 @@ def test_bad_arguments(model, inputs):
             model(**mixed)
     finally:
         fastv.remove()
+
+
+def test_m_rope_models_are_refused():
+    from conftest import make_qwen2_vl
+
+    qwen = make_qwen2_vl()
+    assert "M-RoPE" in FastV.unsupported_reason(qwen)
+    with pytest.raises(ValueError, match="M-RoPE"):
+        FastV(qwen, tokens=16, image_tokens=64)
+    assert FastV.unsupported_reason(make_model(2)) is None

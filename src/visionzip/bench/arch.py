@@ -29,11 +29,12 @@ class ArchSpec:
     description: str
     build_config: Callable[[], Any]
     build_processor: Callable[[Any], Any]  # config -> processor
-    budgets: tuple[int, ...] = (192, 128, 64)
+    budgets: tuple[int, ...] = (192, 128, 64)  # tokens per image, or per crop for AnyRes models
+    image_size: int = 336  # side of the square benchmark image
 
 
-def synthetic_tokenizer(special: dict[str, int], extra_special: dict[str, str] | None = None) -> Any:
-    """Word-level tokenizer over a few words plus `special` tokens at fixed ids."""
+def synthetic_tokenizer(special: dict[str, int], pad_token: str, extra_special: dict[str, str] | None = None) -> Any:
+    """Word-level tokenizer over a few words plus `special` tokens at fixed ids (`pad_token` among them)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -41,22 +42,21 @@ def synthetic_tokenizer(special: dict[str, int], extra_special: dict[str, str] |
     vocab.update(special)
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    pad = next((token for token in special if "pad" in token), "<unk>")
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        pad_token=pad,
+        pad_token=pad_token,
         extra_special_tokens=extra_special or {},
         padding_side="left",
     )
 
 
-def _llava_15_7b_config() -> Any:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+def _clip_l_336() -> Any:
+    from transformers import CLIPVisionConfig
 
-    vision = CLIPVisionConfig(  # CLIP ViT-L/14 at 336 px
+    return CLIPVisionConfig(  # CLIP ViT-L/14 at 336 px
         hidden_size=1024,
         intermediate_size=4096,
         num_hidden_layers=24,
@@ -66,22 +66,32 @@ def _llava_15_7b_config() -> Any:
         projection_dim=768,
         hidden_act="quick_gelu",
     )
-    text = LlamaConfig(  # Llama-2-7B (vicuna-7b-v1.5) with LLaVA's extended vocabulary
+
+
+def _vicuna_7b(max_positions: int = 4096) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(  # Llama-2-7B (vicuna-7b-v1.5) with LLaVA's extended vocabulary
         hidden_size=4096,
         intermediate_size=11008,
         num_hidden_layers=32,
         num_attention_heads=32,
         num_key_value_heads=32,
         vocab_size=32064,
-        max_position_embeddings=4096,
+        max_position_embeddings=max_positions,
         rms_norm_eps=1e-5,
         pad_token_id=32001,
         bos_token_id=1,
         eos_token_id=2,
     )
+
+
+def _llava_15_7b_config() -> Any:
+    from transformers import LlavaConfig
+
     return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
+        vision_config=_clip_l_336(),
+        text_config=_vicuna_7b(),
         image_token_id=32000,
         projector_hidden_act="gelu",
         vision_feature_layer=-2,
@@ -103,7 +113,9 @@ def _llava_15_processor(config: Any) -> Any:
         image_std=[0.26862954, 0.26130258, 0.27577711],
     )
     tokenizer = synthetic_tokenizer(
-        {"<image>": config.image_token_id, "<pad>": config.text_config.pad_token_id}, {"image_token": "<image>"}
+        {"<image>": config.image_token_id, "<pad>": config.text_config.pad_token_id},
+        "<pad>",
+        {"image_token": "<image>"},
     )
     return LlavaProcessor(
         image_processor=image_processor,
@@ -115,12 +127,148 @@ def _llava_15_processor(config: Any) -> Any:
     )
 
 
+# LLaVA-NeXT's AnyRes grid: a 672x672 image becomes the base crop plus 2x2 crops of 336 px.
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def _llava_next_7b_config() -> Any:
+    from transformers import LlavaNextConfig
+
+    return LlavaNextConfig(
+        vision_config=_clip_l_336(),
+        text_config=_vicuna_7b(),
+        image_token_id=32000,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=NEXT_PINPOINTS,
+        image_seq_length=576,
+        tie_word_embeddings=False,
+    )
+
+
+def _llava_next_processor(config: Any) -> Any:
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    image_size = config.vision_config.image_size
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=config.image_grid_pinpoints,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    tokenizer = synthetic_tokenizer(
+        {"<image>": config.image_token_id, "<pad>": config.text_config.pad_token_id},
+        "<pad>",
+        {"image_token": "<image>"},
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+
+
+# Qwen2-VL's special tokens, at the ids of the released checkpoints.
+QWEN_TOKENS = {
+    "<|endoftext|>": 151643,
+    "<|im_end|>": 151645,
+    "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653,
+    "<|image_pad|>": 151655,
+    "<|video_pad|>": 151656,
+}
+
+
+def _qwen2_vl_2b_config() -> Any:
+    from transformers import Qwen2VLConfig
+
+    vision = {  # the 675M-parameter ViT with 2x2 patch merging to the language model's width
+        "depth": 32,
+        "embed_dim": 1280,
+        "hidden_size": 1536,
+        "num_heads": 16,
+        "mlp_ratio": 4,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    text = {  # Qwen2-1.5B
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        "pad_token_id": QWEN_TOKENS["<|endoftext|>"],
+        "eos_token_id": QWEN_TOKENS["<|im_end|>"],
+        "bos_token_id": QWEN_TOKENS["<|endoftext|>"],
+        "tie_word_embeddings": True,
+    }
+    return Qwen2VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=QWEN_TOKENS["<|image_pad|>"],
+        video_token_id=QWEN_TOKENS["<|video_pad|>"],
+        vision_start_token_id=QWEN_TOKENS["<|vision_start|>"],
+        vision_end_token_id=QWEN_TOKENS["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def _qwen2_vl_processor(config: Any) -> Any:
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    class ImageOnlyProcessor(Qwen2VLProcessor):
+        """Qwen2-VL's processor without its video slot, which would need torchvision."""
+
+        def __init__(self, image_processor: Any = None, tokenizer: Any = None, **kwargs: Any) -> None:
+            super().__init__(image_processor, tokenizer, **kwargs)
+
+    tokenizer = synthetic_tokenizer(
+        QWEN_TOKENS,
+        "<|endoftext|>",
+        {
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_start_token": "<|vision_start|>",
+            "vision_end_token": "<|vision_end|>",
+        },
+    )
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
 ARCHS: dict[str, ArchSpec] = {
     "llava-1.5-7b": ArchSpec(
         "llava-1.5-7b",
         "LLaVA-1.5-7B: CLIP ViT-L/14-336 (576 tokens per image) + Llama-2-7B-shaped language model",
         _llava_15_7b_config,
         _llava_15_processor,
+    ),
+    "llava-next-7b": ArchSpec(
+        "llava-next-7b",
+        "LLaVA-NeXT-7B (vicuna): CLIP ViT-L/14-336 on a 672 px image = base + 2x2 crops (2,928 tokens)",
+        _llava_next_7b_config,
+        _llava_next_processor,
+        budgets=(128, 64, 32),  # per crop: 640 / 320 / 160 per image, the paper's settings
+        image_size=672,
+    ),
+    "qwen2-vl-2b": ArchSpec(
+        "qwen2-vl-2b",
+        "Qwen2-VL-2B: 675M ViT (2x2 merge) on a 672 px image (576 merged tokens) + Qwen2-1.5B; M-RoPE, no FastV",
+        _qwen2_vl_2b_config,
+        _qwen2_vl_processor,
+        image_size=672,
     ),
 }
 
@@ -165,6 +313,7 @@ def build_arch(name: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
     config = spec.build_config()
     with torch.device(device), no_init_weights():
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    model.tie_weights()  # skipped with the initialisers; matters for tied heads (Qwen2-VL)
     _fill_random(model)
     model.eval()
     model.generation_config.pad_token_id = config.text_config.pad_token_id

@@ -34,7 +34,7 @@ def load_subject(args: argparse.Namespace) -> tuple[Any, Any, str, list[int], An
     from visionzip.cli import UserError
 
     dtype = DTYPES[args.dtype] if args.dtype else None
-    image, question = None, args.question
+    image, question, image_size = None, args.question, 336
     if args.arch is not None:
         from visionzip.bench.arch import ARCHS, build_arch
 
@@ -42,7 +42,7 @@ def load_subject(args: argparse.Namespace) -> tuple[Any, Any, str, list[int], An
         if spec is None:
             raise ValueError(f"--arch must be one of {sorted(ARCHS)}, got {args.arch!r}")
         model, processor = build_arch(args.arch, dtype or torch.bfloat16, device=args.device)
-        name, budgets = args.arch, list(spec.budgets)
+        name, budgets, image_size = args.arch, list(spec.budgets), spec.image_size
     else:
         from visionzip.loading import load_model
 
@@ -65,9 +65,20 @@ def load_subject(args: argparse.Namespace) -> tuple[Any, Any, str, list[int], An
 
         image = load_image(args.image)
     if image is None:
-        image = synthetic_image()
+        image = synthetic_image(image_size)
     model = model.to(args.device)
     return model, processor, name, (args.tokens or budgets), image, question or DEFAULT_QUESTION
+
+
+def default_methods(model: Any, console: Any) -> list[str]:
+    """Every method, less FastV on models it cannot run on (said once on `console`)."""
+    from visionzip.methods.fastv import FASTV_METHOD, FastV
+
+    reason = FastV.unsupported_reason(model)
+    if reason is None:
+        return list(all_methods())
+    console.print(f"{FASTV_METHOD} left out: {reason.removeprefix('model: ')}")
+    return [method for method in all_methods() if method != FASTV_METHOD]
 
 
 def _spread(row: dict[str, Any], metric: str) -> str:
@@ -86,8 +97,8 @@ def render_table(rows: list[dict[str, Any]], title: str) -> Any:
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    columns = ["method", "tokens", "LLM seq", "tower ms", "select ms", "prefill ms", "prefill x (ideal)"]
-    columns += ["TTFT ms", "TTFT x", "decode tok/s", "e2e ms", "peak MB (+run)", "KV MB", "GFLOPs tower/LLM"]
+    columns = ["method", "tokens", "LLM seq", "tower ms", "select ms", "prefill ms", "prefill x wall/CPU (ideal)"]
+    columns += ["TTFT ms", "TTFT x wall/CPU", "decode tok/s", "e2e ms", "peak MB (+run)", "KV MB", "GFLOPs tower/LLM"]
     for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
@@ -98,9 +109,10 @@ def render_table(rows: list[dict[str, Any]], title: str) -> Any:
             f"{row['tower_ms']:.1f}",
             f"{row['select_ms']:.2f}",
             _spread(row, "llm_prefill_ms"),
-            f"{_times(row['speedup_llm_prefill'])} ({_times(row['ideal_speedup_llm_prefill'])})",
+            f"{_times(row['speedup_llm_prefill'])} / {_times(row['speedup_llm_prefill_cpu'])} "
+            f"({_times(row['ideal_speedup_llm_prefill'])})",
             _spread(row, "ttft_ms"),
-            _times(row["speedup_ttft"]),
+            f"{_times(row['speedup_ttft'])} / {_times(row['speedup_ttft_cpu'])}",
             f"{row['decode_tok_s']:.1f}",
             f"{row['e2e_ms']:.0f}",
             f"{row['peak_mem_mb']:.0f} (+{row['peak_mem_delta_mb']:.0f})",
@@ -150,14 +162,14 @@ def run_bench(args: argparse.Namespace) -> int:
     new_tokens = check_int("--new-tokens", args.new_tokens if args.new_tokens else (4 if args.arch else 16), 2)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available")
-    build_variants(args.methods, args.tokens or DEFAULT_BUDGETS)  # fail on bad names before loading anything
+    build_variants(args.methods or all_methods(), args.tokens or DEFAULT_BUDGETS)  # bad names fail before loading
     if args.threads:
         torch.set_num_threads(check_int("--threads", args.threads, 1))
 
     console = Console(stderr=True)
     with console.status("loading model"):
         model, processor, name, budgets, image, question = load_subject(args)
-        variants = build_variants(args.methods, budgets)
+        variants = build_variants(default_methods(model, console) if args.methods is None else args.methods, budgets)
         tokenizer = getattr(processor, "tokenizer", processor)
         tokenizer.padding_side = "left"
         prompt = build_prompt(processor, question)
@@ -188,7 +200,8 @@ def run_bench(args: argparse.Namespace) -> int:
         row.update(settings)
     title = (
         f"{name} on {settings['device']} ({settings['dtype']}, {settings['threads']} threads), batch {batch}, "
-        f"{new_tokens} new tokens, median of {repeats} (±half range)"
+        f"{new_tokens} new tokens, median of {repeats} (±half range); x = speedup vs all tokens in wall-clock / "
+        "process CPU time"
     )
     output = Console()
     if not output.is_terminal:  # files and pipes get the whole table instead of 80 cropped columns
@@ -215,10 +228,13 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     source.add_argument("--model", help="local model directory (default: the embedded default model)")
     source.add_argument("--arch", help="real-size architecture with random weights, e.g. llava-1.5-7b")
     parser.add_argument(
-        "--methods", nargs="+", default=list(all_methods()), help=f"methods to measure (default: all: {all_methods()})"
+        "--methods", nargs="+", help=f"methods to measure (default: all that the model supports, of {all_methods()})"
     )
     parser.add_argument(
-        "--tokens", nargs="+", type=int, help="visual tokens per image to measure (default: 192 128 64); all tokens too"
+        "--tokens",
+        nargs="+",
+        type=int,
+        help="visual tokens per image (per crop for AnyRes models) to measure (default: 192 128 64); all tokens too",
     )
     parser.add_argument("--batch", type=int, default=1, help="images (prompts) per batch (default 1)")
     parser.add_argument("--repeats", type=int, help="measured rounds (default 3; 1 with --arch)")

@@ -64,19 +64,23 @@ def build_variants(methods: Sequence[str], budgets: Sequence[int], *, include_fu
 class VariantRunner:
     """Turns processor outputs into model inputs for one variant, and the context generation runs in.
 
-    image_tokens: placeholders per image in the unreduced prompt (FastV's reference count).
-    fastv_layer: FastV's K; language models with K layers or fewer use their second-to-last layer count.
+    FastV keeps the same share of each image's tokens as the pre-LLM methods at the same budget:
+    `budget` out of the tower's tokens per image (or crop), e.g. 64 of 577 for LLaVA-1.5, which is 64
+    of its 576 placeholders. fastv_layer is FastV's K; language models with K layers or fewer use
+    their number of layers minus one.
     """
 
-    def __init__(self, model: nn.Module, variant: Variant, image_tokens: int, fastv_layer: int = DEFAULT_LAYER) -> None:
+    def __init__(self, model: nn.Module, variant: Variant, fastv_layer: int = DEFAULT_LAYER) -> None:
         self.model = model
         self.variant = variant
         self.adapter: Adapter | None = None
         self.fastv: FastV | None = None
         if variant.method == FASTV_METHOD:
+            reference = adapter_class_for(model)(model, VisionZipConfig(dominant=1, contextual=0))
             num_layers = len(model.model.language_model.layers)
             layer = max(1, min(fastv_layer, num_layers - 1))
-            self.fastv = FastV(model, tokens=variant.budget, layer=layer, image_tokens=image_tokens)
+            tokens_per_unit = reference.tokens_per_unit()
+            self.fastv = FastV(model, tokens=variant.budget, layer=layer, image_tokens=tokens_per_unit)
         elif not variant.is_full:
             config = VisionZipConfig.from_tokens(variant.budget, method=variant.method)
             self.adapter = adapter_class_for(model)(model, config)  # validates; the model stays unpatched

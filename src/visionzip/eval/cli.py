@@ -97,9 +97,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from visionzip.bench.cli import DTYPES
+    from visionzip.bench.cli import DTYPES, default_methods
     from visionzip.bench.report import check_output_path
-    from visionzip.bench.variants import DEFAULT_BUDGETS, build_variants
+    from visionzip.bench.variants import DEFAULT_BUDGETS, all_methods, build_variants
     from visionzip.cli import UserError
     from visionzip.config import check_int
     from visionzip.eval.evaluator import Evaluator
@@ -113,7 +113,7 @@ def run_eval(args: argparse.Namespace) -> int:
     limit = check_int("--limit", args.limit, 1) if args.limit is not None else None
     if args.prompt is not None and "{question}" not in args.prompt:
         raise ValueError("--prompt must contain {question}")
-    variants = build_variants(args.methods, args.tokens or DEFAULT_BUDGETS)
+    build_variants(args.methods or all_methods(), args.tokens or DEFAULT_BUDGETS)  # bad names fail before loading
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available")
 
@@ -143,6 +143,8 @@ def run_eval(args: argparse.Namespace) -> int:
             def prompt(question: str) -> str:
                 return build_prompt(processor, question)
 
+        methods = default_methods(model, console) if args.methods is None else args.methods
+        variants = build_variants(methods, args.tokens or DEFAULT_BUDGETS)
         evaluator = Evaluator(
             model, processor, data, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens
         )
@@ -201,7 +203,7 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="local model directory (default: the embedded default model)")
     parser.add_argument("--data", help="VQA JSONL file (default: the embedded model's held-out split)")
     parser.add_argument("--limit", type=int, help="evaluate the first N questions (default: 500 held-out, all JSONL)")
-    parser.add_argument("--methods", nargs="+", default=list(all_methods()), help="methods (default: all)")
+    parser.add_argument("--methods", nargs="+", help=f"methods (default: all the model supports, of {all_methods()})")
     parser.add_argument("--tokens", nargs="+", type=int, help="visual tokens per image (default: 192 128 64)")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per generate() call (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default 8)")

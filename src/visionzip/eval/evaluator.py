@@ -107,7 +107,6 @@ class Evaluator:
         self._full: dict[str, torch.Tensor] = {}
         self._texts: dict[int, dict[str, Any]] = {}  # batch start -> token ids and mask (batches never change)
         self._pixel_shape: tuple[int, ...] = ()
-        self._image_tokens: int | None = None
 
     # --- encoding ------------------------------------------------------------------------------
     def _processed(self, batch: Sequence[EvalItem]) -> dict[str, Any]:
@@ -152,14 +151,6 @@ class Evaluator:
             )
             self._full[key] = full[index]
 
-    def image_tokens(self) -> int:
-        """Placeholders per image in the unreduced prompt (what FastV's budget is relative to)."""
-        if self._image_tokens is None:
-            inputs = self._processed(self.data.items[:1])
-            ids = torch.tensor(self.reference.placeholder_token_ids, device=self.device)
-            self._image_tokens = int(torch.isin(inputs["input_ids"][0], ids).sum())
-        return self._image_tokens
-
     def _prepare(self, runner: VariantRunner, start: int, batch: Sequence[EvalItem]) -> dict[str, Any]:
         if not self.cached:
             return runner.prepare(self._processed(batch))
@@ -186,7 +177,7 @@ class Evaluator:
     # --- running -------------------------------------------------------------------------------
     def evaluate(self, variant: Variant, progress: Callable[[int], None] | None = None) -> VariantAccuracy:
         """Accuracy of one variant over every item; `progress(questions_done)` after each batch."""
-        runner = VariantRunner(self.model, variant, self.image_tokens())
+        runner = VariantRunner(self.model, variant)
         items = self.data.items
         result: VariantAccuracy | None = None
         for start in range(0, len(items), self.batch_size):
@@ -212,7 +203,8 @@ class Evaluator:
         return result
 
     def _visual_tokens(self, runner: VariantRunner, prepared: dict[str, Any]) -> int:
-        if runner.fastv is not None:
-            return runner.fastv.tokens
         ids = torch.tensor(self.reference.placeholder_token_ids, device=self.device)
-        return int(torch.isin(prepared["input_ids"][0], ids).sum())
+        input_ids = prepared["input_ids"]
+        if runner.fastv is not None and runner.fastv.last_kept is not None:
+            input_ids = input_ids.gather(1, runner.fastv.last_kept.to(self.device))  # what layers >= K keep
+        return int(torch.isin(input_ids[0], ids).sum())

@@ -69,6 +69,9 @@ class FastV:
     def __init__(self, model: nn.Module, tokens: int, *, layer: int = DEFAULT_LAYER, image_tokens: int | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a transformers model (nn.Module), got {type(model).__name__}")
+        reason = self.unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(reason)
         self.model = model
         self.language_model = _language_model(model)
         self.layers = self.language_model.layers
@@ -96,6 +99,19 @@ class FastV:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._reset()
         self.last_kept: torch.Tensor | None = None  # (B, L') positions kept by the last pruned prefill
+
+    @staticmethod
+    def unsupported_reason(model: nn.Module) -> str | None:
+        """Why FastV cannot run on `model` (None when it can): the checks that need no budget."""
+        try:
+            _language_model(model)
+        except ValueError as error:
+            return str(error)
+        text_config = getattr(model.config, "text_config", model.config)
+        rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+        if isinstance(rope, dict) and "mrope_section" in rope:
+            return f"model: FastV supports standard rotary embeddings; {type(model).__name__} uses M-RoPE"
+        return None
 
     # --- lifecycle ---------------------------------------------------------------------------
     def install(self) -> FastV:
