@@ -120,3 +120,11 @@ def test_bad_inputs(model, inputs):
         PipelineBench(model, text_only, [Variant(FULL)])
     with pytest.raises(ValueError, match="dominant \\+ contextual must be <= 577"):
         PipelineBench(model, inputs, [Variant("visionzip", 600)])
+
+
+def test_unit_tokens_follow_the_processed_resolution(model):
+    from visionzip.bench.variants import unit_tokens
+
+    assert unit_tokens(model, {"pixel_values": torch.zeros(1, 3, 336, 336)}) == 577
+    assert unit_tokens(model, {"pixel_values": torch.zeros(1, 3, 224, 224)}) == 1 + 16 * 16  # not the config's 336
+    assert unit_tokens(model, {}) == 577

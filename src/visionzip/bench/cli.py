@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from visionzip.bench.variants import DEFAULT_BUDGETS, FULL, all_methods
+from visionzip.bench.variants import DEFAULT_BUDGETS, all_methods
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_QUESTION = "What is shown in the image?"
@@ -126,13 +126,15 @@ def plot_bench(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     from visionzip.bench.report import plot_lines
 
     series: dict[str, list[tuple[float, float]]] = {}
-    for row in rows:
-        if row["method"] == FULL:
-            continue
-        for key in ("speedup_llm_prefill", "speedup_ttft", "peak_mem_delta_mb"):
-            if row[key] is not None:
-                series.setdefault(f"{row['method']}|{key}", []).append((row["tokens"], row[key]))
     full = rows[0]
+    keys = ("speedup_llm_prefill", "speedup_ttft", "peak_mem_delta_mb")
+    for row in rows[1:]:
+        for key in keys:
+            if row[key] is not None:
+                points = series.setdefault(
+                    f"{row['method']}|{key}", [(full["tokens"], full[key])]
+                )  # lines end at all tokens
+                points.append((row["tokens"], row[key]))
     panels = [
         ("speedup_llm_prefill", "LLM prefill speedup vs all tokens (x)"),
         ("speedup_ttft", "time-to-first-token speedup (x)"),

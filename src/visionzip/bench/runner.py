@@ -34,7 +34,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from visionzip.adapters import adapter_class_for
 from visionzip.bench.flops import FlopCounter
 from visionzip.bench.memory import PeakMemory
-from visionzip.bench.variants import Variant, VariantRunner
+from visionzip.bench.variants import Variant, VariantRunner, unit_tokens
 from visionzip.config import VisionZipConfig, check_int
 
 # Per-run quantities; each is reported as median, min and max over the repeats.
@@ -196,7 +196,8 @@ class PipelineBench:
         image_tokens = int(torch.isin(input_ids[0], torch.tensor(self.image_token_ids, device=input_ids.device)).sum())
         if image_tokens == 0:
             raise ValueError("inputs: the first sample holds no image placeholder tokens; nothing to reduce")
-        self.runners = {variant: VariantRunner(model, variant) for variant in variants}
+        tokens = unit_tokens(model, inputs)
+        self.runners = {variant: VariantRunner(model, variant, tokens) for variant in variants}
         language_model = model.model.language_model
         self.language_model = language_model
         self.flops = FlopCounter(

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from visionzip.adapters import adapter_class_for
@@ -61,26 +62,37 @@ def build_variants(methods: Sequence[str], budgets: Sequence[int], *, include_fu
     return variants + [Variant(method, budget) for method in methods for budget in budgets]
 
 
+def unit_tokens(model: nn.Module, inputs: Mapping[str, Any]) -> int:
+    """Tokens the vision tower yields per image (or crop) for these processor outputs, [CLS] included."""
+    reference = adapter_class_for(model)(model, VisionZipConfig(dominant=1, contextual=0))
+    pixel_values = inputs.get("pixel_values")
+    if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim >= 4:
+        return reference.tower_info.num_tokens(*pixel_values.shape[-2:])
+    return reference.tokens_per_unit()
+
+
 class VariantRunner:
     """Turns processor outputs into model inputs for one variant, and the context generation runs in.
 
     FastV keeps the same share of each image's tokens as the pre-LLM methods at the same budget:
-    `budget` out of the tower's tokens per image (or crop), e.g. 64 of 577 for LLaVA-1.5, which is 64
-    of its 576 placeholders. fastv_layer is FastV's K; language models with K layers or fewer use
-    their number of layers minus one.
+    `budget` of the tower's `unit_tokens` per image or crop (`unit_tokens(model, inputs)`), e.g. 64 of
+    LLaVA-1.5's 577, which is 64 of its 576 placeholders. fastv_layer is FastV's K; language models
+    with K layers or fewer use their number of layers minus one.
     """
 
-    def __init__(self, model: nn.Module, variant: Variant, fastv_layer: int = DEFAULT_LAYER) -> None:
+    def __init__(
+        self, model: nn.Module, variant: Variant, unit_tokens: int | None = None, fastv_layer: int = DEFAULT_LAYER
+    ) -> None:
         self.model = model
         self.variant = variant
         self.adapter: Adapter | None = None
         self.fastv: FastV | None = None
         if variant.method == FASTV_METHOD:
-            reference = adapter_class_for(model)(model, VisionZipConfig(dominant=1, contextual=0))
+            if unit_tokens is None:
+                raise ValueError("unit_tokens is required for FastV (see visionzip.bench.variants.unit_tokens)")
             num_layers = len(model.model.language_model.layers)
             layer = max(1, min(fastv_layer, num_layers - 1))
-            tokens_per_unit = reference.tokens_per_unit()
-            self.fastv = FastV(model, tokens=variant.budget, layer=layer, image_tokens=tokens_per_unit)
+            self.fastv = FastV(model, tokens=variant.budget, layer=layer, image_tokens=unit_tokens)
         elif not variant.is_full:
             config = VisionZipConfig.from_tokens(variant.budget, method=variant.method)
             self.adapter = adapter_class_for(model)(model, config)  # validates; the model stays unpatched

@@ -80,13 +80,17 @@ def plot_eval(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     from visionzip.bench.report import plot_lines
 
     series: dict[str, list[tuple[float, float]]] = {}
+    full = next((row for row in rows if row["method"] == "full"), None)
     for row in rows:
         if row["method"] == "full":
             continue
-        series.setdefault(f"{row['method']}|accuracy", []).append((row["tokens"], row["accuracy"] * 100))
+        accuracy = series.setdefault(f"{row['method']}|accuracy", [])
+        if full is not None and not accuracy:  # every line ends at the full-token point
+            accuracy.append((full["tokens"], full["accuracy"] * 100))
+            series[f"{row['method']}|retention"] = [(full["tokens"], 100.0)]
+        accuracy.append((row["tokens"], row["accuracy"] * 100))
         if row["retention"] is not None:
             series.setdefault(f"{row['method']}|retention", []).append((row["tokens"], row["retention"] * 100))
-    full = next((row for row in rows if row["method"] == "full"), None)
     reference = {"accuracy": full["accuracy"] * 100, "retention": 100.0} if full else None
     panels = [("accuracy", "accuracy (%)"), ("retention", "retention vs all tokens (%)")]
     return plot_lines(series, panels, path, title=title, reference=reference)

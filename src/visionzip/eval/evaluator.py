@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip.adapters import adapter_class_for
 from visionzip.adapters.llava import LlavaAdapter
-from visionzip.bench.variants import Variant, VariantRunner
+from visionzip.bench.variants import Variant, VariantRunner, unit_tokens
 from visionzip.config import VisionZipConfig, check_int
 from visionzip.core import Reduction
 from visionzip.data import is_correct
@@ -107,6 +107,7 @@ class Evaluator:
         self._full: dict[str, torch.Tensor] = {}
         self._texts: dict[int, dict[str, Any]] = {}  # batch start -> token ids and mask (batches never change)
         self._pixel_shape: tuple[int, ...] = ()
+        self._unit_tokens: int | None = None  # tower tokens per image at the processor's resolution
 
     # --- encoding ------------------------------------------------------------------------------
     def _processed(self, batch: Sequence[EvalItem]) -> dict[str, Any]:
@@ -177,7 +178,9 @@ class Evaluator:
     # --- running -------------------------------------------------------------------------------
     def evaluate(self, variant: Variant, progress: Callable[[int], None] | None = None) -> VariantAccuracy:
         """Accuracy of one variant over every item; `progress(questions_done)` after each batch."""
-        runner = VariantRunner(self.model, variant)
+        if self._unit_tokens is None:
+            self._unit_tokens = unit_tokens(self.model, self._processed(self.data.items[:1]))
+        runner = VariantRunner(self.model, variant, self._unit_tokens)
         items = self.data.items
         result: VariantAccuracy | None = None
         for start in range(0, len(items), self.batch_size):
