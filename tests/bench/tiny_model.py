@@ -1,15 +1,54 @@
-"""A tiny LLaVA saved as a local model directory, for the command-line tests of bench and eval."""
+"""Tiny models of every supported family saved as local model directories, for the command-line tests.
+
+The models and processors come from the shared builders (conftest, families); this module only saves
+them the way a downloaded checkpoint is laid out, so that `visionzip bench/eval --model DIR` load them
+through `visionzip.loading.load_model` like any other directory.
+"""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from conftest import make_llava, make_llava_processor
+from conftest import make_llava, make_llava_processor, make_qwen2_5_vl, make_qwen2_vl, make_qwen_processor
+from families import make_llava_next, make_llava_next_processor, make_onevision, make_onevision_processor
+from visionzip.loading import image_only_processor_class
+
+# family -> (model builder, processor builder)
+FAMILIES: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
+    "llava-1.5": (make_llava, make_llava_processor),
+    "llava-next": (make_llava_next, make_llava_next_processor),
+    "llava-onevision": (make_onevision, make_onevision_processor),
+    "qwen2-vl": (make_qwen2_vl, make_qwen_processor),
+    "qwen2.5-vl": (make_qwen2_5_vl, make_qwen_processor),
+}
+
+
+def saveable_processor(processor: Any) -> Any:
+    """`processor` as its transformers class, without a video slot where it has one.
+
+    The test processors are subclasses that work without torchvision (no video processor, or a PIL
+    one that transformers cannot save); the saved directory names the real class, as a checkpoint does.
+    """
+    real = next(cls for cls in type(processor).__mro__ if cls.__module__.startswith("transformers."))
+    if "video_processor" not in real.get_attributes() and real is type(processor):
+        return processor
+    parameters = set(inspect.signature(real.__init__).parameters) - {"self", "video_processor", "args", "kwargs"}
+    settings = {name: getattr(processor, name) for name in parameters if hasattr(processor, name)}
+    return image_only_processor_class(real)(**settings)
+
+
+def save_family(family: str, path: Path) -> Path:
+    """Save the tiny model and processor of `family` (a FAMILIES key) into `path`; return `path`."""
+    build_model, build_processor = FAMILIES[family]
+    model = build_model()
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(path)
+    saveable_processor(build_processor()).save_pretrained(path)
+    return path
 
 
 def save_tiny_llava(path: Path) -> Path:
-    model = make_llava()
-    model.generation_config.pad_token_id = 0
-    model.save_pretrained(path)
-    make_llava_processor().save_pretrained(path)
-    return path
+    return save_family("llava-1.5", path)

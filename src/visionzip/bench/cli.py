@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +71,22 @@ def load_subject(args: argparse.Namespace) -> tuple[Any, Any, str, list[int], An
     return model, processor, name, (args.tokens or budgets), image, question or DEFAULT_QUESTION
 
 
-def default_methods(model: Any, console: Any) -> list[str]:
-    """Every method, less FastV on models it cannot run on (said once on `console`)."""
+def methods_for(model: Any, requested: Sequence[str] | None, console: Any) -> list[str]:
+    """The methods to run on `model`: `requested` as given, or every method when None.
+
+    FastV cannot run on some models (M-RoPE): it is left out of the default list (said once on
+    `console`) and refused when requested by name.
+    """
     from visionzip.methods.fastv import FASTV_METHOD, FastV
 
     reason = FastV.unsupported_reason(model)
+    if requested is not None:
+        if reason is not None and FASTV_METHOD in requested:
+            raise ValueError(f"--methods {FASTV_METHOD}: {reason.removeprefix('model: ')}")
+        return list(requested)
     if reason is None:
         return list(all_methods())
-    console.print(f"{FASTV_METHOD} left out: {reason.removeprefix('model: ')}")
+    console.print(f"{FASTV_METHOD} left out: {reason.removeprefix('model: ')}", soft_wrap=True)
     return [method for method in all_methods() if method != FASTV_METHOD]
 
 
@@ -171,7 +180,7 @@ def run_bench(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     with console.status("loading model"):
         model, processor, name, budgets, image, question = load_subject(args)
-        variants = build_variants(default_methods(model, console) if args.methods is None else args.methods, budgets)
+        variants = build_variants(methods_for(model, args.methods, console), budgets)
         tokenizer = getattr(processor, "tokenizer", processor)
         tokenizer.padding_side = "left"
         prompt = build_prompt(processor, question)

@@ -196,7 +196,7 @@ class PipelineBench:
         image_tokens = int(torch.isin(input_ids[0], torch.tensor(self.image_token_ids, device=input_ids.device)).sum())
         if image_tokens == 0:
             raise ValueError("inputs: the first sample holds no image placeholder tokens; nothing to reduce")
-        tokens = unit_tokens(model, inputs)
+        tokens = unit_tokens(model, inputs) if VariantRunner.needs_unit_tokens(variants) else None
         self.runners = {variant: VariantRunner(model, variant, tokens) for variant in variants}
         language_model = model.model.language_model
         self.language_model = language_model

@@ -63,12 +63,19 @@ def build_variants(methods: Sequence[str], budgets: Sequence[int], *, include_fu
 
 
 def unit_tokens(model: nn.Module, inputs: Mapping[str, Any]) -> int:
-    """Tokens the vision tower yields per image (or crop) for these processor outputs, [CLS] included."""
+    """Tokens the vision tower yields per image (or crop) for these processor outputs, [CLS] included.
+
+    Only FastV needs this count (see `VariantRunner`); families whose images have no fixed count (Qwen's
+    native resolution) do not provide it.
+    """
     reference = adapter_class_for(model)(model, VisionZipConfig(dominant=1, contextual=0))
     pixel_values = inputs.get("pixel_values")
     if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim >= 4:
         return reference.tower_info.num_tokens(*pixel_values.shape[-2:])
-    return reference.tokens_per_unit()
+    try:
+        return reference.tokens_per_unit()
+    except NotImplementedError:
+        raise ValueError(f"model: {type(model).__name__} has no fixed number of tower tokens per image") from None
 
 
 class VariantRunner:
@@ -88,6 +95,9 @@ class VariantRunner:
         self.adapter: Adapter | None = None
         self.fastv: FastV | None = None
         if variant.method == FASTV_METHOD:
+            reason = FastV.unsupported_reason(model)
+            if reason is not None:  # before unit_tokens: some families (M-RoPE) have no fixed count to give
+                raise ValueError(reason)
             if unit_tokens is None:
                 raise ValueError("unit_tokens is required for FastV (see visionzip.bench.variants.unit_tokens)")
             num_layers = len(model.model.language_model.layers)
@@ -96,6 +106,11 @@ class VariantRunner:
         elif not variant.is_full:
             config = VisionZipConfig.from_tokens(variant.budget, method=variant.method)
             self.adapter = adapter_class_for(model)(model, config)  # validates; the model stays unpatched
+
+    @staticmethod
+    def needs_unit_tokens(variants: Sequence[Variant]) -> bool:
+        """Whether any of `variants` needs `unit_tokens` (FastV's share of each image's tokens)."""
+        return any(variant.method == FASTV_METHOD for variant in variants)
 
     @property
     def reduces_before_llm(self) -> bool:

@@ -101,7 +101,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from visionzip.bench.cli import DTYPES, default_methods
+    from visionzip.bench.cli import DTYPES, methods_for
     from visionzip.bench.report import check_output_path
     from visionzip.bench.variants import DEFAULT_BUDGETS, all_methods, build_variants
     from visionzip.cli import UserError
@@ -147,8 +147,7 @@ def run_eval(args: argparse.Namespace) -> int:
             def prompt(question: str) -> str:
                 return build_prompt(processor, question)
 
-        methods = default_methods(model, console) if args.methods is None else args.methods
-        variants = build_variants(methods, args.tokens or DEFAULT_BUDGETS)
+        variants = build_variants(methods_for(model, args.methods, console), args.tokens or DEFAULT_BUDGETS)
         evaluator = Evaluator(
             model, processor, data, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens
         )

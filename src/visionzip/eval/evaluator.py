@@ -178,7 +178,7 @@ class Evaluator:
     # --- running -------------------------------------------------------------------------------
     def evaluate(self, variant: Variant, progress: Callable[[int], None] | None = None) -> VariantAccuracy:
         """Accuracy of one variant over every item; `progress(questions_done)` after each batch."""
-        if self._unit_tokens is None:
+        if self._unit_tokens is None and VariantRunner.needs_unit_tokens([variant]):
             self._unit_tokens = unit_tokens(self.model, self._processed(self.data.items[:1]))
         runner = VariantRunner(self.model, variant, self._unit_tokens)
         items = self.data.items
