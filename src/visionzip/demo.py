@@ -21,6 +21,7 @@ from PIL import Image
 from visionzip.adapters import adapter_class_for
 from visionzip.adapters.base import Adapter, prepare_unreduced
 from visionzip.bench.memory import PeakMemory
+from visionzip.cli_options import add_budget_options, config_from_args
 from visionzip.config import VisionZipConfig
 from visionzip.core import Reduction
 
@@ -169,16 +170,7 @@ def _run(args: argparse.Namespace) -> int:
     from visionzip.loading import load_image, load_model
 
     console = Console()
-    if args.tokens is not None and (args.dominant is not None or args.contextual is not None):
-        raise ValueError("give either --tokens or --dominant/--contextual, not both")
-    if args.tokens is not None:
-        config = VisionZipConfig.from_tokens(args.tokens, method=args.method)
-    else:
-        config = VisionZipConfig(
-            dominant=54 if args.dominant is None else args.dominant,
-            contextual=10 if args.contextual is None else args.contextual,
-            method=args.method,
-        )
+    config = config_from_args(args)
     if args.question is not None and not args.question.strip():
         raise ValueError("--question must not be empty")
     if args.max_new_tokens < 1 or args.repeats < 1:
@@ -230,10 +222,7 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--image", help="image file (default: a bundled sample scene)")
     parser.add_argument("--question", help="question about the image (default: the sample's question)")
     parser.add_argument("--model", help="local model directory of a supported family (default: the embedded model)")
-    parser.add_argument("--dominant", type=int, help="dominant tokens per image, [CLS] included (default 54)")
-    parser.add_argument("--contextual", type=int, help="contextual tokens per image (default 10)")
-    parser.add_argument("--tokens", type=int, help="total tokens per image, split as the paper does (64, 128, 192)")
-    parser.add_argument("--method", default="visionzip", help="reduction method (see 'visionzip info')")
+    add_budget_options(parser)
     parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default 16)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds, interleaved (default 3)")
     parser.add_argument(

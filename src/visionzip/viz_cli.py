@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from visionzip.cli import UserError
+from visionzip.cli_options import DEFAULT_TOKENS, add_budget_options, config_from_args, load_model_for_cli
 
-DEFAULT_BUDGET = 64  # the paper's 54 + 10
+DEFAULT_BUDGET = DEFAULT_TOKENS  # the web demo's default too
 DEFAULT_HOST = "127.0.0.1"  # the demo listens on this machine only unless told otherwise
 DEFAULT_PORT = 7860
 
@@ -20,37 +19,12 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model_for_cli(model_dir: str | None) -> tuple[Any, Any]:
-    """(model, processor) from `model_dir`, or the embedded default model, with one-line errors."""
-    from visionzip.loading import load_model
-
-    if model_dir is not None:
-        return load_model(model_dir)
-    try:
-        return load_model(None)
-    except (ImportError, OSError, RuntimeError, ValueError) as error:
-        raise UserError(f"the embedded default model is not available ({error}); pass --model DIR") from None
-
-
-def budget_from_args(args: argparse.Namespace) -> int | tuple[int, int]:
-    """--tokens N, or --dominant N --contextual M together; the default is 64 tokens (54 + 10)."""
-    split_given = args.dominant is not None or args.contextual is not None
-    if args.tokens is not None and split_given:
-        raise UserError("give either --tokens or --dominant/--contextual, not both")
-    if split_given:
-        if args.dominant is None or args.contextual is None:
-            raise UserError("--dominant and --contextual must be given together")
-        return args.dominant, args.contextual
-    return DEFAULT_BUDGET if args.tokens is None else args.tokens
-
-
 def _show(args: argparse.Namespace) -> int:
-    from visionzip.app import budget_config
     from visionzip.loading import load_image
     from visionzip.viz import check_output_path, reduce_image, token_summary, visualize
 
     output = check_output_path(args.output)
-    config = budget_config(budget_from_args(args), args.method)  # bad budgets fail before any loading
+    config = config_from_args(args)  # bad budgets fail before any loading
     image = load_image(args.image)
     model, processor = load_model_for_cli(args.model)
     panels = reduce_image(model, processor, image, config)
@@ -88,12 +62,7 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     )
     show.add_argument("--image", required=True, metavar="PATH", help="image file (PNG, JPEG, ...)")
     _add_model_argument(show)
-    show.add_argument("--tokens", type=int, metavar="N", help="visual tokens per image (default 64 = 54 + 10)")
-    show.add_argument("--dominant", type=int, metavar="N", help="dominant tokens ([CLS] included); with --contextual")
-    show.add_argument("--contextual", type=int, metavar="M", help="contextual (merged) tokens; with --dominant")
-    show.add_argument(
-        "--method", default="visionzip", help="reduction method (see 'visionzip info'; default visionzip)"
-    )
+    add_budget_options(show)
     show.add_argument("--heatmap", action="store_true", help="also draw the attention heatmap beside the tokens")
     show.add_argument("-o", "--output", required=True, metavar="PATH", help="picture to write (.png, .jpg, .webp)")
     show.set_defaults(run=_show)

@@ -86,38 +86,42 @@ def _vicuna_7b(max_positions: int = 4096) -> Any:
     )
 
 
+def _llava_settings() -> dict[str, Any]:
+    """What LLaVA-1.5-7B and LLaVA-NeXT-7B (vicuna) share: tower, language model, projector, image token."""
+    return {
+        "vision_config": _clip_l_336(),
+        "text_config": _vicuna_7b(),
+        "image_token_id": 32000,
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "image_seq_length": 576,
+        "tie_word_embeddings": False,
+    }
+
+
 def _llava_15_7b_config() -> Any:
     from transformers import LlavaConfig
 
-    return LlavaConfig(
-        vision_config=_clip_l_336(),
-        text_config=_vicuna_7b(),
-        image_token_id=32000,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=576,
-        tie_word_embeddings=False,
-    )
+    return LlavaConfig(**_llava_settings())
 
 
-def _llava_15_processor(config: Any) -> Any:
-    from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
+def _llava_style_processor(config: Any, processor_class: type, image_processor_class: type, **image: Any) -> Any:
+    """A LLaVA(-NeXT) processor: the PIL image processor with CLIP's normalisation, `<image>` placeholders."""
     image_size = config.vision_config.image_size
-    image_processor = CLIPImageProcessorPil(
+    image_processor = image_processor_class(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         image_mean=[0.48145466, 0.4578275, 0.40821073],
         image_std=[0.26862954, 0.26130258, 0.27577711],
+        **image,
     )
     tokenizer = synthetic_tokenizer(
         {"<image>": config.image_token_id, "<pad>": config.text_config.pad_token_id},
         "<pad>",
         {"image_token": "<image>"},
     )
-    return LlavaProcessor(
+    return processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=config.vision_config.patch_size,
@@ -125,6 +129,13 @@ def _llava_15_processor(config: Any) -> Any:
         num_additional_image_tokens=1,
         image_token="<image>",
     )
+
+
+def _llava_15_processor(config: Any) -> Any:
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return _llava_style_processor(config, LlavaProcessor, CLIPImageProcessorPil)
 
 
 # LLaVA-NeXT's AnyRes grid: a 672x672 image becomes the base crop plus 2x2 crops of 336 px.
@@ -134,44 +145,15 @@ NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 def _llava_next_7b_config() -> Any:
     from transformers import LlavaNextConfig
 
-    return LlavaNextConfig(
-        vision_config=_clip_l_336(),
-        text_config=_vicuna_7b(),
-        image_token_id=32000,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_grid_pinpoints=NEXT_PINPOINTS,
-        image_seq_length=576,
-        tie_word_embeddings=False,
-    )
+    return LlavaNextConfig(**_llava_settings(), image_grid_pinpoints=NEXT_PINPOINTS)
 
 
 def _llava_next_processor(config: Any) -> Any:
     from transformers import LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    image_size = config.vision_config.image_size
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_grid_pinpoints=config.image_grid_pinpoints,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    tokenizer = synthetic_tokenizer(
-        {"<image>": config.image_token_id, "<pad>": config.text_config.pad_token_id},
-        "<pad>",
-        {"image_token": "<image>"},
-    )
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
-        image_token="<image>",
-    )
+    grid = {"image_grid_pinpoints": config.image_grid_pinpoints}
+    return _llava_style_processor(config, LlavaNextProcessor, LlavaNextImageProcessorPil, **grid)
 
 
 # Qwen2-VL's special tokens, at the ids of the released checkpoints.
@@ -228,11 +210,7 @@ def _qwen2_vl_processor(config: Any) -> Any:
     from transformers import Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    class ImageOnlyProcessor(Qwen2VLProcessor):
-        """Qwen2-VL's processor without its video slot, which would need torchvision."""
-
-        def __init__(self, image_processor: Any = None, tokenizer: Any = None, **kwargs: Any) -> None:
-            super().__init__(image_processor, tokenizer, **kwargs)
+    from visionzip.loading import image_only_processor_class  # the video slot would need torchvision
 
     tokenizer = synthetic_tokenizer(
         QWEN_TOKENS,
@@ -245,7 +223,7 @@ def _qwen2_vl_processor(config: Any) -> Any:
         },
     )
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
-    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return image_only_processor_class(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tokenizer)
 
 
 ARCHS: dict[str, ArchSpec] = {

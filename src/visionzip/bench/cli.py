@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from visionzip.bench.variants import DEFAULT_BUDGETS, all_methods
+from visionzip.bench.variants import DEFAULT_BUDGETS
+from visionzip.cli_options import add_variant_options, check_device, load_model_for_cli, variants_from_args
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_QUESTION = "What is shown in the image?"
@@ -31,9 +31,7 @@ def synthetic_image(size: int = 336) -> Any:
 
 
 def load_subject(args: argparse.Namespace) -> tuple[Any, Any, str, list[int], Any, str]:
-    """(model, processor, name, budgets, image, question) as the arguments ask."""
-    from visionzip.cli import UserError
-
+    """(model, processor, name, default budgets, image, question) as the arguments ask."""
     dtype = DTYPES[args.dtype] if args.dtype else None
     image, question, image_size = None, args.question, 336
     if args.arch is not None:
@@ -45,16 +43,8 @@ def load_subject(args: argparse.Namespace) -> tuple[Any, Any, str, list[int], An
         model, processor = build_arch(args.arch, dtype or torch.bfloat16, device=args.device)
         name, budgets, image_size = args.arch, list(spec.budgets), spec.image_size
     else:
-        from visionzip.loading import load_model
-
-        try:
-            model, processor = load_model(args.model, dtype=dtype or torch.float32)
-        except (ImportError, FileNotFoundError) as error:
-            if args.model is not None:
-                raise
-            raise UserError(
-                f"the embedded default model is not available ({error}); pass --model DIR or --arch NAME"
-            ) from None
+        alternatives = "--model DIR or --arch NAME"
+        model, processor = load_model_for_cli(args.model, dtype=dtype or torch.float32, alternatives=alternatives)
         name, budgets = (str(args.model) if args.model else "default model"), list(DEFAULT_BUDGETS)
         if args.model is None and args.image is None:
             from visionzip.default_model import sample_inputs
@@ -68,26 +58,7 @@ def load_subject(args: argparse.Namespace) -> tuple[Any, Any, str, list[int], An
     if image is None:
         image = synthetic_image(image_size)
     model = model.to(args.device)
-    return model, processor, name, (args.tokens or budgets), image, question or DEFAULT_QUESTION
-
-
-def methods_for(model: Any, requested: Sequence[str] | None, console: Any) -> list[str]:
-    """The methods to run on `model`: `requested` as given, or every method when None.
-
-    FastV cannot run on some models (M-RoPE): it is left out of the default list (said once on
-    `console`) and refused when requested by name.
-    """
-    from visionzip.methods.fastv import FASTV_METHOD, FastV
-
-    reason = FastV.unsupported_reason(model)
-    if requested is not None:
-        if reason is not None and FASTV_METHOD in requested:
-            raise ValueError(f"--methods {FASTV_METHOD}: {reason.removeprefix('model: ')}")
-        return list(requested)
-    if reason is None:
-        return list(all_methods())
-    console.print(f"{FASTV_METHOD} left out: {reason.removeprefix('model: ')}", soft_wrap=True)
-    return [method for method in all_methods() if method != FASTV_METHOD]
+    return model, processor, name, budgets, image, question or DEFAULT_QUESTION
 
 
 def _spread(row: dict[str, Any], metric: str) -> str:
@@ -157,9 +128,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from visionzip.bench.report import check_output_path, write_json
+    from visionzip.bench.report import check_output_path, table_console, write_json
     from visionzip.bench.runner import PipelineBench, with_ratios
-    from visionzip.bench.variants import build_variants
     from visionzip.config import check_int
     from visionzip.demo import build_prompt
 
@@ -171,16 +141,15 @@ def run_bench(args: argparse.Namespace) -> int:
     repeats = check_int("--repeats", args.repeats if args.repeats is not None else (1 if args.arch else 3), 1)
     warmup = check_int("--warmup", args.warmup, 0)
     new_tokens = check_int("--new-tokens", args.new_tokens if args.new_tokens else (4 if args.arch else 16), 2)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available")
-    build_variants(args.methods or all_methods(), args.tokens or DEFAULT_BUDGETS)  # bad names fail before loading
+    check_device(args.device)
+    variants_from_args(args, DEFAULT_BUDGETS)  # bad names and budgets fail before loading
     if args.threads:
         torch.set_num_threads(check_int("--threads", args.threads, 1))
 
     console = Console(stderr=True)
     with console.status("loading model"):
         model, processor, name, budgets, image, question = load_subject(args)
-        variants = build_variants(methods_for(model, args.methods, console), budgets)
+        variants = variants_from_args(args, budgets, model, console)
         tokenizer = getattr(processor, "tokenizer", processor)
         tokenizer.padding_side = "left"
         prompt = build_prompt(processor, question)
@@ -214,9 +183,7 @@ def run_bench(args: argparse.Namespace) -> int:
         f"{new_tokens} new tokens, median of {repeats} (±half range); x = speedup vs all tokens in wall-clock / "
         "process CPU time"
     )
-    output = Console()
-    if not output.is_terminal:  # files and pipes get the whole table instead of 80 cropped columns
-        output = Console(width=200)
+    output = table_console(width=200)
     output.print(render_table(rows, title))
     if json_path is not None:
         write_json(json_path, rows)
@@ -238,14 +205,11 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="local model directory (default: the embedded default model)")
     source.add_argument("--arch", help="real-size architecture with random weights, e.g. llava-1.5-7b")
-    parser.add_argument(
-        "--methods", nargs="+", help=f"methods to measure (default: all that the model supports, of {all_methods()})"
-    )
-    parser.add_argument(
-        "--tokens",
-        nargs="+",
-        type=int,
-        help="visual tokens per image (per crop for AnyRes models) to measure (default: 192 128 64); all tokens too",
+    add_variant_options(
+        parser,
+        methods_help="methods to measure (default: all that the model supports)",
+        tokens_help="visual tokens per image (per crop for AnyRes models) to measure (default: 192 128 64; the "
+        "--arch entry's); all tokens too",
     )
     parser.add_argument("--batch", type=int, default=1, help="images (prompts) per batch (default 1)")
     parser.add_argument("--repeats", type=int, help="measured rounds (default 3; 1 with --arch)")

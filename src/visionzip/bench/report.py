@@ -26,6 +26,14 @@ def write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
+def table_console(width: int) -> Any:
+    """The console result tables go to: stdout, `width` columns wide in files and pipes (not 80 cropped ones)."""
+    from rich.console import Console
+
+    output = Console()
+    return output if output.is_terminal else Console(width=width)
+
+
 def check_output_path(path: str | Path | None, suffix: str, option: str) -> Path | None:
     """Validate an output path option before any work starts."""
     if path is None:

@@ -97,18 +97,16 @@ def plot_eval(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from visionzip.bench.cli import DTYPES, methods_for
-    from visionzip.bench.report import check_output_path
-    from visionzip.bench.variants import DEFAULT_BUDGETS, all_methods, build_variants
-    from visionzip.cli import UserError
+    from visionzip.bench.cli import DTYPES
+    from visionzip.bench.report import check_output_path, table_console
+    from visionzip.bench.variants import DEFAULT_BUDGETS
+    from visionzip.cli_options import check_device, load_model_for_cli, variants_from_args
     from visionzip.config import check_int
     from visionzip.eval.evaluator import Evaluator
     from visionzip.eval.items import DEFAULT_LIMIT, held_out_set, jsonl_set
-    from visionzip.loading import load_model
 
     json_path = check_output_path(args.json, ".json", "--json")
     plot_path = check_output_path(args.plot, ".png", "--plot")
@@ -117,9 +115,8 @@ def run_eval(args: argparse.Namespace) -> int:
     limit = check_int("--limit", args.limit, 1) if args.limit is not None else None
     if args.prompt is not None and "{question}" not in args.prompt:
         raise ValueError("--prompt must contain {question}")
-    build_variants(args.methods or all_methods(), args.tokens or DEFAULT_BUDGETS)  # bad names fail before loading
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available")
+    variants_from_args(args, DEFAULT_BUDGETS)  # bad names and budgets fail before loading
+    check_device(args.device)
 
     console = Console(stderr=True)
     with console.status("loading data and model"):
@@ -129,12 +126,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ValueError("--data is required with --model (the held-out split belongs to the embedded model)")
         else:
             data = held_out_set(limit or DEFAULT_LIMIT)
-        try:
-            model, processor = load_model(args.model, dtype=DTYPES[args.dtype])
-        except (ImportError, FileNotFoundError) as error:
-            if args.model is not None:
-                raise
-            raise UserError(f"the embedded default model is not available ({error}); pass --model DIR") from None
+        model, processor = load_model_for_cli(args.model, dtype=DTYPES[args.dtype])
         model = model.to(args.device)
         if args.prompt is not None:
             template = args.prompt
@@ -147,7 +139,7 @@ def run_eval(args: argparse.Namespace) -> int:
             def prompt(question: str) -> str:
                 return build_prompt(processor, question)
 
-        variants = build_variants(methods_for(model, args.methods, console), args.tokens or DEFAULT_BUDGETS)
+        variants = variants_from_args(args, DEFAULT_BUDGETS, model, console)
         evaluator = Evaluator(
             model, processor, data, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens
         )
@@ -179,9 +171,7 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     rows = with_retention(rows)
     title = f"{settings['model']} on {data.source}: exact-match accuracy, greedy, {max_new_tokens} new tokens"
-    output = Console()
-    if not output.is_terminal:
-        output = Console(width=160)
+    output = table_console(width=160)
     output.print(render_table(rows, title))
     if json_path is not None:
         console.print(f"results: {json_path}")
@@ -192,7 +182,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
-    from visionzip.bench.variants import all_methods
+    from visionzip.cli_options import add_variant_options
 
     help_text = "Accuracy and retention of every reduction method at every budget (greedy, batched, resumable)."
     parser = subcommands.add_parser(
@@ -206,8 +196,11 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="local model directory (default: the embedded default model)")
     parser.add_argument("--data", help="VQA JSONL file (default: the embedded model's held-out split)")
     parser.add_argument("--limit", type=int, help="evaluate the first N questions (default: 500 held-out, all JSONL)")
-    parser.add_argument("--methods", nargs="+", help=f"methods (default: all the model supports, of {all_methods()})")
-    parser.add_argument("--tokens", nargs="+", type=int, help="visual tokens per image (default: 192 128 64)")
+    add_variant_options(
+        parser,
+        methods_help="methods (default: all the model supports)",
+        tokens_help="visual tokens per image (per crop for AnyRes models; default: 192 128 64)",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="questions per generate() call (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default 8)")
     parser.add_argument("--prompt", help="prompt template with {question} (default: the model's chat template)")
