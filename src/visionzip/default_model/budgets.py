@@ -100,16 +100,19 @@ def evaluate_budgets(
 
 
 def markdown_table(results: dict[str, dict]) -> str:
-    """Rows: settings; columns: overall and per-type exact match in percent."""
+    """Rows: settings; columns: overall exact match, its share of the all-token accuracy, and per-type exact
+    match, in percent."""
     types = list(data.QUESTION_TYPES)
+    full = next(row["overall"] for label, row in results.items() if label.startswith("full@"))
     lines = [
-        "| setting | tokens | overall | " + " | ".join(types) + " |",
-        "|---|---|---|" + "---|" * len(types),
+        "| setting | tokens | overall | retained | " + " | ".join(types) + " |",
+        "|---|---|---|---|" + "---|" * len(types),
     ]
     for label, row in results.items():
         method, tokens = label.split("@")
         cells = " | ".join(f"{100 * row[t]:.1f}" for t in types)
-        lines.append(f"| {method} | {tokens} | **{100 * row['overall']:.1f}** | {cells} |")
+        retained = f"{100 * row['overall'] / full:.1f} %" if full else "-"
+        lines.append(f"| {method} | {tokens} | **{100 * row['overall']:.1f}** | {retained} | {cells} |")
     return "\n".join(lines)
 
 
