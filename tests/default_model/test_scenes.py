@@ -44,3 +44,13 @@ def test_jsonl_round_trip(tmp_path):
     assert rows[0]["answers"] == records[0].answers
     assert rows[0]["image"].is_file()
     assert len({r["image"] for r in rows}) == 3
+
+
+def test_group_by_scene_and_accuracy_summary():
+    records = data.test_split(num_images=3)
+    grouped = data.group_by_scene(list(reversed(records)))
+    assert list(grouped) == [0, 1, 2]
+    assert sum(len(v) for v in grouped.values()) == len(records)
+    assert all(r.scene_index == s for s, recs in grouped.items() for r in recs)
+    summary = data.accuracy_summary({"count": [1, 0], "exist": [1, 1, 1, 0]})
+    assert summary == {"count": 0.5, "exist": 0.75, "overall": 4 / 6, "questions": 6}

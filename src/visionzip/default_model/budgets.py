@@ -15,7 +15,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import data
@@ -63,10 +62,8 @@ def evaluate_budgets(
 
     model.eval()
     tokenizer = processor.tokenizer
-    by_scene: dict[int, list[data.Record]] = {}
-    for rec in records:
-        by_scene.setdefault(rec.scene_index, []).append(rec)
-    scenes = sorted(by_scene)
+    by_scene = data.group_by_scene(records)
+    scenes = list(by_scene)
     settings = [("full", 0, 0)] + [(m, d, c) for d, c in budgets for m in methods]
     hits: dict[str, dict[str, list[int]]] = {}
     start_time = time.time()
@@ -90,13 +87,7 @@ def evaluate_budgets(
                     hits.setdefault(label, {}).setdefault(r.type, []).append(int(a in r.answers))
         done = min(start + images_per_batch, len(scenes))
         print(f"[budgets] {done}/{len(scenes)} scenes, {time.time() - start_time:.0f}s", flush=True)
-    results: dict[str, dict] = {}
-    for label, per_type in hits.items():
-        row: dict = {t: float(np.mean(v)) for t, v in sorted(per_type.items())}
-        row["overall"] = float(np.mean([x for v in per_type.values() for x in v]))
-        row["questions"] = sum(len(v) for v in per_type.values())
-        results[label] = row
-    return results
+    return {label: data.accuracy_summary(per_type) for label, per_type in hits.items()}
 
 
 def markdown_table(results: dict[str, dict]) -> str:

@@ -367,6 +367,22 @@ def iter_split(split: str, num_images: int, seed: int = 0, per_type: int = 1) ->
             yield Record(scene.image, q.question, [q.answer], q.type, index)
 
 
+def group_by_scene(records: Sequence[Record]) -> dict[int, list[Record]]:
+    """The records of each scene, scenes in ascending order (so that each scene's image is processed once)."""
+    by_scene: dict[int, list[Record]] = {}
+    for rec in records:
+        by_scene.setdefault(rec.scene_index, []).append(rec)
+    return dict(sorted(by_scene.items()))
+
+
+def accuracy_summary(hits: dict[str, list[int]]) -> dict:
+    """Exact match per question type and overall, from 0/1 hits grouped by type, plus the question count."""
+    summary: dict = {t: float(np.mean(v)) for t, v in sorted(hits.items())}
+    summary["overall"] = float(np.mean([x for v in hits.values() for x in v]))
+    summary["questions"] = sum(len(v) for v in hits.values())
+    return summary
+
+
 def test_split(seed: int = 0, num_images: int = DEFAULT_TEST_IMAGES) -> list[Record]:
     """Held-out test split: one question of each type per scene (1,250 questions by default).
 

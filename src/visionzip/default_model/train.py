@@ -302,10 +302,7 @@ def evaluate_cached(
         for q, p in zip(flat, pred, strict=True):
             per_type.setdefault(q.type, []).append(int(packer.answer_id(q.answer) == p))
     model.train()
-    result = {t: float(np.mean(v)) for t, v in sorted(per_type.items())}
-    result["overall"] = float(np.mean([x for v in per_type.values() for x in v]))
-    result["questions"] = sum(len(v) for v in per_type.values())
-    return result
+    return data.accuracy_summary(per_type)
 
 
 def pretrain_projector(model: TrainableVLM, settings: TrainSettings, train_feats: np.ndarray) -> None:
@@ -430,10 +427,8 @@ def evaluate_llava(model, processor, records: Sequence[data.Record], images_per_
     """
     model.eval()
     tokenizer = processor.tokenizer
-    by_scene: dict[int, list[data.Record]] = {}
-    for rec in records:
-        by_scene.setdefault(rec.scene_index, []).append(rec)
-    scenes = sorted(by_scene)
+    by_scene = data.group_by_scene(records)
+    scenes = list(by_scene)
     per_type: dict[str, list[int]] = {}
     predictions = []
     progress = _Progress(len(scenes), "evaluate")
@@ -472,9 +467,7 @@ def evaluate_llava(model, processor, records: Sequence[data.Record], images_per_
                     }
                 )
         progress.update(min(start + images_per_batch, len(scenes)))
-    result: dict = {t: float(np.mean(v)) for t, v in sorted(per_type.items())}
-    result["overall"] = float(np.mean([x for v in per_type.values() for x in v]))
-    result["questions"] = sum(len(v) for v in per_type.values())
+    result = data.accuracy_summary(per_type)
     result["predictions"] = predictions
     return result
 
