@@ -11,13 +11,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import (  # noqa: E402
     CLIPVisionConfig,
     CLIPVisionModel,
     Dinov2Config,
     Dinov2Model,
-    LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -31,6 +29,13 @@ from transformers import (  # noqa: E402
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 
+from visionzip.synthetic import (  # noqa: E402
+    llava_style_processor,
+    tiny_clip_vision_config,
+    tiny_llama_config,
+    word_level_tokenizer,
+)
+
 torch.set_num_threads(2)
 
 WORDS = (
@@ -43,48 +48,21 @@ IMAGE_TOKEN_ID = WORDS.index("<image>")
 def make_tokenizer(
     padding_side: str = "left", words: list[str] = WORDS, extra_special_tokens: dict[str, str] | None = None
 ) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="</s>",
-        bos_token="<s>",
-        extra_special_tokens=extra_special_tokens or {"image_token": "<image>"},
-        padding_side=padding_side,
+    return word_level_tokenizer(
+        words, extra_special_tokens=extra_special_tokens or {"image_token": "<image>"}, padding_side=padding_side
     )
 
 
 def clip_vision_config(
     image_size: int = 336, patch_size: int = 14, layers: int = 4, heads: int = 4
 ) -> CLIPVisionConfig:
-    return CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=32,
-    )
+    return tiny_clip_vision_config(layers=layers, heads=heads, image_size=image_size, patch_size=patch_size)
 
 
 def make_llava(strategy: str = "default", seed: int = 0) -> LlavaForConditionalGeneration:
-    text_config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(WORDS),
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=3,
-    )
     config = LlavaConfig(
         vision_config=clip_vision_config(),
-        text_config=text_config,
+        text_config=tiny_llama_config(len(WORDS)),
         image_token_id=IMAGE_TOKEN_ID,
         vision_feature_layer=-2,
         vision_feature_select_strategy=strategy,
@@ -94,15 +72,7 @@ def make_llava(strategy: str = "default", seed: int = 0) -> LlavaForConditionalG
 
 
 def make_llava_processor(strategy: str = "default", padding_side: str = "left") -> LlavaProcessor:
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=make_tokenizer(padding_side),
-        patch_size=14,
-        vision_feature_select_strategy=strategy,
-        num_additional_image_tokens=1,
-        image_token="<image>",
-    )
+    return llava_style_processor(LlavaProcessor, CLIPImageProcessorPil, make_tokenizer(padding_side), strategy=strategy)
 
 
 def random_images(count: int, seed: int = 0, size: tuple[int, int] = (300, 400)) -> list[Image.Image]:

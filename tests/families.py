@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from transformers import (
     BatchFeature,
-    LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
@@ -26,14 +25,16 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 import visionzip
 from conftest import WORDS, clip_vision_config, make_tokenizer
+from visionzip.bench.arch import NEXT_PINPOINTS
+from visionzip.synthetic import llava_style_processor, tiny_llama_config
 
 IMAGE_TOKEN_ID = WORDS.index("<image>")
 VIDEO_TOKEN_ID = len(WORDS)  # "<video>" is added after the shared vocabulary
+VOCAB_SIZE = len(WORDS) + 1
 
 # LLaVA-NeXT: the real 336 px / patch 14 crop geometry (577 tokens per crop with [CLS]) and its
-# default grid pinpoints, so that the paper's per-image budgets (e.g. 540 + 100) are representable.
+# default grid pinpoints (NEXT_PINPOINTS), so that the paper's per-image budgets (e.g. 540 + 100) are representable.
 NEXT_CROP = 336
-NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 # LLaVA-OneVision: 98 px / patch 14 crops = a 7 x 7 grid (49 tokens, no [CLS]); pooled video frames
 # are ceil(7 / 2)^2 = 16 tokens. Up to 3 x 3 crops; "anyres_max_2" so that large grids take the
@@ -44,24 +45,10 @@ OV_PINPOINTS = [[98 * r, 98 * c] for r in (1, 2, 3) for c in (1, 2, 3)]
 OV_ASPECT = "anyres_max_2"
 
 
-def tiny_text_config() -> LlamaConfig:
-    return LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(WORDS) + 1,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=3,
-    )
-
-
 def make_llava_next(seed: int = 0) -> LlavaNextForConditionalGeneration:
     config = LlavaNextConfig(
         vision_config=clip_vision_config(image_size=NEXT_CROP),
-        text_config=tiny_text_config(),
+        text_config=tiny_llama_config(VOCAB_SIZE),
         image_token_id=IMAGE_TOKEN_ID,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -72,18 +59,12 @@ def make_llava_next(seed: int = 0) -> LlavaNextForConditionalGeneration:
 
 
 def make_llava_next_processor(padding_side: str = "left") -> LlavaNextProcessor:
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": NEXT_CROP},
-        crop_size={"height": NEXT_CROP, "width": NEXT_CROP},
+    return llava_style_processor(
+        LlavaNextProcessor,
+        LlavaNextImageProcessorPil,
+        make_tokenizer(padding_side),
+        image_size=NEXT_CROP,
         image_grid_pinpoints=NEXT_PINPOINTS,
-    )
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=make_tokenizer(padding_side),
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        image_token="<image>",
     )
 
 
@@ -102,7 +83,7 @@ def siglip_vision_config() -> SiglipVisionConfig:
 def make_onevision(seed: int = 0) -> LlavaOnevisionForConditionalGeneration:
     config = LlavaOnevisionConfig(
         vision_config=siglip_vision_config(),
-        text_config=tiny_text_config(),
+        text_config=tiny_llama_config(VOCAB_SIZE),
         image_token_id=IMAGE_TOKEN_ID,
         video_token_id=VIDEO_TOKEN_ID,
         vision_feature_layer=-1,

@@ -35,22 +35,11 @@ class ArchSpec:
 
 def synthetic_tokenizer(special: dict[str, int], pad_token: str, extra_special: dict[str, str] | None = None) -> Any:
     """Word-level tokenizer over a few words plus `special` tokens at fixed ids (`pad_token` among them)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from visionzip.synthetic import word_level_tokenizer
 
     vocab = {word: index for index, word in enumerate(_WORDS)}
     vocab.update(special)
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token=pad_token,
-        extra_special_tokens=extra_special or {},
-        padding_side="left",
-    )
+    return word_level_tokenizer(vocab, pad_token=pad_token, extra_special_tokens=extra_special)
 
 
 def _clip_l_336() -> Any:
@@ -108,26 +97,23 @@ def _llava_15_7b_config() -> Any:
 
 def _llava_style_processor(config: Any, processor_class: type, image_processor_class: type, **image: Any) -> Any:
     """A LLaVA(-NeXT) processor: the PIL image processor with CLIP's normalisation, `<image>` placeholders."""
-    image_size = config.vision_config.image_size
-    image_processor = image_processor_class(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-        **image,
-    )
+    from visionzip.synthetic import llava_style_processor
+
     tokenizer = synthetic_tokenizer(
         {"<image>": config.image_token_id, "<pad>": config.text_config.pad_token_id},
         "<pad>",
         {"image_token": "<image>"},
     )
-    return processor_class(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
+    return llava_style_processor(
+        processor_class,
+        image_processor_class,
+        tokenizer,
+        image_size=config.vision_config.image_size,
         patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
-        image_token="<image>",
+        strategy=config.vision_feature_select_strategy,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+        **image,
     )
 
 

@@ -12,18 +12,11 @@ import os
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-    PreTrainedTokenizerFast,
-)
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from visionzip.config import check_int
+from visionzip.synthetic import llava_style_processor, tiny_clip_vision_config, tiny_llama_config, word_level_tokenizer
 
 VOCABULARY = (
     "<pad> <unk> </s> <s> <image> USER: ASSISTANT: what is in the image ? a an cat dog bird car red green blue "
@@ -46,17 +39,8 @@ CHAT_TEMPLATE = (
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer over VOCABULARY (whitespace split, no BOS added), left padding."""
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCABULARY)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="</s>",
-        bos_token="<s>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-        padding_side="left",
-        chat_template=CHAT_TEMPLATE,
+    return word_level_tokenizer(
+        VOCABULARY, extra_special_tokens={"image_token": IMAGE_TOKEN}, chat_template=CHAT_TEMPLATE
     )
 
 
@@ -87,27 +71,16 @@ def build_tiny_llava(
         )
     if not isinstance(init_range, (int, float)) or not init_range > 0:
         raise ValueError(f"init_range must be a positive number, got {init_range!r}")
-    vision_config = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        image_size=336,
-        patch_size=14,
-        projection_dim=vision_hidden,
-        initializer_range=init_range,
+    vision_config = tiny_clip_vision_config(
+        hidden_size=vision_hidden, layers=vision_layers, heads=4, initializer_range=init_range
     )
-    text_config = LlamaConfig(
+    text_config = tiny_llama_config(
+        len(VOCABULARY),
         hidden_size=text_hidden,
-        intermediate_size=2 * text_hidden,
-        num_hidden_layers=text_layers,
-        num_attention_heads=text_hidden // 32,
-        num_key_value_heads=max(1, text_hidden // 64),
-        vocab_size=len(VOCABULARY),
+        layers=text_layers,
+        heads=text_hidden // 32,
+        kv_heads=max(1, text_hidden // 64),
         max_position_embeddings=4096,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=3,
         initializer_range=init_range,
     )
     config = LlavaConfig(
@@ -120,14 +93,8 @@ def build_tiny_llava(
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-        tokenizer=make_tokenizer(),
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        image_token=IMAGE_TOKEN,
-        chat_template=CHAT_TEMPLATE,
+    processor = llava_style_processor(
+        LlavaProcessor, CLIPImageProcessorPil, make_tokenizer(), chat_template=CHAT_TEMPLATE
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
