@@ -24,8 +24,13 @@ def test_run_demo_on_tiny_llava():
     assert isinstance(result.reduced.answer, str) and result.full.answer
     assert result.reduction.kept_indices.shape == (1, 20)
     assert not visionzip.is_applied(model)  # the demo never leaves the model patched
+    # Both caches hold the same text tokens plus their image tokens: 576 vs 24.
+    per_token = (result.full.kv_cache_mb - result.reduced.kv_cache_mb) / (576 - 24)
+    text_tokens = result.reduced.kv_cache_mb / per_token - 24
+    assert per_token > 0 and text_tokens > 0 and abs(text_tokens - round(text_tokens)) < 1e-6
+    assert result.full.kv_cache_mb / per_token - 576 == pytest.approx(text_tokens)
     table = render_table(result, "q")
-    assert table.row_count == 6
+    assert table.row_count == 7
 
 
 def test_prompt_without_chat_template():

@@ -21,6 +21,7 @@ from PIL import Image
 from visionzip.adapters import adapter_class_for
 from visionzip.adapters.base import Adapter, prepare_unreduced
 from visionzip.bench.memory import PeakMemory
+from visionzip.bench.runner import kv_cache_bytes_after_prefill
 from visionzip.cli_options import add_budget_options, config_from_args
 from visionzip.config import VisionZipConfig
 from visionzip.core import Reduction
@@ -33,7 +34,8 @@ class DemoRun:
     answer: str
     vision_ms: float  # tower (+ selection) + projector
     prefill_ms: float  # language model, features ready -> first-token logits
-    peak_mb: float
+    peak_mb: float  # rise during the prefill: exact on CUDA, a sampled-RSS lower bound on CPU
+    kv_cache_mb: float | None  # keys and values held after the prefill
 
     @property
     def first_token_ms(self) -> float:
@@ -94,13 +96,16 @@ def run_demo(
         "zip": lambda: adapter.prepare(inputs),
     }
     times: dict[str, dict[str, list[float]]] = {name: {"vision": [], "prefill": [], "peak": []} for name in encoders}
+    kv_cache_mb: dict[str, float | None] = {}
     with torch.inference_mode():
         for repeat in range(repeats + 1):  # the first round warms up and is not counted
             progress(f"measuring (round {repeat + 1} of {repeats + 1})")
             for name in ("full", "zip") if repeat % 2 == 0 else ("zip", "full"):
                 prepared, vision_ms = _timed(encoders[name])
                 with PeakMemory(device) as memory:
-                    _, prefill_ms = _timed(partial(model, **prepared, logits_to_keep=1))
+                    output, prefill_ms = _timed(partial(model, **prepared, logits_to_keep=1, use_cache=True))
+                kv_bytes = kv_cache_bytes_after_prefill(output.past_key_values, generated=1)
+                kv_cache_mb[name] = kv_bytes / 2**20 if kv_bytes is not None else None
                 if repeat:
                     times[name]["vision"].append(vision_ms)
                     times[name]["prefill"].append(prefill_ms)
@@ -118,6 +123,7 @@ def run_demo(
             vision_ms=statistics.median(times[name]["vision"]),
             prefill_ms=statistics.median(times[name]["prefill"]),
             peak_mb=max(times[name]["peak"]),
+            kv_cache_mb=kv_cache_mb[name],
         )
     return DemoResult(full=runs["full"], reduced=runs["zip"], reduction=reduction, config=config)
 
@@ -160,7 +166,18 @@ def render_table(result: DemoResult, question: str) -> Any:
         f"{reduced.first_token_ms:.1f}",
         speedup(full.first_token_ms, reduced.first_token_ms),
     )
-    table.add_row("prefill peak memory rise, MB", f"{full.peak_mb:.1f}", f"{reduced.peak_mb:.1f}", "")
+    if full.kv_cache_mb and reduced.kv_cache_mb:
+        table.add_row(
+            "KV cache after prefill, MB",
+            f"{full.kv_cache_mb:.2f}",
+            f"{reduced.kv_cache_mb:.2f}",
+            f"{full.kv_cache_mb / reduced.kv_cache_mb:.1f}x smaller",
+        )
+
+    def megabytes(value: float) -> str:  # CPU RSS has page granularity: tiny models stay below it
+        return f"{value:.1f}" if value >= 0.05 else "< 0.1"
+
+    table.add_row("prefill peak memory rise, MB", megabytes(full.peak_mb), megabytes(reduced.peak_mb), "")
     return table
 
 
@@ -179,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
 
     with console.status("loading model") as status:
         model, processor = load_model(args.model)
-        question, image_path = args.question, args.image
+        question, image_path, expected = args.question, args.image, None
         if image is None or question is None:
             if args.model is not None:
                 raise ValueError("--image and --question are required with --model")
@@ -189,6 +206,8 @@ def _run(args: argparse.Namespace) -> int:
             if image is None:
                 image, image_path = sample["image"], sample["image_path"]
             question = question or sample["question"]
+            if args.image is None and args.question is None:
+                expected = sample["answer"]
         result = run_demo(
             model,
             processor,
@@ -200,6 +219,8 @@ def _run(args: argparse.Namespace) -> int:
             progress=lambda message: status.update(message),
         )
     console.print(f"image: {image_path}")
+    if expected is not None:
+        console.print(f"expected answer (bundled sample): {expected}")
     console.print(render_table(result, question))
     if args.output:
         from visionzip.viz import visualize

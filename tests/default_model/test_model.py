@@ -69,3 +69,19 @@ def test_heldout_accuracy_matches_the_card(model_and_processor):
     records = [r for r in data.test_split() if r.scene_index < 40]
     measured = evaluate_llava(model, processor, records)["overall"]
     assert measured >= recorded - 0.12
+
+
+def test_demo_command_runs_on_the_embedded_model(tmp_path, capsys):
+    from PIL import Image
+
+    from visionzip.cli import main
+
+    picture = tmp_path / "kept.png"
+    assert main(["demo", "--repeats", "1", "--max-new-tokens", "4", "--output", str(picture)]) == 0
+    out = capsys.readouterr().out
+    sample = sample_inputs()[0]
+    assert f"Q: {sample['question']}" in out
+    assert f"expected answer (bundled sample): {sample['answer']}" in out
+    assert "│ visual tokens to the LLM" in out and "577" in out and "9.0x fewer" in out
+    assert "KV cache after prefill, MB" in out
+    assert min(Image.open(picture).size) >= 336  # the scene, with the kept tokens drawn on it
