@@ -23,7 +23,6 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
     LlavaOnevisionImageProcessorPil,
 )
 
-import visionzip
 from conftest import WORDS, clip_vision_config, make_tokenizer
 from visionzip.bench.arch import NEXT_PINPOINTS
 from visionzip.synthetic import llava_style_processor, tiny_llama_config
@@ -162,52 +161,3 @@ def static_video(frames: int = 6, size: int = 120, square: int = 24, seed: int =
         top = size // 2 - square // 2
         video[t, top : top + square, left : left + square] = (255, 40, 40)
     return video
-
-
-class EmbeddingSpy:
-    """Records the `inputs_embeds` of every call into a model's language model."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.calls: list[torch.Tensor] = []
-        self.handle = model.model.language_model.register_forward_pre_hook(self.record, with_kwargs=True)
-
-    def record(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self.calls.append(kwargs["inputs_embeds"].detach().clone())
-
-    def close(self) -> None:
-        self.handle.remove()
-
-
-def visual_tokens_reaching_llm(model: torch.nn.Module, prepared: dict, token_id: int = IMAGE_TOKEN_ID) -> torch.Tensor:
-    """Run one forward on `prepared` and return the embeddings the language model got at `token_id` positions.
-
-    Also checks that nothing but the prepared sequence reached it (same length, one call).
-    """
-    spy = EmbeddingSpy(model)
-    try:
-        with torch.no_grad():
-            model(**prepared)
-    finally:
-        spy.close()
-    assert len(spy.calls) == 1
-    embeds = spy.calls[0]
-    assert embeds.shape[:2] == prepared["input_ids"].shape
-    return embeds[prepared["input_ids"] == token_id]
-
-
-def generated_tokens(
-    model: torch.nn.Module, inputs: dict, max_new_tokens: int = 5, **kwargs: object
-) -> list[list[int]]:
-    """Prepare `inputs`, generate, and return each row's new tokens up to its first end-of-sequence.
-
-    Rows of a batch are padded after they finish, so only the tokens up to EOS are comparable.
-    """
-    prepared = visionzip.prepare(model, inputs)
-    prompt_length = prepared["input_ids"].shape[1]
-    with torch.no_grad():
-        output = model.generate(**prepared, max_new_tokens=max_new_tokens, pad_token_id=0, **kwargs)
-    eos = model.config.text_config.eos_token_id
-    rows = []
-    for row in output[:, prompt_length:].tolist():
-        rows.append(row[: row.index(eos) + 1] if eos in row else row)
-    return rows

@@ -10,6 +10,7 @@ import torch
 
 import visionzip
 from families import IMAGE_TOKEN_ID, make_onevision, make_onevision_processor, random_video, static_video
+from helpers import removed_after
 from visionzip.video import redundant_tokens, temporal_keep_mask
 
 PROMPT = ["USER: <video> what is in the image ? ASSISTANT:"]
@@ -92,10 +93,7 @@ def processor():
 
 @pytest.fixture
 def model():
-    model = make_onevision()
-    yield model
-    if visionzip.is_applied(model):
-        visionzip.remove(model)
+    yield from removed_after(make_onevision())
 
 
 def test_identical_frames_keep_only_the_first_frame_and_merged_tokens(model, processor):

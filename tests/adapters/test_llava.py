@@ -7,7 +7,12 @@ import torch
 
 import visionzip
 from conftest import IMAGE_TOKEN_ID, make_llava, make_llava_processor, random_images
-from visionzip.api import STATE_ATTRIBUTE
+from helpers import (
+    LanguageModelSpy,
+    assert_batch_equals_singles,
+    assert_remove_restores_bit_identical_logits,
+    removed_after,
+)
 
 PROMPTS = [
     "USER: <image> what is in the image ? ASSISTANT:",
@@ -20,20 +25,6 @@ def processor_inputs(processor, images, prompts):
     return processor(images=images, text=prompts, return_tensors="pt", padding=True)
 
 
-class LanguageModelSpy:
-    """Records the sequence length and image-token count of every call into the language model."""
-
-    def __init__(self, model):
-        self.calls = []
-        self.handle = model.model.language_model.register_forward_pre_hook(self.record, with_kwargs=True)
-
-    def record(self, module, args, kwargs):
-        self.calls.append(tuple(kwargs["inputs_embeds"].shape))
-
-    def close(self):
-        self.handle.remove()
-
-
 def generate(model, inputs, **kwargs):
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=6, pad_token_id=0, **kwargs)
@@ -42,9 +33,7 @@ def generate(model, inputs, **kwargs):
 @pytest.fixture
 def patched(fresh_llava):
     visionzip.apply(fresh_llava, dominant=54, contextual=10)
-    yield fresh_llava
-    if visionzip.is_applied(fresh_llava):
-        visionzip.remove(fresh_llava)
+    yield from removed_after(fresh_llava)
 
 
 def test_language_model_receives_exactly_the_budget(patched, llava_processor, images):
@@ -53,15 +42,12 @@ def test_language_model_receives_exactly_the_budget(patched, llava_processor, im
     prepared = visionzip.prepare(patched, inputs)
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == [64, 64]
     assert "pixel_values" not in prepared
-    spy = LanguageModelSpy(patched)
-    try:
+    with LanguageModelSpy(patched) as spy:
         generate(patched, prepared)
-    finally:
-        spy.close()
     prompt_length = prepared["input_ids"].shape[1]
-    assert spy.calls[0] == (2, prompt_length, 64)
+    assert spy.shapes[0] == (2, prompt_length, 64)
     assert prompt_length < 64 + 20  # the 576-token sequence never reached the language model
-    assert all(call[1] == 1 for call in spy.calls[1:])  # decoding steps, one token each
+    assert all(shape[1] == 1 for shape in spy.shapes[1:])  # decoding steps, one token each
 
 
 def test_prepared_features_are_projected_compress_vision(patched, llava_processor, images):
@@ -81,17 +67,9 @@ def test_prepared_features_are_projected_compress_vision(patched, llava_processo
     ids=["greedy", "beam", "no-cache"],
 )
 def test_batched_generate_equals_per_sample(patched, llava_processor, images, generate_kwargs):
-    batch = generate(
-        patched, visionzip.prepare(patched, processor_inputs(llava_processor, images[:3], PROMPTS)), **generate_kwargs
-    )
-    new_tokens = batch[:, -6:]
-    for i in range(3):
-        single = generate(
-            patched,
-            visionzip.prepare(patched, processor_inputs(llava_processor, images[i : i + 1], PROMPTS[i : i + 1])),
-            **generate_kwargs,
-        )
-        assert torch.equal(single[0, -6:], new_tokens[i]), f"sample {i} differs in batch"
+    batch = processor_inputs(llava_processor, images[:3], PROMPTS)
+    singles = [processor_inputs(llava_processor, images[i : i + 1], PROMPTS[i : i + 1]) for i in range(3)]
+    assert_batch_equals_singles(patched, batch, singles, max_new_tokens=6, **generate_kwargs)
 
 
 def test_no_cache_equals_cache(patched, llava_processor, images):
@@ -174,25 +152,7 @@ def test_right_padding_is_kept(fresh_llava, images):
 
 def test_remove_restores_bit_identical_logits(llava_processor, images):
     inputs = processor_inputs(llava_processor, images[:2], PROMPTS[:2])
-    never_patched = make_llava()
-    model = make_llava()
-    with torch.no_grad():
-        expected = never_patched(**inputs).logits
-    visionzip.apply(model, dominant=54, contextual=10)
-    with torch.no_grad():
-        reduced = model(**inputs).logits
-    assert reduced.shape[1] < expected.shape[1]
-    visionzip.remove(model)
-    with torch.no_grad():
-        restored = model(**inputs).logits
-    assert torch.equal(restored, expected)
-    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
-    assert STATE_ATTRIBUTE not in model.__dict__
-    # The class was never touched: another instance is unaffected while one is patched.
-    visionzip.apply(model, dominant=54, contextual=10)
-    with torch.no_grad():
-        assert torch.equal(never_patched(**inputs).logits, expected)
-    visionzip.remove(model)
+    assert_remove_restores_bit_identical_logits(make_llava, inputs, dominant=54, contextual=10)
 
 
 def test_remove_restores_existing_instance_forward(fresh_llava):

@@ -7,11 +7,11 @@ import torch
 
 import visionzip
 from conftest import random_images
-from families import (
-    IMAGE_TOKEN_ID,
-    generated_tokens,
-    make_llava_next,
-    make_llava_next_processor,
+from families import IMAGE_TOKEN_ID, make_llava_next, make_llava_next_processor
+from helpers import (
+    assert_batch_equals_singles,
+    assert_remove_restores_bit_identical_logits,
+    removed_after,
     visual_tokens_reaching_llm,
 )
 from test_conversation import run_dialogue
@@ -38,10 +38,7 @@ def images():
 
 @pytest.fixture
 def model():
-    model = make_llava_next()
-    yield model
-    if visionzip.is_applied(model):
-        visionzip.remove(model)
+    yield from removed_after(make_llava_next())
 
 
 def process(processor, images, prompts):
@@ -128,10 +125,8 @@ def test_paper_totals_per_image_whatever_the_crop_count(model, processor, images
 @pytest.mark.parametrize("generate_kwargs", [{}, {"num_beams": 2}], ids=["greedy", "beam"])
 def test_batched_generate_equals_per_sample(model, processor, images, generate_kwargs):
     visionzip.apply(model, dominant=54, contextual=10)
-    batch = generated_tokens(model, process(processor, images, PROMPTS), **generate_kwargs)
-    for i in range(len(images)):
-        single = generated_tokens(model, process(processor, images[i : i + 1], PROMPTS[i : i + 1]), **generate_kwargs)
-        assert single == [batch[i]], f"sample {i} differs in batch"
+    singles = [process(processor, images[i : i + 1], PROMPTS[i : i + 1]) for i in range(len(images))]
+    assert_batch_equals_singles(model, process(processor, images, PROMPTS), singles, **generate_kwargs)
 
 
 def test_two_images_across_turns(model, processor, images):
@@ -150,16 +145,7 @@ def test_two_images_across_turns(model, processor, images):
 
 def test_remove_restores_bit_identical_logits(processor, images):
     inputs = process(processor, images[:2], PROMPTS[:2])
-    reference = make_llava_next()
-    model = make_llava_next()
-    with torch.no_grad():
-        expected = reference(**inputs).logits
-        visionzip.apply(model, dominant=54, contextual=10)
-        reduced = model(**inputs).logits
-        visionzip.remove(model)
-        restored = model(**inputs).logits
-    assert reduced.shape[1] < expected.shape[1]
-    assert torch.equal(restored, expected)
+    assert_remove_restores_bit_identical_logits(make_llava_next, inputs, dominant=54, contextual=10)
 
 
 def test_labels_shrink_with_the_sequence(model, processor, images):

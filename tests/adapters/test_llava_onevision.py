@@ -10,13 +10,12 @@ import torch
 
 import visionzip
 from conftest import clip_vision_config, random_images
-from families import (
-    IMAGE_TOKEN_ID,
-    VIDEO_TOKEN_ID,
+from families import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, make_onevision, make_onevision_processor, random_video
+from helpers import (
+    assert_batch_equals_singles,
+    assert_remove_restores_bit_identical_logits,
     generated_tokens,
-    make_onevision,
-    make_onevision_processor,
-    random_video,
+    removed_after,
     visual_tokens_reaching_llm,
 )
 from test_conversation import run_dialogue
@@ -45,10 +44,7 @@ def videos():
 
 @pytest.fixture
 def model():
-    model = make_onevision()
-    yield model
-    if visionzip.is_applied(model):
-        visionzip.remove(model)
+    yield from removed_after(make_onevision())
 
 
 def generate(model, inputs, **kwargs):
@@ -141,12 +137,11 @@ def test_images_and_videos_interleaved_in_text_order(model, processor, images, v
     assert run_lengths(prepared["input_ids"][0].tolist(), IMAGE_TOKEN_ID) == [10, 4 * 10 + 1, 10]
     # Adjacent runs (no text between) merge once videos travel as images.
     assert run_lengths(prepared["input_ids"][1].tolist(), IMAGE_TOKEN_ID) == [4 * 10 + 1 + 10 * 10]
-    batch = generated_tokens(model, inputs, num_beams=2)
-    for i in range(2):
-        single = processor(
-            images=[image_groups[i]], videos=videos[i : i + 1], text=texts[i : i + 1], return_tensors="pt"
-        )
-        assert generated_tokens(model, single, num_beams=2) == [batch[i]], f"sample {i} differs"
+    singles = [
+        processor(images=[image_groups[i]], videos=videos[i : i + 1], text=texts[i : i + 1], return_tensors="pt")
+        for i in range(2)
+    ]
+    assert_batch_equals_singles(model, inputs, singles, num_beams=2)
 
 
 @pytest.mark.parametrize(
@@ -161,19 +156,17 @@ def test_batched_video_generate_equals_per_sample(model, processor, videos, temp
     if temporal_threshold is not None:
         # Random frames still share a lot at 0.5, and differently per video: lengths differ.
         assert all(count < 4 * 8 + 1 for count in counts) and counts[0] != counts[1]
-    batch = generated_tokens(model, inputs, **generate_kwargs)
-    for i in range(2):
-        single = processor(videos=videos[i : i + 1], text=VIDEO_PROMPTS[i : i + 1], return_tensors="pt")
-        assert generated_tokens(model, single, **generate_kwargs) == [batch[i]], f"video {i} differs"
+    singles = [
+        processor(videos=videos[i : i + 1], text=VIDEO_PROMPTS[i : i + 1], return_tensors="pt") for i in range(2)
+    ]
+    assert_batch_equals_singles(model, inputs, singles, **generate_kwargs)
 
 
 def test_batched_image_beam_search_equals_per_sample(model, processor, images):
     visionzip.apply(model, dominant=8, contextual=2)
     inputs = processor(images=images[:2], text=PROMPTS, return_tensors="pt", padding=True)
-    batch = generated_tokens(model, inputs, num_beams=2)
-    for i in range(2):
-        single = processor(images=images[i : i + 1], text=PROMPTS[i : i + 1], return_tensors="pt")
-        assert generated_tokens(model, single, num_beams=2) == [batch[i]], f"image {i} differs"
+    singles = [processor(images=images[i : i + 1], text=PROMPTS[i : i + 1], return_tensors="pt") for i in range(2)]
+    assert_batch_equals_singles(model, inputs, singles, num_beams=2)
 
 
 def test_remove_restores_bit_identical_logits(processor, images, videos):
@@ -184,15 +177,9 @@ def test_remove_restores_bit_identical_logits(processor, images, videos):
         return_tensors="pt",
         padding=True,
     )
-    reference, model = make_onevision(), make_onevision()
-    with torch.no_grad():
-        expected = reference(**inputs).logits
-        visionzip.apply(model, dominant=8, contextual=2, temporal_threshold=0.9)
-        reduced = model(**inputs).logits
-        visionzip.remove(model)
-        restored = model(**inputs).logits
-    assert reduced.shape[1] < expected.shape[1]
-    assert torch.equal(restored, expected)
+    assert_remove_restores_bit_identical_logits(
+        make_onevision, inputs, dominant=8, contextual=2, temporal_threshold=0.9
+    )
 
 
 def test_per_image_scope_splits_a_video_over_its_frames(model, processor, videos):

@@ -13,6 +13,7 @@ from transformers.vision_utils import get_vision_window_index
 import visionzip
 from conftest import QWEN_VIDEO_TOKEN_ID, make_qwen2_5_vl, make_qwen_processor, qwen_inputs_by_hand, qwen_prompt
 from conftest import random_images as make_images
+from helpers import original_rope_positions
 from visionzip.adapters.qwen2_vl import QWEN_TOWER_LAYOUTS, probe_qwen_tower
 
 
@@ -66,12 +67,7 @@ def test_video_time_spacing_is_kept(processor):
     visionzip.apply(model, dominant=6, contextual=2)
     inputs = qwen_inputs_by_hand(processor, qwen_prompt("<video>"), video_grids=[(3, 8, 8)])
     inputs["second_per_grid_ts"] = torch.tensor([2.0])
-    original, _ = model.model.get_rope_index(
-        inputs["input_ids"],
-        mm_token_type_ids=inputs["mm_token_type_ids"],
-        video_grid_thw=inputs["video_grid_thw"],
-        second_per_grid_ts=inputs["second_per_grid_ts"],
-    )
+    original = original_rope_positions(model, inputs)
     prepared = visionzip.prepare(model, inputs)
     assert "second_per_grid_ts" not in prepared and "video_grid_thw" not in prepared
     slots = visionzip.api.get_state(model).adapter.last_encoded.slots[0]

@@ -21,8 +21,13 @@ from conftest import (
     qwen_prompt,
     random_images,
 )
+from helpers import (
+    LanguageModelSpy,
+    assert_batch_equals_singles,
+    assert_remove_restores_bit_identical_logits,
+    original_rope_positions,
+)
 from visionzip.adapters.qwen2_vl import probe_qwen_tower
-from visionzip.api import STATE_ATTRIBUTE
 
 FAMILIES = {"qwen2-vl": make_qwen2_vl, "qwen2.5-vl": make_qwen2_5_vl}
 DOMINANT, CONTEXTUAL = 8, 4
@@ -68,18 +73,6 @@ def generate(model, inputs, **kwargs):
         return model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0, **kwargs)
 
 
-class LanguageModelSpy:
-    def __init__(self, model):
-        self.calls = []
-        self.handle = model.model.language_model.register_forward_pre_hook(self.record, with_kwargs=True)
-
-    def record(self, module, args, kwargs):
-        self.calls.append(tuple(kwargs["inputs_embeds"].shape))
-
-    def close(self):
-        self.handle.remove()
-
-
 def test_language_model_receives_exactly_the_budget(patched, processor, qwen_images):
     inputs = batch_inputs(processor, qwen_images)
     assert (inputs["input_ids"] == QWEN_IMAGE_TOKEN_ID).sum(dim=1).tolist() == [54, 35, 35 + 54]
@@ -91,23 +84,15 @@ def test_language_model_receives_exactly_the_budget(patched, processor, qwen_ima
     for key in ("pixel_values", "image_grid_thw"):
         assert key not in prepared
     assert prepared["position_ids"].shape == (3, *prepared["input_ids"].shape)
-    spy = LanguageModelSpy(patched)
-    try:
+    with LanguageModelSpy(patched) as spy:
         generate(patched, prepared)
-    finally:
-        spy.close()
-    assert spy.calls[0] == (3, prepared["input_ids"].shape[1], 64)
-    assert all(call[:2] == (3, 1) for call in spy.calls[1:])
+    assert spy.shapes[0] == (3, prepared["input_ids"].shape[1], 64)
+    assert all(shape[:2] == (3, 1) for shape in spy.shapes[1:])
 
 
 def test_rope_positions_of_kept_tokens_are_the_original_ones(patched, processor, qwen_images):
     inputs = batch_inputs(processor, qwen_images)
-    original, _ = patched.model.get_rope_index(
-        inputs["input_ids"],
-        mm_token_type_ids=inputs["mm_token_type_ids"],
-        image_grid_thw=inputs["image_grid_thw"],
-        attention_mask=inputs["attention_mask"],
-    )
+    original = original_rope_positions(patched, inputs)
     prepared = visionzip.prepare(patched, inputs)
     encoded = visionzip.api.get_state(patched).adapter.last_encoded
     positions = prepared["position_ids"]
@@ -151,16 +136,16 @@ def test_rope_positions_of_kept_tokens_are_the_original_ones(patched, processor,
     ],
 )
 def test_batched_generate_equals_per_sample(patched, processor, qwen_images, generate_kwargs):
-    batch = generate(patched, batch_inputs(processor, qwen_images), **generate_kwargs)
     large, large2, small, small2 = qwen_images
     singles = [
         ([large], qwen_prompt("<image>")),
         ([small], qwen_prompt("<image>", question="how many are there ?")),
         ([small2, large2], qwen_prompt("<image>", "<image>", question="what is left of ?")),
     ]
-    for index, (images, prompt) in enumerate(singles):
-        single = generate(patched, processor(images=images, text=[prompt], return_tensors="pt"), **generate_kwargs)
-        assert torch.equal(single[0, -4:], batch[index, -4:]), f"sample {index} differs in the batch"
+    singles = [processor(images=images, text=[prompt], return_tensors="pt") for images, prompt in singles]
+    assert_batch_equals_singles(
+        patched, batch_inputs(processor, qwen_images), singles, max_new_tokens=4, do_sample=False, **generate_kwargs
+    )
 
 
 def test_images_and_video_in_one_prompt(patched, processor, qwen_images):
@@ -169,12 +154,7 @@ def test_images_and_video_in_one_prompt(patched, processor, qwen_images):
         processor, qwen_prompt("<video>", "<image>"), images=qwen_images[:1], video_grids=[(2, 8, 8)]
     )
     assert (inputs["input_ids"] == QWEN_VIDEO_TOKEN_ID).sum() == 32
-    original, _ = patched.model.get_rope_index(
-        inputs["input_ids"],
-        mm_token_type_ids=inputs["mm_token_type_ids"],
-        image_grid_thw=inputs["image_grid_thw"],
-        video_grid_thw=inputs["video_grid_thw"],
-    )
+    original = original_rope_positions(patched, inputs)
     prepared = visionzip.prepare(patched, inputs)
     ids = prepared["input_ids"][0]
     assert int((ids == QWEN_VIDEO_TOKEN_ID).sum()) == 2 * BUDGET  # the budget applies per temporal slice
@@ -232,16 +212,7 @@ def test_forward_and_generate_prepare_raw_inputs(patched, processor, qwen_images
 
 def test_remove_restores_bit_identical_logits(family, processor, qwen_images):
     inputs = batch_inputs(processor, qwen_images)
-    never_patched, model = FAMILIES[family](), FAMILIES[family]()
-    with torch.no_grad():
-        expected = never_patched(**inputs).logits
-    visionzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
-    with torch.no_grad():
-        assert model(**inputs).logits.shape[1] < expected.shape[1]
-    visionzip.remove(model)
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, expected)
-    assert STATE_ATTRIBUTE not in model.__dict__ and "generate" not in model.__dict__
+    assert_remove_restores_bit_identical_logits(FAMILIES[family], inputs, dominant=DOMINANT, contextual=CONTEXTUAL)
 
 
 @pytest.mark.parametrize("method", ["pool", "random", "visionzip-dominant"])

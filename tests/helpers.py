@@ -1,0 +1,118 @@
+"""Checks shared by the family adapter tests: what reaches the language model, batching, remove()."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+import visionzip
+from conftest import IMAGE_TOKEN_ID
+from visionzip.api import STATE_ATTRIBUTE
+
+
+class LanguageModelSpy:
+    """Records the `inputs_embeds` of every call into a model's language model; use as a context manager."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls: list[torch.Tensor] = []
+        self.handle = model.model.language_model.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.calls.append(kwargs["inputs_embeds"].detach().clone())
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """(batch, sequence length, width) of each call."""
+        return [tuple(call.shape) for call in self.calls]
+
+    def close(self) -> None:
+        self.handle.remove()
+
+    def __enter__(self) -> LanguageModelSpy:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def removed_after(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Fixture body: yield `model`, then remove VisionZip from it if the test applied it."""
+    yield model
+    if visionzip.is_applied(model):
+        visionzip.remove(model)
+
+
+def visual_tokens_reaching_llm(model: torch.nn.Module, prepared: dict, token_id: int = IMAGE_TOKEN_ID) -> torch.Tensor:
+    """Run one forward on `prepared` and return the embeddings the language model got at `token_id` positions.
+
+    Also checks that nothing but the prepared sequence reached it (same length, one call).
+    """
+    with LanguageModelSpy(model) as spy, torch.no_grad():
+        model(**prepared)
+    assert len(spy.calls) == 1
+    embeds = spy.calls[0]
+    assert embeds.shape[:2] == prepared["input_ids"].shape
+    return embeds[prepared["input_ids"] == token_id]
+
+
+def generated_tokens(
+    model: torch.nn.Module, inputs: dict, max_new_tokens: int = 5, **kwargs: object
+) -> list[list[int]]:
+    """Prepare `inputs`, generate, and return each row's new tokens up to its first end-of-sequence.
+
+    Rows of a batch are padded after they finish, so only the tokens up to EOS are comparable.
+    """
+    prepared = visionzip.prepare(model, inputs)
+    prompt_length = prepared["input_ids"].shape[1]
+    with torch.no_grad():
+        output = model.generate(**prepared, max_new_tokens=max_new_tokens, pad_token_id=0, **kwargs)
+    eos = model.config.text_config.eos_token_id
+    rows = []
+    for row in output[:, prompt_length:].tolist():
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
+def assert_batch_equals_singles(
+    model: torch.nn.Module, batch: dict, singles: Sequence[dict], max_new_tokens: int = 5, **generate_kwargs: object
+) -> None:
+    """Each sample of `batch` generates what it generates alone (`singles[i]` holds sample i's inputs)."""
+    batched = generated_tokens(model, batch, max_new_tokens, **generate_kwargs)
+    assert len(batched) == len(singles)
+    for index, single in enumerate(singles):
+        alone = generated_tokens(model, single, max_new_tokens, **generate_kwargs)
+        assert alone == [batched[index]], f"sample {index} differs in the batch"
+
+
+def assert_remove_restores_bit_identical_logits(
+    build_model: Callable[[], torch.nn.Module], inputs: dict, **config: object
+) -> None:
+    """apply(**config) shortens the sequence; remove() gives back the never-patched logits bit for bit.
+
+    Two models from `build_model` (same weights): one is patched, the other never is and must stay
+    unaffected while the first is (the class is not touched). After remove() the instance holds none
+    of VisionZip's attributes.
+    """
+    never_patched, model = build_model(), build_model()
+    with torch.no_grad():
+        expected = never_patched(**inputs).logits
+        visionzip.apply(model, **config)
+        reduced = model(**inputs).logits
+        assert torch.equal(never_patched(**inputs).logits, expected)
+        visionzip.remove(model)
+        restored = model(**inputs).logits
+    assert reduced.shape[1] < expected.shape[1]
+    assert torch.equal(restored, expected)
+    assert not {"forward", "generate", STATE_ATTRIBUTE} & model.__dict__.keys()
+
+
+# What Qwen's get_rope_index reads besides input_ids, where the inputs hold it.
+_ROPE_INPUTS = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "attention_mask")
+
+
+def original_rope_positions(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """The 3-D M-RoPE positions (3, batch, sequence) that a Qwen model gives the unreduced `inputs`."""
+    extra = {key: inputs[key] for key in _ROPE_INPUTS if key in inputs}
+    positions, _ = model.model.get_rope_index(inputs["input_ids"], **extra)
+    return positions
