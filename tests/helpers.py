@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
+import pytest
 import torch
 
 import visionzip
@@ -41,6 +42,15 @@ def removed_after(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     yield model
     if visionzip.is_applied(model):
         visionzip.remove(model)
+
+
+def assert_apply_refused(model: torch.nn.Module, error: type[Exception], match: str, **config: object) -> None:
+    """apply(model, **config) raises `error` matching `match` and leaves the instance as it was."""
+    attributes = set(model.__dict__)
+    with pytest.raises(error, match=match):
+        visionzip.apply(model, **config)
+    assert model.__dict__.keys() == attributes
+    assert not visionzip.is_applied(model)
 
 
 def visual_tokens_reaching_llm(model: torch.nn.Module, prepared: dict, token_id: int = IMAGE_TOKEN_ID) -> torch.Tensor:

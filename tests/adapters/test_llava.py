@@ -9,6 +9,7 @@ import visionzip
 from conftest import IMAGE_TOKEN_ID, make_llava, make_llava_processor, random_images
 from helpers import (
     LanguageModelSpy,
+    assert_apply_refused,
     assert_batch_equals_singles,
     assert_remove_restores_bit_identical_logits,
     removed_after,
@@ -194,11 +195,7 @@ def test_config_object_and_fields(fresh_llava):
     ],
 )
 def test_bad_config_leaves_model_untouched(fresh_llava, kwargs, error, match):
-    before = dict(fresh_llava.__dict__)
-    with pytest.raises(error, match=match):
-        visionzip.apply(fresh_llava, **kwargs)
-    assert fresh_llava.__dict__.keys() == before.keys()
-    assert not visionzip.is_applied(fresh_llava)
+    assert_apply_refused(fresh_llava, error, match, **kwargs)
 
 
 def test_unsupported_family():

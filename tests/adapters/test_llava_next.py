@@ -9,6 +9,7 @@ import visionzip
 from conftest import random_images
 from families import IMAGE_TOKEN_ID, make_llava_next, make_llava_next_processor
 from helpers import (
+    assert_apply_refused,
     assert_batch_equals_singles,
     assert_remove_restores_bit_identical_logits,
     removed_after,
@@ -177,9 +178,7 @@ def test_labels_shrink_with_the_sequence(model, processor, images):
     ],
 )
 def test_bad_budgets_are_refused_at_apply(model, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        visionzip.apply(model, **kwargs)
-    assert not visionzip.is_applied(model)
+    assert_apply_refused(model, ValueError, match, **kwargs)
 
 
 def test_full_feature_strategy_is_refused():

@@ -12,6 +12,7 @@ import visionzip
 from conftest import clip_vision_config, random_images
 from families import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, make_onevision, make_onevision_processor, random_video
 from helpers import (
+    assert_apply_refused,
     assert_batch_equals_singles,
     assert_remove_restores_bit_identical_logits,
     generated_tokens,
@@ -217,9 +218,7 @@ def test_image_budget_larger_than_the_placeholders(model, processor, images):
     ],
 )
 def test_bad_configs_are_refused_at_apply(model, kwargs, error, match):
-    with pytest.raises(error, match=match):
-        visionzip.apply(model, **kwargs)
-    assert not visionzip.is_applied(model)
+    assert_apply_refused(model, error, match, **kwargs)
 
 
 def test_unsupported_model_variants():

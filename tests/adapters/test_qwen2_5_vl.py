@@ -13,7 +13,7 @@ from transformers.vision_utils import get_vision_window_index
 import visionzip
 from conftest import QWEN_VIDEO_TOKEN_ID, make_qwen2_5_vl, make_qwen_processor, qwen_inputs_by_hand, qwen_prompt
 from conftest import random_images as make_images
-from helpers import original_rope_positions
+from helpers import assert_apply_refused, original_rope_positions
 from visionzip.adapters.qwen2_vl import QWEN_TOWER_LAYOUTS, probe_qwen_tower
 
 
@@ -56,9 +56,7 @@ def test_window_permutation_is_undone(pixels):
 def test_tower_without_full_attention_block_is_refused():
     model = make_qwen2_5_vl()
     model.model.visual.fullatt_block_indexes = []
-    with pytest.raises(ValueError, match="no full-attention block"):
-        visionzip.apply(model, dominant=8, contextual=4)
-    assert not visionzip.is_applied(model)
+    assert_apply_refused(model, ValueError, "no full-attention block", dominant=8, contextual=4)
 
 
 def test_video_time_spacing_is_kept(processor):

@@ -23,6 +23,7 @@ from conftest import (
 )
 from helpers import (
     LanguageModelSpy,
+    assert_apply_refused,
     assert_batch_equals_singles,
     assert_remove_restores_bit_identical_logits,
     original_rope_positions,
@@ -276,9 +277,7 @@ def test_budget_larger_than_an_image_is_an_error(family, processor, qwen_images)
 
 def test_bad_config_and_inputs(family, processor, qwen_images):
     model = FAMILIES[family]()
-    with pytest.raises(ValueError, match="feature_layer: Qwen2-VL"):
-        visionzip.apply(model, dominant=8, contextual=4, feature_layer=-2)
-    assert not visionzip.is_applied(model)
+    assert_apply_refused(model, ValueError, "feature_layer: Qwen2-VL", dominant=8, contextual=4, feature_layer=-2)
     visionzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
     inputs = batch_inputs(processor, qwen_images)
     without_grid = {k: v for k, v in inputs.items() if k != "image_grid_thw"}
