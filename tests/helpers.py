@@ -11,6 +11,13 @@ import visionzip
 from conftest import IMAGE_TOKEN_ID
 from visionzip.api import STATE_ATTRIBUTE
 
+# A dialogue for run_dialogue (test_conversation.py): an image, a text-only follow-up, a second image.
+TWO_IMAGE_TURNS = [
+    ("USER: <image> what is in the image ? ASSISTANT:", True),
+    ("USER: how many are there ? ASSISTANT:", False),
+    ("USER: <image> what is left of ? ASSISTANT:", True),
+]
+
 
 class LanguageModelSpy:
     """Records the `inputs_embeds` of every call into a model's language model; use as a context manager."""

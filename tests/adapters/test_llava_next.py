@@ -9,6 +9,7 @@ import visionzip
 from conftest import random_images
 from families import IMAGE_TOKEN_ID, make_llava_next, make_llava_next_processor
 from helpers import (
+    TWO_IMAGE_TURNS,
     assert_apply_refused,
     assert_batch_equals_singles,
     assert_remove_restores_bit_identical_logits,
@@ -219,12 +220,9 @@ def test_other_methods_keep_the_budget(model, processor, images, method):
 
 
 def test_conversation_turns_equal_fresh_runs(model, images):
-    turns = [
-        ("USER: <image> what is in the image ? ASSISTANT:", True),
-        ("USER: how many are there ? ASSISTANT:", False),
-        ("USER: <image> what is left of ? ASSISTANT:", True),
-    ]
     visionzip.apply(model, dominant=54, contextual=10)
-    chat, tower_calls = run_dialogue(model, make_llava_next_processor(), turns, images[:2], model.model.vision_tower)
+    chat, tower_calls = run_dialogue(
+        model, make_llava_next_processor(), TWO_IMAGE_TURNS, images[:2], model.model.vision_tower
+    )
     assert tower_calls == 2  # once per image, in the turn that brings it
     assert int((chat.input_ids == IMAGE_TOKEN_ID).sum()) == (3 + 4) * 64

@@ -12,6 +12,7 @@ import visionzip
 from conftest import clip_vision_config, random_images
 from families import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, make_onevision, make_onevision_processor, random_video
 from helpers import (
+    TWO_IMAGE_TURNS,
     assert_apply_refused,
     assert_batch_equals_singles,
     assert_remove_restores_bit_identical_logits,
@@ -247,12 +248,9 @@ def test_mismatched_inputs_are_refused(model, processor, images, videos):
 
 
 def test_conversation_turns_equal_fresh_runs(model, images):
-    turns = [
-        ("USER: <image> what is in the image ? ASSISTANT:", True),
-        ("USER: how many are there ? ASSISTANT:", False),
-        ("USER: <image> what is left of ? ASSISTANT:", True),
-    ]
     visionzip.apply(model, dominant=8, contextual=2)
-    chat, tower_calls = run_dialogue(model, make_onevision_processor(), turns, images[:2], model.model.vision_tower)
+    chat, tower_calls = run_dialogue(
+        model, make_onevision_processor(), TWO_IMAGE_TURNS, images[:2], model.model.vision_tower
+    )
     assert tower_calls == 2  # once per image, in the turn that brings it
     assert int((chat.input_ids == IMAGE_TOKEN_ID).sum()) == (4 + 5) * 10
