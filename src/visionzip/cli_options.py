@@ -33,8 +33,9 @@ def add_budget_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="visionzip", help="reduction method ('visionzip info'; default visionzip)")
 
 
-def budget_from_args(args: argparse.Namespace) -> int | tuple[int, int]:
-    """The budget the options give: `--tokens N`, or (`--dominant`, `--contextual`) given together; default 64."""
+def budget_from_args(args: argparse.Namespace, default: int | None = DEFAULT_TOKENS) -> int | tuple[int, int] | None:
+    """The budget the options give: `--tokens N`, or (`--dominant`, `--contextual`) given together; `default`
+    (64 tokens, or None for commands whose budget is optional) when none is given."""
     tokens, dominant, contextual = args.tokens, args.dominant, args.contextual
     if tokens is not None:
         check_int("tokens", tokens, 1)
@@ -49,7 +50,7 @@ def budget_from_args(args: argparse.Namespace) -> int | tuple[int, int]:
         if dominant is None or contextual is None:
             raise ValueError("--dominant and --contextual must be given together")
         return dominant, contextual
-    return DEFAULT_TOKENS if tokens is None else tokens
+    return default if tokens is None else tokens
 
 
 def config_from_args(args: argparse.Namespace) -> VisionZipConfig:

@@ -961,25 +961,13 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     sub.set_defaults(run=_run)
 
 
-def _config_from_args(args: argparse.Namespace) -> VisionZipConfig:
-    from visionzip.cli import UserError
-
-    if args.tokens is not None:
-        if args.dominant is not None or args.contextual is not None:
-            raise UserError("give either --tokens or --dominant/--contextual, not both")
-        return VisionZipConfig.from_tokens(args.tokens, method=args.method)
-    defaults = VisionZipConfig()
-    dominant = args.dominant if args.dominant is not None else defaults.dominant
-    contextual = args.contextual if args.contextual is not None else defaults.contextual
-    return VisionZipConfig(dominant=dominant, contextual=contextual, method=args.method)
-
-
 def _run(args: argparse.Namespace) -> int:
     import tempfile
 
     from visionzip.cli import UserError
+    from visionzip.cli_options import config_from_args
 
-    config = _config_from_args(args)
+    config = config_from_args(args)
     if args.data is not None:
         return _finetune_from_args(args, config, args.data)
     if args.model is not None:

@@ -141,7 +141,7 @@ def test_cli_export(tiny_dir, tmp_path, capsys):
     assert "108 + 20 = 128 tokens per image" in capsys.readouterr().out
     assert json.loads((out / CONFIG_FILENAME).read_text())["dominant"] == 108
     assert cli_main(["export", "--model", str(tiny_dir), "-o", str(tmp_path / "x"), "--dominant", "20"]) == 2
-    assert "--dominant and --contextual go together" in capsys.readouterr().err
+    assert "--dominant and --contextual must be given together" in capsys.readouterr().err
     args = ["export", "--model", str(tiny_dir), "-o", str(tmp_path / "y"), "--dominant", "600", "--contextual", "0"]
     assert cli_main(args) == 2
     error = capsys.readouterr().err.strip()
