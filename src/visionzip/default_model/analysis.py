@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data
+from . import build, data
+from .budgets import accuracy_cells
 
 # A patch counts as an object patch when its label (``data.patch_labels``) is not background.
 _BACKGROUND = 0
@@ -68,10 +69,7 @@ def first_token_answers(
 ) -> list[int]:
     """Argmax token after each prompt. Image tokens sit at ``image_positions``; the text continues from
     ``num_image_tokens`` (577 keeps the text where it is with all tokens; T = renumbered as LLaVA does)."""
-    prompts = [
-        tokenizer(data.format_prompt(q).replace("<image>", ""), add_special_tokens=False)["input_ids"]
-        for q in questions
-    ]
+    prompts = [build.prompt_text_ids(tokenizer, q) for q in questions]
     tokens = image_embeds.shape[0]
     length = tokens + max(len(p) for p in prompts)
     embed = model.get_input_embeddings()
@@ -109,6 +107,7 @@ def analyse(
     model.eval()
     tokenizer = processor.tokenizer
     variants = list(variants or default_variants(dominant, contextual))
+    needed = {("visionzip", "target_plus_mean"), ("random", "target_plus_mean")}  # placement statistics
     by_scene = data.group_by_scene(records)
     scenes = list(by_scene)
     hits: dict[str, dict[str, list[int]]] = {}
@@ -125,9 +124,14 @@ def analyse(
             model.model.vision_tower, pixels["pixel_values"], feature_layer=model.config.vision_feature_layer
         )
         num_tokens = probe.features.shape[1]
-        reference = VisionZipConfig(dominant=dominant, contextual=contextual)
-        vz = get_method("visionzip")(probe, reference)
-        rnd = get_method("random")(probe, reference)
+        # Each method and merge mode reduces the chunk once, for the statistics and the variants alike.
+        reductions = {
+            (method, merge): get_method(method)(
+                probe, VisionZipConfig(dominant=dominant, contextual=contextual, method=method, merge=merge)
+            )
+            for method, merge in {*needed, *((v.method, v.merge) for v in variants)}
+        }
+        vz, rnd = reductions["visionzip", "target_plus_mean"], reductions["random", "target_plus_mean"]
         patch_norm = probe.features[:, 1:].norm(dim=-1)  # (B, 576)
         for b, s in enumerate(chunk):
             objects = data.scene_objects(seed, "test", s)
@@ -152,8 +156,7 @@ def analyse(
             ("full", probe.features, [torch.arange(num_tokens)] * len(chunk), num_tokens)
         ]
         for v in variants:
-            config = VisionZipConfig(dominant=dominant, contextual=contextual, method=v.method, merge=v.merge)
-            red = get_method(v.method)(probe, config)
+            red = reductions[v.method, v.merge]
             tokens = red.features.shape[1]
             if v.original_positions:
                 pos = [token_positions(red.groups[b], red.kept_indices[b], contextual) for b in range(len(chunk))]
@@ -185,8 +188,7 @@ def markdown(result: dict) -> str:
     lines += [f"| {k} | {v:.3f} |" for k, v in result["placement"].items()]
     lines += ["", "| setting | overall | retained | " + " | ".join(types) + " |", "|---|---|---|" + "---|" * len(types)]
     for label, row in result["accuracy"].items():
-        cells = " | ".join(f"{100 * row[t]:.1f}" for t in types)
-        lines.append(f"| {label} | {100 * row['overall']:.1f} | {100 * row['overall'] / full:.1f} % | {cells} |")
+        lines.append(f"| {label} | {accuracy_cells(row, full)} |")
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import data
+from . import build, data
 
 # (dominant, contextual) splits of the VisionZip paper for LLaVA-1.5.
 PAPER_BUDGETS = ((162, 30), (108, 20), (54, 10))
@@ -29,11 +29,7 @@ def _answer(model, tokenizer, image_embeds: torch.Tensor, questions: Sequence[st
     """Greedy answers for questions about one image whose projected tokens are ``image_embeds`` (T, d)."""
     image_id = model.config.image_token_id
     tokens = image_embeds.shape[0]
-    rows = [
-        [image_id] * tokens
-        + tokenizer(data.format_prompt(q).replace("<image>", ""), add_special_tokens=False)["input_ids"]
-        for q in questions
-    ]
+    rows = [[image_id] * tokens + build.prompt_text_ids(tokenizer, q) for q in questions]
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -90,6 +86,14 @@ def evaluate_budgets(
     return {label: data.accuracy_summary(per_type) for label, per_type in hits.items()}
 
 
+def accuracy_cells(row: dict, full: float, bold: bool = False) -> str:
+    """``overall | retained | per-type`` cells of one accuracy row, in percent (retained: share of ``full``)."""
+    overall = f"{100 * row['overall']:.1f}"
+    retained = f"{100 * row['overall'] / full:.1f} %" if full else "-"
+    types = " | ".join(f"{100 * row[t]:.1f}" for t in data.QUESTION_TYPES)
+    return f"{f'**{overall}**' if bold else overall} | {retained} | {types}"
+
+
 def markdown_table(results: dict[str, dict]) -> str:
     """Rows: settings; columns: overall exact match, its share of the all-token accuracy, and per-type exact
     match, in percent."""
@@ -101,9 +105,7 @@ def markdown_table(results: dict[str, dict]) -> str:
     ]
     for label, row in results.items():
         method, tokens = label.split("@")
-        cells = " | ".join(f"{100 * row[t]:.1f}" for t in types)
-        retained = f"{100 * row['overall'] / full:.1f} %" if full else "-"
-        lines.append(f"| {method} | {tokens} | **{100 * row['overall']:.1f}** | {retained} | {cells} |")
+        lines.append(f"| {method} | {tokens} | {accuracy_cells(row, full, bold=True)} |")
     return "\n".join(lines)
 
 

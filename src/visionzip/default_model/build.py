@@ -55,6 +55,11 @@ class TextModelSize:
     max_position_embeddings: int = 1024
 
 
+def prompt_text_ids(tokenizer: PreTrainedTokenizerFast, question: str) -> list[int]:
+    """Token ids of the prompt after the image placeholders (what the processor puts after them)."""
+    return tokenizer(data.format_prompt(question).replace(IMAGE_TOKEN, ""), add_special_tokens=False)["input_ids"]
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the closed vocabulary of the data (lower-cased, punctuation split)."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers

@@ -170,7 +170,6 @@ class Packer:
     """Turns (image index, questions) into packed sequences with block masks."""
 
     tokenizer: object
-    prefix_ids: list[int] = field(init=False)
     cache: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -180,8 +179,7 @@ class Packer:
     def prompt_ids(self, question: str) -> list[int]:
         # Same tokens the processor produces after the image placeholders.
         if question not in self.cache:
-            text = data.format_prompt(question).replace(build.IMAGE_TOKEN, "")
-            self.cache[question] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            self.cache[question] = build.prompt_text_ids(self.tokenizer, question)
         return self.cache[question]
 
     def answer_id(self, answer: str) -> int:
