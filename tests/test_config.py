@@ -54,3 +54,12 @@ def test_split_budget_rejects_bad_tokens():
         split_budget(0)
     with pytest.raises(TypeError, match="tokens"):
         split_budget("64")
+
+
+def test_from_budget_takes_a_total_or_a_pair():
+    assert VisionZipConfig.from_budget(128) == VisionZipConfig(dominant=108, contextual=20)
+    assert VisionZipConfig.from_budget((40, 6), method="pool") == VisionZipConfig(40, 6, method="pool")
+    with pytest.raises(ValueError, match=r"budget must be a token count or \(dominant, contextual\)"):
+        VisionZipConfig.from_budget((1, 2, 3))
+    with pytest.raises(ValueError, match="dominant"):
+        VisionZipConfig.from_budget((0, 6))

@@ -40,15 +40,6 @@ FALLBACK_QUESTIONS = ("what shape is in the image ?", "how many shapes are there
 # --- the computation -------------------------------------------------------------------------
 
 
-def budget_config(budget: int | Sequence[int], method: str = "visionzip") -> VisionZipConfig:
-    """VisionZipConfig for a total token budget (split as the paper does) or a (dominant, contextual) pair."""
-    if isinstance(budget, (tuple, list)):
-        if len(budget) != 2:
-            raise ValueError(f"budget must be a token count or (dominant, contextual), got {budget!r}")
-        return VisionZipConfig(dominant=budget[0], contextual=budget[1], method=method)
-    return VisionZipConfig.from_tokens(budget, method=method)
-
-
 def _check_image(image: Image.Image | str | Path) -> Image.Image:
     if isinstance(image, (str, Path)):
         return load_image(image)
@@ -108,7 +99,7 @@ def ask(
     adapter_class_for(model)
     image = _check_image(image)
     question = _check_question(question)
-    config = budget_config(budget, method)
+    config = VisionZipConfig.from_budget(budget, method=method)
     repeats = check_int("repeats", repeats, 1, 100)
     if not isinstance(heatmap, bool):
         raise TypeError(f"heatmap must be True or False, got {heatmap!r}")
@@ -249,7 +240,7 @@ def build_app(
     adapter_class_for(model)
     repeats = check_int("repeats", repeats, 1, 100)
     largest = tokens_per_image(model, processor)  # the page offers budgets up to all tokens
-    default_split = budget_config(min(DEFAULT_BUDGET, largest))
+    default_split = VisionZipConfig.from_budget(min(DEFAULT_BUDGET, largest))
 
     # The events take the components' raw values (preprocess=False), so that a file that is not an
     # image reaches load_image and gets its one-line message instead of a decoding error from gradio.

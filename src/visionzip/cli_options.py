@@ -55,9 +55,7 @@ def budget_from_args(args: argparse.Namespace, default: int | None = DEFAULT_TOK
 
 def config_from_args(args: argparse.Namespace) -> VisionZipConfig:
     """VisionZipConfig of the budget options and --method (bad values fail here, before any loading)."""
-    from visionzip.app import budget_config  # the web demo's budget fields resolve the same way
-
-    return budget_config(budget_from_args(args), args.method)
+    return VisionZipConfig.from_budget(budget_from_args(args), method=args.method)
 
 
 def add_variant_options(parser: argparse.ArgumentParser, *, methods_help: str, tokens_help: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -114,6 +115,15 @@ class VisionZipConfig:
         """Config for a total budget, split as the paper does (64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30)."""
         dominant, contextual = split_budget(tokens)
         return cls(dominant=dominant, contextual=contextual, **kwargs)
+
+    @classmethod
+    def from_budget(cls, budget: int | Sequence[int], **kwargs: Any) -> VisionZipConfig:
+        """Config for a total budget (split as `from_tokens` does) or a (dominant, contextual) pair."""
+        if isinstance(budget, (tuple, list)):
+            if len(budget) != 2:
+                raise ValueError(f"budget must be a token count or (dominant, contextual), got {budget!r}")
+            return cls(dominant=budget[0], contextual=budget[1], **kwargs)
+        return cls.from_tokens(budget, **kwargs)
 
     def per_unit(self, units: int) -> VisionZipConfig:
         """The config one crop (or frame) gets when an image (or video) is split into `units` of them.

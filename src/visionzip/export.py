@@ -139,13 +139,12 @@ def export_model(
 
 
 def _run(args: argparse.Namespace) -> int:
-    from visionzip.app import budget_config
     from visionzip.cli_options import budget_from_args
 
     budget = budget_from_args(args, default=None)  # none: the source directory's saved budget, if any
     if budget is None and args.method is not None:
         raise ValueError("--method needs a budget: pass --dominant and --contextual, or --tokens")
-    config = None if budget is None else budget_config(budget, args.method or "visionzip")
+    config = None if budget is None else VisionZipConfig.from_budget(budget, method=args.method or "visionzip")
     if args.plain and (config is not None or args.method is not None):
         raise ValueError("--plain writes vLLM's own LLaVA with every visual token: it takes no budget or --method")
     config = export_model(args.model, args.output, config, overwrite=args.force, plugin=not args.plain)
