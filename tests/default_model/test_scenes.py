@@ -54,3 +54,14 @@ def test_group_by_scene_and_accuracy_summary():
     assert all(r.scene_index == s for s, recs in grouped.items() for r in recs)
     summary = data.accuracy_summary({"count": [1, 0], "exist": [1, 1, 1, 0]})
     assert summary == {"count": 0.5, "exist": 0.75, "overall": 4 / 6, "questions": 6}
+
+
+def test_group_by_scene_and_accuracy_summary_reject_empty_or_foreign_input():
+    import pytest
+
+    with pytest.raises(ValueError, match="records must not be empty"):
+        data.group_by_scene([])
+    with pytest.raises(TypeError, match="records must hold Record items, got dict"):
+        data.group_by_scene([{"question": "q"}])
+    with pytest.raises(ValueError, match="hits must hold at least one question"):
+        data.accuracy_summary({"count": []})

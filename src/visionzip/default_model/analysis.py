@@ -100,10 +100,12 @@ def analyse(
 ) -> dict:
     """Placement statistics and per-variant accuracy (see the module docstring) on ``records`` of the test
     split generated with ``seed``."""
-    from visionzip.config import VisionZipConfig
+    from visionzip.config import VisionZipConfig, check_int
     from visionzip.methods import get_method
     from visionzip.probe import probe_vision_tower
 
+    VisionZipConfig(dominant=dominant, contextual=contextual)  # a bad budget fails before the tower runs
+    images_per_batch = check_int("images_per_batch", images_per_batch, 1)
     model.eval()
     tokenizer = processor.tokenizer
     variants = list(variants or default_variants(dominant, contextual))
@@ -201,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--contextual", type=int, default=10)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.images < 1:
+        parser.error(f"--images must be >= 1, got {args.images}")
     from . import load_default_model
 
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -52,10 +52,14 @@ def evaluate_budgets(
     images_per_batch: int = 8,
 ) -> dict[str, dict]:
     """Exact-match accuracy per ``"method@tokens"`` (plus ``"full@577"``), overall and per question type."""
-    from visionzip.config import VisionZipConfig
+    from visionzip.config import VisionZipConfig, check_int
     from visionzip.methods import get_method
     from visionzip.probe import probe_vision_tower
 
+    for dominant, contextual in budgets:  # bad budgets and methods fail before the tower runs
+        for method in methods:
+            VisionZipConfig(dominant=dominant, contextual=contextual, method=method)
+    images_per_batch = check_int("images_per_batch", images_per_batch, 1)
     model.eval()
     tokenizer = processor.tokenizer
     by_scene = data.group_by_scene(records)
@@ -116,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.images < 1:
+        parser.error(f"--images must be >= 1, got {args.images}")
     from . import load_default_model
 
     torch.set_num_threads(min(2, torch.get_num_threads()))

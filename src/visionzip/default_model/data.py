@@ -369,14 +369,20 @@ def iter_split(split: str, num_images: int, seed: int = 0, per_type: int = 1) ->
 
 def group_by_scene(records: Sequence[Record]) -> dict[int, list[Record]]:
     """The records of each scene, scenes in ascending order (so that each scene's image is processed once)."""
+    if not records:
+        raise ValueError("records must not be empty")
     by_scene: dict[int, list[Record]] = {}
     for rec in records:
+        if not isinstance(rec, Record):
+            raise TypeError(f"records must hold Record items, got {type(rec).__name__}")
         by_scene.setdefault(rec.scene_index, []).append(rec)
     return dict(sorted(by_scene.items()))
 
 
 def accuracy_summary(hits: dict[str, list[int]]) -> dict:
     """Exact match per question type and overall, from 0/1 hits grouped by type, plus the question count."""
+    if not any(hits.values()):
+        raise ValueError("hits must hold at least one question")
     summary: dict = {t: float(np.mean(v)) for t, v in sorted(hits.items())}
     summary["overall"] = float(np.mean([x for v in hits.values() for x in v]))
     summary["questions"] = sum(len(v) for v in hits.values())
