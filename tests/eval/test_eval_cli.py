@@ -27,7 +27,9 @@ def run(paths, out, *extra):
     return main([*argv, "--batch-size", "4", "--json", str(out), *extra])
 
 
-def test_results_resume_and_plot(paths, tmp_path, capsys):
+def test_results_resume_and_plot(paths, tmp_path, capsys, monkeypatch):
+    # A narrow terminal: status lines that hold a path must still come out whole.
+    monkeypatch.setenv("COLUMNS", "40")
     out, picture = tmp_path / "eval.json", tmp_path / "eval.png"
     assert run(paths, out, "--methods", "visionzip", "--tokens", "64") == 0
     first = json.loads(out.read_text())

@@ -146,7 +146,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(check_int("--threads", args.threads, 1))
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # status lines hold paths: never break them
     with console.status("loading model"):
         model, processor, name, budgets, image, question = load_subject(args)
         variants = variants_from_args(args, budgets, model, console)

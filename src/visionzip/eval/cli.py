@@ -118,7 +118,7 @@ def run_eval(args: argparse.Namespace) -> int:
     variants_from_args(args, DEFAULT_BUDGETS)  # bad names and budgets fail before loading
     check_device(args.device)
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # status lines hold paths: never break them
     with console.status("loading data and model"):
         if args.data is not None:
             data = jsonl_set(args.data, limit, on_error=args.on_error)
