@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,12 +265,17 @@ def _balanced_choice(rng: np.random.Generator, questions: list[Question]) -> Que
     return matching[int(rng.integers(len(matching)))]
 
 
-def sample_questions(objects: Sequence[SceneObject], rng: np.random.Generator, per_type: int = 1) -> list[Question]:
-    """Up to ``per_type`` distinct questions of each type, answer-balanced."""
+def sample_questions(
+    objects: Sequence[SceneObject],
+    rng: np.random.Generator,
+    per_type: int = 1,
+    keep: Callable[[Question], bool] | None = None,
+) -> list[Question]:
+    """Up to ``per_type`` distinct questions of each type, answer-balanced (among those ``keep`` accepts)."""
     pool = question_pool(objects)
     chosen: list[Question] = []
     for qtype in QUESTION_TYPES:
-        candidates = list(pool[qtype])
+        candidates = [q for q in pool[qtype] if keep is None or keep(q)]
         for _ in range(per_type):
             if not candidates:
                 break
@@ -300,6 +305,52 @@ def patch_labels(objects: Sequence[SceneObject], patch: int = 14) -> np.ndarray:
 
 
 NUM_PATCH_CLASSES = 1 + 3 * len(SHAPES)
+GRID = IMAGE_SIZE // 14
+
+
+def centre_patches(objects: Sequence[SceneObject], patch: int = 14) -> np.ndarray:
+    """Raster index of the patch holding each object's centre (training only)."""
+    grid = IMAGE_SIZE // patch
+    return np.array([int(o.y // patch) * grid + int(o.x // patch) for o in objects], dtype=np.int64)
+
+
+_EXTREMES = {
+    "leftmost": lambda o: o.x,
+    "rightmost": lambda o: -o.x,
+    "topmost": lambda o: o.y,
+    "bottommost": lambda o: -o.y,
+}
+_NOUNS = {"object": None, "objects": None, **{s: s for s in SHAPES}, **{_plural(s): s for s in SHAPES}}
+
+
+def question_words(question: str) -> list[str]:
+    """The question as the word-level tokenizer splits it (lower case, '?' apart)."""
+    return question.lower().replace("?", " ?").split()
+
+
+def referents(question: str, objects: Sequence[SceneObject]) -> list[tuple[int, list[SceneObject]]]:
+    """Every noun of a question with the objects it denotes: ``(word index, objects)`` (training only).
+
+    A noun takes the size word or extreme word right before it ("small star", "leftmost object"); a bare
+    "object(s)" denotes every object. Used for dense targets on the question's own tokens.
+    """
+    words = question_words(question)
+    found = []
+    for i, word in enumerate(words):
+        if word not in _NOUNS:
+            continue
+        shape = _NOUNS[word]
+        before = words[i - 1] if i else ""
+        matching = [o for o in objects if shape is None or o.shape == shape]
+        if before in SIZES:
+            matching = [o for o in matching if o.size == before]
+        elif before in _EXTREMES:
+            ordered = sorted(matching, key=_EXTREMES[before])
+            matching = ordered[:1]
+        found.append((i, matching))
+    return found
+
+
 NUM_SUMMARY_COUNTS = 1 + len(SHAPES) + len(SIZES)
 
 

@@ -1,13 +1,14 @@
 """Rebuild the default model's weights from a seed (2 CPU cores, under an hour).
 
 Steps: render scenes -> run the frozen DINOv2 tower once per scene and cache its layer -2 features (with
-[CLS]) -> train projector + language model on the cached features -> measure held-out accuracy with the
-assembled ``LlavaForConditionalGeneration`` -> write the package payload.
+[CLS]) -> train projector + language model, reading exact "scene codes" of fresh scenes and the cached real
+features side by side -> measure held-out accuracy with the assembled ``LlavaForConditionalGeneration`` ->
+write the package payload. ``MODEL_CARD.md`` explains each part of the recipe.
 
 Training packs many questions about one image into a single sequence. A block attention mask lets every
 question see the image and its own tokens only, and its positions restart right after the image, so each
 packed question is computed exactly as a stand-alone ``<image>\\nQuestion: ... Answer:`` prompt while the
-577 image tokens are processed once.
+image tokens are processed once.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -97,11 +98,45 @@ def feature_stats(features: np.ndarray, num_images: int = 256) -> tuple[torch.Te
 # --------------------------------------------------------------------------- model
 
 
+class SceneCoder(nn.Module):
+    """Training-only "scene codes": exact image tokens built from a scene's ground truth.
+
+    Each patch token is the sum of learned embeddings of its class (background or shape x size), whether it
+    holds an object's centre, its row and its column; [CLS] has a token of its own. The language model first
+    learns to read these on unlimited fresh scenes (no tower needed), while the projector learns to map the
+    real tower features onto them.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(hidden) * 0.5)
+        self.kind = nn.Embedding(data.NUM_PATCH_CLASSES, hidden)
+        self.centre = nn.Embedding(2, hidden)
+        self.row = nn.Embedding(data.GRID, hidden)
+        self.col = nn.Embedding(data.GRID, hidden)
+        for emb in (self.kind, self.centre, self.row, self.col):
+            nn.init.normal_(emb.weight, std=0.5)
+        grid = torch.arange(data.GRID * data.GRID)
+        self.register_buffer("rows", grid // data.GRID, persistent=False)
+        self.register_buffer("cols", grid % data.GRID, persistent=False)
+
+    def forward(self, labels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """(B, 576) patch classes and centre flags -> (B, 577, hidden) tokens, [CLS] first."""
+        patches = self.kind(labels) + self.centre(centres) + self.row(self.rows) + self.col(self.cols)
+        cls = self.cls.expand(labels.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1)
+
+
+# Referent head outputs: how many objects a noun denotes, and for a single one its shape, size, row, column.
+_REFERENT_SPLITS = (data.MAX_OBJECTS + 1, len(data.SHAPES), len(data.SIZES), data.GRID, data.GRID)
+
+
 class TrainableVLM(nn.Module):
     """Projector + Llama LM over cached tower features; maps 1:1 onto ``LlavaForConditionalGeneration``.
 
     The projector input is standardised with fixed statistics during training; the standardisation is
-    folded into ``linear_1`` on export, so the shipped model reads raw tower features.
+    folded into ``linear_1`` on export, so the shipped model reads raw tower features. The scene coder and
+    the two heads on the question's nouns are training-only and never exported.
     """
 
     def __init__(self, config, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -115,29 +150,31 @@ class TrainableVLM(nn.Module):
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(text.hidden_size, text.hidden_size)
         self.lm = LlamaForCausalLM(text)
-        # Training-only heads (never exported): dense per-patch targets teach the image positions to carry
-        # object identity early, which the question tokens then learn to read.
-        self.aux_patch = nn.Linear(text.hidden_size, data.NUM_PATCH_CLASSES)
-        self.aux_count = nn.Linear(text.hidden_size, data.NUM_SUMMARY_COUNTS * (data.MAX_OBJECTS + 1))
+        self.coder = SceneCoder(text.hidden_size)
+        self.referent_head = nn.Linear(text.hidden_size, sum(_REFERENT_SPLITS))
+        # Is the first noun's object left of / right of / above / below the second's, read at the second.
+        self.relation_head = nn.Linear(text.hidden_size, 4)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1((features - self.feat_mean) / self.feat_std)))
 
-    def forward(self, features, input_ids, attention_mask, position_ids, aux_layer: int | None = None):
-        """Text-position hidden states; with ``aux_layer``, also that layer's image-position states."""
-        image = self.project(features)
+    def forward(self, image, input_ids, attention_mask, position_ids, layers: Sequence[int] = ()):
+        """Final text-position hidden states, then those of each layer in ``layers``.
+
+        ``image`` holds already embedded image tokens (projected features or scene codes), padded to one length.
+        """
         text = self.lm.get_input_embeddings()(input_ids)
-        embeds = torch.cat([image, text], dim=1)
+        embeds = torch.cat([image.to(text.dtype), text], dim=1)
         hidden = self.lm.model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            output_hidden_states=aux_layer is not None,
+            output_hidden_states=bool(layers),
         )
-        text_hidden = hidden.last_hidden_state[:, image.shape[1] :]
-        if aux_layer is None:
-            return text_hidden
-        return text_hidden, hidden.hidden_states[aux_layer][:, : image.shape[1]]
+        n_img = image.shape[1]
+        out = [hidden.last_hidden_state[:, n_img:]]
+        out += [hidden.hidden_states[k][:, n_img:] for k in layers]
+        return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm.lm_head(hidden)
@@ -166,8 +203,18 @@ class TrainableVLM(nn.Module):
 
 
 @dataclass
+class Packed:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor  # (B, 1, L, L) bool
+    position_ids: torch.Tensor
+    answer_pos: list[tuple[int, int]]  # (row, text column) that predicts each question's answer
+    question_start: list[tuple[int, int]]  # (row, text column) of each question's first token
+
+
+@dataclass
 class Packer:
-    """Turns (image index, questions) into packed sequences with block masks."""
+    """Turns (image tokens, questions) into packed sequences with block masks."""
 
     tokenizer: object
     cache: dict[str, list[int]] = field(default_factory=dict)
@@ -185,15 +232,23 @@ class Packer:
     def answer_id(self, answer: str) -> int:
         return self.tokenizer.convert_tokens_to_ids(answer)
 
-    def pack(self, batch: Sequence[Sequence[data.Question]], with_answers: bool = True):
-        """Returns input_ids, labels, 4-D bool mask, position ids and (row, col) of each answer prediction."""
-        n_img = build.NUM_IMAGE_TOKENS
-        rows, labels, segments, answer_pos = [], [], [], []
+    def pack(
+        self, batch: Sequence[Sequence[data.Question]], image_lengths: Sequence[int], with_answers: bool = True
+    ) -> Packed:
+        """Row ``b`` holds ``image_lengths[b]`` image tokens (padded to the longest) and its questions.
+
+        Image tokens take positions ``0..n-1`` and every question restarts at ``n``, exactly like a
+        stand-alone ``<image>\\nQuestion: ... Answer:`` prompt with ``n`` image tokens (as after a
+        reduction); padded image slots are seen by nobody.
+        """
+        n_max = max(image_lengths)
+        rows, labels, segments, answer_pos, starts = [], [], [], [], []
         for b, questions in enumerate(batch):
             ids, lab, seg = [], [], []
             for j, q in enumerate(questions):
                 p = self.prompt_ids(q.question)
                 tail = [self.answer_id(q.answer), self.eos] if with_answers else []
+                starts.append((b, len(ids)))
                 answer_pos.append((b, len(ids) + len(p) - 1))
                 ids += p + tail
                 lab += [-100] * (len(p) - 1) + ([self.answer_id(q.answer), self.eos, -100] if with_answers else [-100])
@@ -206,30 +261,39 @@ class Packer:
         input_ids = torch.full((bsz, length), self.pad, dtype=torch.long)
         label_t = torch.full((bsz, length), -100, dtype=torch.long)
         seg_t = torch.full((bsz, length), -1, dtype=torch.long)
-        pos_t = torch.zeros((bsz, n_img + length), dtype=torch.long)
-        pos_t[:, :n_img] = torch.arange(n_img)
+        img_seg = torch.full((bsz, n_max), -1, dtype=torch.long)
+        pos_t = torch.zeros((bsz, n_max + length), dtype=torch.long)
         for b, (ids, lab, seg) in enumerate(zip(rows, labels, segments, strict=True)):
+            n_img = image_lengths[b]
+            img_seg[b, :n_img] = -2
+            pos_t[b, :n_img] = torch.arange(n_img)
             input_ids[b, : len(ids)] = torch.tensor(ids)
             label_t[b, : len(lab)] = torch.tensor(lab[: len(ids)])
             seg_t[b, : len(seg)] = torch.tensor(seg)
-            # Each question restarts right after the image, exactly like a stand-alone prompt.
-            pos = []
-            prev, k = None, 0
+            pos, prev, k = [], None, 0
             for s in seg:
                 k = k + 1 if s == prev else 0
                 prev = s
                 pos.append(n_img + k)
-            pos_t[b, n_img : n_img + len(pos)] = torch.tensor(pos)
-            pos_t[b, n_img + len(pos) :] = n_img
-        total = n_img + length
-        full_seg = torch.cat([torch.full((bsz, n_img), -2, dtype=torch.long), seg_t], dim=1)
+            pos_t[b, n_max : n_max + len(pos)] = torch.tensor(pos)
+            pos_t[b, n_max + len(pos) :] = n_img
+        total = n_max + length
+        full_seg = torch.cat([img_seg, seg_t], dim=1)
         idx = torch.arange(total)
         causal = idx[None, :] <= idx[:, None]
         q_seg, k_seg = full_seg[:, :, None], full_seg[:, None, :]
         allowed = (k_seg == -2) | ((q_seg == k_seg) & (q_seg >= 0))
         allowed = allowed & causal[None]
         allowed |= torch.eye(total, dtype=torch.bool)[None]  # padding rows attend to themselves only
-        return input_ids, label_t, allowed[:, None], pos_t, answer_pos
+        return Packed(input_ids, label_t, allowed[:, None], pos_t, answer_pos, starts)
+
+
+def pad_images(tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack per-scene (n_b, H) image tokens into (B, max n_b, H), zero-padded at the end."""
+    out = tokens[0].new_zeros(len(tokens), max(t.shape[0] for t in tokens), tokens[0].shape[1])
+    for b, t in enumerate(tokens):
+        out[b, : t.shape[0]] = t
+    return out
 
 
 # --------------------------------------------------------------------------- training
@@ -241,17 +305,31 @@ class TrainSettings:
     train_images: int = 1440
     val_images: int = 48
     test_images: int = data.DEFAULT_TEST_IMAGES
-    steps: int = 1200
+    steps: int = 3600
     images_per_step: int = 8
-    questions_per_type: int = 2
+    questions_per_type: int = 4
     lr: float = 2e-3
-    weight_decay: float = 0.05
+    weight_decay: float = 0.01
     warmup: int = 30
-    eval_every: int = 200
-    aux_weight: float = 0.5
-    aux_layer: int = 2
-    projector_steps: int = 1000
-    projector_batch: int = 16
+    eval_every: int = 500
+    # Share of scenes in a step that are fresh scene codes rather than cached real scenes, by phase.
+    code_share: tuple[float, float, float] = (1.0, 0.5, 0.25)
+    phase_ends: tuple[float, float] = (0.15, 0.7)
+    # Position questions ask only "left of" until the first share of steps, then "left of" and "above"
+    # until the second, then all four relations (with all four answer-balanced, yes/no is the exclusive-or
+    # of the relation word and the comparison).
+    position_curriculum: tuple[float, float] = (0.0, 0.2)
+    code_noise: float = 0.1
+    label_noise: float = 0.03
+    # Token subsets: share of scenes seen with every token, with an object-keeping subset, with a random one.
+    full_share: float = 0.4
+    object_subset_share: float = 0.45
+    referent_weight: float = 0.5
+    relation_weight: float = 0.5
+    referent_layer: int = 2
+    relation_layer: int = 3
+    projector_mse_weight: float = 1.0
+    projector_batch: int = 8
     text_model: build.TextModelSize = field(default_factory=build.TextModelSize)
 
 
@@ -265,21 +343,142 @@ def shipped_settings() -> TrainSettings:
     recorded = dict(json.loads(path.read_text())["settings"])
     text_model = build.TextModelSize(**recorded.pop("text_model"))
     known = {f for f in TrainSettings.__dataclass_fields__}
-    return TrainSettings(**{k: v for k, v in recorded.items() if k in known}, text_model=text_model)
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in known}
+    return TrainSettings(**values, text_model=text_model)
 
 
-def _questions_for(seed: int, split: str, index: int, rng: np.random.Generator, per_type: int):
-    return data.sample_questions(data.scene_objects(seed, split, index), rng, per_type=per_type)
+def _position_words(words: tuple[str, ...]) -> Callable[[data.Question], bool]:
+    """A question filter that keeps position questions only for the given relation words."""
+
+    def keep(q: data.Question) -> bool:
+        return q.type != "position" or any(f" {w} " in q.question for w in words)
+
+    return keep
+
+
+def _question_filter(t: float, settings: TrainSettings) -> Callable[[data.Question], bool] | None:
+    first, second = settings.position_curriculum
+    if t < first:
+        return _position_words(("left of",))
+    if t < second:
+        return _position_words(("left of", "above"))
+    return None
+
+
+@dataclass(frozen=True)
+class SubsetMode:
+    """How the scenes of one training step are reduced (one mode a step keeps the padded length short)."""
+
+    kind: str  # "all", "objects" or "random"
+    object_share: float = 1.0  # objects: share of an object's other patches kept
+    background_share: float = 1.0  # objects: share of background patches kept
+    size: int = 0  # random: tokens kept besides [CLS]
+
+
+def subset_mode(rng: np.random.Generator, settings: TrainSettings) -> SubsetMode:
+    u = rng.uniform()
+    if u < settings.full_share:
+        return SubsetMode("all")
+    if u < settings.full_share + settings.object_subset_share:
+        return SubsetMode("objects", float(rng.uniform(0.3, 1.0)), float(rng.uniform(0.0, 1.0)))
+    return SubsetMode("random", size=int(rng.integers(32, data.GRID * data.GRID)))
+
+
+def token_subset(objects, rng: np.random.Generator, mode: SubsetMode) -> np.ndarray | None:
+    """Indices (into the 577 tokens, [CLS] = 0, raster order) of the tokens a scene is seen with; None = all.
+
+    Token reduction hands the language model fewer, renumbered tokens. Training on object-keeping subsets
+    (every object's centre patch, a share of its other patches and of the background) teaches it to read
+    objects whatever surrounds them; random subsets teach it to degrade gracefully.
+    """
+    if mode.kind == "all":
+        return None
+    n_patch = data.GRID * data.GRID
+    if mode.kind == "objects":
+        labels = data.patch_labels(objects)
+        on_object = labels > 0
+        keep = np.where(on_object, rng.uniform(size=n_patch) < mode.object_share, False)
+        keep |= ~on_object & (rng.uniform(size=n_patch) < mode.background_share)
+        keep[data.centre_patches(objects)] = True
+        patches = np.flatnonzero(keep)
+    else:
+        patches = np.sort(rng.choice(n_patch, size=mode.size, replace=False))
+    return np.concatenate([[0], patches + 1])
+
+
+def _code_inputs(objects_list, rng: np.random.Generator, label_noise: float):
+    labels = np.stack([data.patch_labels(o) for o in objects_list])
+    centres = np.zeros_like(labels)
+    for b, objects in enumerate(objects_list):
+        centres[b, data.centre_patches(objects)] = 1
+    clean = torch.from_numpy(labels)
+    if label_noise:
+        flip = rng.uniform(size=labels.shape) < label_noise
+        labels = np.where(flip, rng.integers(0, data.NUM_PATCH_CLASSES, size=labels.shape), labels)
+    return clean, torch.from_numpy(labels), torch.from_numpy(centres)
+
+
+def _noun_targets(packed: Packed, batch, objects_list, tokenizer_offset: int = 2):
+    """Referent and relation targets at the question's nouns: index tensors + target arrays."""
+    ref_pos, ref_t, rel_pos, rel_t = [], [], [], []
+    flat = [(q, objects_list[b]) for b, qs in enumerate(batch) for q in qs]
+    for (q, objects), (row, start) in zip(flat, packed.question_start, strict=True):
+        found = data.referents(q.question, objects)
+        for word, matching in found:
+            col = start + tokenizer_offset + word
+            target = [min(len(matching), data.MAX_OBJECTS), -100, -100, -100, -100]
+            if len(matching) == 1:
+                o = matching[0]
+                target[1:] = [data.SHAPES.index(o.shape), data.SIZES.index(o.size), int(o.y // 14), int(o.x // 14)]
+            ref_pos.append((row, col))
+            ref_t.append(target)
+        if len(found) == 2 and len(found[0][1]) == 1 and len(found[1][1]) == 1:
+            a, b = found[0][1][0], found[1][1][0]
+            dx, dy = b.x - a.x, b.y - a.y
+            ok_x, ok_y = abs(dx) >= data.POSITION_MARGIN, abs(dy) >= data.POSITION_MARGIN
+            bits = [float(dx > 0), float(dx < 0), float(dy > 0), float(dy < 0)]
+            rel_pos.append((row, start + tokenizer_offset + found[1][0]))
+            rel_t.append(bits + [float(ok_x)] * 2 + [float(ok_y)] * 2)
+    return ref_pos, torch.tensor(ref_t, dtype=torch.long), rel_pos, torch.tensor(rel_t)
+
+
+def _noun_losses(model: TrainableVLM, ref_hidden, rel_hidden, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """Referent loss (count, and shape, size, row, column of single objects) and relation loss."""
+    ref_pos, ref_t, rel_pos, rel_t = targets
+    loss = ref_hidden.new_zeros(()).float()
+    relation = ref_hidden.new_zeros(()).float()
+    if ref_pos:
+        rows, cols = torch.tensor(ref_pos).T
+        out = model.referent_head(ref_hidden[rows, cols]).float().split(_REFERENT_SPLITS, dim=-1)
+        for k, logits in enumerate(out):
+            if (ref_t[:, k] != -100).any():
+                loss = loss + nn.functional.cross_entropy(logits, ref_t[:, k], ignore_index=-100)
+    if rel_pos:
+        rows, cols = torch.tensor(rel_pos).T
+        logits = model.relation_head(rel_hidden[rows, cols]).float()
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, rel_t[:, :4], reduction="none")
+        relation = (bce * rel_t[:, 4:]).sum() / rel_t[:, 4:].sum().clamp_min(1)
+    return loss, relation
 
 
 @torch.inference_mode()
 def evaluate_cached(
-    model: TrainableVLM, packer: Packer, features: np.ndarray, split: str, seed: int, batch_images: int = 8
+    model: TrainableVLM,
+    packer: Packer,
+    features: np.ndarray,
+    split: str,
+    seed: int,
+    batch_images: int = 8,
+    keep_tokens: int | None = None,
 ) -> dict[str, float]:
-    """Exact-match accuracy on a split from cached features (one question of each type per scene)."""
+    """Exact-match accuracy on a split from cached features (one question of each type per scene).
+
+    ``keep_tokens``: see only [CLS] and a random set of patches, this many tokens in all.
+    """
     model.eval()
     per_type: dict[str, list[int]] = {}
     n = features.shape[0]
+    rng = np.random.default_rng([seed, 7])
     for start in range(0, n, batch_images):
         idx = list(range(start, min(start + batch_images, n)))
         batch = [
@@ -290,11 +489,17 @@ def evaluate_cached(
             )
             for i in idx
         ]
-        feats = torch.from_numpy(np.asarray(features[idx], dtype=np.float32))
-        input_ids, _, mask, pos, answer_pos = packer.pack(batch, with_answers=False)
-        hidden = model(feats, input_ids, mask, pos)
-        rows = torch.tensor([r for r, _ in answer_pos])
-        cols = torch.tensor([c for _, c in answer_pos])
+        tokens = list(model.project(torch.from_numpy(np.asarray(features[idx], dtype=np.float32))))
+        if keep_tokens is not None:
+            n_patch = build.NUM_IMAGE_TOKENS - 1
+            subsets = [
+                np.concatenate([[0], np.sort(rng.choice(n_patch, keep_tokens - 1, replace=False)) + 1]) for _ in idx
+            ]
+            tokens = [t[torch.from_numpy(s)] for t, s in zip(tokens, subsets, strict=True)]
+        packed = packer.pack(batch, [t.shape[0] for t in tokens], with_answers=False)
+        (hidden,) = model(pad_images(tokens), packed.input_ids, packed.mask, packed.position_ids)
+        rows = torch.tensor([r for r, _ in packed.answer_pos])
+        cols = torch.tensor([c for _, c in packed.answer_pos])
         pred = model.logits(hidden[rows, cols]).argmax(-1).tolist()
         flat = [q for qs in batch for q in qs]
         for q, p in zip(flat, pred, strict=True):
@@ -303,60 +508,24 @@ def evaluate_cached(
     return data.accuracy_summary(per_type)
 
 
-def pretrain_projector(model: TrainableVLM, settings: TrainSettings, train_feats: np.ndarray) -> None:
-    """Stage 1: align the projector with dense per-patch targets (shape and size under every patch, and the
-    scene's counts from the mean of all projected tokens) before the language model is trained.
-
-    Cheap (no language model involved) and it makes the image tokens, and their plain average, informative
-    from the first step of stage 2; without it the language model stays on answer priors for a long time.
-    """
-    hidden = model.linear_2.out_features
-    patch_head = nn.Linear(hidden, data.NUM_PATCH_CLASSES)
-    count_head = nn.Linear(hidden, data.NUM_SUMMARY_COUNTS * (data.MAX_OBJECTS + 1))
-    params = [
-        *model.linear_1.parameters(),
-        *model.linear_2.parameters(),
-        *patch_head.parameters(),
-        *count_head.parameters(),
-    ]
-    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
-    rng = np.random.default_rng([settings.seed, 98])
-    n_train = train_feats.shape[0]
-    objects = [data.scene_objects(settings.seed, "train", i) for i in range(n_train)]
-    patch_all = np.stack([data.patch_labels(o) for o in objects])
-    count_all = np.stack([data.summary_counts(o) for o in objects])
-    progress = _Progress(settings.projector_steps, "projector")
-    losses: list[float] = []
-    for step in range(settings.projector_steps):
-        idx = np.sort(rng.choice(n_train, size=settings.projector_batch, replace=False))
-        feats = torch.from_numpy(np.asarray(train_feats[idx], dtype=np.float32))
-        tokens = model.project(feats)
-        loss = nn.functional.cross_entropy(
-            patch_head(tokens[:, 1:]).flatten(0, 1), torch.from_numpy(patch_all[idx]).flatten()
-        )
-        counts = count_head(tokens.mean(1)).view(len(idx), data.NUM_SUMMARY_COUNTS, -1)
-        loss = loss + nn.functional.cross_entropy(counts.flatten(0, 1), torch.from_numpy(count_all[idx]).flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        progress.update(step + 1, f"loss {np.mean(losses[-20:]):.4f}")
-
-
 def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.ndarray | None) -> TrainableVLM:
+    """One run: the language model reads scene codes and real scenes side by side; the projector learns both
+    from the task and by regression onto the scene codes. The share of real scenes grows by phase."""
+    n_layers = settings.text_model.num_hidden_layers
+    for name in ("referent_layer", "relation_layer"):
+        if not 1 <= getattr(settings, name) <= n_layers:
+            raise ValueError(f"{name} must be in 1..{n_layers} (num_hidden_layers), got {getattr(settings, name)}")
     torch.manual_seed(settings.seed)
     config = build.build_config(settings.text_model)
     mean, std = feature_stats(train_feats)
     model = TrainableVLM(config, mean, std)
     packer = Packer(build.build_tokenizer())
-    n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("aux_"))
+    n_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("lm.", "linear_")))
     print(f"trainable parameters: {n_params / 1e6:.2f}M", flush=True)
-    if settings.projector_steps:
-        pretrain_projector(model, settings, train_feats)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    matrices = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n and "coder" not in n]
+    others = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n and "coder" not in n)]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": matrices, "weight_decay": settings.weight_decay}, {"params": others, "weight_decay": 0.0}],
         lr=settings.lr,
         betas=(0.9, 0.98),
     )
@@ -365,50 +534,81 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
         if step < settings.warmup:
             return (step + 1) / settings.warmup
         t = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     rng = np.random.default_rng([settings.seed, 99])
     n_train = train_feats.shape[0]
-    order = rng.permutation(n_train)
-    cursor = 0
+    train_objects = [data.scene_objects(settings.seed, "train", i) for i in range(n_train)]
+    fresh = 0
     progress = _Progress(settings.steps, "train")
     losses: list[float] = []
+    layers = (settings.referent_layer, settings.relation_layer)
     model.train()
     for step in range(settings.steps):
-        if cursor + settings.images_per_step > n_train:
-            order, cursor = rng.permutation(n_train), 0
-        idx = np.sort(order[cursor : cursor + settings.images_per_step])
-        cursor += settings.images_per_step
-        batch = [_questions_for(settings.seed, "train", int(i), rng, settings.questions_per_type) for i in idx]
-        feats = torch.from_numpy(np.asarray(train_feats[idx], dtype=np.float32))
-        input_ids, labels, mask, pos, _ = packer.pack(batch)
-        use_aux = settings.aux_weight > 0
-        out = model(feats, input_ids, mask, pos, aux_layer=settings.aux_layer if use_aux else None)
-        hidden, image_hidden = out if use_aux else (out, None)
-        # Only answer and end-of-answer positions carry a loss: project just those rows.
-        sel = labels != -100
-        logits = model.logits(hidden[sel])
-        loss = nn.functional.cross_entropy(logits, labels[sel])
-        if image_hidden is not None:
-            objects = [data.scene_objects(settings.seed, "train", int(i)) for i in idx]
-            patch_t = torch.from_numpy(np.stack([data.patch_labels(o) for o in objects]))
-            count_t = torch.from_numpy(np.stack([data.summary_counts(o) for o in objects]))
-            aux = nn.functional.cross_entropy(model.aux_patch(image_hidden[:, 1:]).flatten(0, 1), patch_t.flatten())
-            # The last image position is the first to have seen every patch (causal attention).
-            counts = model.aux_count(image_hidden[:, -1]).view(len(idx), data.NUM_SUMMARY_COUNTS, -1)
-            aux = aux + nn.functional.cross_entropy(counts.flatten(0, 1), count_t.flatten())
-            loss = loss + settings.aux_weight * aux
+        t = step / settings.steps
+        share = settings.code_share[sum(t >= e for e in settings.phase_ends)]
+        n_code = int(round(share * settings.images_per_step))
+        real_idx = np.sort(rng.choice(n_train, size=settings.images_per_step - n_code, replace=False))
+        objects_list = []
+        for _ in range(n_code):
+            objects_list.append(data.scene_objects(settings.seed, "train", 1_000_000 + fresh))
+            fresh += 1
+        objects_list += [train_objects[i] for i in real_idx]
+        keep = _question_filter(t, settings)
+        batch = [data.sample_questions(o, rng, settings.questions_per_type, keep=keep) for o in objects_list]
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens: list[torch.Tensor] = []
+            if n_code:
+                _, noisy, centres = _code_inputs(objects_list[:n_code], rng, settings.label_noise)
+                codes = model.coder(noisy, centres)
+                codes = codes + settings.code_noise * torch.randn_like(codes)
+                tokens += list(codes)
+            # Projector regression onto the (fixed) codes of real training scenes, every step.
+            mse_idx = np.unique(np.concatenate([real_idx, rng.choice(n_train, settings.projector_batch)]))
+            clean, _, centres = _code_inputs([train_objects[i] for i in mse_idx], rng, 0.0)
+            projected = model.project(torch.from_numpy(np.asarray(train_feats[mse_idx], dtype=np.float32)))
+            mse = nn.functional.mse_loss(projected.float(), model.coder(clean, centres).detach().float())
+            where = {int(i): k for k, i in enumerate(mse_idx)}
+            tokens += [projected[where[int(i)]] for i in real_idx]
+            mode = subset_mode(rng, settings)
+            subsets = [token_subset(o, rng, mode) for o in objects_list]
+            tokens = [tok if s is None else tok[torch.from_numpy(s)] for tok, s in zip(tokens, subsets, strict=True)]
+            packed = packer.pack(batch, [tok.shape[0] for tok in tokens])
+            hidden, ref_hidden, rel_hidden = model(
+                pad_images(tokens), packed.input_ids, packed.mask, packed.position_ids, layers=layers
+            )
+            sel = packed.labels != -100
+            loss = nn.functional.cross_entropy(model.logits(hidden[sel]).float(), packed.labels[sel])
+            targets = _noun_targets(packed, batch, objects_list)
+            referent, relation = _noun_losses(model, ref_hidden, rel_hidden, targets)
+        total = (
+            loss
+            + settings.referent_weight * referent
+            + settings.relation_weight * relation
+            + settings.projector_mse_weight * mse
+        )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
-        progress.update(step + 1, f"loss {np.mean(losses[-50:]):.4f} lr {sched.get_last_lr()[0]:.2e}")
+        progress.update(
+            step + 1,
+            f"answer loss {np.mean(losses[-50:]):.4f} referent {referent.item():.3f} relation {relation.item():.3f} "
+            f"mse {mse.item():.3f} "
+            f"lr {sched.get_last_lr()[0]:.2e}",
+        )
         if val_feats is not None and ((step + 1) % settings.eval_every == 0 or step + 1 == settings.steps):
-            acc = evaluate_cached(model, packer, val_feats, "val", settings.seed)
-            print(f"[val] step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
+            for keep_tokens in (None, 64):
+                acc = evaluate_cached(model, packer, val_feats, "val", settings.seed, keep_tokens=keep_tokens)
+                label = "all tokens" if keep_tokens is None else f"random {keep_tokens}"
+                print(
+                    f"[val, {label}] step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()),
+                    flush=True,
+                )
     model.eval()
     return model
 
@@ -506,6 +706,8 @@ def train_default(
     t1 = time.time()
     model = train_model(settings, train_feats, val_feats)
     timings["train_s"] = time.time() - t1
+    # Everything trained, training-only heads and scene coder included, for inspecting a run.
+    torch.save(model.state_dict(), work_dir / "trainable.pt")
 
     config = build.build_config(settings.text_model)
     meta = {
@@ -556,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--steps",
         type=int,
         default=None,
-        help="stage-2 training steps (default: as recorded with the shipped weights)",
+        help="training steps (default: as recorded with the shipped weights)",
     )
     parser.add_argument("--train-images", type=int, default=None)
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")

@@ -1,0 +1,156 @@
+"""The default model's training recipe: its targets, token subsets and packing (no tower, no weights)."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from visionzip.default_model import build, data, train
+
+TINY_TEXT = build.TextModelSize(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=1024
+)
+
+
+def _obj(shape, size, x, y):
+    return data.SceneObject(shape, size, float(sum(data.SIZE_RANGES[size]) / 2), x, y, (200, 10, 10), 0.0)
+
+
+SCENE = (
+    _obj("star", "small", 40.0, 300.0),
+    _obj("star", "large", 200.0, 60.0),
+    _obj("circle", "medium", 300.0, 180.0),
+    _obj("cross", "small", 120.0, 150.0),
+)
+
+
+def test_referents_name_the_objects_of_each_noun():
+    star_small, star_large, circle, cross = SCENE
+    cases = {
+        "how many objects are there?": [(2, list(SCENE))],
+        "how many stars are there?": [(2, [star_small, star_large])],
+        "how many small objects are there?": [(3, [star_small, cross])],
+        "how many squares are there?": [(2, [])],
+        "is there a large star?": [(4, [star_large])],
+        "what shape is the leftmost object?": [(5, [star_small])],
+        "what shape is the bottommost object?": [(5, [star_small])],
+        "what shape is the medium object?": [(5, [circle])],
+        "what size is the cross?": [(4, [cross])],
+        "is the small star left of the circle?": [(3, [star_small]), (7, [circle])],
+    }
+    for question, expected in cases.items():
+        assert data.referents(question, SCENE) == expected, question
+        nouns = {"object", "objects", "stars", "squares", *data.SHAPES}
+        assert all(data.question_words(question)[word] in nouns for word, _ in expected)
+
+
+def test_centre_patches_hold_the_object_centres():
+    patches = data.centre_patches(SCENE)
+    assert patches.tolist() == [21 * 24 + 2, 4 * 24 + 14, 12 * 24 + 21, 10 * 24 + 8]
+    labels = data.patch_labels(SCENE)
+    assert all(labels[p] > 0 for p in patches)
+
+
+def test_sample_questions_keep_filters_the_pool():
+    objects = data.scene_objects(0, "train", 5)
+    rng = np.random.default_rng(0)
+    settings = train.TrainSettings(position_curriculum=(0.2, 0.4))
+    for t, words in ((0.0, {"left"}), (0.3, {"left", "above"}), (0.5, {"left", "right", "above", "below"})):
+        seen = set()
+        for _ in range(20):
+            keep = train._question_filter(t, settings)
+            chosen = data.sample_questions(objects, rng, per_type=4, keep=keep)
+            assert {q.type for q in chosen} == set(data.QUESTION_TYPES)
+            seen |= {
+                w for q in chosen if q.type == "position" for w in q.question.split() if w in words | {"right", "below"}
+            }
+        assert seen == words
+    rejected = data.sample_questions(objects, rng, per_type=2, keep=lambda q: q.type != "count")
+    assert rejected and all(q.type != "count" for q in rejected)
+
+
+def test_token_subsets_keep_cls_every_object_centre_and_raster_order():
+    rng = np.random.default_rng(1)
+    centres = set((data.centre_patches(SCENE) + 1).tolist())
+    assert train.token_subset(SCENE, rng, train.SubsetMode("all")) is None
+    for share in (0.0, 0.5):
+        mode = train.SubsetMode("objects", object_share=share, background_share=share)
+        kept = train.token_subset(SCENE, rng, mode)
+        assert kept[0] == 0 and np.all(np.diff(kept) > 0) and centres <= set(kept.tolist())
+    kept = train.token_subset(data.scene_objects(0, "train", 2), rng, train.SubsetMode("objects", 0.0, 0.0))
+    assert len(kept) == 1 + len(data.scene_objects(0, "train", 2))
+    kept = train.token_subset(SCENE, rng, train.SubsetMode("random", size=40))
+    assert len(kept) == 41 and kept[0] == 0 and np.all(np.diff(kept) > 0) and kept[-1] <= 576
+    settings = train.TrainSettings()
+    kinds = {train.subset_mode(rng, settings).kind for _ in range(200)}
+    assert kinds == {"all", "objects", "random"}
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm():
+    torch.manual_seed(0)
+    config = build.build_config(TINY_TEXT)
+    model = train.TrainableVLM(config, torch.zeros(train.FEATURE_DIM), torch.ones(train.FEATURE_DIM)).eval()
+    return model, train.Packer(build.build_tokenizer())
+
+
+def test_packed_questions_compute_exactly_like_stand_alone_prompts(tiny_vlm):
+    model, packer = tiny_vlm
+    batch = [
+        [data.Question("how many stars are there?", "2", "count"), data.Question("is there a star?", "yes", "exist")],
+        [data.Question("what size is the cross?", "small", "size")],
+    ]
+    lengths = [9, 5]
+    images = [torch.randn(n, TINY_TEXT.hidden_size) for n in lengths]
+    packed = packer.pack(batch, lengths)
+    with torch.inference_mode():
+        (hidden,) = model(train.pad_images(images), packed.input_ids, packed.mask, packed.position_ids)
+        flat = [(b, q) for b, qs in enumerate(batch) for q in qs]
+        for (b, q), (row, col) in zip(flat, packed.answer_pos, strict=True):
+            ids = torch.tensor([packer.prompt_ids(q.question)])
+            embeds = torch.cat([images[b][None], model.lm.get_input_embeddings()(ids)], dim=1)
+            alone = model.lm.model(inputs_embeds=embeds).last_hidden_state[0, -1]
+            assert row == b
+            torch.testing.assert_close(hidden[row, col], alone, atol=1e-5, rtol=1e-4)
+    # The answer and <eos> carry the labels; everything else is ignored.
+    answers = [packer.answer_id(q.answer) for _, q in flat]
+    assert sorted(packed.labels[packed.labels != -100].tolist()) == sorted(answers + [packer.eos] * len(flat))
+
+
+def test_noun_targets_sit_on_the_nouns_and_compare_the_two_objects(tiny_vlm):
+    _, packer = tiny_vlm
+    batch = [[data.Question("is the small star left of the circle?", "yes", "position")]]
+    packed = packer.pack(batch, [577])
+    ref_pos, ref_t, rel_pos, rel_t = train._noun_targets(packed, batch, [SCENE])
+    tokens = packer.tokenizer.convert_ids_to_tokens(packed.input_ids[0].tolist())
+    assert [tokens[c] for _, c in ref_pos] == ["star", "circle"]
+    star, circle = SCENE[0], SCENE[2]
+    assert ref_t.tolist() == [
+        [1, data.SHAPES.index("star"), data.SIZES.index("small"), int(star.y // 14), int(star.x // 14)],
+        [1, data.SHAPES.index("circle"), data.SIZES.index("medium"), int(circle.y // 14), int(circle.x // 14)],
+    ]
+    assert [tokens[c] for _, c in rel_pos] == ["circle"]
+    # star (40, 300) vs circle (300, 180): the star is left of and below the circle.
+    assert rel_t.tolist() == [[1.0, 0.0, 0.0, 1.0] + [1.0] * 4]
+    batch = [[data.Question("is the circle below the small star?", "no", "position")]]
+    _, _, _, rel_t = train._noun_targets(packer.pack(batch, [9]), batch, [SCENE])
+    assert rel_t.tolist() == [[0.0, 1.0, 1.0, 0.0] + [1.0] * 4]
+
+
+def test_a_few_training_steps_export_llava_weights():
+    from transformers import LlavaForConditionalGeneration
+
+    feats = np.random.default_rng(0).normal(size=(6, build.NUM_IMAGE_TOKENS, train.FEATURE_DIM)).astype(np.float16)
+    settings = replace(
+        train.TrainSettings(), steps=4, images_per_step=4, questions_per_type=1, projector_batch=2, text_model=TINY_TEXT
+    )
+    with pytest.raises(ValueError, match="relation_layer"):
+        train.train_model(settings, feats, None)
+    settings = replace(settings, referent_layer=1, relation_layer=2)
+    model = train.train_model(settings, feats, None)
+    state = model.export_state_dict()
+    expected = LlavaForConditionalGeneration(build.build_config(TINY_TEXT)).state_dict()
+    expected = {k for k in expected if "vision_tower" not in k and not k.endswith("inv_freq")}
+    assert set(state) == expected
+    assert all(torch.isfinite(v).all() for v in state.values())
