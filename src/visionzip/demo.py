@@ -200,9 +200,9 @@ def _run(args: argparse.Namespace) -> int:
         if image is None or question is None:
             if args.model is not None:
                 raise ValueError("--image and --question are required with --model")
-            from visionzip.default_model import sample_inputs
+            from visionzip.default_model import DEMO_SAMPLE, sample_inputs
 
-            sample = sample_inputs()[0]
+            sample = sample_inputs()[DEMO_SAMPLE]
             if image is None:
                 image, image_path = sample["image"], sample["image_path"]
             question = question or sample["question"]

