@@ -154,3 +154,8 @@ def test_a_few_training_steps_export_llava_weights():
     expected = {k for k in expected if "vision_tower" not in k and not k.endswith("inv_freq")}
     assert set(state) == expected
     assert all(torch.isfinite(v).all() for v in state.values())
+    packer = train.Packer(build.build_tokenizer())
+    for keep_tokens in (None, 64):
+        acc = train.evaluate_cached(model, packer, feats[:2], "val", 0, keep_tokens=keep_tokens)
+        pools = [data.question_pool(data.scene_objects(0, "val", i)) for i in range(2)]
+        assert acc["questions"] == sum(bool(qs) for pool in pools for qs in pool.values())

@@ -205,6 +205,15 @@ def _references(objects: Sequence[SceneObject]) -> list[tuple[str, SceneObject, 
     return refs
 
 
+# Sort keys that put the extreme object first ("the leftmost object" ...).
+_EXTREMES = {
+    "leftmost": lambda o: o.x,
+    "rightmost": lambda o: -o.x,
+    "topmost": lambda o: o.y,
+    "bottommost": lambda o: -o.y,
+}
+
+
 def question_pool(objects: Sequence[SceneObject]) -> dict[str, list[Question]]:
     """Every question the scene supports, grouped by type."""
     pool: dict[str, list[Question]] = {t: [] for t in QUESTION_TYPES}
@@ -224,13 +233,7 @@ def question_pool(objects: Sequence[SceneObject]) -> dict[str, list[Question]]:
             k = any(o.shape == s and o.size == z for o in objects)
             pool["exist"].append(Question(f"is there a {z} {s}?", "yes" if k else "no", "exist"))
     # shape
-    extremes = {
-        "leftmost": lambda o: o.x,
-        "rightmost": lambda o: -o.x,
-        "topmost": lambda o: o.y,
-        "bottommost": lambda o: -o.y,
-    }
-    for word, key in extremes.items():
+    for word, key in _EXTREMES.items():
         ordered = sorted(objects, key=key)
         if abs(key(ordered[0]) - key(ordered[1])) >= POSITION_MARGIN:
             pool["shape"].append(Question(f"what shape is the {word} object?", ordered[0].shape, "shape"))
@@ -308,18 +311,18 @@ NUM_PATCH_CLASSES = 1 + 3 * len(SHAPES)
 GRID = IMAGE_SIZE // 14
 
 
+def centre_cell(obj: SceneObject, patch: int = 14) -> tuple[int, int]:
+    """(row, column) of the patch holding the object's centre (training only)."""
+    return int(obj.y // patch), int(obj.x // patch)
+
+
 def centre_patches(objects: Sequence[SceneObject], patch: int = 14) -> np.ndarray:
     """Raster index of the patch holding each object's centre (training only)."""
     grid = IMAGE_SIZE // patch
-    return np.array([int(o.y // patch) * grid + int(o.x // patch) for o in objects], dtype=np.int64)
+    cells = [centre_cell(o, patch) for o in objects]
+    return np.array([row * grid + col for row, col in cells], dtype=np.int64)
 
 
-_EXTREMES = {
-    "leftmost": lambda o: o.x,
-    "rightmost": lambda o: -o.x,
-    "topmost": lambda o: o.y,
-    "bottommost": lambda o: -o.y,
-}
 _NOUNS = {"object": None, "objects": None, **{s: s for s in SHAPES}, **{_plural(s): s for s in SHAPES}}
 
 
@@ -349,17 +352,6 @@ def referents(question: str, objects: Sequence[SceneObject]) -> list[tuple[int, 
             matching = ordered[:1]
         found.append((i, matching))
     return found
-
-
-NUM_SUMMARY_COUNTS = 1 + len(SHAPES) + len(SIZES)
-
-
-def summary_counts(objects: Sequence[SceneObject]) -> np.ndarray:
-    """Training-only scene summary: total count, count per shape, count per size."""
-    counts = [len(objects)]
-    counts += [sum(o.shape == s for o in objects) for s in SHAPES]
-    counts += [sum(o.size == z for o in objects) for z in SIZES]
-    return np.array(counts, dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- vocabulary and prompt

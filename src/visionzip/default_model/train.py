@@ -429,7 +429,7 @@ def _noun_targets(packed: Packed, batch, objects_list, tokenizer_offset: int = 2
             target = [min(len(matching), data.MAX_OBJECTS), -100, -100, -100, -100]
             if len(matching) == 1:
                 o = matching[0]
-                target[1:] = [data.SHAPES.index(o.shape), data.SIZES.index(o.size), int(o.y // 14), int(o.x // 14)]
+                target[1:] = [data.SHAPES.index(o.shape), data.SIZES.index(o.size), *data.centre_cell(o)]
             ref_pos.append((row, col))
             ref_t.append(target)
         if len(found) == 2 and len(found[0][1]) == 1 and len(found[1][1]) == 1:
@@ -491,11 +491,8 @@ def evaluate_cached(
         ]
         tokens = list(model.project(torch.from_numpy(np.asarray(features[idx], dtype=np.float32))))
         if keep_tokens is not None:
-            n_patch = build.NUM_IMAGE_TOKENS - 1
-            subsets = [
-                np.concatenate([[0], np.sort(rng.choice(n_patch, keep_tokens - 1, replace=False)) + 1]) for _ in idx
-            ]
-            tokens = [t[torch.from_numpy(s)] for t, s in zip(tokens, subsets, strict=True)]
+            mode = SubsetMode("random", size=keep_tokens - 1)
+            tokens = [t[torch.from_numpy(token_subset((), rng, mode))] for t in tokens]
         packed = packer.pack(batch, [t.shape[0] for t in tokens], with_answers=False)
         (hidden,) = model(pad_images(tokens), packed.input_ids, packed.mask, packed.position_ids)
         rows = torch.tensor([r for r, _ in packed.answer_pos])
@@ -522,8 +519,10 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
     packer = Packer(build.build_tokenizer())
     n_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("lm.", "linear_")))
     print(f"trainable parameters: {n_params / 1e6:.2f}M", flush=True)
-    matrices = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n and "coder" not in n]
-    others = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n and "coder" not in n)]
+    # Weight decay on weight matrices only: not on embeddings (token or scene-code), norms or biases.
+    decayed = {n for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n and "coder" not in n}
+    matrices = [p for n, p in model.named_parameters() if n in decayed]
+    others = [p for n, p in model.named_parameters() if n not in decayed]
     opt = torch.optim.AdamW(
         [{"params": matrices, "weight_decay": settings.weight_decay}, {"params": others, "weight_decay": 0.0}],
         lr=settings.lr,
