@@ -47,6 +47,23 @@ def test_train_default_hands_its_arguments_to_its_own_parser(capsys):
     assert "--seed" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--steps", "-3"], "--steps must be >= 1, got -3"),
+        (["--train-images", "2"], "--train-images must be >= 8 (scenes per training step), got 2"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    ],
+)
+def test_train_default_refuses_bad_values_before_any_work(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-default", str(tmp_path / "out"), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_default_and_export_split_are_listed(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -762,12 +762,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-images", type=int, default=None)
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
     args = parser.parse_args(argv)
+    recorded = shipped_settings()
+    # Checked before any tower pass: a bad value would otherwise surface after minutes of feature extraction.
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.train_images is not None and args.train_images < recorded.images_per_step:
+        parser.error(
+            f"--train-images must be >= {recorded.images_per_step} (scenes per training step), got {args.train_images}"
+        )
     overrides = {}
     if args.steps is not None:
         overrides["steps"] = args.steps
     if args.train_images is not None:
         overrides["train_images"] = args.train_images
-    settings = replace(shipped_settings(), seed=args.seed, **overrides)
+    settings = replace(recorded, seed=args.seed, **overrides)
     meta = train_default(
         args.output_dir, seed=args.seed, work_dir=args.work_dir, settings=settings, evaluate=not args.no_eval
     )
