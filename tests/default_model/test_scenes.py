@@ -27,6 +27,29 @@ def test_questions_answers_are_consistent():
             assert set(q.question.replace("?", " ?").split()) <= words
 
 
+def test_position_questions_name_the_relation_of_two_named_objects():
+    objects = (
+        data.SceneObject("star", "small", 22.0, 40.0, 300.0, (200, 10, 10), 0.0),
+        data.SceneObject("circle", "medium", 40.0, 300.0, 180.0, (10, 200, 10), 0.0),
+        data.SceneObject("cross", "small", 22.0, 50.0, 170.0, (10, 10, 200), 0.0),
+    )
+    asked = {q.question: q.answer for q in data.question_pool(objects)["position"]}
+    assert asked["is the star left or right of the circle?"] == "left"
+    assert asked["is the circle left or right of the star?"] == "right"
+    assert asked["is the star above or below the circle?"] == "below"
+    assert asked["is the circle above or below the star?"] == "above"
+    # Star and cross differ by only 10 px horizontally (< POSITION_MARGIN): no left/right question about them.
+    assert "is the star left or right of the cross?" not in asked
+    assert asked["is the cross above or below the star?"] == "above"
+    # Both relation words are in every question, so the question never gives its answer away.
+    for question, answer in asked.items():
+        pair = ("left", "right") if answer in ("left", "right") else ("above", "below")
+        assert all(f" {w} " in question for w in pair)
+    rng = np.random.default_rng(0)
+    answers = [data.sample_questions(objects, rng, per_type=1)[1].answer for _ in range(400)]
+    assert {a: answers.count(a) > 60 for a in data.POSITION_ANSWERS} == dict.fromkeys(data.POSITION_ANSWERS, True)
+
+
 def test_test_split_is_deterministic_and_large_enough():
     records = data.test_split()
     assert len(records) >= 1000

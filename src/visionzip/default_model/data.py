@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ MIN_OBJECTS, MAX_OBJECTS = 4, 10
 QUESTION_TYPES = ("count", "position", "size", "shape", "exist")
 # Extreme/relative position questions are only asked when the centres differ by at least this much.
 POSITION_MARGIN = 16
+POSITION_ANSWERS = ("left", "right", "above", "below")
 _SPLIT_IDS = {"train": 0, "test": 1, "val": 2, "sample": 3}
 DEFAULT_TEST_IMAGES = 250
 
@@ -251,12 +252,13 @@ def question_pool(objects: Sequence[SceneObject]) -> dict[str, list[Question]]:
         for pb, b, _ in refs:
             if a is b:
                 continue
+            # The answer names the relation; both words are in every question, so neither gives it away.
             if abs(a.x - b.x) >= POSITION_MARGIN:
-                pool["position"].append(Question(f"is {pa} left of {pb}?", "yes" if a.x < b.x else "no", "position"))
-                pool["position"].append(Question(f"is {pa} right of {pb}?", "yes" if a.x > b.x else "no", "position"))
+                answer = "left" if a.x < b.x else "right"
+                pool["position"].append(Question(f"is {pa} left or right of {pb}?", answer, "position"))
             if abs(a.y - b.y) >= POSITION_MARGIN:
-                pool["position"].append(Question(f"is {pa} above {pb}?", "yes" if a.y < b.y else "no", "position"))
-                pool["position"].append(Question(f"is {pa} below {pb}?", "yes" if a.y > b.y else "no", "position"))
+                answer = "above" if a.y < b.y else "below"
+                pool["position"].append(Question(f"is {pa} above or below {pb}?", answer, "position"))
     return pool
 
 
@@ -271,15 +273,22 @@ def _balanced_choice(rng: np.random.Generator, questions: list[Question]) -> Que
 def sample_questions(
     objects: Sequence[SceneObject],
     rng: np.random.Generator,
-    per_type: int = 1,
+    per_type: int | Mapping[str, int] = 1,
     keep: Callable[[Question], bool] | None = None,
 ) -> list[Question]:
-    """Up to ``per_type`` distinct questions of each type, answer-balanced (among those ``keep`` accepts)."""
+    """Up to ``per_type`` distinct questions of each type, answer-balanced (among those ``keep`` accepts).
+
+    ``per_type`` is one number for every type or a number per type (types left out get none).
+    """
+    counts = per_type if isinstance(per_type, Mapping) else dict.fromkeys(QUESTION_TYPES, per_type)
+    unknown = set(counts) - set(QUESTION_TYPES)
+    if unknown:
+        raise ValueError(f"per_type names unknown question types {sorted(unknown)}; known: {list(QUESTION_TYPES)}")
     pool = question_pool(objects)
     chosen: list[Question] = []
     for qtype in QUESTION_TYPES:
         candidates = [q for q in pool[qtype] if keep is None or keep(q)]
-        for _ in range(per_type):
+        for _ in range(counts.get(qtype, 0)):
             if not candidates:
                 break
             q = _balanced_choice(rng, candidates)
@@ -365,7 +374,7 @@ def format_prompt(question: str) -> str:
 
 
 def answer_vocabulary() -> list[str]:
-    return [str(i) for i in range(MAX_OBJECTS + 1)] + ["yes", "no", *SHAPES, *SIZES]
+    return [str(i) for i in range(MAX_OBJECTS + 1)] + ["yes", "no", *SHAPES, *SIZES, *POSITION_ANSWERS]
 
 
 def text_vocabulary() -> list[str]:
@@ -376,7 +385,7 @@ def text_vocabulary() -> list[str]:
         "is there a",
         "what shape is the object",
         "what size is the",
-        "is the left of right above below",
+        "is the left or right of above below",
         "leftmost rightmost topmost bottommost",
         " ".join(_plural(s) for s in SHAPES),
         " ".join(SIZES),

@@ -18,7 +18,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -305,9 +305,11 @@ class TrainSettings:
     train_images: int = 1440
     val_images: int = 48
     test_images: int = data.DEFAULT_TEST_IMAGES
-    steps: int = 3600
+    steps: int = 3400
     images_per_step: int = 8
     questions_per_type: int = 4
+    # Counting is the hardest type: it gets this many questions per scene instead.
+    count_questions: int = 6
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup: int = 30
@@ -315,14 +317,10 @@ class TrainSettings:
     # Share of scenes in a step that are fresh scene codes rather than cached real scenes, by phase.
     code_share: tuple[float, float, float] = (1.0, 0.5, 0.25)
     phase_ends: tuple[float, float] = (0.15, 0.7)
-    # Position questions ask only "left of" until the first share of steps, then "left of" and "above"
-    # until the second, then all four relations (with all four answer-balanced, yes/no is the exclusive-or
-    # of the relation word and the comparison).
-    position_curriculum: tuple[float, float] = (0.0, 0.2)
     code_noise: float = 0.1
     label_noise: float = 0.03
     # Token subsets: share of scenes seen with every token, with an object-keeping subset, with a random one.
-    full_share: float = 0.4
+    full_share: float = 0.45
     object_subset_share: float = 0.45
     referent_weight: float = 0.5
     relation_weight: float = 0.5
@@ -345,24 +343,6 @@ def shipped_settings() -> TrainSettings:
     known = {f for f in TrainSettings.__dataclass_fields__}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in known}
     return TrainSettings(**values, text_model=text_model)
-
-
-def _position_words(words: tuple[str, ...]) -> Callable[[data.Question], bool]:
-    """A question filter that keeps position questions only for the given relation words."""
-
-    def keep(q: data.Question) -> bool:
-        return q.type != "position" or any(f" {w} " in q.question for w in words)
-
-    return keep
-
-
-def _question_filter(t: float, settings: TrainSettings) -> Callable[[data.Question], bool] | None:
-    first, second = settings.position_curriculum
-    if t < first:
-        return _position_words(("left of",))
-    if t < second:
-        return _position_words(("left of", "above"))
-    return None
 
 
 @dataclass(frozen=True)
@@ -554,8 +534,9 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
             objects_list.append(data.scene_objects(settings.seed, "train", 1_000_000 + fresh))
             fresh += 1
         objects_list += [train_objects[i] for i in real_idx]
-        keep = _question_filter(t, settings)
-        batch = [data.sample_questions(o, rng, settings.questions_per_type, keep=keep) for o in objects_list]
+        per_type = dict.fromkeys(data.QUESTION_TYPES, settings.questions_per_type)
+        per_type["count"] = settings.count_questions
+        batch = [data.sample_questions(o, rng, per_type) for o in objects_list]
 
         with torch.autocast("cpu", dtype=torch.bfloat16):
             tokens: list[torch.Tensor] = []
