@@ -52,14 +52,19 @@ def test_centre_patches_hold_the_object_centres():
     assert all(labels[p] > 0 for p in patches)
 
 
-def test_sample_questions_keep_filters_the_pool():
+def test_sample_questions_take_a_number_per_type():
     objects = data.scene_objects(0, "train", 5)
     rng = np.random.default_rng(0)
     per_type = data.sample_questions(objects, rng, per_type={"count": 3, "size": 1})
     assert [q.type for q in per_type] == ["count"] * 3 + ["size"]
     with pytest.raises(ValueError, match="per_type names unknown question types"):
         data.sample_questions(objects, rng, per_type={"colour": 1})
-    rejected = data.sample_questions(objects, rng, per_type=2, keep=lambda q: q.type != "count")
+    with pytest.raises(ValueError, match=r"per_type\['count'\] must be an integer >= 0, got -1"):
+        data.sample_questions(objects, rng, per_type={"count": -1})
+    with pytest.raises(TypeError, match=r"per_type\['size'\] must be an integer >= 0"):
+        data.sample_questions(objects, rng, per_type={"size": 1.5})
+    without_count = dict.fromkeys(data.QUESTION_TYPES[1:], 2)
+    rejected = data.sample_questions(objects, rng, per_type=without_count)
     assert rejected and all(q.type != "count" for q in rejected)
 
 

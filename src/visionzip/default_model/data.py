@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from visionzip.config import check_int
 
 IMAGE_SIZE = 336
 SHAPES = ("circle", "square", "triangle", "star", "cross")
@@ -274,9 +276,8 @@ def sample_questions(
     objects: Sequence[SceneObject],
     rng: np.random.Generator,
     per_type: int | Mapping[str, int] = 1,
-    keep: Callable[[Question], bool] | None = None,
 ) -> list[Question]:
-    """Up to ``per_type`` distinct questions of each type, answer-balanced (among those ``keep`` accepts).
+    """Up to ``per_type`` distinct questions of each type, answer-balanced.
 
     ``per_type`` is one number for every type or a number per type (types left out get none).
     """
@@ -284,10 +285,11 @@ def sample_questions(
     unknown = set(counts) - set(QUESTION_TYPES)
     if unknown:
         raise ValueError(f"per_type names unknown question types {sorted(unknown)}; known: {list(QUESTION_TYPES)}")
+    counts = {qtype: check_int(f"per_type[{qtype!r}]", n, 0) for qtype, n in counts.items()}
     pool = question_pool(objects)
     chosen: list[Question] = []
     for qtype in QUESTION_TYPES:
-        candidates = [q for q in pool[qtype] if keep is None or keep(q)]
+        candidates = list(pool[qtype])
         for _ in range(counts.get(qtype, 0)):
             if not candidates:
                 break

@@ -523,6 +523,7 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
     progress = _Progress(settings.steps, "train")
     losses: list[float] = []
     layers = (settings.referent_layer, settings.relation_layer)
+    per_type = {**dict.fromkeys(data.QUESTION_TYPES, settings.questions_per_type), "count": settings.count_questions}
     model.train()
     for step in range(settings.steps):
         t = step / settings.steps
@@ -534,8 +535,6 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
             objects_list.append(data.scene_objects(settings.seed, "train", 1_000_000 + fresh))
             fresh += 1
         objects_list += [train_objects[i] for i in real_idx]
-        per_type = dict.fromkeys(data.QUESTION_TYPES, settings.questions_per_type)
-        per_type["count"] = settings.count_questions
         batch = [data.sample_questions(o, rng, per_type) for o in objects_list]
 
         with torch.autocast("cpu", dtype=torch.bfloat16):
