@@ -136,8 +136,13 @@ def test_noun_targets_sit_on_the_nouns_and_compare_the_two_objects(tiny_vlm):
     assert rel_t.tolist() == [[0.0, 1.0, 1.0, 0.0] + [1.0] * 4]
 
 
-def test_a_few_training_steps_export_llava_weights():
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_a_few_training_steps_export_llava_weights(monkeypatch, capsys, native_bf16):
     from transformers import LlavaForConditionalGeneration
+
+    # bfloat16 autocast only where the CPU computes it natively; float32 otherwise (emulation is ~10x slower).
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native_bf16)
+    assert train.autocast_dtype() == (torch.bfloat16 if native_bf16 else torch.float32)
 
     feats = np.random.default_rng(0).normal(size=(6, build.NUM_IMAGE_TOKENS, train.FEATURE_DIM)).astype(np.float16)
     settings = replace(
@@ -153,6 +158,7 @@ def test_a_few_training_steps_export_llava_weights():
         train.train_model(settings, feats, None)
     settings = replace(settings, referent_layer=1, relation_layer=2)
     model = train.train_model(settings, feats, None)
+    assert f"matrix products in {'bfloat16' if native_bf16 else 'float32'}" in capsys.readouterr().out
     state = model.export_state_dict()
     expected = LlavaForConditionalGeneration(build.build_config(TINY_TEXT)).state_dict()
     expected = {k for k in expected if "vision_tower" not in k and not k.endswith("inv_freq")}
