@@ -159,6 +159,7 @@ def test_a_few_training_steps_export_llava_weights(monkeypatch, capsys, native_b
     settings = replace(settings, referent_layer=1, relation_layer=2)
     model = train.train_model(settings, feats, None)
     assert f"matrix products in {'bfloat16' if native_bf16 else 'float32'}" in capsys.readouterr().out
+    assert model.training_precision == ("bfloat16" if native_bf16 else "float32")  # recorded in the metadata
     state = model.export_state_dict()
     expected = LlavaForConditionalGeneration(build.build_config(TINY_TEXT)).state_dict()
     expected = {k for k in expected if "vision_tower" not in k and not k.endswith("inv_freq")}
