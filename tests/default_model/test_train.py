@@ -136,6 +136,25 @@ def test_noun_targets_sit_on_the_nouns_and_compare_the_two_objects(tiny_vlm):
     assert rel_t.tolist() == [[0.0, 1.0, 1.0, 0.0] + [1.0] * 4]
 
 
+def test_phases_end_with_real_scenes_only_and_bad_schedules_are_named():
+    settings = replace(train.TrainSettings(), steps=100)
+    shares = [train.code_share_at(settings, step) for step in range(settings.steps)]
+    assert shares[0] == 1.0 and shares[14] == 1.0 and shares[15] == 0.5  # codes only for the first 15 %
+    assert shares[70] == 0.25 and shares[87] == 0.25
+    assert set(shares[88:]) == {0.0}  # the last 12 % read real scenes only
+    train.check_phases(settings)
+    for bad, match in [
+        (dict(code_share=(1.0, 0.5)), "code_share needs one share per phase"),
+        (dict(code_share=(1.0, 0.5, 1.5, 0.0)), "code_share values must be in 0..1"),
+        (dict(phase_ends=(0.15, 0.9, 0.88)), "phase_ends must increase strictly"),
+        (dict(phase_ends=(0.0, 0.7, 0.88)), "phase_ends must increase strictly"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            train.check_phases(replace(settings, **bad))
+        with pytest.raises(ValueError, match=match):  # before any training step
+            train.train_model(replace(settings, **bad), np.zeros((8, 1, 1), np.float16), None)
+
+
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_a_few_training_steps_export_llava_weights(monkeypatch, capsys, native_bf16):
     from transformers import LlavaForConditionalGeneration
