@@ -312,7 +312,7 @@ def autocast_dtype() -> torch.dtype:
     """Training precision: bfloat16 autocast where the CPU runs it natively, float32 elsewhere.
 
     Without native support bfloat16 matrix products are emulated: on a 2-core AVX2 machine a training step
-    took 15 s in bfloat16 against 0.81 s in float32 (mean over a full run).
+    took 15 s in bfloat16 against 0.81-0.87 s in float32 (mean over a full run).
     """
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
