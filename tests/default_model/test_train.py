@@ -155,6 +155,19 @@ def test_phases_end_with_real_scenes_only_and_bad_schedules_are_named():
             train.train_model(replace(settings, **bad), np.zeros((8, 1, 1), np.float16), None)
 
 
+def test_train_default_rejects_bad_settings_before_any_tower_pass(monkeypatch, tmp_path):
+    def no_tower(*args, **kwargs):
+        raise AssertionError("features extracted before the settings were checked")
+
+    monkeypatch.setattr(train, "extract_features", no_tower)
+    for bad, match in [
+        (dict(phase_ends=(0.15, 0.9, 0.88)), "phase_ends must increase strictly"),
+        (dict(relation_layer=9), "relation_layer must be in 1..4"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            train.train_default(tmp_path / "out", settings=replace(train.TrainSettings(), **bad))
+
+
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_a_few_training_steps_export_llava_weights(monkeypatch, capsys, native_bf16):
     from transformers import LlavaForConditionalGeneration

@@ -518,6 +518,15 @@ def check_phases(settings: TrainSettings) -> None:
         raise ValueError(f"phase_ends must increase strictly inside (0, 1), got {ends}")
 
 
+def check_settings(settings: TrainSettings) -> None:
+    """Reject a schedule or head layer that cannot run (before any tower pass or training step)."""
+    check_phases(settings)
+    n_layers = settings.text_model.num_hidden_layers
+    for name in ("referent_layer", "relation_layer"):
+        if not 1 <= getattr(settings, name) <= n_layers:
+            raise ValueError(f"{name} must be in 1..{n_layers} (num_hidden_layers), got {getattr(settings, name)}")
+
+
 def code_share_at(settings: TrainSettings, step: int) -> float:
     """Share of scene-code scenes at ``step`` (the phase that the step's fraction of the run falls in)."""
     t = step / settings.steps
@@ -527,11 +536,7 @@ def code_share_at(settings: TrainSettings, step: int) -> float:
 def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.ndarray | None) -> TrainableVLM:
     """One run: the language model reads scene codes and real scenes side by side; the projector learns both
     from the task and by regression onto the scene codes. The share of real scenes grows by phase."""
-    check_phases(settings)
-    n_layers = settings.text_model.num_hidden_layers
-    for name in ("referent_layer", "relation_layer"):
-        if not 1 <= getattr(settings, name) <= n_layers:
-            raise ValueError(f"{name} must be in 1..{n_layers} (num_hidden_layers), got {getattr(settings, name)}")
+    check_settings(settings)
     torch.manual_seed(settings.seed)
     config = build.build_config(settings.text_model)
     mean, std = feature_stats(train_feats)
@@ -711,6 +716,7 @@ def train_default(
     settings = settings or shipped_settings()
     if settings.seed != seed:
         settings = replace(settings, seed=seed)
+    check_settings(settings)  # a bad value would otherwise surface after minutes of feature extraction
     output_dir = Path(output_dir)
     work_dir = Path(work_dir) if work_dir is not None else output_dir / "_work"
     work_dir.mkdir(parents=True, exist_ok=True)
