@@ -54,6 +54,7 @@ def test_train_default_hands_its_arguments_to_its_own_parser(capsys):
         (["--steps", "-3"], "--steps must be >= 1, got -3"),
         (["--train-images", "2"], "--train-images must be >= 8 (scenes per training step), got 2"),
         (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--precision", "half"], "argument --precision: invalid choice: 'half'"),
     ],
 )
 def test_train_default_refuses_bad_values_before_any_work(tmp_path, capsys, argv, message):
@@ -61,6 +62,17 @@ def test_train_default_refuses_bad_values_before_any_work(tmp_path, capsys, argv
         main(["train-default", str(tmp_path / "out"), *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_default_refuses_emulated_bfloat16_before_any_work(tmp_path, capsys, monkeypatch):
+    from visionzip.default_model import train
+
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-default", str(tmp_path / "out"), "--precision", "bfloat16"])
+    assert exit_info.value.code == 2
+    assert "precision='bfloat16' needs a CPU that computes bfloat16 natively" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

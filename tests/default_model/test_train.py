@@ -163,18 +163,35 @@ def test_train_default_rejects_bad_settings_before_any_tower_pass(monkeypatch, t
     for bad, match in [
         (dict(phase_ends=(0.15, 0.9, 0.88)), "phase_ends must increase strictly"),
         (dict(relation_layer=9), "relation_layer must be in 1..4"),
+        (dict(precision="fp16"), "precision must be one of"),
     ]:
         with pytest.raises(ValueError, match=match):
             train.train_default(tmp_path / "out", settings=replace(train.TrainSettings(), **bad))
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
+def test_precision_float32_everywhere_bfloat16_only_where_native(monkeypatch, native_bf16):
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native_bf16)
+    # The recorded recipe is float32, so a rebuild on any CPU repeats the shipped run's arithmetic.
+    assert train.TrainSettings().precision == "float32"
+    assert train.autocast_dtype("float32") == torch.float32
+    assert train.autocast_dtype("auto") == (torch.bfloat16 if native_bf16 else torch.float32)
+    if native_bf16:
+        assert train.autocast_dtype("bfloat16") == torch.bfloat16
+    else:  # emulated bfloat16 is ~17x slower than float32: refused with the way out
+        with pytest.raises(ValueError, match="precision='bfloat16' needs a CPU .* use 'float32' or 'auto'"):
+            train.autocast_dtype("bfloat16")
+        with pytest.raises(ValueError, match="precision='bfloat16'"):
+            train.check_settings(replace(train.TrainSettings(), precision="bfloat16"))
+    with pytest.raises(ValueError, match=r"precision must be one of \('float32', 'bfloat16', 'auto'\), got 'half'"):
+        train.autocast_dtype("half")
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
 def test_a_few_training_steps_export_llava_weights(monkeypatch, capsys, native_bf16):
     from transformers import LlavaForConditionalGeneration
 
-    # bfloat16 autocast only where the CPU computes it natively; float32 otherwise (emulation is ~10x slower).
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native_bf16)
-    assert train.autocast_dtype() == (torch.bfloat16 if native_bf16 else torch.float32)
 
     feats = np.random.default_rng(0).normal(size=(6, build.NUM_IMAGE_TOKENS, train.FEATURE_DIM)).astype(np.float16)
     settings = replace(
@@ -184,6 +201,7 @@ def test_a_few_training_steps_export_llava_weights(monkeypatch, capsys, native_b
         questions_per_type=1,
         count_questions=1,
         projector_batch=2,
+        precision="auto",
         text_model=TINY_TEXT,
     )
     with pytest.raises(ValueError, match="relation_layer"):

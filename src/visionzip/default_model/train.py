@@ -308,12 +308,26 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def autocast_dtype() -> torch.dtype:
-    """Training precision: bfloat16 autocast where the CPU runs it natively, float32 elsewhere.
+PRECISIONS = ("float32", "bfloat16", "auto")
+
+
+def autocast_dtype(precision: str = "auto") -> torch.dtype:
+    """Training precision: ``float32``, ``bfloat16`` autocast, or ``auto`` (bfloat16 where the CPU runs it
+    natively, float32 elsewhere).
 
     Without native support bfloat16 matrix products are emulated: on a 2-core AVX2 machine a training step
-    took 15 s in bfloat16 against 0.81-0.87 s in float32 (mean over a full run).
+    took 15 s in bfloat16 against 0.81-0.87 s in float32 (mean over a full run), so ``bfloat16`` is refused
+    there. On a 2-core AMX machine bfloat16 gained little (0.57 against 0.59 s a step).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "float32":
+        return torch.float32
+    if precision == "bfloat16" and not cpu_has_native_bf16():
+        raise ValueError(
+            "precision='bfloat16' needs a CPU that computes bfloat16 natively (AVX-512 BF16 or AMX); "
+            "this one would emulate it at ~17x the float32 step time: use 'float32' or 'auto'"
+        )
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
@@ -348,6 +362,9 @@ class TrainSettings:
     relation_layer: int = 3
     projector_mse_weight: float = 1.0
     projector_batch: int = 8
+    # Matrix-product precision (see autocast_dtype). float32 is the one every CPU runs at full speed, so a
+    # rebuild anywhere repeats the shipped run's arithmetic; "auto" takes bfloat16 where it is native.
+    precision: str = "float32"
     text_model: build.TextModelSize = field(default_factory=build.TextModelSize)
 
 
@@ -519,8 +536,9 @@ def check_phases(settings: TrainSettings) -> None:
 
 
 def check_settings(settings: TrainSettings) -> None:
-    """Reject a schedule or head layer that cannot run (before any tower pass or training step)."""
+    """Reject a schedule, precision or head layer that cannot run (before any tower pass or training step)."""
     check_phases(settings)
+    autocast_dtype(settings.precision)
     n_layers = settings.text_model.num_hidden_layers
     for name in ("referent_layer", "relation_layer"):
         if not 1 <= getattr(settings, name) <= n_layers:
@@ -569,7 +587,7 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
     losses: list[float] = []
     layers = (settings.referent_layer, settings.relation_layer)
     per_type = {**dict.fromkeys(data.QUESTION_TYPES, settings.questions_per_type), "count": settings.count_questions}
-    precision = autocast_dtype()
+    precision = autocast_dtype(settings.precision)
     # Kept on the model so that the metadata records the precision this run used.
     model.training_precision = str(precision).removeprefix("torch.")
     print(f"matrix products in {model.training_precision}", flush=True)
@@ -789,6 +807,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="training steps (default: as recorded with the shipped weights)",
     )
     parser.add_argument("--train-images", type=int, default=None)
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="matrix-product precision (default: as recorded, float32; 'auto' takes bfloat16 where native)",
+    )
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
     args = parser.parse_args(argv)
     recorded = shipped_settings()
@@ -806,7 +830,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["steps"] = args.steps
     if args.train_images is not None:
         overrides["train_images"] = args.train_images
+    if args.precision is not None:
+        overrides["precision"] = args.precision
     settings = replace(recorded, seed=args.seed, **overrides)
+    try:
+        check_settings(settings)
+    except ValueError as exc:
+        parser.error(str(exc))
     meta = train_default(
         args.output_dir, seed=args.seed, work_dir=args.work_dir, settings=settings, evaluate=not args.no_eval
     )
