@@ -52,6 +52,42 @@ def test_centre_patches_hold_the_object_centres():
     assert all(labels[p] > 0 for p in patches)
 
 
+def test_patch_objects_assign_each_labelled_patch_to_one_object():
+    owner = data.patch_objects(SCENE)
+    labels = data.patch_labels(SCENE)
+    assert owner.shape == labels.shape == (data.GRID * data.GRID,)
+    assert ((owner >= 0) == (labels > 0)).all()
+    for k, obj in enumerate(SCENE):
+        row, col = data.centre_cell(obj)
+        assert owner[row * data.GRID + col] == k
+        assert set(labels[owner == k].tolist()) == {1 + 3 * data.SHAPES.index(obj.shape) + data.SIZES.index(obj.size)}
+    # Large objects cover many patches, small ones at least the one holding their centre.
+    assert (owner == 1).sum() > (owner == 0).sum() >= 1
+
+
+def test_image_token_targets_mark_the_first_kept_token_of_each_object():
+    owner = data.patch_objects(SCENE)
+    labels = data.patch_labels(SCENE)
+    rng = np.random.default_rng(0)
+    subset = train.token_subset(SCENE, rng, train.SubsetMode("objects", 0.5, 0.1))
+    first, classes = train.image_token_targets([SCENE, SCENE], [None, subset], length=600)
+    assert first.shape == classes.shape == (2, 600)
+    # [CLS] and the padding after the image tokens have no target.
+    assert first[:, 0].tolist() == [-100, -100] and (first[0, 577:] == -100).all()
+    assert (first[1, len(subset) :] == -100).all() and (first[1, 1 : len(subset)] != -100).all()
+    # All tokens: the first patch of each object in raster order, one per object.
+    expected = sorted(int(np.flatnonzero(owner == k)[0]) + 1 for k in range(len(SCENE)))
+    assert torch.nonzero(first[0] == 1).flatten().tolist() == expected
+    assert classes[0, 1:577].tolist() == labels.tolist()
+    # A subset: one first token per object still (the centres are kept), the earliest kept one.
+    kept_owner = owner[subset[1:] - 1]
+    marked = torch.nonzero(first[1] == 1).flatten().numpy() - 1
+    assert sorted(kept_owner[marked].tolist()) == list(range(len(SCENE)))
+    for slot in marked:
+        assert kept_owner[slot] not in kept_owner[:slot]
+    assert classes[1, 1 : len(subset)].tolist() == labels[subset[1:] - 1].tolist()
+
+
 def test_sample_questions_take_a_number_per_type():
     objects = data.scene_objects(0, "train", 5)
     rng = np.random.default_rng(0)
@@ -163,6 +199,7 @@ def test_train_default_rejects_bad_settings_before_any_tower_pass(monkeypatch, t
     for bad, match in [
         (dict(phase_ends=(0.15, 0.9, 0.88)), "phase_ends must increase strictly"),
         (dict(relation_layer=9), "relation_layer must be in 1..4"),
+        (dict(image_head_layer=0), "image_head_layer must be in 1..4"),
         (dict(precision="fp16"), "precision must be one of"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -220,3 +257,26 @@ def test_a_few_training_steps_export_llava_weights(monkeypatch, capsys, native_b
         acc = train.evaluate_cached(model, packer, feats[:2], "val", 0, keep_tokens=keep_tokens)
         pools = [data.question_pool(data.scene_objects(0, "val", i)) for i in range(2)]
         assert acc["questions"] == sum(bool(qs) for pool in pools for qs in pool.values())
+
+
+def test_image_token_head_trains_only_when_weighted_and_is_never_exported(capsys):
+    feats = np.random.default_rng(0).normal(size=(6, build.NUM_IMAGE_TOKENS, train.FEATURE_DIM)).astype(np.float16)
+    settings = replace(
+        train.TrainSettings(),
+        steps=3,
+        images_per_step=4,
+        questions_per_type=1,
+        count_questions=1,
+        projector_batch=2,
+        referent_layer=1,
+        relation_layer=2,
+        text_model=TINY_TEXT,
+    )
+    plain = train.train_model(settings, feats, None)
+    assert not hasattr(plain, "image_head")  # off by default: earlier recipes keep their initialisation
+    assert " image " not in capsys.readouterr().out
+    torch.manual_seed(0)
+    headed = train.train_model(replace(settings, image_head_weight=0.5, image_head_layer=2), feats, None)
+    assert headed.image_head.weight.grad is not None and headed.image_head.weight.grad.abs().sum() > 0
+    assert " image " in capsys.readouterr().out
+    assert set(headed.export_state_dict()) == set(plain.export_state_dict())

@@ -299,8 +299,8 @@ def sample_questions(
     return chosen
 
 
-def patch_labels(objects: Sequence[SceneObject], patch: int = 14) -> np.ndarray:
-    """Per-patch class in raster order (0 background, else ``1 + 3 * shape + size``), for training only.
+def patch_objects(objects: Sequence[SceneObject], patch: int = 14) -> np.ndarray:
+    """Per-patch index into ``objects`` in raster order (-1 background), for training only.
 
     A patch belongs to the nearest object whose disc covers the patch centre; small objects always claim
     the patch holding their centre.
@@ -308,14 +308,21 @@ def patch_labels(objects: Sequence[SceneObject], patch: int = 14) -> np.ndarray:
     grid = IMAGE_SIZE // patch
     centres = (np.arange(grid) + 0.5) * patch
     cy, cx = np.meshgrid(centres, centres, indexing="ij")
-    labels = np.zeros((grid, grid), dtype=np.int64)
+    owner = np.full((grid, grid), -1, dtype=np.int64)
     best = np.full((grid, grid), np.inf)
-    for o in objects:
+    for k, o in enumerate(objects):
         dist = np.hypot(cx - o.x, cy - o.y)
         hit = (dist <= max(o.diameter / 2, patch * 0.75)) & (dist < best)
-        labels[hit] = 1 + 3 * SHAPES.index(o.shape) + SIZES.index(o.size)
+        owner[hit] = k
         best[hit] = dist[hit]
-    return labels.reshape(-1)
+    return owner.reshape(-1)
+
+
+def patch_labels(objects: Sequence[SceneObject], patch: int = 14) -> np.ndarray:
+    """Per-patch class in raster order (0 background, else ``1 + 3 * shape + size``), for training only;
+    patches belong to objects as in ``patch_objects``."""
+    classes = np.array([0] + [1 + 3 * SHAPES.index(o.shape) + SIZES.index(o.size) for o in objects], dtype=np.int64)
+    return classes[patch_objects(objects, patch) + 1]
 
 
 NUM_PATCH_CLASSES = 1 + 3 * len(SHAPES)

@@ -140,7 +140,7 @@ class TrainableVLM(nn.Module):
     the two heads on the question's nouns are training-only and never exported.
     """
 
-    def __init__(self, config, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def __init__(self, config, mean: torch.Tensor, std: torch.Tensor, image_head: bool = False) -> None:
         super().__init__()
         from transformers import LlamaForCausalLM
 
@@ -155,12 +155,19 @@ class TrainableVLM(nn.Module):
         self.referent_head = nn.Linear(text.hidden_size, sum(_REFERENT_SPLITS))
         # Is the first noun's object left of / right of / above / below the second's, read at the second.
         self.relation_head = nn.Linear(text.hidden_size, 4)
+        # Optional (created last, so that runs without it keep their initialisation): at every image token,
+        # is it the first kept token of its object in raster order, and its patch class.
+        if image_head:
+            self.image_head = nn.Linear(text.hidden_size, 1 + data.NUM_PATCH_CLASSES)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1((features - self.feat_mean) / self.feat_std)))
 
-    def forward(self, image, input_ids, attention_mask, position_ids, layers: Sequence[int] = ()):
-        """Final text-position hidden states, then those of each layer in ``layers``.
+    def forward(
+        self, image, input_ids, attention_mask, position_ids, layers: Sequence[int] = (), image_layer: int | None = None
+    ):
+        """Final text-position hidden states, then those of each layer in ``layers``, then (if ``image_layer``
+        is given) the image-position hidden states of that layer.
 
         ``image`` holds already embedded image tokens (projected features or scene codes), padded to one length.
         """
@@ -170,11 +177,13 @@ class TrainableVLM(nn.Module):
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            output_hidden_states=bool(layers),
+            output_hidden_states=bool(layers) or image_layer is not None,
         )
         n_img = image.shape[1]
         out = [hidden.last_hidden_state[:, n_img:]]
         out += [hidden.hidden_states[k][:, n_img:] for k in layers]
+        if image_layer is not None:
+            out.append(hidden.hidden_states[image_layer][:, :n_img])
         return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -362,6 +371,11 @@ class TrainSettings:
     relation_layer: int = 3
     projector_mse_weight: float = 1.0
     projector_batch: int = 8
+    # Dense supervision of the image tokens inside the language model (0 = off): at ``image_head_layer``,
+    # each image token predicts whether it is the first kept token of its object in raster order (one such
+    # token per object, which the causal image tokens can tell from the ones before them) and its class.
+    image_head_weight: float = 0.0
+    image_head_layer: int = 1
     # Matrix-product precision (see autocast_dtype). float32 is the one every CPU runs at full speed, so a
     # rebuild anywhere repeats the shipped run's arithmetic; "auto" takes bfloat16 where it is native.
     precision: str = "float32"
@@ -478,6 +492,37 @@ def _noun_losses(model: TrainableVLM, ref_hidden, rel_hidden, targets) -> tuple[
     return loss, relation
 
 
+def image_token_targets(objects_list, subsets, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets of the image-token head, (B, length) each, -100 at [CLS] and padding: whether a token is the
+    first kept token of its object in raster order (the token order), and its patch class."""
+    first = torch.full((len(objects_list), length), -100, dtype=torch.long)
+    classes = torch.full((len(objects_list), length), -100, dtype=torch.long)
+    for b, (objects, subset) in enumerate(zip(objects_list, subsets, strict=True)):
+        owner = data.patch_objects(objects)
+        labels = data.patch_labels(objects)
+        patches = np.arange(owner.size) if subset is None else subset[1:] - 1
+        kept_owner = owner[patches]
+        is_first = np.zeros(patches.size, dtype=np.int64)
+        on_object = np.flatnonzero(kept_owner >= 0)
+        _, first_of_object = np.unique(kept_owner[on_object], return_index=True)
+        is_first[on_object[first_of_object]] = 1
+        first[b, 1 : 1 + patches.size] = torch.from_numpy(is_first)
+        classes[b, 1 : 1 + patches.size] = torch.from_numpy(labels[patches])
+    return first, classes
+
+
+def _image_token_loss(model: TrainableVLM, image_hidden: torch.Tensor, targets) -> torch.Tensor:
+    """Flag loss, balanced between first tokens and the others (about 7 against 570), plus class loss."""
+    first, classes = targets
+    out = model.image_head(image_hidden).float()
+    valid = first != -100
+    flag_logit, class_logits = out[..., 0][valid], out[..., 1:][valid]
+    flag = first[valid].float()
+    bce = nn.functional.binary_cross_entropy_with_logits(flag_logit, flag, reduction="none")
+    balanced = 0.5 * (bce[flag == 1].mean() + bce[flag == 0].mean()) if (flag == 1).any() else bce.mean()
+    return balanced + nn.functional.cross_entropy(class_logits, classes[valid])
+
+
 @torch.inference_mode()
 def evaluate_cached(
     model: TrainableVLM,
@@ -540,7 +585,7 @@ def check_settings(settings: TrainSettings) -> None:
     check_phases(settings)
     autocast_dtype(settings.precision)
     n_layers = settings.text_model.num_hidden_layers
-    for name in ("referent_layer", "relation_layer"):
+    for name in ("referent_layer", "relation_layer", "image_head_layer"):
         if not 1 <= getattr(settings, name) <= n_layers:
             raise ValueError(f"{name} must be in 1..{n_layers} (num_hidden_layers), got {getattr(settings, name)}")
 
@@ -558,7 +603,7 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
     torch.manual_seed(settings.seed)
     config = build.build_config(settings.text_model)
     mean, std = feature_stats(train_feats)
-    model = TrainableVLM(config, mean, std)
+    model = TrainableVLM(config, mean, std, image_head=settings.image_head_weight > 0)
     packer = Packer(build.build_tokenizer())
     n_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("lm.", "linear_")))
     print(f"trainable parameters: {n_params / 1e6:.2f}M", flush=True)
@@ -620,9 +665,19 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
             subsets = [token_subset(o, rng, mode) for o in objects_list]
             tokens = [tok if s is None else tok[torch.from_numpy(s)] for tok, s in zip(tokens, subsets, strict=True)]
             packed = packer.pack(batch, [tok.shape[0] for tok in tokens])
-            hidden, ref_hidden, rel_hidden = model(
-                pad_images(tokens), packed.input_ids, packed.mask, packed.position_ids, layers=layers
+            image_layer = settings.image_head_layer if settings.image_head_weight > 0 else None
+            hidden, ref_hidden, rel_hidden, *image_hidden = model(
+                pad_images(tokens),
+                packed.input_ids,
+                packed.mask,
+                packed.position_ids,
+                layers=layers,
+                image_layer=image_layer,
             )
+            image_loss = hidden.new_zeros(()).float()
+            if image_hidden:
+                targets_img = image_token_targets(objects_list, subsets, image_hidden[0].shape[1])
+                image_loss = _image_token_loss(model, image_hidden[0], targets_img)
             sel = packed.labels != -100
             loss = nn.functional.cross_entropy(model.logits(hidden[sel]).float(), packed.labels[sel])
             targets = _noun_targets(packed, batch, objects_list)
@@ -632,6 +687,7 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
             + settings.referent_weight * referent
             + settings.relation_weight * relation
             + settings.projector_mse_weight * mse
+            + settings.image_head_weight * image_loss
         )
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -643,7 +699,8 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
             step + 1,
             f"answer loss {np.mean(losses[-50:]):.4f} referent {referent.item():.3f} relation {relation.item():.3f} "
             f"mse {mse.item():.3f} "
-            f"lr {sched.get_last_lr()[0]:.2e}",
+            + (f"image {image_loss.item():.3f} " if image_hidden else "")
+            + f"lr {sched.get_last_lr()[0]:.2e}",
         )
         if val_feats is not None and ((step + 1) % settings.eval_every == 0 or step + 1 == settings.steps):
             for keep_tokens in (None, 64):
@@ -767,6 +824,7 @@ def train_default(
         "vision_feature_layer": config.vision_feature_layer,
         "timings_s": timings,
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "autocast": model.training_precision,
     }
     _save_payload(model, settings, output_dir, meta)
