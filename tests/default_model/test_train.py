@@ -224,12 +224,8 @@ def test_precision_float32_everywhere_bfloat16_only_where_native(monkeypatch, na
         train.autocast_dtype("half")
 
 
-@pytest.mark.parametrize("native_bf16", [True, False])
-def test_a_few_training_steps_export_llava_weights(monkeypatch, capsys, native_bf16):
-    from transformers import LlavaForConditionalGeneration
-
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native_bf16)
-
+def _tiny_run(**overrides) -> tuple[np.ndarray, train.TrainSettings]:
+    """Random tower features of 6 scenes and settings for a few steps of a tiny language model."""
     feats = np.random.default_rng(0).normal(size=(6, build.NUM_IMAGE_TOKENS, train.FEATURE_DIM)).astype(np.float16)
     settings = replace(
         train.TrainSettings(),
@@ -238,9 +234,17 @@ def test_a_few_training_steps_export_llava_weights(monkeypatch, capsys, native_b
         questions_per_type=1,
         count_questions=1,
         projector_batch=2,
-        precision="auto",
         text_model=TINY_TEXT,
     )
+    return feats, replace(settings, **overrides)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_a_few_training_steps_export_llava_weights(monkeypatch, capsys, native_bf16):
+    from transformers import LlavaForConditionalGeneration
+
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native_bf16)
+    feats, settings = _tiny_run(precision="auto")
     with pytest.raises(ValueError, match="relation_layer"):
         train.train_model(settings, feats, None)
     settings = replace(settings, referent_layer=1, relation_layer=2)
@@ -260,18 +264,7 @@ def test_a_few_training_steps_export_llava_weights(monkeypatch, capsys, native_b
 
 
 def test_image_token_head_trains_only_when_weighted_and_is_never_exported(capsys):
-    feats = np.random.default_rng(0).normal(size=(6, build.NUM_IMAGE_TOKENS, train.FEATURE_DIM)).astype(np.float16)
-    settings = replace(
-        train.TrainSettings(),
-        steps=3,
-        images_per_step=4,
-        questions_per_type=1,
-        count_questions=1,
-        projector_batch=2,
-        referent_layer=1,
-        relation_layer=2,
-        text_model=TINY_TEXT,
-    )
+    feats, settings = _tiny_run(steps=3, referent_layer=1, relation_layer=2)
     plain = train.train_model(settings, feats, None)
     assert not hasattr(plain, "image_head")  # off by default: earlier recipes keep their initialisation
     assert " image " not in capsys.readouterr().out
