@@ -200,6 +200,8 @@ def test_train_default_rejects_bad_settings_before_any_tower_pass(monkeypatch, t
         (dict(phase_ends=(0.15, 0.9, 0.88)), "phase_ends must increase strictly"),
         (dict(relation_layer=9), "relation_layer must be in 1..4"),
         (dict(image_head_layer=0), "image_head_layer must be in 1..4"),
+        (dict(image_head_weight=-0.5), r"image_head_weight must be >= 0 \(0 turns that loss off\), got -0.5"),
+        (dict(projector_mse_weight=float("nan")), "projector_mse_weight must be >= 0"),
         (dict(precision="fp16"), "precision must be one of"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -268,7 +270,6 @@ def test_image_token_head_trains_only_when_weighted_and_is_never_exported(capsys
     plain = train.train_model(settings, feats, None)
     assert not hasattr(plain, "image_head")  # off by default: earlier recipes keep their initialisation
     assert " image " not in capsys.readouterr().out
-    torch.manual_seed(0)
     headed = train.train_model(replace(settings, image_head_weight=0.5, image_head_layer=2), feats, None)
     assert headed.image_head.weight.grad is not None and headed.image_head.weight.grad.abs().sum() > 0
     assert " image " in capsys.readouterr().out

@@ -318,11 +318,16 @@ def patch_objects(objects: Sequence[SceneObject], patch: int = 14) -> np.ndarray
     return owner.reshape(-1)
 
 
+def object_classes(objects: Sequence[SceneObject]) -> np.ndarray:
+    """Class of background (0) then of each object (``1 + 3 * shape + size``): index it with
+    ``patch_objects(...) + 1``."""
+    return np.array([0] + [1 + 3 * SHAPES.index(o.shape) + SIZES.index(o.size) for o in objects], dtype=np.int64)
+
+
 def patch_labels(objects: Sequence[SceneObject], patch: int = 14) -> np.ndarray:
     """Per-patch class in raster order (0 background, else ``1 + 3 * shape + size``), for training only;
     patches belong to objects as in ``patch_objects``."""
-    classes = np.array([0] + [1 + 3 * SHAPES.index(o.shape) + SIZES.index(o.size) for o in objects], dtype=np.int64)
-    return classes[patch_objects(objects, patch) + 1]
+    return object_classes(objects)[patch_objects(objects, patch) + 1]
 
 
 NUM_PATCH_CLASSES = 1 + 3 * len(SHAPES)

@@ -377,7 +377,8 @@ class TrainSettings:
     image_head_weight: float = 0.0
     image_head_layer: int = 1
     # Matrix-product precision (see autocast_dtype). float32 is the one every CPU runs at full speed, so a
-    # rebuild anywhere repeats the shipped run's arithmetic; "auto" takes bfloat16 where it is native.
+    # rebuild does not depend on native bfloat16 (float32 sums still depend on the thread count); "auto"
+    # takes bfloat16 where it is native.
     precision: str = "float32"
     text_model: build.TextModelSize = field(default_factory=build.TextModelSize)
 
@@ -499,7 +500,7 @@ def image_token_targets(objects_list, subsets, length: int) -> tuple[torch.Tenso
     classes = torch.full((len(objects_list), length), -100, dtype=torch.long)
     for b, (objects, subset) in enumerate(zip(objects_list, subsets, strict=True)):
         owner = data.patch_objects(objects)
-        labels = data.patch_labels(objects)
+        labels = data.object_classes(objects)[owner + 1]
         patches = np.arange(owner.size) if subset is None else subset[1:] - 1
         kept_owner = owner[patches]
         is_first = np.zeros(patches.size, dtype=np.int64)
@@ -581,9 +582,12 @@ def check_phases(settings: TrainSettings) -> None:
 
 
 def check_settings(settings: TrainSettings) -> None:
-    """Reject a schedule, precision or head layer that cannot run (before any tower pass or training step)."""
+    """Reject a schedule, loss weight, precision or head layer that cannot run (before any tower pass or training step)."""
     check_phases(settings)
     autocast_dtype(settings.precision)
+    for name in ("referent_weight", "relation_weight", "projector_mse_weight", "image_head_weight"):
+        if not getattr(settings, name) >= 0:
+            raise ValueError(f"{name} must be >= 0 (0 turns that loss off), got {getattr(settings, name)}")
     n_layers = settings.text_model.num_hidden_layers
     for name in ("referent_layer", "relation_layer", "image_head_layer"):
         if not 1 <= getattr(settings, name) <= n_layers:
@@ -603,7 +607,8 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
     torch.manual_seed(settings.seed)
     config = build.build_config(settings.text_model)
     mean, std = feature_stats(train_feats)
-    model = TrainableVLM(config, mean, std, image_head=settings.image_head_weight > 0)
+    image_layer = settings.image_head_layer if settings.image_head_weight > 0 else None
+    model = TrainableVLM(config, mean, std, image_head=image_layer is not None)
     packer = Packer(build.build_tokenizer())
     n_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("lm.", "linear_")))
     print(f"trainable parameters: {n_params / 1e6:.2f}M", flush=True)
@@ -665,7 +670,6 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
             subsets = [token_subset(o, rng, mode) for o in objects_list]
             tokens = [tok if s is None else tok[torch.from_numpy(s)] for tok, s in zip(tokens, subsets, strict=True)]
             packed = packer.pack(batch, [tok.shape[0] for tok in tokens])
-            image_layer = settings.image_head_layer if settings.image_head_weight > 0 else None
             hidden, ref_hidden, rel_hidden, *image_hidden = model(
                 pad_images(tokens),
                 packed.input_ids,
