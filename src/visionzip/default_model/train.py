@@ -582,7 +582,8 @@ def check_phases(settings: TrainSettings) -> None:
 
 
 def check_settings(settings: TrainSettings) -> None:
-    """Reject a schedule, loss weight, precision or head layer that cannot run (before any tower pass or training step)."""
+    """Reject a schedule, loss weight, precision or head layer that cannot run (before any tower pass or
+    training step)."""
     check_phases(settings)
     autocast_dtype(settings.precision)
     for name in ("referent_weight", "relation_weight", "projector_mse_weight", "image_head_weight"):
