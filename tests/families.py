@@ -24,8 +24,8 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 )
 
 from conftest import WORDS, clip_vision_config, make_tokenizer
-from visionzip.bench.arch import NEXT_PINPOINTS
-from visionzip.synthetic import llava_style_processor, tiny_llama_config
+from vlmzip.bench.arch import NEXT_PINPOINTS
+from vlmzip.synthetic import llava_style_processor, tiny_llama_config
 
 IMAGE_TOKEN_ID = WORDS.index("<image>")
 VIDEO_TOKEN_ID = len(WORDS)  # "<video>" is added after the shared vocabulary

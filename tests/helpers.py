@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator, Sequence
 import pytest
 import torch
 
-import visionzip
+import vlmzip
 from conftest import IMAGE_TOKEN_ID
-from visionzip.api import STATE_ATTRIBUTE
+from vlmzip.api import STATE_ATTRIBUTE
 
 # A dialogue for run_dialogue (test_conversation.py): an image, a text-only follow-up, a second image.
 TWO_IMAGE_TURNS = [
@@ -47,17 +47,17 @@ class LanguageModelSpy:
 def removed_after(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Fixture body: yield `model`, then remove VisionZip from it if the test applied it."""
     yield model
-    if visionzip.is_applied(model):
-        visionzip.remove(model)
+    if vlmzip.is_applied(model):
+        vlmzip.remove(model)
 
 
 def assert_apply_refused(model: torch.nn.Module, error: type[Exception], match: str, **config: object) -> None:
     """apply(model, **config) raises `error` matching `match` and leaves the instance as it was."""
     attributes = set(model.__dict__)
     with pytest.raises(error, match=match):
-        visionzip.apply(model, **config)
+        vlmzip.apply(model, **config)
     assert model.__dict__.keys() == attributes
-    assert not visionzip.is_applied(model)
+    assert not vlmzip.is_applied(model)
 
 
 def visual_tokens_reaching_llm(model: torch.nn.Module, prepared: dict, token_id: int = IMAGE_TOKEN_ID) -> torch.Tensor:
@@ -80,7 +80,7 @@ def generated_tokens(
 
     Rows of a batch are padded after they finish, so only the tokens up to EOS are comparable.
     """
-    prepared = visionzip.prepare(model, inputs)
+    prepared = vlmzip.prepare(model, inputs)
     prompt_length = prepared["input_ids"].shape[1]
     with torch.no_grad():
         output = model.generate(**prepared, max_new_tokens=max_new_tokens, pad_token_id=0, **kwargs)
@@ -114,10 +114,10 @@ def assert_remove_restores_bit_identical_logits(
     never_patched, model = build_model(), build_model()
     with torch.no_grad():
         expected = never_patched(**inputs).logits
-        visionzip.apply(model, **config)
+        vlmzip.apply(model, **config)
         reduced = model(**inputs).logits
         assert torch.equal(never_patched(**inputs).logits, expected)
-        visionzip.remove(model)
+        vlmzip.remove(model)
         restored = model(**inputs).logits
     assert reduced.shape[1] < expected.shape[1]
     assert torch.equal(restored, expected)

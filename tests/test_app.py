@@ -1,4 +1,4 @@
-"""The web demo's computation (`visionzip.app.ask`) and page, without a browser."""
+"""The web demo's computation (`vlmzip.app.ask`) and page, without a browser."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-import visionzip
+import vlmzip
 from conftest import make_llava, make_llava_processor, random_images
-from visionzip import app
-from visionzip.cli import main
+from vlmzip import app
+from vlmzip.cli import main
 
 QUESTION = "what is in the image ?"
 
@@ -42,7 +42,7 @@ def test_ask_reports_answers_tokens_and_timings(result, tiny):
     assert isinstance(picture, Image.Image)
     (panel,) = picture.info["visionzip_panels"]
     assert panel["grid"] == (24, 24) and panel["heatmap"] is not None
-    assert not visionzip.is_applied(tiny[0])
+    assert not vlmzip.is_applied(tiny[0])
 
 
 def test_format_stats_shows_the_numbers(result):
@@ -132,7 +132,7 @@ def test_page_has_stable_element_ids(tiny, tmp_path):
     assert components["vz-image"]["type"] == "image"  # the upload check keeps the stock frontend
     assert components["vz-tokens"]["props"]["maximum"] == 577
     choices = [tuple(choice) for choice in components["vz-method"]["props"]["choices"]]
-    assert choices == [(m, m) for m in visionzip.methods.available_methods()]
+    assert choices == [(m, m) for m in vlmzip.methods.available_methods()]
 
 
 def test_largest_budget_follows_the_processor_not_the_tower_config(tiny):

@@ -1,4 +1,4 @@
-"""`visionzip app` in a real headless Chromium: upload, ask, read the answers, counts and picture.
+"""`vlmzip app` in a real headless Chromium: upload, ask, read the answers, counts and picture.
 
 Needs Debian's `chromium` and the `playwright` Python package (`.ci/install-browser` installs both;
 no browser download). Skipped with the reason when they are missing, except in CI (CI=true), where
@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from conftest import make_llava, make_llava_processor
-from visionzip import app
+from vlmzip import app
 
-CHROMIUM = os.environ.get("VISIONZIP_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("VLMZIP_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -41,7 +41,7 @@ def require(condition: bool, reason: str) -> None:
 
 def default_model_available() -> bool:
     try:
-        from visionzip.default_model import files_dir
+        from vlmzip.default_model import files_dir
     except ImportError:
         return False
     return files_dir().is_dir() and any(files_dir().glob("*.safetensors"))
@@ -66,11 +66,11 @@ def playwright_api():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """(url, model, processor, example image, question) of a running `visionzip app`; stopped afterwards."""
+    """(url, model, processor, example image, question) of a running `vlmzip app`; stopped afterwards."""
     work = tmp_path_factory.mktemp("app")
-    command = [sys.executable, "-m", "visionzip.cli", "app", "--repeats", "1", "--max-new-tokens", str(MAX_NEW_TOKENS)]
+    command = [sys.executable, "-m", "vlmzip.cli", "app", "--repeats", "1", "--max-new-tokens", str(MAX_NEW_TOKENS)]
     if default_model_available():
-        from visionzip.default_model import load_default_model, sample_inputs
+        from vlmzip.default_model import load_default_model, sample_inputs
 
         model, processor = load_default_model()
         sample = sample_inputs()[0]
@@ -92,7 +92,7 @@ def served(tmp_path_factory):
         deadline = time.monotonic() + STARTUP_SECONDS
         while True:
             if server.poll() is not None:
-                pytest.fail(f"visionzip app exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
+                pytest.fail(f"vlmzip app exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
                 with urllib.request.urlopen(url, timeout=5) as response:
                     if response.status == 200:
@@ -101,7 +101,7 @@ def served(tmp_path_factory):
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(
-                    f"visionzip app did not answer on {url} in {STARTUP_SECONDS} s:\n{log_path.read_text()[-3000:]}"
+                    f"vlmzip app did not answer on {url} in {STARTUP_SECONDS} s:\n{log_path.read_text()[-3000:]}"
                 )
             time.sleep(1)
         yield url, model, processor, image, question

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from visionzip import __version__
-from visionzip.cli import main
+from vlmzip import __version__
+from vlmzip.cli import main
 
 
 def test_info(capsys):
@@ -33,7 +33,7 @@ def test_no_command_prints_help_and_fails(capsys):
 
 def test_unknown_command_is_one_line_error():
     result = subprocess.run(
-        [sys.executable, "-m", "visionzip.cli", "frobnicate"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "vlmzip.cli", "frobnicate"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
@@ -66,7 +66,7 @@ def test_train_default_refuses_bad_values_before_any_work(tmp_path, capsys, argv
 
 
 def test_train_default_refuses_emulated_bfloat16_before_any_work(tmp_path, capsys, monkeypatch):
-    from visionzip.default_model import train
+    from vlmzip.default_model import train
 
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
     with pytest.raises(SystemExit) as exit_info:

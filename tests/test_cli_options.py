@@ -7,8 +7,8 @@ import argparse
 import pytest
 
 from conftest import make_llava, make_qwen2_vl
-from visionzip.cli import UserError, build_parser, main
-from visionzip.cli_options import (
+from vlmzip.cli import UserError, build_parser, main
+from vlmzip.cli_options import (
     add_budget_options,
     add_variant_options,
     budget_from_args,
@@ -18,7 +18,7 @@ from visionzip.cli_options import (
     methods_for,
     variants_from_args,
 )
-from visionzip.methods import available_methods
+from vlmzip.methods import available_methods
 
 
 def parse_budget(*argv: str) -> argparse.Namespace:
@@ -122,6 +122,6 @@ def test_device_and_model_errors(tmp_path, monkeypatch):
     def missing(model=None, *, dtype=None):
         raise ImportError("no weights")
 
-    monkeypatch.setattr("visionzip.loading.load_model", missing)
+    monkeypatch.setattr("vlmzip.loading.load_model", missing)
     with pytest.raises(UserError, match=r"default model is not available \(no weights\); pass --model DIR or --arch"):
         load_model_for_cli(None, alternatives="--model DIR or --arch NAME")

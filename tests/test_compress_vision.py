@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-import visionzip
+import vlmzip
 from conftest import clip_vision_config
-from visionzip.core import visionzip_reduce
-from visionzip.probe import probe_vision_tower
+from vlmzip.core import visionzip_reduce
+from vlmzip.probe import probe_vision_tower
 
 
 def eager_reference(tower, pixel_values, dominant, contextual, feature_layer=-2):
@@ -53,7 +53,7 @@ def test_clip_equals_eager_reference(image_size, patch_size, batch, dominant, co
     pixel_values = pixels(batch, image_size)
     expected, _ = eager_reference(tower, pixel_values, dominant, contextual, feature_layer)
     with torch.no_grad():
-        result = visionzip.compress_vision(
+        result = vlmzip.compress_vision(
             tower, pixel_values, dominant=dominant, contextual=contextual, feature_layer=feature_layer
         )
     assert torch.equal(result.kept_indices, expected.kept_indices)
@@ -66,7 +66,7 @@ def test_dinov2_equals_eager_reference(dinov2_tower):
     pixel_values = pixels(2, 336, seed=3)  # 24 x 24 patches, position embeddings interpolated
     expected, _ = eager_reference(dinov2_tower, pixel_values, 54, 10)
     with torch.no_grad():
-        result = visionzip.compress_vision(dinov2_tower, pixel_values, dominant=54, contextual=10)
+        result = vlmzip.compress_vision(dinov2_tower, pixel_values, dominant=54, contextual=10)
     assert result.features.shape == (2, 64, 32)
     assert torch.equal(result.kept_indices, expected.kept_indices)
     torch.testing.assert_close(result.features, expected.features, rtol=0, atol=1e-5)
@@ -92,7 +92,7 @@ def test_layers_after_feature_layer_never_run(clip_tower):
     post_norm = clip_tower.post_layernorm.register_forward_hook(lambda *a: calls.append(2))
     try:
         with torch.no_grad():
-            visionzip.compress_vision(clip_tower, pixels(1, 336), dominant=54, contextual=10)
+            vlmzip.compress_vision(clip_tower, pixels(1, 336), dominant=54, contextual=10)
     finally:
         handle.remove()
         post_norm.remove()
@@ -114,7 +114,7 @@ def test_received_attention_for_towers_without_cls():
     expected_scores = out.attentions[-2].sum(dim=1).mean(dim=1)  # sum heads, average queries
     with torch.no_grad():
         probe = probe_vision_tower(tower, pixel_values, -2, query_chunk=7)  # chunking must not change it
-        result = visionzip.compress_vision(tower, pixel_values, dominant=10, contextual=4)
+        result = vlmzip.compress_vision(tower, pixel_values, dominant=10, contextual=4)
     torch.testing.assert_close(probe.scores, expected_scores, rtol=1e-5, atol=1e-6)
     assert not probe.has_cls
     assert torch.equal(result.kept_indices, expected_scores.topk(10, dim=1).indices.sort(dim=1).values)
@@ -134,22 +134,22 @@ def test_received_attention_for_towers_without_cls():
 )
 def test_bad_arguments(clip_tower, kwargs, error, match):
     with pytest.raises(error, match=match):
-        visionzip.compress_vision(clip_tower, pixels(1, 336), **kwargs)
+        vlmzip.compress_vision(clip_tower, pixels(1, 336), **kwargs)
 
 
 def test_bad_pixel_values(clip_tower):
     with pytest.raises(ValueError, match="pixel_values"):
-        visionzip.compress_vision(clip_tower, torch.randn(3, 336, 336))
+        vlmzip.compress_vision(clip_tower, torch.randn(3, 336, 336))
     with pytest.raises(TypeError, match="pixel_values"):
-        visionzip.compress_vision(clip_tower, torch.zeros(1, 3, 336, 336, dtype=torch.uint8))
+        vlmzip.compress_vision(clip_tower, torch.zeros(1, 3, 336, 336, dtype=torch.uint8))
     with pytest.raises(ValueError, match="channels"):
-        visionzip.compress_vision(clip_tower, torch.randn(1, 4, 336, 336))
+        vlmzip.compress_vision(clip_tower, torch.randn(1, 4, 336, 336))
     with pytest.raises(TypeError, match="pixel_values"):
-        visionzip.compress_vision(clip_tower, [[0.0]])
+        vlmzip.compress_vision(clip_tower, [[0.0]])
 
 
 def test_unsupported_tower():
     with pytest.raises(ValueError, match="vision_model: unsupported vision tower Linear"):
-        visionzip.compress_vision(torch.nn.Linear(3, 3), pixels(1, 336))
+        vlmzip.compress_vision(torch.nn.Linear(3, 3), pixels(1, 336))
     with pytest.raises(TypeError, match="vision_model"):
-        visionzip.compress_vision("clip", pixels(1, 336))
+        vlmzip.compress_vision("clip", pixels(1, 336))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from visionzip import VisionZipConfig, split_budget
+from vlmzip import VisionZipConfig, split_budget
 
 
 def test_defaults_are_the_paper_64():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import visionzip
+import vlmzip
 from conftest import (
     make_llava,
     make_llava_processor,
@@ -15,7 +15,7 @@ from conftest import (
     qwen_prompt,
     random_images,
 )
-from visionzip.conversation import Conversation
+from vlmzip.conversation import Conversation
 
 LLAVA_TURNS = [
     ("USER: <image> what is in the image ? ASSISTANT:", True),
@@ -55,8 +55,8 @@ class Counter:
 def fresh_answer(model, processor, text, images, suppress):
     """The answer of a run from scratch: the whole history as one prompt, no cache."""
     inputs = processor(text=[text], images=images or None, return_tensors="pt")
-    if visionzip.is_applied(model):
-        inputs = visionzip.prepare(model, inputs)
+    if vlmzip.is_applied(model):
+        inputs = vlmzip.prepare(model, inputs)
     with torch.no_grad():
         out = model.generate(
             **inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=0, suppress_tokens=suppress
@@ -98,11 +98,11 @@ def run_dialogue(model, processor, turns, images, tower):
 
 def test_llava_three_turns_encode_the_image_once():
     model, processor = make_llava(seed=3), make_llava_processor()
-    visionzip.apply(model, dominant=54, contextual=10)
+    vlmzip.apply(model, dominant=54, contextual=10)
     images = random_images(1)
     chat, tower_calls = run_dialogue(model, processor, LLAVA_TURNS, images, model.model.vision_tower)
     assert tower_calls == 1
-    assert int((chat.input_ids == visionzip.api.get_state(model).adapter.image_token_id).sum()) == 64
+    assert int((chat.input_ids == vlmzip.api.get_state(model).adapter.image_token_id).sum()) == 64
 
 
 @pytest.mark.slow  # the unreduced 576-token image; Qwen covers the path without VisionZip by default
@@ -117,20 +117,20 @@ def test_llava_without_visionzip():
 @pytest.mark.parametrize("make_model", [make_qwen2_vl, make_qwen2_5_vl], ids=["qwen2-vl", "qwen2.5-vl"])
 def test_qwen_images_in_several_turns_keep_their_rope_positions(make_model):
     model, processor = make_model(), make_qwen_processor()
-    visionzip.apply(model, dominant=8, contextual=4)
+    vlmzip.apply(model, dominant=8, contextual=4)
     images = random_images(1, seed=3) + random_images(1, seed=4, size=(150, 200))
     chat, tower_calls = run_dialogue(model, processor, QWEN_TURNS, images, model.model.visual)
     assert tower_calls == 2  # once per image, in the turn that brings it
     # The dialogue's positions are those of one prompt holding the whole history.
     history = "".join(turn.text + " " + processor.tokenizer.decode(turn.answer_ids) + " " for turn in chat.turns[:2])
-    fresh = visionzip.prepare(model, processor(text=[history + QWEN_TURNS[2][0]], images=images, return_tensors="pt"))
+    fresh = vlmzip.prepare(model, processor(text=[history + QWEN_TURNS[2][0]], images=images, return_tensors="pt"))
     length = fresh["input_ids"].shape[1]
     assert torch.equal(chat._positions[..., :length], fresh["position_ids"])
 
 
 def test_reset_starts_over():
     model, processor = make_llava(seed=3), make_llava_processor()
-    visionzip.apply(model, dominant=20, contextual=4)
+    vlmzip.apply(model, dominant=20, contextual=4)
     chat = Conversation(model, processor)
     image = random_images(1)
     first = chat.ask(LLAVA_TURNS[0][0], images=image, max_new_tokens=3, pad_token_id=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visionzip.core import GROUP_DOMINANT, GROUP_DROPPED, select_dominant, visionzip_reduce
+from vlmzip.core import GROUP_DOMINANT, GROUP_DROPPED, select_dominant, visionzip_reduce
 
 
 def reference_visionzip(hidden, cls_scores, metric, dominant, contextual):

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from visionzip.data import DataError, is_correct, load_vqa_jsonl
+from vlmzip.data import DataError, is_correct, load_vqa_jsonl
 
 
 @pytest.fixture

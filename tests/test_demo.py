@@ -1,4 +1,4 @@
-"""`visionzip demo`: measurement on a tiny model and the command's error paths."""
+"""`vlmzip demo`: measurement on a tiny model and the command's error paths."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import mmap
 
 import pytest
 
-import visionzip
+import vlmzip
 from conftest import make_llava, make_llava_processor, random_images
-from visionzip.bench.memory import PeakMemory, current_rss_bytes
-from visionzip.cli import main
-from visionzip.demo import build_prompt, render_table, run_demo
+from vlmzip.bench.memory import PeakMemory, current_rss_bytes
+from vlmzip.cli import main
+from vlmzip.demo import build_prompt, render_table, run_demo
 
 
 def test_run_demo_on_tiny_llava():
     model, processor = make_llava(), make_llava_processor()
-    config = visionzip.VisionZipConfig(dominant=20, contextual=4)
+    config = vlmzip.VisionZipConfig(dominant=20, contextual=4)
     result = run_demo(
         model, processor, random_images(1)[0], "what is in the image ?", config, repeats=1, max_new_tokens=3
     )
@@ -23,7 +23,7 @@ def test_run_demo_on_tiny_llava():
     assert result.full.prefill_ms > 0 and result.reduced.vision_ms > 0
     assert isinstance(result.reduced.answer, str) and result.full.answer
     assert result.reduction.kept_indices.shape == (1, 20)
-    assert not visionzip.is_applied(model)  # the demo never leaves the model patched
+    assert not vlmzip.is_applied(model)  # the demo never leaves the model patched
     # Both caches hold the same text tokens plus their image tokens: 576 vs 24.
     per_token = (result.full.kv_cache_mb - result.reduced.kv_cache_mb) / (576 - 24)
     text_tokens = result.reduced.kv_cache_mb / per_token - 24

@@ -9,14 +9,14 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlavaForConditionalGeneration, TrainerCallback
 
-import visionzip
+import vlmzip
 from conftest import IMAGE_TOKEN_ID, make_llava, make_llava_processor, random_images
-from visionzip.adapters.base import IGNORE_INDEX
-from visionzip.api import SAVED_CONFIG_NAME
-from visionzip.cli import main
-from visionzip.data import DataError
-from visionzip.demo import build_prompt
-from visionzip.finetune import (
+from vlmzip.adapters.base import IGNORE_INDEX
+from vlmzip.api import SAVED_CONFIG_NAME
+from vlmzip.cli import main
+from vlmzip.data import DataError
+from vlmzip.demo import build_prompt
+from vlmzip.finetune import (
     PARTIAL_SUFFIX,
     PROJECTOR_FILE,
     SUMMARY_FILE,
@@ -24,9 +24,9 @@ from visionzip.finetune import (
     finetune_projector,
     load_projector,
 )
-from visionzip.loading import load_model
+from vlmzip.loading import load_model
 
-CONFIG = visionzip.VisionZipConfig(dominant=8, contextual=2)
+CONFIG = vlmzip.VisionZipConfig(dominant=8, contextual=2)
 QUESTIONS = [("how many are there ?", "two"), ("what is in the image ?", "a cat")]
 # Four optimizer steps over 12 pairs, a checkpoint every two: enough to see resume and the schedule.
 FAST = {"max_steps": 4, "batch_size": 4, "save_steps": 2, "logging_steps": 1, "progress": False}
@@ -71,7 +71,7 @@ def test_only_the_projector_changes(reference):
     assert changed == {f"model.multi_modal_projector.{k}" for k in projector_state(trained)}
     assert result.steps == 4 and result.examples == 12 and result.images == 6
     # The instance is handed back as it came: no VisionZip, gradients and config untouched.
-    assert not visionzip.is_applied(trained)
+    assert not vlmzip.is_applied(trained)
     assert all(p.requires_grad for p in trained.parameters())
     fresh = make_llava().config.to_dict()
     saved = {"architectures", "dtype"}  # save_pretrained records these; nothing else may change
@@ -92,14 +92,14 @@ def test_output_is_a_model_directory_that_applies_its_budget(reference, images):
     for key, value in projector_state(trained).items():
         assert torch.equal(projector_state(loaded)[key], value)
     processor = load_model(out)[1]
-    visionzip.apply(loaded)  # no config: the budget the projector was tuned for
+    vlmzip.apply(loaded)  # no config: the budget the projector was tuned for
     inputs = processor(images=images[:1], text=["USER: <image> what is in the image ? ASSISTANT:"], return_tensors="pt")
-    prepared = visionzip.prepare(loaded, inputs)
+    prepared = vlmzip.prepare(loaded, inputs)
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum() == CONFIG.tokens
-    visionzip.remove(loaded)
+    vlmzip.remove(loaded)
     # Fields or a config still win over the saved budget.
-    visionzip.apply(loaded, dominant=20, contextual=4)
-    assert visionzip.api.get_state(loaded).config.tokens == 24
+    vlmzip.apply(loaded, dominant=20, contextual=4)
+    assert vlmzip.api.get_state(loaded).config.tokens == 24
 
 
 def test_labels_cover_the_answer_only(fresh_llava, images):
@@ -110,7 +110,7 @@ def test_labels_cover_the_answer_only(fresh_llava, images):
         answer_ids = labels[labels != IGNORE_INDEX]
         assert processor.tokenizer.convert_ids_to_tokens(answer_ids.tolist()) == [*answer.split(), "</s>"]
         # The prompt part is exactly what the processor makes of this image and prompt.
-        prompt = build_prompt(processor, question)  # what visionzip eval asks with
+        prompt = build_prompt(processor, question)  # what vlmzip eval asks with
         expected = processor(images=images[:1], text=[prompt], return_tensors="pt")["input_ids"][0]
         assert torch.equal(ids, torch.cat([expected, answer_ids]))
         assert torch.equal(labels[: expected.numel()], torch.full_like(expected, IGNORE_INDEX))
@@ -119,11 +119,11 @@ def test_labels_cover_the_answer_only(fresh_llava, images):
     _, again = encode_image_examples(processor, images[0], QUESTIONS)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(again, pairs, strict=True))
     # Through VisionZip the placeholders shrink and the loss is the mean over answer tokens only.
-    visionzip.apply(fresh_llava, CONFIG)
+    vlmzip.apply(fresh_llava, CONFIG)
     ids, labels = pairs[1]
     with torch.no_grad():
         out = fresh_llava(input_ids=ids[None], labels=labels[None], pixel_values=pixels)
-    prepared = visionzip.prepare(fresh_llava, {"input_ids": ids[None], "labels": labels[None], "pixel_values": pixels})
+    prepared = vlmzip.prepare(fresh_llava, {"input_ids": ids[None], "labels": labels[None], "pixel_values": pixels})
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum() == CONFIG.tokens
     assert torch.equal(prepared["labels"][prepared["labels"] != IGNORE_INDEX], labels[labels != IGNORE_INDEX])
     targets = prepared["labels"][0, 1:]
@@ -231,7 +231,7 @@ def test_skips_bad_rows_and_images_and_reports_line_numbers(workspace):
         ({"prompt_template": "no placeholder"}, ValueError, "prompt_template"),
         ({"prompt_template": "Q: {question} A:"}, ValueError, "image token <image>"),
         ({"config": {"dominant": 8}}, TypeError, "config must be a VisionZipConfig"),
-        ({"config": visionzip.VisionZipConfig(dominant=570, contextual=10)}, ValueError, "must be <= 577"),
+        ({"config": vlmzip.VisionZipConfig(dominant=570, contextual=10)}, ValueError, "must be <= 577"),
         ({"data": 42}, TypeError, "data must be"),
         ({"model": 42}, TypeError, "model must be"),
         ({"output_dir": None}, TypeError, "output_dir"),
@@ -260,7 +260,7 @@ def test_corrupt_saved_config_is_an_error(tmp_path):
     (tmp_path / SAVED_CONFIG_NAME).write_text('{"dominant": "many"}')
     loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=SAVED_CONFIG_NAME):
-        visionzip.apply(loaded)
+        vlmzip.apply(loaded)
 
 
 def test_cli(workspace, capsys):
@@ -281,7 +281,7 @@ def test_cli(workspace, capsys):
     assert main([*args, "--dominant", "600", "--contextual", "0", "--overwrite"]) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("visionzip finetune: error: dominant + contextual must be <= 577")
+    assert last.startswith("vlmzip finetune: error: dominant + contextual must be <= 577")
     assert "Traceback" not in err
 
 
@@ -290,7 +290,7 @@ def test_missing_accelerate_is_a_clear_error(workspace, monkeypatch, capsys):
 
     root, data = workspace
     monkeypatch.setattr(transformers.utils, "is_accelerate_available", lambda *args: False)
-    with pytest.raises(ImportError, match=r"pip install 'visionzip\[finetune\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'vlmzip\[finetune\]'"):
         finetune_projector(str(root / "base"), data, CONFIG, root / "never")
     assert main(["finetune", "--data", str(data), "-o", str(root / "never")]) == 2
     assert "needs the accelerate package" in capsys.readouterr().err

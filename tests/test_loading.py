@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import make_llava, make_llava_processor, random_images
-from visionzip.loading import load_image, load_model
+from vlmzip.loading import load_image, load_model
 
 
 def test_load_image(tmp_path):

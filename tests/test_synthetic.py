@@ -7,7 +7,7 @@ from PIL import Image
 from transformers import LlavaProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from visionzip.synthetic import llava_style_processor, tiny_clip_vision_config, tiny_llama_config, word_level_tokenizer
+from vlmzip.synthetic import llava_style_processor, tiny_clip_vision_config, tiny_llama_config, word_level_tokenizer
 
 WORDS = ["<pad>", "<unk>", "</s>", "<s>", "<image>", "USER:", "cat"]
 

@@ -1,4 +1,4 @@
-"""The temporal-redundancy step (visionzip.video) alone and through the LLaVA-OneVision adapter."""
+"""The temporal-redundancy step (vlmzip.video) alone and through the LLaVA-OneVision adapter."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import visionzip
+import vlmzip
 from families import IMAGE_TOKEN_ID, make_onevision, make_onevision_processor, random_video, static_video
 from helpers import removed_after
-from visionzip.video import redundant_tokens, temporal_keep_mask
+from vlmzip.video import redundant_tokens, temporal_keep_mask
 
 PROMPT = ["USER: <video> what is in the image ? ASSISTANT:"]
 
@@ -81,9 +81,9 @@ def test_bad_arguments(call, error, match):
 )
 def test_config_validates_temporal_threshold(value, error):
     with pytest.raises(error, match="temporal_threshold"):
-        visionzip.VisionZipConfig(temporal_threshold=value)
-    assert visionzip.VisionZipConfig(temporal_threshold=1).temporal_threshold == 1.0
-    assert visionzip.VisionZipConfig().temporal_threshold is None  # off by default
+        vlmzip.VisionZipConfig(temporal_threshold=value)
+    assert vlmzip.VisionZipConfig(temporal_threshold=1).temporal_threshold == 1.0
+    assert vlmzip.VisionZipConfig().temporal_threshold is None  # off by default
 
 
 @pytest.fixture(scope="module")
@@ -98,20 +98,20 @@ def model():
 
 def test_identical_frames_keep_only_the_first_frame_and_merged_tokens(model, processor):
     still = np.repeat(random_video(1, seed=3), 5, axis=0)  # 5 identical frames
-    visionzip.apply(model, dominant=6, contextual=2, temporal_threshold=1.0)
-    prepared = visionzip.prepare(model, processor(videos=[still], text=PROMPT, return_tensors="pt"))
+    vlmzip.apply(model, dominant=6, contextual=2, temporal_threshold=1.0)
+    prepared = vlmzip.prepare(model, processor(videos=[still], text=PROMPT, return_tensors="pt"))
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum().item() == (6 + 2) + 4 * 2 + 1
 
 
 def test_static_background_video(model, processor):
     inputs = processor(videos=[static_video(frames=6, size=196, square=40)], text=PROMPT, return_tensors="pt")
-    visionzip.apply(model, dominant=8, contextual=2)
-    plain = visionzip.prepare(model, inputs)["mm_encoder_outputs"]["image"].pooler_output[0]
-    adapter = visionzip.api.get_state(model).adapter
+    vlmzip.apply(model, dominant=8, contextual=2)
+    plain = vlmzip.prepare(model, inputs)["mm_encoder_outputs"]["image"].pooler_output[0]
+    adapter = vlmzip.api.get_state(model).adapter
     reduction = adapter.last_encoded.reductions[0]
-    visionzip.remove(model)
-    visionzip.apply(model, dominant=8, contextual=2, temporal_threshold=0.98)
-    reduced = visionzip.prepare(model, inputs)["mm_encoder_outputs"]["image"].pooler_output[0]
+    vlmzip.remove(model)
+    vlmzip.apply(model, dominant=8, contextual=2, temporal_threshold=0.98)
+    reduced = vlmzip.prepare(model, inputs)["mm_encoder_outputs"]["image"].pooler_output[0]
     # What the step should drop, computed from the pooled frames the model itself produces.
     with torch.no_grad():
         frames = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output[0, :-1].view(6, 16, -1)

@@ -1,4 +1,4 @@
-"""visualize / reduce_image / `visionzip show`: pixels checked patch by patch on plain images."""
+"""visualize / reduce_image / `vlmzip show`: pixels checked patch by patch on plain images."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-import visionzip
+import vlmzip
 from conftest import make_llava, make_llava_processor, random_images
-from visionzip.cli import main
-from visionzip.core import GROUP_DOMINANT, GROUP_DROPPED, Reduction
-from visionzip.viz import (
+from vlmzip.cli import main
+from vlmzip.core import GROUP_DOMINANT, GROUP_DROPPED, Reduction
+from vlmzip.viz import (
     CONTEXTUAL_ALPHA,
     DOMINANT_OUTLINE,
     MARGIN,
@@ -167,9 +167,9 @@ def test_input_errors():
 
 def test_compress_vision_result_on_a_real_tower(clip_tower, tmp_path):
     pixel_values = torch.zeros(1, 3, 336, 336)
-    result = visionzip.compress_vision(clip_tower, pixel_values, 54, 10)
+    result = vlmzip.compress_vision(clip_tower, pixel_values, 54, 10)
     out = tmp_path / "kept.png"
-    picture = visionzip.visualize(plain(), result, save=out)  # 24x24 grid and [CLS] inferred
+    picture = vlmzip.visualize(plain(), result, save=out)  # 24x24 grid and [CLS] inferred
     assert Image.open(out).size == picture.size
     (panel,) = picture.info["visionzip_panels"]
     assert panel["grid"] == (24, 24) and panel["cell"] == 14
@@ -178,13 +178,13 @@ def test_compress_vision_result_on_a_real_tower(clip_tower, tmp_path):
     kept_patches = result.kept_indices[0, 1:] - 1
     assert untouched.reshape(-1)[kept_patches.numpy()].all()
     with pytest.raises(ValueError, match="unknown image format"):
-        visionzip.visualize(plain(), result, save=tmp_path / "kept.txt")
+        vlmzip.visualize(plain(), result, save=tmp_path / "kept.txt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        visionzip.visualize(plain(), result, save=tmp_path / "missing" / "kept.png")
+        vlmzip.visualize(plain(), result, save=tmp_path / "missing" / "kept.png")
 
 
 def test_dinov2_tower_grid_is_inferred(dinov2_tower):
-    result = visionzip.compress_vision(dinov2_tower, torch.zeros(1, 3, 224, 224), 20, 4)
+    result = vlmzip.compress_vision(dinov2_tower, torch.zeros(1, 3, 224, 224), 20, 4)
     picture = visualize(plain(), result, heatmap=True)
     (panel,) = picture.info["visionzip_panels"]
     assert panel["grid"] == (16, 16) and panel["cell"] == 336 // 16
@@ -192,7 +192,7 @@ def test_dinov2_tower_grid_is_inferred(dinov2_tower):
 
 
 def test_pool_method_tints_every_patch(clip_tower):
-    result = visionzip.compress_vision(clip_tower, torch.zeros(1, 3, 336, 336), 54, 10, method="pool")
+    result = vlmzip.compress_vision(clip_tower, torch.zeros(1, 3, 336, 336), 54, 10, method="pool")
     picture = visualize(plain(), result)
     (panel,) = picture.info["visionzip_panels"]
     centers = cell_centers(picture, panel["tokens"], (24, 24)).reshape(-1, 3)
@@ -208,11 +208,11 @@ def tiny():
 def test_reduce_image_matches_compress_vision(tiny):
     model, processor = tiny
     image = random_images(1)[0]
-    (panel,) = reduce_image(model, processor, image, visionzip.VisionZipConfig(dominant=20, contextual=4))
+    (panel,) = reduce_image(model, processor, image, vlmzip.VisionZipConfig(dominant=20, contextual=4))
     assert panel.grid == (24, 24) and panel.num_prefix_tokens == 1 and panel.image.size == (336, 336)
     pixel_values = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        expected = visionzip.compress_vision(model.model.vision_tower, pixel_values, 20, 4)
+        expected = vlmzip.compress_vision(model.model.vision_tower, pixel_values, 20, 4)
     assert torch.equal(panel.reduction.kept_indices, expected.kept_indices)
     assert (panel.dominant, panel.contextual, panel.total_tokens) == (20, 4, 577)
     # The panel's picture is what the tower saw: processing it again gives the same pixel values.
@@ -222,16 +222,16 @@ def test_reduce_image_matches_compress_vision(tiny):
 
 def test_reduce_image_uses_the_applied_config(tiny):
     model, processor = tiny
-    visionzip.apply(model, dominant=30, contextual=2)
+    vlmzip.apply(model, dominant=30, contextual=2)
     try:
         (panel,) = reduce_image(model, processor, random_images(1)[0])
     finally:
-        visionzip.remove(model)
+        vlmzip.remove(model)
     assert (panel.dominant, panel.contextual) == (30, 2)
     (default,) = reduce_image(model, processor, random_images(1)[0])
     assert (default.dominant, default.contextual) == (54, 10)
     with pytest.raises(ValueError, match="dominant \\+ contextual must be <= 577"):
-        reduce_image(model, processor, random_images(1)[0], visionzip.VisionZipConfig(dominant=600, contextual=0))
+        reduce_image(model, processor, random_images(1)[0], vlmzip.VisionZipConfig(dominant=600, contextual=0))
     with pytest.raises(ValueError, match="unsupported model family"):
         reduce_image(torch.nn.Linear(2, 2), processor, random_images(1)[0])
 
@@ -240,7 +240,7 @@ def test_reduce_image_one_panel_per_crop():
     from families import make_llava_next, make_llava_next_processor
 
     model, processor = make_llava_next(), make_llava_next_processor()
-    config = visionzip.VisionZipConfig(dominant=20, contextual=4)
+    config = vlmzip.VisionZipConfig(dominant=20, contextual=4)
     panels = reduce_image(model, processor, random_images(1, size=(300, 500))[0], config)
     assert [p.label for p in panels] == ["base image", "crop 1", "crop 2"]
     assert all(p.grid == (24, 24) and (p.dominant, p.contextual) == (20, 4) for p in panels)
@@ -261,7 +261,7 @@ def test_processor_view_without_a_processor_spans_the_range():
         processor_view(torch.zeros(3, 4, 4))
 
 
-# --- `visionzip show` ------------------------------------------------------------------------
+# --- `vlmzip show` ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +284,7 @@ def assert_one_line_error(err: str, message: str) -> None:
     # Model loading may draw a progress bar first; the error itself is the last line, alone.
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("visionzip show: error:") and message in last, err
+    assert last.startswith("vlmzip show: error:") and message in last, err
 
 
 def test_show_writes_the_picture(tiny_dir, image_file, tmp_path, capsys):

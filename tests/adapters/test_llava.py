@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import visionzip
+import vlmzip
 from conftest import IMAGE_TOKEN_ID, make_llava, make_llava_processor, random_images
 from helpers import (
     LanguageModelSpy,
@@ -33,14 +33,14 @@ def generate(model, inputs, **kwargs):
 
 @pytest.fixture
 def patched(fresh_llava):
-    visionzip.apply(fresh_llava, dominant=54, contextual=10)
+    vlmzip.apply(fresh_llava, dominant=54, contextual=10)
     yield from removed_after(fresh_llava)
 
 
 def test_language_model_receives_exactly_the_budget(patched, llava_processor, images):
     inputs = processor_inputs(llava_processor, images[:2], PROMPTS[:2])
     assert (inputs["input_ids"] == IMAGE_TOKEN_ID).sum() == 2 * 576
-    prepared = visionzip.prepare(patched, inputs)
+    prepared = vlmzip.prepare(patched, inputs)
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == [64, 64]
     assert "pixel_values" not in prepared
     with LanguageModelSpy(patched) as spy:
@@ -53,9 +53,9 @@ def test_language_model_receives_exactly_the_budget(patched, llava_processor, im
 
 def test_prepared_features_are_projected_compress_vision(patched, llava_processor, images):
     inputs = processor_inputs(llava_processor, images[:2], PROMPTS[:2])
-    prepared = visionzip.prepare(patched, inputs)
+    prepared = vlmzip.prepare(patched, inputs)
     with torch.no_grad():
-        expected = visionzip.compress_vision(patched.model.vision_tower, inputs["pixel_values"], 54, 10)
+        expected = vlmzip.compress_vision(patched.model.vision_tower, inputs["pixel_values"], 54, 10)
         projected = patched.model.multi_modal_projector(expected.features)
     features = prepared["mm_encoder_outputs"]["image"].pooler_output
     assert [f.shape for f in features] == [torch.Size([64, 64])] * 2
@@ -75,19 +75,19 @@ def test_batched_generate_equals_per_sample(patched, llava_processor, images, ge
 
 def test_no_cache_equals_cache(patched, llava_processor, images):
     inputs = processor_inputs(llava_processor, images[:2], PROMPTS[:2])
-    cached = generate(patched, visionzip.prepare(patched, inputs))
-    uncached = generate(patched, visionzip.prepare(patched, inputs), use_cache=False)
+    cached = generate(patched, vlmzip.prepare(patched, inputs))
+    uncached = generate(patched, vlmzip.prepare(patched, inputs), use_cache=False)
     assert torch.equal(cached, uncached)
 
 
 def test_sampling_runs_and_is_seeded(patched, llava_processor, images):
     inputs = processor_inputs(llava_processor, images[:2], PROMPTS[:2])
     torch.manual_seed(0)
-    first = generate(patched, visionzip.prepare(patched, inputs), do_sample=True, top_k=5)
+    first = generate(patched, vlmzip.prepare(patched, inputs), do_sample=True, top_k=5)
     torch.manual_seed(0)
-    second = generate(patched, visionzip.prepare(patched, inputs), do_sample=True, top_k=5)
+    second = generate(patched, vlmzip.prepare(patched, inputs), do_sample=True, top_k=5)
     assert torch.equal(first, second)
-    prompt_length = visionzip.prepare(patched, inputs)["input_ids"].shape[1]
+    prompt_length = vlmzip.prepare(patched, inputs)["input_ids"].shape[1]
     assert prompt_length < first.shape[1] <= prompt_length + 6  # sampling may stop early at EOS
 
 
@@ -95,12 +95,10 @@ def test_batch_mixing_text_only_prompts(patched, llava_processor, images):
     tokenizer = llava_processor.tokenizer
     text_only = "USER: how many are there ? ASSISTANT:"
     mixed = llava_processor(images=images[:1], text=[PROMPTS[0], text_only], return_tensors="pt", padding=True)
-    prepared = visionzip.prepare(patched, mixed)
+    prepared = vlmzip.prepare(patched, mixed)
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == [64, 0]
     batch = generate(patched, prepared)
-    alone_image = generate(
-        patched, visionzip.prepare(patched, processor_inputs(llava_processor, images[:1], PROMPTS[:1]))
-    )
+    alone_image = generate(patched, vlmzip.prepare(patched, processor_inputs(llava_processor, images[:1], PROMPTS[:1])))
     alone_text = generate(patched, tokenizer([text_only], return_tensors="pt"))
     assert torch.equal(batch[0, -6:], alone_image[0, -6:])
     assert torch.equal(batch[1, -6:], alone_text[0, -6:])
@@ -109,7 +107,7 @@ def test_batch_mixing_text_only_prompts(patched, llava_processor, images):
 def test_two_images_in_one_prompt(patched, llava_processor, images):
     prompt = "USER: <image> <image> what is left of ? ASSISTANT:"
     inputs = llava_processor(images=images[:2], text=[prompt], return_tensors="pt")
-    prepared = visionzip.prepare(patched, inputs)
+    prepared = vlmzip.prepare(patched, inputs)
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum() == 128
     features = prepared["mm_encoder_outputs"]["image"].pooler_output
     assert len(features) == 2
@@ -118,7 +116,7 @@ def test_two_images_in_one_prompt(patched, llava_processor, images):
 
 def test_generate_prepares_raw_inputs_itself(patched, llava_processor, images):
     inputs = processor_inputs(llava_processor, images[:2], PROMPTS[:2])
-    explicit = generate(patched, visionzip.prepare(patched, inputs))
+    explicit = generate(patched, vlmzip.prepare(patched, inputs))
     implicit = generate(patched, inputs)
     assert torch.equal(explicit, implicit)
 
@@ -128,7 +126,7 @@ def test_forward_with_labels_shrinks_labels(patched, llava_processor, images):
     labels = inputs["input_ids"].clone()
     labels[labels == IMAGE_TOKEN_ID] = -100
     labels[inputs["attention_mask"] == 0] = -100
-    prepared = visionzip.prepare(patched, {**inputs, "labels": labels})
+    prepared = vlmzip.prepare(patched, {**inputs, "labels": labels})
     assert prepared["labels"].shape == prepared["input_ids"].shape
     text = prepared["input_ids"] != IMAGE_TOKEN_ID
     real = prepared["attention_mask"].bool()
@@ -142,12 +140,12 @@ def test_forward_with_labels_shrinks_labels(patched, llava_processor, images):
 
 def test_right_padding_is_kept(fresh_llava, images):
     processor = make_llava_processor(padding_side="right")
-    visionzip.apply(fresh_llava, dominant=20, contextual=4)
+    vlmzip.apply(fresh_llava, dominant=20, contextual=4)
     inputs = processor_inputs(processor, images[:2], [PROMPTS[0], PROMPTS[2]])
-    prepared = visionzip.prepare(fresh_llava, inputs)
+    prepared = vlmzip.prepare(fresh_llava, inputs)
     mask = prepared["attention_mask"]
     assert mask[:, 0].all() and not mask[:, -1].all()
-    left = visionzip.prepare(fresh_llava, inputs, padding_side="left")
+    left = vlmzip.prepare(fresh_llava, inputs, padding_side="left")
     assert left["attention_mask"][:, -1].all()
 
 
@@ -161,25 +159,25 @@ def test_remove_restores_existing_instance_forward(fresh_llava):
         return "custom"
 
     fresh_llava.forward = custom_forward
-    visionzip.apply(fresh_llava, dominant=54, contextual=10)
-    visionzip.remove(fresh_llava)
+    vlmzip.apply(fresh_llava, dominant=54, contextual=10)
+    vlmzip.remove(fresh_llava)
     assert fresh_llava.forward is custom_forward
 
 
 def test_apply_twice_is_an_error(patched):
     with pytest.raises(ValueError, match="already has VisionZip applied"):
-        visionzip.apply(patched, dominant=54, contextual=10)
+        vlmzip.apply(patched, dominant=54, contextual=10)
 
 
 def test_config_object_and_fields(fresh_llava):
-    config = visionzip.VisionZipConfig.from_tokens(128)
+    config = vlmzip.VisionZipConfig.from_tokens(128)
     assert (config.dominant, config.contextual) == (108, 20)
-    visionzip.apply(fresh_llava, config)
-    visionzip.remove(fresh_llava)
+    vlmzip.apply(fresh_llava, config)
+    vlmzip.remove(fresh_llava)
     with pytest.raises(TypeError, match="either"):
-        visionzip.apply(fresh_llava, config, dominant=3)
+        vlmzip.apply(fresh_llava, config, dominant=3)
     with pytest.raises(TypeError, match="VisionZipConfig"):
-        visionzip.apply(fresh_llava, {"dominant": 54})
+        vlmzip.apply(fresh_llava, {"dominant": 54})
 
 
 @pytest.mark.parametrize(
@@ -200,41 +198,41 @@ def test_bad_config_leaves_model_untouched(fresh_llava, kwargs, error, match):
 
 def test_unsupported_family():
     with pytest.raises(ValueError, match="model: unsupported model family Linear"):
-        visionzip.apply(torch.nn.Linear(2, 2))
+        vlmzip.apply(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="model"):
-        visionzip.apply("llava")
+        vlmzip.apply("llava")
 
 
 def test_prepare_rejects_mismatched_inputs(patched, llava_processor, images):
     inputs = processor_inputs(llava_processor, images[:2], PROMPTS[:2])
     fewer_images = {**inputs, "pixel_values": inputs["pixel_values"][:1]}
     with pytest.raises(ValueError, match="placeholder"):
-        visionzip.prepare(patched, fewer_images)
+        vlmzip.prepare(patched, fewer_images)
     cut = {**inputs, "input_ids": inputs["input_ids"].clone()}
     cut["input_ids"][0, 5] = 7  # break one run
     with pytest.raises(ValueError, match="placeholder"):
-        visionzip.prepare(patched, cut)
+        vlmzip.prepare(patched, cut)
     with pytest.raises(TypeError, match="inputs"):
-        visionzip.prepare(patched, [inputs])
+        vlmzip.prepare(patched, [inputs])
     with pytest.raises(ValueError, match="input_ids"):
-        visionzip.prepare(patched, {"pixel_values": inputs["pixel_values"]})
+        vlmzip.prepare(patched, {"pixel_values": inputs["pixel_values"]})
     with pytest.raises(ValueError, match="pixel_values"):
-        visionzip.prepare(patched, {**inputs, "pixel_values": inputs["pixel_values"][0]})
+        vlmzip.prepare(patched, {**inputs, "pixel_values": inputs["pixel_values"][0]})
     with pytest.raises(ValueError, match="padding_side"):
-        visionzip.prepare(patched, inputs, padding_side="middle")
+        vlmzip.prepare(patched, inputs, padding_side="middle")
 
 
 def test_prepare_needs_apply(fresh_llava, llava_processor, images):
     inputs = processor_inputs(llava_processor, images[:1], PROMPTS[:1])
     with pytest.raises(ValueError, match="apply"):
-        visionzip.prepare(fresh_llava, inputs)
+        vlmzip.prepare(fresh_llava, inputs)
     with pytest.raises(ValueError, match="nothing to remove"):
-        visionzip.remove(fresh_llava)
+        vlmzip.remove(fresh_llava)
 
 
 def test_text_only_inputs_pass_through(patched, llava_processor):
     inputs = llava_processor.tokenizer(["USER: how many ? ASSISTANT:"], return_tensors="pt")
-    prepared = visionzip.prepare(patched, inputs)
+    prepared = vlmzip.prepare(patched, inputs)
     assert prepared.keys() == dict(inputs).keys()
     assert all(prepared[k] is inputs[k] for k in prepared)
 
@@ -244,23 +242,23 @@ def test_full_strategy_keeps_budget(images):
     processor = make_llava_processor(strategy="full")
     inputs = processor_inputs(processor, images[:1], PROMPTS[:1])
     assert (inputs["input_ids"] == IMAGE_TOKEN_ID).sum() == 577
-    visionzip.apply(model, dominant=108, contextual=20)
-    prepared = visionzip.prepare(model, inputs)
+    vlmzip.apply(model, dominant=108, contextual=20)
+    prepared = vlmzip.prepare(model, inputs)
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum() == 128
     generate(model, prepared)
 
 
 @pytest.mark.parametrize("method", ["pool", "random", "visionzip-dominant"])
 def test_other_methods_same_budget(fresh_llava, llava_processor, images, method):
-    visionzip.apply(fresh_llava, dominant=54, contextual=10, method=method)
-    prepared = visionzip.prepare(fresh_llava, processor_inputs(llava_processor, images[:2], PROMPTS[:2]))
+    vlmzip.apply(fresh_llava, dominant=54, contextual=10, method=method)
+    prepared = vlmzip.prepare(fresh_llava, processor_inputs(llava_processor, images[:2], PROMPTS[:2]))
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == [64, 64]
     generate(fresh_llava, prepared)
 
 
 def test_unused_fixture_guard(llava):
     # The shared session model is never patched by any test.
-    assert not visionzip.is_applied(llava)
+    assert not vlmzip.is_applied(llava)
 
 
 _ = random_images  # re-exported helper used by other test modules

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import visionzip
+import vlmzip
 from conftest import random_images
 from families import IMAGE_TOKEN_ID, make_llava_next, make_llava_next_processor
 from helpers import (
@@ -17,7 +17,7 @@ from helpers import (
     visual_tokens_reaching_llm,
 )
 from test_conversation import run_dialogue
-from visionzip.adapters.llava_next import anyres_layout
+from vlmzip.adapters.llava_next import anyres_layout
 
 PROMPTS = [
     "USER: <image> what is in the image ? ASSISTANT:",
@@ -80,8 +80,8 @@ def test_anyres_layout_single_crop_and_no_dominant():
 def test_exact_tokens_reach_the_language_model(model, processor, images):
     inputs = process(processor, images, PROMPTS)
     assert inputs["pixel_values"].shape[1] == 5  # padded to the largest crop count
-    visionzip.apply(model, dominant=54, contextual=10)
-    prepared = visionzip.prepare(model, inputs)
+    vlmzip.apply(model, dominant=54, contextual=10)
+    prepared = vlmzip.prepare(model, inputs)
     expected_counts = [crops * 64 for _, crops in SIZES_AND_CROPS]
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == expected_counts
     features = prepared["mm_encoder_outputs"]["image"].pooler_output
@@ -94,11 +94,11 @@ def test_exact_tokens_reach_the_language_model(model, processor, images):
 
 def test_features_are_per_crop_visionzip_in_reference_layout(model, processor, images):
     inputs = process(processor, images[:1], PROMPTS[:1])  # 3 crops: base + a 1x2 grid
-    visionzip.apply(model, dominant=20, contextual=4)
-    prepared = visionzip.prepare(model, inputs)
+    vlmzip.apply(model, dominant=20, contextual=4)
+    prepared = vlmzip.prepare(model, inputs)
     crops = inputs["pixel_values"][0, :3]
     with torch.no_grad():
-        reduction = visionzip.compress_vision(model.model.vision_tower, crops, 20, 4)
+        reduction = vlmzip.compress_vision(model.model.vision_tower, crops, 20, 4)
         projected = model.model.multi_modal_projector(reduction.features)
     expected = anyres_layout(projected, reduction.kept_indices, (1, 2), (24, 24), 1)
     torch.testing.assert_close(prepared["mm_encoder_outputs"]["image"].pooler_output[0], expected)
@@ -116,8 +116,8 @@ def test_features_are_per_crop_visionzip_in_reference_layout(model, processor, i
     ids=["640", "320", "160"],
 )
 def test_paper_totals_per_image_whatever_the_crop_count(model, processor, images, dominant, contextual, expected):
-    visionzip.apply(model, dominant=dominant, contextual=contextual, budget_scope="per_image")
-    prepared = visionzip.prepare(model, process(processor, images, PROMPTS))
+    vlmzip.apply(model, dominant=dominant, contextual=contextual, budget_scope="per_image")
+    prepared = vlmzip.prepare(model, process(processor, images, PROMPTS))
     counts = (prepared["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
     assert counts == expected
     assert all(count <= dominant + contextual for count in counts)
@@ -126,7 +126,7 @@ def test_paper_totals_per_image_whatever_the_crop_count(model, processor, images
 
 @pytest.mark.parametrize("generate_kwargs", [{}, {"num_beams": 2}], ids=["greedy", "beam"])
 def test_batched_generate_equals_per_sample(model, processor, images, generate_kwargs):
-    visionzip.apply(model, dominant=54, contextual=10)
+    vlmzip.apply(model, dominant=54, contextual=10)
     singles = [process(processor, images[i : i + 1], PROMPTS[i : i + 1]) for i in range(len(images))]
     assert_batch_equals_singles(model, process(processor, images, PROMPTS), singles, **generate_kwargs)
 
@@ -134,8 +134,8 @@ def test_batched_generate_equals_per_sample(model, processor, images, generate_k
 def test_two_images_across_turns(model, processor, images):
     prompt = "USER: <image> what is in the image ? ASSISTANT: a cat USER: <image> what is left of ? ASSISTANT:"
     inputs = processor(images=[images[0], images[2]], text=[prompt], return_tensors="pt")
-    visionzip.apply(model, dominant=30, contextual=6)
-    prepared = visionzip.prepare(model, inputs)
+    vlmzip.apply(model, dominant=30, contextual=6)
+    prepared = vlmzip.prepare(model, inputs)
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum().item() == (3 + 5) * 36
     ids = prepared["input_ids"][0].tolist()
     first = ids.index(IMAGE_TOKEN_ID)
@@ -154,8 +154,8 @@ def test_labels_shrink_with_the_sequence(model, processor, images):
     inputs = process(processor, images[:2], PROMPTS[:2])
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, -100)
     labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
-    visionzip.apply(model, dominant=54, contextual=10)
-    prepared = visionzip.prepare(model, {**inputs, "labels": labels})
+    vlmzip.apply(model, dominant=54, contextual=10)
+    prepared = vlmzip.prepare(model, {**inputs, "labels": labels})
     text = (prepared["input_ids"] != IMAGE_TOKEN_ID) & prepared["attention_mask"].bool()
     assert torch.equal(prepared["labels"][text], prepared["input_ids"][text])
     with torch.no_grad():
@@ -186,41 +186,41 @@ def test_full_feature_strategy_is_refused():
     model = make_llava_next()
     model.config.vision_feature_select_strategy = "full"
     with pytest.raises(ValueError, match="vision_feature_select_strategy='full' is not supported"):
-        visionzip.apply(model)
+        vlmzip.apply(model)
 
 
 def test_budget_larger_than_a_narrow_image(model, processor):
     narrow = random_images(1, size=(100, 1000))[0]  # a 1x3 grid, mostly padding: few placeholders
-    visionzip.apply(model, dominant=500, contextual=77)
+    vlmzip.apply(model, dominant=500, contextual=77)
     with pytest.raises(ValueError, match=r"image 0: the budget gives 2308 tokens .* only \d+ placeholders"):
-        visionzip.prepare(model, process(processor, [narrow], PROMPTS[:1]))
+        vlmzip.prepare(model, process(processor, [narrow], PROMPTS[:1]))
 
 
 def test_mismatched_inputs_are_refused(model, processor, images):
     inputs = process(processor, images[:2], PROMPTS[:2])
-    visionzip.apply(model, dominant=54, contextual=10)
+    vlmzip.apply(model, dominant=54, contextual=10)
     no_sizes = {k: v for k, v in inputs.items() if k != "image_sizes"}
     with pytest.raises(ValueError, match="image_sizes"):
-        visionzip.prepare(model, no_sizes)
+        vlmzip.prepare(model, no_sizes)
     with pytest.raises(ValueError, match="pixel_values"):
-        visionzip.prepare(model, {**inputs, "pixel_values": inputs["pixel_values"][:, :2]})
+        vlmzip.prepare(model, {**inputs, "pixel_values": inputs["pixel_values"][:, :2]})
     with pytest.raises(ValueError, match="pixel_values"):
-        visionzip.prepare(model, {**inputs, "pixel_values": inputs["pixel_values"][0, 0]})
+        vlmzip.prepare(model, {**inputs, "pixel_values": inputs["pixel_values"][0, 0]})
     swapped = {**inputs, "image_sizes": inputs["image_sizes"].flip(0)}  # counts no longer match the text
     with pytest.raises(ValueError, match="placeholder"):
-        visionzip.prepare(model, swapped)
+        vlmzip.prepare(model, swapped)
 
 
 @pytest.mark.parametrize("method", ["pool", "random", "visionzip-dominant"])
 def test_other_methods_keep_the_budget(model, processor, images, method):
-    visionzip.apply(model, dominant=54, contextual=10, method=method)
-    prepared = visionzip.prepare(model, process(processor, images[:2], PROMPTS[:2]))
+    vlmzip.apply(model, dominant=54, contextual=10, method=method)
+    prepared = vlmzip.prepare(model, process(processor, images[:2], PROMPTS[:2]))
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == [3 * 64, 4 * 64]
     generate(model, prepared)
 
 
 def test_conversation_turns_equal_fresh_runs(model, images):
-    visionzip.apply(model, dominant=54, contextual=10)
+    vlmzip.apply(model, dominant=54, contextual=10)
     chat, tower_calls = run_dialogue(
         model, make_llava_next_processor(), TWO_IMAGE_TURNS, images[:2], model.model.vision_tower
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import visionzip
+import vlmzip
 from conftest import clip_vision_config, random_images
 from families import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, make_onevision, make_onevision_processor, random_video
 from helpers import (
@@ -67,8 +67,8 @@ def run_lengths(ids: list[int], token_id: int) -> list[int]:
 
 def test_image_crops_reach_the_language_model_exactly(model, processor, images):
     inputs = processor(images=images, text=PROMPTS + PROMPTS[:1], return_tensors="pt", padding=True)
-    visionzip.apply(model, dominant=8, contextual=2)
-    prepared = visionzip.prepare(model, inputs)
+    vlmzip.apply(model, dominant=8, contextual=2)
+    prepared = vlmzip.prepare(model, inputs)
     expected = [crops * 10 for _, crops in SIZES_AND_CROPS]
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == expected
     features = prepared["mm_encoder_outputs"]["image"].pooler_output
@@ -79,8 +79,8 @@ def test_images_of_a_multi_image_sample_are_single_crops(model, processor, image
     prompt = "USER: <image> what is in the image ? ASSISTANT: a cat USER: <image> what is left of ? ASSISTANT:"
     inputs = processor(images=[images[:2], images[2:]], text=[prompt, PROMPTS[0]], return_tensors="pt", padding=True)
     assert inputs["batch_num_images"].tolist() == [2, 1]
-    visionzip.apply(model, dominant=8, contextual=2)
-    prepared = visionzip.prepare(model, inputs)
+    vlmzip.apply(model, dominant=8, contextual=2)
+    prepared = vlmzip.prepare(model, inputs)
     assert run_lengths(prepared["input_ids"][0].tolist(), IMAGE_TOKEN_ID) == [10, 10]
     assert run_lengths(prepared["input_ids"][1].tolist(), IMAGE_TOKEN_ID) == [10 * 10]
     batch = generated_tokens(model, inputs)
@@ -91,8 +91,8 @@ def test_images_of_a_multi_image_sample_are_single_crops(model, processor, image
 def test_video_frames_reach_the_language_model_exactly(model, processor, videos):
     inputs = processor(videos=videos, text=VIDEO_PROMPTS, return_tensors="pt", padding=True)
     assert (inputs["input_ids"] == VIDEO_TOKEN_ID).sum(dim=1).tolist() == [4 * PER_FRAME + 1] * 2
-    visionzip.apply(model, dominant=6, contextual=2)
-    prepared = visionzip.prepare(model, inputs)
+    vlmzip.apply(model, dominant=6, contextual=2)
+    prepared = vlmzip.prepare(model, inputs)
     # Videos travel as images (one tensor per video): 8 tokens per frame + the newline.
     assert (prepared["input_ids"] == VIDEO_TOKEN_ID).sum().item() == 0
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == [4 * 8 + 1] * 2
@@ -107,14 +107,14 @@ def test_video_selection_happens_on_the_pooled_tokens_the_model_uses(model, proc
         pooled = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output  # (2, 4 * 16 + 1, h)
     frames = pooled[:, :-1].reshape(2 * 4, PER_FRAME, -1)
     # Every pooled token kept as dominant: exactly the model's own video features.
-    visionzip.apply(model, dominant=PER_FRAME, contextual=0)
-    full = visionzip.prepare(model, inputs)["mm_encoder_outputs"]["image"].pooler_output
+    vlmzip.apply(model, dominant=PER_FRAME, contextual=0)
+    full = vlmzip.prepare(model, inputs)["mm_encoder_outputs"]["image"].pooler_output
     torch.testing.assert_close(torch.stack(full), pooled)
-    visionzip.remove(model)
+    vlmzip.remove(model)
     # A real budget: the dominant tokens are the model's pooled tokens at the kept positions.
-    visionzip.apply(model, dominant=5, contextual=3)
-    adapter = visionzip.api.get_state(model).adapter
-    features = visionzip.prepare(model, inputs)["mm_encoder_outputs"]["image"].pooler_output
+    vlmzip.apply(model, dominant=5, contextual=3)
+    adapter = vlmzip.api.get_state(model).adapter
+    features = vlmzip.prepare(model, inputs)["mm_encoder_outputs"]["image"].pooler_output
     reduction = adapter.last_encoded.reductions[0]
     assert reduction.kept_indices.shape == (8, 5)
     dominant = frames.gather(1, reduction.kept_indices.unsqueeze(-1).expand(-1, -1, frames.shape[-1]))
@@ -125,7 +125,7 @@ def test_video_selection_happens_on_the_pooled_tokens_the_model_uses(model, proc
 def test_video_logits_match_the_model_when_nothing_is_dropped(processor, videos):
     inputs = processor(videos=videos, text=VIDEO_PROMPTS, return_tensors="pt", padding=True)
     reference, model = make_onevision(), make_onevision()
-    visionzip.apply(model, dominant=PER_FRAME, contextual=0)
+    vlmzip.apply(model, dominant=PER_FRAME, contextual=0)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits)
 
@@ -134,8 +134,8 @@ def test_images_and_videos_interleaved_in_text_order(model, processor, images, v
     texts = ["USER: <image> a <video> the <image> what ? ASSISTANT:", "USER: <video> <image> what is it ? ASSISTANT:"]
     image_groups = [[images[0], images[1]], [images[2]]]
     inputs = processor(images=image_groups, videos=videos, text=texts, return_tensors="pt", padding=True)
-    visionzip.apply(model, dominant=8, contextual=2)
-    prepared = visionzip.prepare(model, inputs)
+    vlmzip.apply(model, dominant=8, contextual=2)
+    prepared = vlmzip.prepare(model, inputs)
     assert run_lengths(prepared["input_ids"][0].tolist(), IMAGE_TOKEN_ID) == [10, 4 * 10 + 1, 10]
     # Adjacent runs (no text between) merge once videos travel as images.
     assert run_lengths(prepared["input_ids"][1].tolist(), IMAGE_TOKEN_ID) == [4 * 10 + 1 + 10 * 10]
@@ -152,9 +152,9 @@ def test_images_and_videos_interleaved_in_text_order(model, processor, images, v
     ids=["frames-greedy", "temporal-beam"],
 )
 def test_batched_video_generate_equals_per_sample(model, processor, videos, temporal_threshold, generate_kwargs):
-    visionzip.apply(model, dominant=6, contextual=2, temporal_threshold=temporal_threshold)
+    vlmzip.apply(model, dominant=6, contextual=2, temporal_threshold=temporal_threshold)
     inputs = processor(videos=videos, text=VIDEO_PROMPTS, return_tensors="pt", padding=True)
-    counts = (visionzip.prepare(model, inputs)["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
+    counts = (vlmzip.prepare(model, inputs)["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
     if temporal_threshold is not None:
         # Random frames still share a lot at 0.5, and differently per video: lengths differ.
         assert all(count < 4 * 8 + 1 for count in counts) and counts[0] != counts[1]
@@ -165,7 +165,7 @@ def test_batched_video_generate_equals_per_sample(model, processor, videos, temp
 
 
 def test_batched_image_beam_search_equals_per_sample(model, processor, images):
-    visionzip.apply(model, dominant=8, contextual=2)
+    vlmzip.apply(model, dominant=8, contextual=2)
     inputs = processor(images=images[:2], text=PROMPTS, return_tensors="pt", padding=True)
     singles = [processor(images=images[i : i + 1], text=PROMPTS[i : i + 1], return_tensors="pt") for i in range(2)]
     assert_batch_equals_singles(model, inputs, singles, num_beams=2)
@@ -185,28 +185,28 @@ def test_remove_restores_bit_identical_logits(processor, images, videos):
 
 
 def test_per_image_scope_splits_a_video_over_its_frames(model, processor, videos):
-    visionzip.apply(model, dominant=20, contextual=9, budget_scope="per_image")
-    prepared = visionzip.prepare(model, processor(videos=videos, text=VIDEO_PROMPTS, return_tensors="pt", padding=True))
+    vlmzip.apply(model, dominant=20, contextual=9, budget_scope="per_image")
+    prepared = vlmzip.prepare(model, processor(videos=videos, text=VIDEO_PROMPTS, return_tensors="pt", padding=True))
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == [4 * (5 + 2) + 1] * 2
 
 
 def test_video_budget_above_the_pooled_tokens_is_refused(model, processor, videos):
-    visionzip.apply(model, dominant=15, contextual=2)  # fine for 49-token image crops
+    vlmzip.apply(model, dominant=15, contextual=2)  # fine for 49-token image crops
     inputs = processor(videos=videos, text=VIDEO_PROMPTS, return_tensors="pt", padding=True)
     with pytest.raises(ValueError, match=r"dominant \+ contextual must be <= 16 per video frame"):
-        visionzip.prepare(model, inputs)
-    visionzip.remove(model)
-    visionzip.apply(model, dominant=10, contextual=0, budget_scope="per_image")  # 10: the most crops an image has
+        vlmzip.prepare(model, inputs)
+    vlmzip.remove(model)
+    vlmzip.apply(model, dominant=10, contextual=0, budget_scope="per_image")  # 10: the most crops an image has
     long_video = processor(videos=[random_video(12)], text=VIDEO_PROMPTS[:1], return_tensors="pt")
     with pytest.raises(ValueError, match=r"dominant must be >= the number of crops / frames \(12\)"):
-        visionzip.prepare(model, long_video)
+        vlmzip.prepare(model, long_video)
 
 
 def test_image_budget_larger_than_the_placeholders(model, processor, images):
-    visionzip.apply(model, dominant=14, contextual=2)  # 10 crops x 16 > the 145 packed features
+    vlmzip.apply(model, dominant=14, contextual=2)  # 10 crops x 16 > the 145 packed features
     inputs = processor(images=images[2:], text=PROMPTS[:1], return_tensors="pt")
     with pytest.raises(ValueError, match=r"image 0: the budget gives 160 tokens .* only 145 placeholders"):
-        visionzip.prepare(model, inputs)
+        vlmzip.prepare(model, inputs)
 
 
 @pytest.mark.parametrize(
@@ -226,29 +226,29 @@ def test_unsupported_model_variants():
     model = make_onevision()
     model.config.vision_feature_select_strategy = "default"
     with pytest.raises(ValueError, match="vision_feature_select_strategy='default' is not supported"):
-        visionzip.apply(model)
+        vlmzip.apply(model)
     config = make_onevision().config
     config.vision_config = clip_vision_config(image_size=98)
     with pytest.raises(ValueError, match=r"without \[CLS\]"):
-        visionzip.apply(type(make_onevision())(config))
+        vlmzip.apply(type(make_onevision())(config))
 
 
 def test_mismatched_inputs_are_refused(model, processor, images, videos):
-    visionzip.apply(model, dominant=8, contextual=2)
+    vlmzip.apply(model, dominant=8, contextual=2)
     inputs = processor(videos=videos, text=VIDEO_PROMPTS, return_tensors="pt", padding=True)
     with pytest.raises(ValueError, match="pixel_values_videos"):
-        visionzip.prepare(model, {**inputs, "pixel_values_videos": inputs["pixel_values_videos"][0]})
+        vlmzip.prepare(model, {**inputs, "pixel_values_videos": inputs["pixel_values_videos"][0]})
     with pytest.raises(ValueError, match=r"2 video\(s\) were given but the text holds placeholders for 1"):
-        visionzip.prepare(model, {**inputs, "input_ids": inputs["input_ids"][:1], "attention_mask": None})
+        vlmzip.prepare(model, {**inputs, "input_ids": inputs["input_ids"][:1], "attention_mask": None})
     with pytest.raises(ValueError, match="more video placeholder runs"):
-        visionzip.prepare(model, {**inputs, "pixel_values_videos": inputs["pixel_values_videos"][:1]})
+        vlmzip.prepare(model, {**inputs, "pixel_values_videos": inputs["pixel_values_videos"][:1]})
     image_inputs = processor(images=images[:1], text=PROMPTS[:1], return_tensors="pt")
     with pytest.raises(ValueError, match=r"1 image\(s\) were given but the text holds placeholders for 0"):
-        visionzip.prepare(model, {**inputs, **{k: image_inputs[k] for k in ("pixel_values", "image_sizes")}})
+        vlmzip.prepare(model, {**inputs, **{k: image_inputs[k] for k in ("pixel_values", "image_sizes")}})
 
 
 def test_conversation_turns_equal_fresh_runs(model, images):
-    visionzip.apply(model, dominant=8, contextual=2)
+    vlmzip.apply(model, dominant=8, contextual=2)
     chat, tower_calls = run_dialogue(
         model, make_onevision_processor(), TWO_IMAGE_TURNS, images[:2], model.model.vision_tower
     )

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers.vision_utils import get_vision_window_index
 
-import visionzip
+import vlmzip
 from conftest import QWEN_VIDEO_TOKEN_ID, make_qwen2_5_vl, make_qwen_processor, qwen_inputs_by_hand, qwen_prompt
 from conftest import random_images as make_images
 from helpers import assert_apply_refused, original_rope_positions
-from visionzip.adapters.qwen2_vl import QWEN_TOWER_LAYOUTS, probe_qwen_tower
+from vlmzip.adapters.qwen2_vl import QWEN_TOWER_LAYOUTS, probe_qwen_tower
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +62,13 @@ def test_tower_without_full_attention_block_is_refused():
 def test_video_time_spacing_is_kept(processor):
     # second_per_grid_ts spaces the temporal rope positions of a video's slices; kept tokens keep them.
     model = make_qwen2_5_vl()
-    visionzip.apply(model, dominant=6, contextual=2)
+    vlmzip.apply(model, dominant=6, contextual=2)
     inputs = qwen_inputs_by_hand(processor, qwen_prompt("<video>"), video_grids=[(3, 8, 8)])
     inputs["second_per_grid_ts"] = torch.tensor([2.0])
     original = original_rope_positions(model, inputs)
-    prepared = visionzip.prepare(model, inputs)
+    prepared = vlmzip.prepare(model, inputs)
     assert "second_per_grid_ts" not in prepared and "video_grid_thw" not in prepared
-    slots = visionzip.api.get_state(model).adapter.last_encoded.slots[0]
+    slots = vlmzip.api.get_state(model).adapter.last_encoded.slots[0]
     before = (inputs["input_ids"][0] == QWEN_VIDEO_TOKEN_ID).nonzero().squeeze(1)
     after = (prepared["input_ids"][0] == QWEN_VIDEO_TOKEN_ID).nonzero().squeeze(1)
     assert after.numel() == 3 * 8

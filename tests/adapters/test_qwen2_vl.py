@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
-import visionzip
+import vlmzip
 from conftest import (
     QWEN_IMAGE_TOKEN_ID,
     QWEN_VIDEO_TOKEN_ID,
@@ -28,7 +28,7 @@ from helpers import (
     assert_remove_restores_bit_identical_logits,
     original_rope_positions,
 )
-from visionzip.adapters.qwen2_vl import probe_qwen_tower
+from vlmzip.adapters.qwen2_vl import probe_qwen_tower
 
 FAMILIES = {"qwen2-vl": make_qwen2_vl, "qwen2.5-vl": make_qwen2_5_vl}
 DOMINANT, CONTEXTUAL = 8, 4
@@ -43,7 +43,7 @@ def family(request):
 @pytest.fixture
 def patched(family):
     model = FAMILIES[family]()
-    visionzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
+    vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
     return model
 
 
@@ -77,7 +77,7 @@ def generate(model, inputs, **kwargs):
 def test_language_model_receives_exactly_the_budget(patched, processor, qwen_images):
     inputs = batch_inputs(processor, qwen_images)
     assert (inputs["input_ids"] == QWEN_IMAGE_TOKEN_ID).sum(dim=1).tolist() == [54, 35, 35 + 54]
-    prepared = visionzip.prepare(patched, inputs)
+    prepared = vlmzip.prepare(patched, inputs)
     assert (prepared["input_ids"] == QWEN_IMAGE_TOKEN_ID).sum(dim=1).tolist() == [BUDGET, BUDGET, 2 * BUDGET]
     assert (prepared["mm_token_type_ids"] == 1).sum(dim=1).tolist() == [BUDGET, BUDGET, 2 * BUDGET]
     features = prepared["mm_encoder_outputs"]["image"].pooler_output
@@ -94,8 +94,8 @@ def test_language_model_receives_exactly_the_budget(patched, processor, qwen_ima
 def test_rope_positions_of_kept_tokens_are_the_original_ones(patched, processor, qwen_images):
     inputs = batch_inputs(processor, qwen_images)
     original = original_rope_positions(patched, inputs)
-    prepared = visionzip.prepare(patched, inputs)
-    encoded = visionzip.api.get_state(patched).adapter.last_encoded
+    prepared = vlmzip.prepare(patched, inputs)
+    encoded = vlmzip.api.get_state(patched).adapter.last_encoded
     positions = prepared["position_ids"]
     image = 0
     for sample in range(3):
@@ -156,7 +156,7 @@ def test_images_and_video_in_one_prompt(patched, processor, qwen_images):
     )
     assert (inputs["input_ids"] == QWEN_VIDEO_TOKEN_ID).sum() == 32
     original = original_rope_positions(patched, inputs)
-    prepared = visionzip.prepare(patched, inputs)
+    prepared = vlmzip.prepare(patched, inputs)
     ids = prepared["input_ids"][0]
     assert int((ids == QWEN_VIDEO_TOKEN_ID).sum()) == 2 * BUDGET  # the budget applies per temporal slice
     assert int((ids == QWEN_IMAGE_TOKEN_ID).sum()) == BUDGET
@@ -167,7 +167,7 @@ def test_images_and_video_in_one_prompt(patched, processor, qwen_images):
         prepared["mm_token_type_ids"][0], (ids == QWEN_IMAGE_TOKEN_ID).long() + 2 * (ids == QWEN_VIDEO_TOKEN_ID)
     )
 
-    encoded = visionzip.api.get_state(patched).adapter.last_encoded
+    encoded = vlmzip.api.get_state(patched).adapter.last_encoded
     assert encoded.modalities == ["video", "image"]
     video_slots = encoded.slots[0]
     assert int((video_slots < 16).sum()) == BUDGET and int((video_slots >= 16).sum()) == BUDGET
@@ -187,8 +187,8 @@ def test_video_budget_scope_and_temporal_step(family, processor):
 
     def video_tokens(**config):
         model = FAMILIES[family]()
-        visionzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL, **config)
-        prepared = visionzip.prepare(model, inputs)
+        vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL, **config)
+        prepared = vlmzip.prepare(model, inputs)
         count = int((prepared["input_ids"] == QWEN_VIDEO_TOKEN_ID).sum())
         assert prepared["mm_encoder_outputs"]["video"].pooler_output[0].shape[0] == count
         return model, prepared, count
@@ -203,11 +203,11 @@ def test_video_budget_scope_and_temporal_step(family, processor):
 
 def test_forward_and_generate_prepare_raw_inputs(patched, processor, qwen_images):
     inputs = batch_inputs(processor, qwen_images)
-    explicit = generate(patched, visionzip.prepare(patched, inputs))
+    explicit = generate(patched, vlmzip.prepare(patched, inputs))
     assert torch.equal(generate(patched, inputs), explicit)
     with torch.no_grad():
         raw = patched(**inputs).logits
-        prepared = patched(**visionzip.prepare(patched, inputs)).logits
+        prepared = patched(**vlmzip.prepare(patched, inputs)).logits
     torch.testing.assert_close(raw, prepared)
 
 
@@ -219,10 +219,10 @@ def test_remove_restores_bit_identical_logits(family, processor, qwen_images):
 @pytest.mark.parametrize("method", ["pool", "random", "visionzip-dominant"])
 def test_other_methods_same_budget(family, processor, qwen_images, method):
     model = FAMILIES[family]()
-    visionzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL, method=method)
-    prepared = visionzip.prepare(model, batch_inputs(processor, qwen_images))
+    vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL, method=method)
+    prepared = vlmzip.prepare(model, batch_inputs(processor, qwen_images))
     assert (prepared["input_ids"] == QWEN_IMAGE_TOKEN_ID).sum(dim=1).tolist() == [BUDGET, BUDGET, 2 * BUDGET]
-    for slots in visionzip.api.get_state(model).adapter.last_encoded.slots:
+    for slots in vlmzip.api.get_state(model).adapter.last_encoded.slots:
         assert slots.numel() == BUDGET and bool((slots.diff() > 0).all())
     generate(model, prepared)
 
@@ -268,32 +268,32 @@ def test_probe_scores_equal_eager_received_attention(family, processor, qwen_ima
 # --- errors ------------------------------------------------------------------------------------
 def test_budget_larger_than_an_image_is_an_error(family, processor, qwen_images):
     model = FAMILIES[family]()
-    visionzip.apply(model, dominant=30, contextual=10)
+    vlmzip.apply(model, dominant=30, contextual=10)
     large_only = processor(images=qwen_images[:1], text=[qwen_prompt("<image>")], return_tensors="pt")
-    assert (visionzip.prepare(model, large_only)["input_ids"] == QWEN_IMAGE_TOKEN_ID).sum() == 40
+    assert (vlmzip.prepare(model, large_only)["input_ids"] == QWEN_IMAGE_TOKEN_ID).sum() == 40
     with pytest.raises(ValueError, match=r"dominant \+ contextual must be <= 35 .*image 1.*5x7.*got 30 \+ 10 = 40"):
-        visionzip.prepare(model, batch_inputs(processor, qwen_images))
+        vlmzip.prepare(model, batch_inputs(processor, qwen_images))
 
 
 def test_bad_config_and_inputs(family, processor, qwen_images):
     model = FAMILIES[family]()
     assert_apply_refused(model, ValueError, "feature_layer: Qwen2-VL", dominant=8, contextual=4, feature_layer=-2)
-    visionzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
+    vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
     inputs = batch_inputs(processor, qwen_images)
     without_grid = {k: v for k, v in inputs.items() if k != "image_grid_thw"}
     with pytest.raises(ValueError, match=r"inputs\['image_grid_thw'\] is required"):
-        visionzip.prepare(model, without_grid)
+        vlmzip.prepare(model, without_grid)
     with pytest.raises(ValueError, match=r"inputs\['pixel_values'\] must be the processor's flattened"):
-        visionzip.prepare(model, {**inputs, "pixel_values": inputs["pixel_values"][:10]})
+        vlmzip.prepare(model, {**inputs, "pixel_values": inputs["pixel_values"][:10]})
     with pytest.raises(ValueError, match=r"image_grid_thw'\] must hold positive"):
-        visionzip.prepare(model, {**inputs, "image_grid_thw": inputs["image_grid_thw"] + 1})
+        vlmzip.prepare(model, {**inputs, "image_grid_thw": inputs["image_grid_thw"] + 1})
     with pytest.raises(ValueError, match="3 image.*placeholders for 4|more image placeholder runs"):
         fewer = {**inputs, "image_grid_thw": inputs["image_grid_thw"][:3]}
         fewer["pixel_values"] = inputs["pixel_values"][: int(fewer["image_grid_thw"].prod(dim=1).sum())]
-        visionzip.prepare(model, fewer)
+        vlmzip.prepare(model, fewer)
     with pytest.raises(ValueError, match="position_ids"):
-        visionzip.prepare(model, {**inputs, "position_ids": torch.zeros_like(inputs["input_ids"])})
+        vlmzip.prepare(model, {**inputs, "position_ids": torch.zeros_like(inputs["input_ids"])})
     with pytest.raises(ValueError, match="input_ids"):
-        visionzip.prepare(model, {k: v for k, v in inputs.items() if k != "input_ids"})
+        vlmzip.prepare(model, {k: v for k, v in inputs.items() if k != "input_ids"})
     text_only = processor.tokenizer(["USER: how many ? ASSISTANT:"], return_tensors="pt")
-    assert visionzip.prepare(model, text_only).keys() == dict(text_only).keys()
+    assert vlmzip.prepare(model, text_only).keys() == dict(text_only).keys()

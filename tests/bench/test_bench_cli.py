@@ -1,4 +1,4 @@
-"""`visionzip bench` end to end on a tiny local model, the --arch table, and its errors."""
+"""`vlmzip bench` end to end on a tiny local model, the --arch table, and its errors."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from bench.tiny_model import save_tiny_llava
-from visionzip.bench import arch
-from visionzip.bench.cli import synthetic_image
-from visionzip.cli import main
+from vlmzip.bench import arch
+from vlmzip.bench.cli import synthetic_image
+from vlmzip.cli import main
 
 REQUIRED = {"method", "tokens", "llm_prefill_ms", "ttft_ms", "speedup_llm_prefill", "speedup_ttft", "peak_mem_mb"}
 FAST = ["--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--question", "what is in the image ?"]
@@ -52,7 +52,7 @@ def test_json_plot_and_table(model_dir, tmp_path, capsys):
 def test_bad_arguments_exit_2(model_dir, capsys, extra, message):
     assert main(["bench", "--model", str(model_dir), *FAST, *extra]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after any weight-loading progress bar
-    assert error.startswith("visionzip bench: error: ") and re.search(message, error), error
+    assert error.startswith("vlmzip bench: error: ") and re.search(message, error), error
 
 
 def test_model_and_arch_exclusive(capsys):

@@ -1,4 +1,4 @@
-"""`visionzip bench` and `visionzip eval` on a saved tiny model of every supported family, through the real CLI."""
+"""`vlmzip bench` and `vlmzip eval` on a saved tiny model of every supported family, through the real CLI."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 
 from bench.tiny_model import save_family
 from eval.tiny_data import write_vqa
-from visionzip.cli import main
-from visionzip.methods import available_methods
+from vlmzip.cli import main
+from vlmzip.methods import available_methods
 
 # family -> (visual tokens per image or crop, units per image, whether FastV runs). Units: crops the
 # model's tower sees per image, the same for the 336 px benchmark picture and the 300x400 eval images:
@@ -88,7 +88,7 @@ def test_bench_refuses_what_the_family_cannot_run(family, model_dir, tmp_path, c
         status, message = bench(model_dir(family), 64, tmp_path / "x.json"), "must be <= 49"
     assert status == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("visionzip bench: error: ") and message in error, error
+    assert error.startswith("vlmzip bench: error: ") and message in error, error
 
 
 @pytest.mark.parametrize("family", list(CASES))
@@ -105,7 +105,7 @@ def test_eval_accepts_the_family(family, model_dir, tmp_path):
 
 
 def test_processor_with_a_video_slot_loads_without_torchvision(model_dir):
-    from visionzip.loading import load_model
+    from vlmzip.loading import load_model
 
     _, processor = load_model(model_dir("llava-onevision"))
     assert type(processor).__name__ == "LlavaOnevisionProcessor" and not hasattr(processor, "video_processor")

@@ -1,8 +1,8 @@
 """Tiny models of every supported family saved as local model directories, for the command-line tests.
 
 The models and processors come from the shared builders (conftest, families); this module only saves
-them the way a downloaded checkpoint is laid out, so that `visionzip bench/eval --model DIR` load them
-through `visionzip.loading.load_model` like any other directory.
+them the way a downloaded checkpoint is laid out, so that `vlmzip bench/eval --model DIR` load them
+through `vlmzip.loading.load_model` like any other directory.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from conftest import make_llava, make_llava_processor, make_qwen2_5_vl, make_qwen2_vl, make_qwen_processor
 from families import make_llava_next, make_llava_next_processor, make_onevision, make_onevision_processor
-from visionzip.loading import image_only_processor_class
+from vlmzip.loading import image_only_processor_class
 
 # family -> (model builder, processor builder)
 FAMILIES: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {

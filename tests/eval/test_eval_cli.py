@@ -1,4 +1,4 @@
-"""`visionzip eval` end to end on a tiny local model: results file, resuming, plots and errors."""
+"""`vlmzip eval` end to end on a tiny local model: results file, resuming, plots and errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from bench.tiny_model import save_tiny_llava
 from eval.tiny_data import write_vqa
-from visionzip.cli import main
+from vlmzip.cli import main
 
 PROMPT = "USER: <image> {question} ASSISTANT:"
 
@@ -72,7 +72,7 @@ def test_other_settings_are_refused_unless_overwritten(paths, tmp_path, capsys):
 def test_bad_arguments_exit_2(paths, tmp_path, capsys, extra, message):
     assert run(paths, tmp_path / "eval.json", *extra) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("visionzip eval: error: ") and re.search(message, error), error
+    assert error.startswith("vlmzip eval: error: ") and re.search(message, error), error
 
 
 def test_model_without_data_and_bad_results_file(paths, tmp_path, capsys):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import visionzip
+import vlmzip
 from conftest import make_llava, make_llava_processor
 from eval.tiny_data import write_vqa
-from visionzip.bench.variants import FULL, Variant
-from visionzip.eval.evaluator import Evaluator
-from visionzip.eval.items import held_out_set, jsonl_set
+from vlmzip.bench.variants import FULL, Variant
+from vlmzip.eval.evaluator import Evaluator
+from vlmzip.eval.items import held_out_set, jsonl_set
 
 NEW_TOKENS = 3
 
@@ -38,7 +38,7 @@ def evaluator(setup, cached: bool, batch_size: int = 4) -> Evaluator:
 def plain_answers(model, processor, data, **apply_fields) -> list[str]:
     """One question at a time through the public API (or the untouched model)."""
     if apply_fields:
-        visionzip.apply(model, **apply_fields)
+        vlmzip.apply(model, **apply_fields)
     try:
         answers = []
         for item in data.items:
@@ -46,14 +46,14 @@ def plain_answers(model, processor, data, **apply_fields) -> list[str]:
                 images=[data.load_image(item.image_key)], text=[prompt(item.question)], return_tensors="pt"
             )
             if apply_fields:
-                inputs = visionzip.prepare(model, inputs)
+                inputs = vlmzip.prepare(model, inputs)
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
             answers.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
         return [answer.strip() for answer in answers]
     finally:
         if apply_fields:
-            visionzip.remove(model)
+            vlmzip.remove(model)
 
 
 @pytest.mark.parametrize(

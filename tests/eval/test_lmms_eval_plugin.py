@@ -109,12 +109,12 @@ def test_lmms_eval_runs_a_local_task_with_visionzip(model_dir, task_dir, tmp_pat
 
 
 def test_requests_are_answered_with_the_budget(model_dir, task_dir):
-    """In process: the language model sees 64 tokens per image, and answers match visionzip.apply + generate."""
+    """In process: the language model sees 64 tokens per image, and answers match vlmzip.apply + generate."""
     import torch
     from lmms_eval.api.instance import Instance
 
-    import visionzip
-    from visionzip.integrations.lmms_eval_plugin import VisionZipLlava
+    import vlmzip
+    from vlmzip.integrations.lmms_eval_plugin import VisionZipLlava
 
     model = VisionZipLlava(pretrained=str(model_dir), dominant=54, contextual=10, batch_size=2)
     docs = [json.loads(line) for line in (task_dir / "data.jsonl").read_text().splitlines()]
@@ -143,7 +143,7 @@ def test_requests_are_answered_with_the_budget(model_dir, task_dir):
     processor = model.processor
     for doc, answer in zip(docs, answers, strict=True):
         prompt = model._prompt(doc["question"], 1)
-        inputs = visionzip.prepare(model.model, processor(images=visual(doc), text=[prompt], return_tensors="pt"))
+        inputs = vlmzip.prepare(model.model, processor(images=visual(doc), text=[prompt], return_tensors="pt"))
         assert int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum()) == 64
         with torch.no_grad():
             out = model.model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
@@ -155,7 +155,7 @@ def test_requests_are_answered_with_the_budget(model_dir, task_dir):
 
 
 def test_bad_model_args(model_dir):
-    from visionzip.integrations.lmms_eval_plugin import VisionZipLlava
+    from vlmzip.integrations.lmms_eval_plugin import VisionZipLlava
 
     with pytest.raises(ValueError, match="unknown arguments"):
         VisionZipLlava(pretrained=str(model_dir), budget=3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from visionzip.probe import ProbeOutput
+from vlmzip.probe import ProbeOutput
 
 
 def make_probe(batch: int = 2, side: int = 6, hidden: int = 8, head_dim: int = 4, has_cls: bool = True, seed: int = 0):

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from methods.helpers import make_probe
-from visionzip.config import VisionZipConfig
-from visionzip.core import GROUP_DOMINANT, GROUP_DROPPED
-from visionzip.methods import get_method
-from visionzip.methods.divprune import max_min_diverse
+from vlmzip.config import VisionZipConfig
+from vlmzip.core import GROUP_DOMINANT, GROUP_DROPPED
+from vlmzip.methods import get_method
+from vlmzip.methods.divprune import max_min_diverse
 
 
 def reference_divprune(features: torch.Tensor, count: int) -> list[int]:

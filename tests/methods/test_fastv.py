@@ -9,7 +9,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from conftest import IMAGE_TOKEN_ID, make_llava, make_llava_processor, random_images
-from visionzip.methods.fastv import FastV
+from vlmzip.methods.fastv import FastV
 
 PROMPTS = [
     "USER: <image> what is in the image ? ASSISTANT:",

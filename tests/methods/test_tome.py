@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from methods.helpers import make_probe
-from visionzip.config import VisionZipConfig
-from visionzip.methods import get_method
-from visionzip.methods.tome import tome_merge
+from vlmzip.config import VisionZipConfig
+from vlmzip.methods import get_method
+from vlmzip.methods.tome import tome_merge
 
 
 def reference_round(features: torch.Tensor, keys: torch.Tensor, r: int, protect_first: bool) -> list[set[int]]:

@@ -1,4 +1,4 @@
-"""`visionzip export` and the serving budget resolution: no vLLM needed (these run in the default suite)."""
+"""`vlmzip export` and the serving budget resolution: no vLLM needed (these run in the default suite)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-from visionzip.cli import main as cli_main
-from visionzip.config import VisionZipConfig
-from visionzip.export import export_model, vllm_weight_name
-from visionzip.serving.settings import (
+from vlmzip.cli import main as cli_main
+from vlmzip.config import VisionZipConfig
+from vlmzip.export import export_model, vllm_weight_name
+from vlmzip.serving.settings import (
     ARCHITECTURE,
     CONFIG_FILENAME,
     absolute_feature_layer,
     check_servable,
     resolve_config,
 )
-from visionzip.serving.tiny import build_tiny_llava
+from vlmzip.serving.tiny import build_tiny_llava
 
 VLLM_PREFIXES = (
     "vision_tower.vision_model.",
@@ -145,7 +145,7 @@ def test_cli_export(tiny_dir, tmp_path, capsys):
     args = ["export", "--model", str(tiny_dir), "-o", str(tmp_path / "y"), "--dominant", "600", "--contextual", "0"]
     assert cli_main(args) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("visionzip export: error: dominant + contextual must be <= 577") and "\n" not in error
+    assert error.startswith("vlmzip export: error: dominant + contextual must be <= 577") and "\n" not in error
 
 
 # --- the serving budget: visionzip_config.json + --hf-overrides ------------------------------------
@@ -182,7 +182,7 @@ def test_resolve_config_rejects(exported, overrides, error, match):
 
 
 def test_resolve_config_needs_a_budget(tiny_dir):
-    with pytest.raises(ValueError, match=f"no {CONFIG_FILENAME}; create the directory with `visionzip export"):
+    with pytest.raises(ValueError, match=f"no {CONFIG_FILENAME}; create the directory with `vlmzip export"):
         resolve_config(tiny_dir, hf_config(tiny_dir))
 
 

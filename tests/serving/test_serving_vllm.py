@@ -28,11 +28,11 @@ pytest.importorskip("vllm")
 
 from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
 
-import visionzip  # noqa: E402
-from visionzip.config import VisionZipConfig  # noqa: E402
-from visionzip.export import export_model  # noqa: E402
-from visionzip.serving.bench_vllm import PROMPT  # noqa: E402
-from visionzip.serving.tiny import build_tiny_llava  # noqa: E402
+import vlmzip  # noqa: E402
+from vlmzip.config import VisionZipConfig  # noqa: E402
+from vlmzip.export import export_model  # noqa: E402
+from vlmzip.serving.bench_vllm import PROMPT  # noqa: E402
+from vlmzip.serving.tiny import build_tiny_llava  # noqa: E402
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 PROMPT_WORDS = PROMPT.split()  # the benchmark's prompt, one token per word
@@ -91,9 +91,9 @@ def hf_generate(model_dir, config, prompt, images):
     """Greedy tokens and prompt length from transformers + visionzip (the reference)."""
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    visionzip.apply(model, config)
+    vlmzip.apply(model, config)
     inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
-    prepared = visionzip.prepare(model, inputs)
+    prepared = vlmzip.prepare(model, inputs)
     with torch.no_grad():
         out = model.generate(**prepared, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=0)
     prompt_length = prepared["input_ids"].shape[1]
@@ -154,7 +154,7 @@ def test_processor_declares_the_reduced_count(vllm_results):
     ("run", "message"),
     [
         (1, r"ValueError: dominant \+ contextual must be <= 577 \(the tokens this model's tower yields per image\)"),
-        (2, r"no_config: no visionzip_config.json; create the directory with `visionzip export"),
+        (2, r"no_config: no visionzip_config.json; create the directory with `vlmzip export"),
         (3, r"ValueError: unsupported vision tower 'siglip_vision_model'"),
         (4, r"ValueError: unsupported architecture: model_type 'llava_next'"),
     ],
@@ -262,7 +262,7 @@ def test_vllm_serve_answers_an_image_question(workdir):
 @pytest.mark.slow
 def test_benchmark_runs_both_engines(workdir, tmp_path):
     report_path = tmp_path / "bench.json"
-    command = [sys.executable, "-m", "visionzip.serving.bench_vllm", "--model", str(workdir / "tiny")]
+    command = [sys.executable, "-m", "vlmzip.serving.bench_vllm", "--model", str(workdir / "tiny")]
     command += ["--requests", "2", "--single", "1", "--max-tokens", "2", "--output", str(report_path)]
     completed = subprocess.run(command, env=VLLM_ENV, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]

@@ -1,0 +1,23 @@
+"""visionzip: send a vision-language model far fewer visual tokens (VisionZip, CVPR 2025)."""
+
+from vlmzip.api import apply, compress_vision, is_applied, prepare, remove
+from vlmzip.config import VisionZipConfig, split_budget
+from vlmzip.conversation import Conversation
+from vlmzip.core import Reduction
+from vlmzip.viz import visualize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Conversation",
+    "Reduction",
+    "VisionZipConfig",
+    "__version__",
+    "apply",
+    "compress_vision",
+    "is_applied",
+    "prepare",
+    "remove",
+    "split_budget",
+    "visualize",
+]

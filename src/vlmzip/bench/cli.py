@@ -1,0 +1,225 @@
+"""`vlmzip bench`: speed, memory and FLOPs of every method at every budget against all tokens."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmzip.bench.variants import DEFAULT_BUDGETS
+from vlmzip.cli_options import add_variant_options, check_device, load_model_for_cli, variants_from_args
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_QUESTION = "What is shown in the image?"
+
+
+def synthetic_image(size: int = 336) -> Any:
+    """A deterministic picture with some structure (gradient and shapes): speed does not depend on content."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    pixels = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size))], -1)
+    image = Image.fromarray(pixels.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for index, colour in enumerate(["red", "blue", "yellow", "white"]):
+        offset = 40 + 70 * index
+        draw.ellipse([offset, offset, offset + 50, offset + 50], fill=colour)
+    return image
+
+
+def load_subject(args: argparse.Namespace) -> tuple[Any, Any, str, list[int], Any, str]:
+    """(model, processor, name, default budgets, image, question) as the arguments ask."""
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    image, question, image_size = None, args.question, 336
+    if args.arch is not None:
+        from vlmzip.bench.arch import ARCHS, build_arch
+
+        spec = ARCHS.get(args.arch)
+        if spec is None:
+            raise ValueError(f"--arch must be one of {sorted(ARCHS)}, got {args.arch!r}")
+        model, processor = build_arch(args.arch, dtype or torch.bfloat16, device=args.device)
+        name, budgets, image_size = args.arch, list(spec.budgets), spec.image_size
+    else:
+        alternatives = "--model DIR or --arch NAME"
+        model, processor = load_model_for_cli(args.model, dtype=dtype or torch.float32, alternatives=alternatives)
+        name, budgets = (str(args.model) if args.model else "default model"), list(DEFAULT_BUDGETS)
+        if args.model is None and args.image is None:
+            from vlmzip.default_model import sample_inputs
+
+            sample = sample_inputs()[0]
+            image, question = sample["image"], question or sample["question"]
+    if args.image is not None:
+        from vlmzip.loading import load_image
+
+        image = load_image(args.image)
+    if image is None:
+        image = synthetic_image(image_size)
+    model = model.to(args.device)
+    return model, processor, name, budgets, image, question or DEFAULT_QUESTION
+
+
+def _spread(row: dict[str, Any], metric: str) -> str:
+    median = row[metric]
+    if not median:
+        return "-"
+    half_range = (row[f"{metric}_max"] - row[f"{metric}_min"]) / 2 / median * 100
+    return f"{median:.1f} ±{half_range:.0f}%"
+
+
+def _times(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "-"
+
+
+def render_table(rows: list[dict[str, Any]], title: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    columns = ["method", "tokens", "LLM seq", "tower ms", "select ms", "prefill ms", "prefill x wall/CPU (ideal)"]
+    columns += ["TTFT ms", "TTFT x wall/CPU", "decode tok/s", "e2e ms", "peak MB (+run)", "KV MB", "GFLOPs tower/LLM"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        table.add_row(
+            row["method"],
+            str(row["tokens"]),
+            f"{row['llm_tokens']:.0f}",
+            f"{row['tower_ms']:.1f}",
+            f"{row['select_ms']:.2f}",
+            _spread(row, "llm_prefill_ms"),
+            f"{_times(row['speedup_llm_prefill'])} / {_times(row['speedup_llm_prefill_cpu'])} "
+            f"({_times(row['ideal_speedup_llm_prefill'])})",
+            _spread(row, "ttft_ms"),
+            f"{_times(row['speedup_ttft'])} / {_times(row['speedup_ttft_cpu'])}",
+            f"{row['decode_tok_s']:.1f}",
+            f"{row['e2e_ms']:.0f}",
+            f"{row['peak_mem_mb']:.0f} (+{row['peak_mem_delta_mb']:.0f})",
+            f"{row['kv_cache_mb']:.1f}" if row["kv_cache_mb"] is not None else "-",
+            f"{row['tower_gflops']:.1f} / {row['llm_prefill_gflops']:.1f}",
+        )
+    return table
+
+
+def plot_bench(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    from vlmzip.bench.report import plot_lines
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    full = rows[0]
+    keys = ("speedup_llm_prefill", "speedup_ttft", "peak_mem_delta_mb")
+    for row in rows[1:]:
+        for key in keys:
+            if row[key] is not None:
+                points = series.setdefault(
+                    f"{row['method']}|{key}", [(full["tokens"], full[key])]
+                )  # lines end at all tokens
+                points.append((row["tokens"], row[key]))
+    panels = [
+        ("speedup_llm_prefill", "LLM prefill speedup vs all tokens (x)"),
+        ("speedup_ttft", "time-to-first-token speedup (x)"),
+        ("peak_mem_delta_mb", "peak memory above weights (MB)"),
+    ]
+    reference = {"speedup_llm_prefill": 1.0, "speedup_ttft": 1.0, "peak_mem_delta_mb": full["peak_mem_delta_mb"]}
+    return plot_lines(series, panels, path, title=title, reference=reference)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from vlmzip.bench.report import check_output_path, table_console, write_json
+    from vlmzip.bench.runner import PipelineBench, with_ratios
+    from vlmzip.config import check_int
+    from vlmzip.demo import build_prompt
+
+    if args.model is not None and args.arch is not None:
+        raise ValueError("give either --model or --arch, not both")
+    json_path = check_output_path(args.json, ".json", "--json")
+    plot_path = check_output_path(args.plot, ".png", "--plot")
+    batch = check_int("--batch", args.batch, 1)
+    repeats = check_int("--repeats", args.repeats if args.repeats is not None else (1 if args.arch else 3), 1)
+    warmup = check_int("--warmup", args.warmup, 0)
+    new_tokens = check_int("--new-tokens", args.new_tokens if args.new_tokens else (4 if args.arch else 16), 2)
+    check_device(args.device)
+    variants_from_args(args, DEFAULT_BUDGETS)  # bad names and budgets fail before loading
+    if args.threads:
+        torch.set_num_threads(check_int("--threads", args.threads, 1))
+
+    console = Console(stderr=True, soft_wrap=True)  # status lines hold paths: never break them
+    with console.status("loading model"):
+        model, processor, name, budgets, image, question = load_subject(args)
+        variants = variants_from_args(args, budgets, model, console)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        tokenizer.padding_side = "left"
+        prompt = build_prompt(processor, question)
+        inputs = processor(images=[image] * batch, text=[prompt] * batch, return_tensors="pt", padding=True)
+        inputs = inputs.to(args.device)
+        pad_token_id = getattr(tokenizer, "pad_token_id", None)
+        bench = PipelineBench(model, inputs, variants, new_tokens=new_tokens, pad_token_id=pad_token_id)
+
+    total = len(variants) * (warmup + repeats)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("measuring", total=total)
+
+        def advance(variant: Any) -> None:
+            progress.update(task, advance=1, description=f"measuring (last: {variant.label})")
+
+        results = bench.run(repeats=repeats, warmup=warmup, progress=advance)
+    rows = with_ratios([result.summary() for result in results])
+    settings = {
+        "model": name,
+        "device": str(bench.device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "threads": torch.get_num_threads(),
+    }
+    for row in rows:
+        row.update(settings)
+    title = (
+        f"{name} on {settings['device']} ({settings['dtype']}, {settings['threads']} threads), batch {batch}, "
+        f"{new_tokens} new tokens, median of {repeats} (±half range); x = speedup vs all tokens in wall-clock / "
+        "process CPU time"
+    )
+    output = table_console(width=200)
+    output.print(render_table(rows, title))
+    if json_path is not None:
+        write_json(json_path, rows)
+        console.print(f"results: {json_path}")
+    if plot_path is not None:
+        plot_bench(rows, plot_path, title=f"{name}: speed and memory vs visual tokens")
+        console.print(f"plot: {plot_path}")
+    return 0
+
+
+def register(subcommands: argparse._SubParsersAction) -> None:
+    help_text = "Measure speed, memory and FLOPs of every reduction method at every budget against all tokens."
+    parser = subcommands.add_parser(
+        "bench",
+        help=help_text,
+        description=help_text
+        + " Runs are interleaved and repeated; every row carries its ratio to the full-token baseline.",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="local model directory (default: the embedded default model)")
+    source.add_argument("--arch", help="real-size architecture with random weights, e.g. llava-1.5-7b")
+    add_variant_options(
+        parser,
+        methods_help="methods to measure (default: all that the model supports)",
+        tokens_help="visual tokens per image (per crop for AnyRes models) to measure (default: 192 128 64; the "
+        "--arch entry's); all tokens too",
+    )
+    parser.add_argument("--batch", type=int, default=1, help="images (prompts) per batch (default 1)")
+    parser.add_argument("--repeats", type=int, help="measured rounds (default 3; 1 with --arch)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (default 1)")
+    parser.add_argument("--new-tokens", type=int, help="answer length for decode and end-to-end (default 16; 4 --arch)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default float32; bfloat16 with --arch)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--image", help="image file (default: a bundled sample, or a synthetic picture)")
+    parser.add_argument("--question", help=f"question (default: the sample's, or {DEFAULT_QUESTION!r})")
+    parser.add_argument("--json", help="write one object per method x budget to this .json file")
+    parser.add_argument("--plot", help="draw speedups and memory vs tokens to this .png file")
+    parser.set_defaults(run=run_bench)

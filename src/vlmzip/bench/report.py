@@ -1,0 +1,88 @@
+"""Output of `bench` and `eval`: rich tables, JSON files written atomically, and line plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write `data` as indented JSON via a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(data, stream, indent=2)
+            stream.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def table_console(width: int) -> Any:
+    """The console result tables go to: stdout, `width` columns wide in files and pipes (not 80 cropped ones)."""
+    from rich.console import Console
+
+    output = Console()
+    return output if output.is_terminal else Console(width=width)
+
+
+def check_output_path(path: str | Path | None, suffix: str, option: str) -> Path | None:
+    """Validate an output path option before any work starts."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.suffix.lower() != suffix:
+        raise ValueError(f"{option} must name a {suffix} file, got {str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"{option} names a directory: {path}")
+    return path
+
+
+def plot_lines(
+    series: dict[str, list[tuple[float, float]]],
+    panels: Sequence[tuple[str, str]],
+    path: str | Path,
+    *,
+    title: str,
+    xlabel: str = "visual tokens per image",
+    reference: dict[str, float] | None = None,
+) -> Path:
+    """One panel per (key, y label); `series[f"{method}|{key}"]` holds (x, y) points of that method.
+
+    `reference` draws a horizontal line per panel key (e.g. the full-token value).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("plotting needs matplotlib: pip install 'vlmzip[plot]'") from None
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    methods = sorted({name.split("|")[0] for name in series})
+    for axis, (key, ylabel) in zip(axes[0], panels, strict=True):
+        for method in methods:
+            points = sorted(series.get(f"{method}|{key}", []))
+            if points:
+                axis.plot([x for x, _ in points], [y for _, y in points], marker="o", label=method)
+        if reference and key in reference:
+            axis.axhline(reference[key], color="grey", linestyle="--", linewidth=1, label="all tokens")
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

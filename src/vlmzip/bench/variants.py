@@ -1,0 +1,132 @@
+"""What `bench` and `eval` compare: the full-token model and every method at every budget.
+
+A variant is (method, budget). "full" is the unmodified model (every visual token reaches the
+language model); the pre-LLM methods (`vlmzip.methods.available_methods()`) reduce the visual
+tokens before the language model through the family adapter; "fastv" prunes inside the language
+model (`vlmzip.methods.fastv.FastV`), so it gets the full-length features and a context that
+installs its hooks around generation. The model itself is never patched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmzip.adapters import adapter_class_for
+from vlmzip.adapters.base import Adapter, prepare_unreduced
+from vlmzip.config import VisionZipConfig, check_int
+from vlmzip.methods import available_methods
+from vlmzip.methods.fastv import DEFAULT_LAYER, FASTV_METHOD, FastV
+
+FULL = "full"
+DEFAULT_BUDGETS: tuple[int, ...] = (192, 128, 64)
+
+
+def all_methods() -> tuple[str, ...]:
+    """Every method name `bench` and `eval` accept (pre-LLM methods, then FastV)."""
+    return (*available_methods(), FASTV_METHOD)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration to measure: `method` at `budget` visual tokens per image (None: all of them)."""
+
+    method: str
+    budget: int | None = None
+
+    @property
+    def is_full(self) -> bool:
+        return self.method == FULL
+
+    @property
+    def label(self) -> str:
+        return FULL if self.is_full else f"{self.method}@{self.budget}"
+
+
+def build_variants(methods: Sequence[str], budgets: Sequence[int], *, include_full: bool = True) -> list[Variant]:
+    """The full-token baseline first (when included), then every method at every budget, in the given order."""
+    known = all_methods()
+    methods = list(dict.fromkeys(methods))
+    for method in methods:
+        if method not in known:
+            raise ValueError(f"methods must be among {known}, got {method!r}")
+    budgets = [check_int("budget", budget, 1) for budget in dict.fromkeys(budgets)]
+    if not methods or not budgets:
+        raise ValueError("methods and budgets must not be empty")
+    variants = [Variant(FULL)] if include_full else []
+    return variants + [Variant(method, budget) for method in methods for budget in budgets]
+
+
+def unit_tokens(model: nn.Module, inputs: Mapping[str, Any]) -> int:
+    """Tokens the vision tower yields per image (or crop) for these processor outputs, [CLS] included.
+
+    Only FastV needs this count (see `VariantRunner`); families whose images have no fixed count (Qwen's
+    native resolution) do not provide it.
+    """
+    reference = adapter_class_for(model)(model, VisionZipConfig(dominant=1, contextual=0))
+    pixel_values = inputs.get("pixel_values")
+    if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim >= 4:
+        return reference.tower_info.num_tokens(*pixel_values.shape[-2:])
+    try:
+        return reference.tokens_per_unit()
+    except NotImplementedError:
+        raise ValueError(f"model: {type(model).__name__} has no fixed number of tower tokens per image") from None
+
+
+class VariantRunner:
+    """Turns processor outputs into model inputs for one variant, and the context generation runs in.
+
+    FastV keeps the same share of each image's tokens as the pre-LLM methods at the same budget:
+    `budget` of the tower's `unit_tokens` per image or crop (`unit_tokens(model, inputs)`), e.g. 64 of
+    LLaVA-1.5's 577, which is 64 of its 576 placeholders. fastv_layer is FastV's K; language models
+    with K layers or fewer use their number of layers minus one.
+    """
+
+    def __init__(
+        self, model: nn.Module, variant: Variant, unit_tokens: int | None = None, fastv_layer: int = DEFAULT_LAYER
+    ) -> None:
+        self.model = model
+        self.variant = variant
+        self.adapter: Adapter | None = None
+        self.fastv: FastV | None = None
+        if variant.method == FASTV_METHOD:
+            reason = FastV.unsupported_reason(model)
+            if reason is not None:  # before unit_tokens: some families (M-RoPE) have no fixed count to give
+                raise ValueError(reason)
+            if unit_tokens is None:
+                raise ValueError("unit_tokens is required for FastV (see vlmzip.bench.variants.unit_tokens)")
+            num_layers = len(model.model.language_model.layers)
+            layer = max(1, min(fastv_layer, num_layers - 1))
+            self.fastv = FastV(model, tokens=variant.budget, layer=layer, image_tokens=unit_tokens)
+        elif not variant.is_full:
+            config = VisionZipConfig.from_tokens(variant.budget, method=variant.method)
+            self.adapter = adapter_class_for(model)(model, config)  # validates; the model stays unpatched
+
+    @staticmethod
+    def needs_unit_tokens(variants: Sequence[Variant]) -> bool:
+        """Whether any of `variants` needs `unit_tokens` (FastV's share of each image's tokens)."""
+        return any(variant.method == FASTV_METHOD for variant in variants)
+
+    @property
+    def reduces_before_llm(self) -> bool:
+        return self.adapter is not None
+
+    def prepare(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Encode the images (tower, selection, projector) and hand the features over, as generate() needs."""
+        if self.adapter is not None:
+            return self.adapter.prepare(inputs)
+        return prepare_unreduced(self.model, inputs)
+
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[None]:
+        """The context model.generate() must run in for this variant (FastV's hooks; nothing otherwise)."""
+        if self.fastv is None:
+            yield
+            return
+        with self.fastv:
+            yield

@@ -1,0 +1,134 @@
+"""Command-line options shared by the commands: the token budget, the methods x budgets to compare, the model.
+
+One budget (`demo`, `show`): `--tokens N` (split as the paper does, 64 = 54 + 10) or `--dominant D
+--contextual C` together, plus `--method`; the default is 64 tokens. Several budgets (`bench`, `eval`):
+`--methods M ...` and `--tokens N ...`, every method at every budget against all tokens.
+Heavy modules are imported inside the functions so that building the parser stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from vlmzip.config import VisionZipConfig, check_int
+
+if TYPE_CHECKING:
+    from vlmzip.bench.variants import Variant
+
+DEFAULT_TOKENS = 64  # the paper's 54 + 10
+
+
+def add_budget_options(parser: argparse.ArgumentParser) -> None:
+    """Add --tokens, --dominant, --contextual and --method to `parser` (read back with `config_from_args`)."""
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        metavar="N",
+        help=f"visual tokens per image, split as the paper does (64 = 54 + 10, 128, 192; default {DEFAULT_TOKENS})",
+    )
+    parser.add_argument("--dominant", type=int, metavar="D", help="dominant tokens ([CLS] included); with --contextual")
+    parser.add_argument("--contextual", type=int, metavar="C", help="contextual (merged) tokens; with --dominant")
+    parser.add_argument("--method", default="visionzip", help="reduction method ('vlmzip info'; default visionzip)")
+
+
+def budget_from_args(args: argparse.Namespace, default: int | None = DEFAULT_TOKENS) -> int | tuple[int, int] | None:
+    """The budget the options give: `--tokens N`, or (`--dominant`, `--contextual`) given together; `default`
+    (64 tokens, or None for commands whose budget is optional) when none is given."""
+    tokens, dominant, contextual = args.tokens, args.dominant, args.contextual
+    if tokens is not None:
+        check_int("tokens", tokens, 1)
+    if dominant is not None:
+        check_int("dominant", dominant, 1)
+    if contextual is not None:
+        check_int("contextual", contextual, 0)
+    split_given = dominant is not None or contextual is not None
+    if tokens is not None and split_given:
+        raise ValueError("give either --tokens or --dominant/--contextual, not both")
+    if split_given:
+        if dominant is None or contextual is None:
+            raise ValueError("--dominant and --contextual must be given together")
+        return dominant, contextual
+    return default if tokens is None else tokens
+
+
+def config_from_args(args: argparse.Namespace) -> VisionZipConfig:
+    """VisionZipConfig of the budget options and --method (bad values fail here, before any loading)."""
+    return VisionZipConfig.from_budget(budget_from_args(args), method=args.method)
+
+
+def add_variant_options(parser: argparse.ArgumentParser, *, methods_help: str, tokens_help: str) -> None:
+    """Add --methods and --tokens (several of each) to `parser` (read back with `variants_from_args`)."""
+    from vlmzip.bench.variants import all_methods
+
+    parser.add_argument("--methods", nargs="+", help=f"{methods_help}, of {all_methods()}")
+    parser.add_argument("--tokens", nargs="+", type=int, metavar="N", help=tokens_help)
+
+
+def variants_from_args(
+    args: argparse.Namespace, default_budgets: Sequence[int], model: Any = None, console: Any = None
+) -> list[Variant]:
+    """The full-token baseline, then every --methods method at every --tokens budget (or `default_budgets`).
+
+    Without `model`, every method name is checked (call it before loading anything); with it, the
+    methods the model cannot run are left out of the default list or refused (see `methods_for`).
+    """
+    from vlmzip.bench.variants import all_methods, build_variants
+
+    budgets = args.tokens or default_budgets
+    if model is None:
+        return build_variants(args.methods or all_methods(), budgets)
+    return build_variants(methods_for(model, args.methods, console), budgets)
+
+
+def methods_for(model: Any, requested: Sequence[str] | None, console: Any = None) -> list[str]:
+    """The methods to run on `model`: `requested` as given, or every method when None.
+
+    FastV cannot run on some models (M-RoPE): it is left out of the default list (said once on
+    `console` when given) and refused when requested by name.
+    """
+    from vlmzip.bench.variants import all_methods
+    from vlmzip.methods.fastv import FASTV_METHOD, FastV
+
+    reason = FastV.unsupported_reason(model)
+    if requested is not None:
+        if reason is not None and FASTV_METHOD in requested:
+            raise ValueError(f"--methods {FASTV_METHOD}: {reason.removeprefix('model: ')}")
+        return list(requested)
+    if reason is None:
+        return list(all_methods())
+    if console is not None:
+        console.print(f"{FASTV_METHOD} left out: {reason.removeprefix('model: ')}", soft_wrap=True)
+    return [method for method in all_methods() if method != FASTV_METHOD]
+
+
+def check_device(device: str) -> str:
+    """`--device` as given, refused when it names CUDA on a machine without it."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available")
+    return device
+
+
+def load_model_for_cli(
+    model_dir: str | None, *, dtype: Any = None, alternatives: str = "--model DIR"
+) -> tuple[Any, Any]:
+    """(model, processor) from `model_dir`, or the embedded default model, with one-line errors.
+
+    dtype: torch dtype of the weights (default float32); alternatives: what the error suggests
+    when the embedded model is missing.
+    """
+    import torch
+
+    from vlmzip.cli import UserError
+    from vlmzip.loading import load_model
+
+    dtype = torch.float32 if dtype is None else dtype
+    if model_dir is not None:
+        return load_model(model_dir, dtype=dtype)
+    try:
+        return load_model(None, dtype=dtype)
+    except (ImportError, OSError, RuntimeError, ValueError) as error:
+        raise UserError(f"the embedded default model is not available ({error}); pass {alternatives}") from None

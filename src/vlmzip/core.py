@@ -1,0 +1,173 @@
+"""VisionZip selection and merging as pure tensor functions.
+
+No model knowledge lives here: tensors in, tensors out. Shapes:
+  features  (B, N, hidden)  output of the feature layer, [CLS] (if any) at index 0
+  scores    (B, N - 1)      [CLS]-row attention to each patch, summed over heads (towers with [CLS])
+            (B, N)          attention each token receives (towers without [CLS])
+  keys      (B, N, d)       the feature layer's keys, averaged over heads
+Every function is vectorised over the batch and works on any float dtype and device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlmzip.config import MERGE_MODES, check_int
+
+# Values of `Reduction.groups` for tokens that are not merged into a contextual token.
+GROUP_DOMINANT = -1
+GROUP_DROPPED = -2
+
+
+@dataclass
+class Reduction:
+    """Result of reducing one batch of token sequences.
+
+    Attributes:
+        features: (B, dominant + contextual, hidden) dominant tokens in ascending index order,
+            then the contextual tokens.
+        kept_indices: (B, dominant) int64, ascending indices of the dominant tokens (0 = [CLS] when present).
+        groups: (B, N) int64; GROUP_DOMINANT (-1) for kept tokens, j >= 0 for tokens merged into
+            contextual token j (targets included), GROUP_DROPPED (-2) for tokens discarded.
+        scores: the per-token scores the selection used (same shape as given), for visualisation.
+    """
+
+    features: torch.Tensor
+    kept_indices: torch.Tensor
+    groups: torch.Tensor
+    scores: torch.Tensor | None = None
+
+
+def _check_tensor(name: str, value: object, ndim: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    return value
+
+
+def select_dominant(scores: torch.Tensor, dominant: int, *, has_cls: bool = True) -> torch.Tensor:
+    """Indices (B, dominant) of the dominant tokens, ascending.
+
+    With [CLS], `scores` is (B, N - 1) over the patches; [CLS]'s slot 0 is always kept and counts
+    towards `dominant`, the top `dominant - 1` patches fill the rest. Without [CLS], `scores` is
+    (B, N) and the top `dominant` tokens are kept. Ties are broken as `torch.topk` breaks them.
+    """
+    scores = _check_tensor("scores", scores, 2)
+    num_tokens = scores.shape[1] + (1 if has_cls else 0)
+    dominant = check_int("dominant", dominant, 1, num_tokens)
+    if has_cls:
+        top = scores.topk(dominant - 1, dim=1).indices + 1
+        cls_slot = torch.zeros(scores.shape[0], 1, dtype=top.dtype, device=top.device)
+        kept = torch.cat([cls_slot, top], dim=1)
+    else:
+        kept = scores.topk(dominant, dim=1).indices
+    return kept.sort(dim=1).values
+
+
+def contextual_targets(num_remaining: int, contextual: int) -> torch.Tensor:
+    """Positions (within the remaining tokens) of the evenly spaced merge targets."""
+    step = max(1, num_remaining // contextual)
+    return torch.arange(0, num_remaining, step)[:contextual]
+
+
+def merge_contextual(
+    features: torch.Tensor,
+    keys: torch.Tensor,
+    kept_indices: torch.Tensor,
+    contextual: int,
+    *,
+    merge: str = "target_plus_mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the tokens not in `kept_indices` into `contextual` tokens.
+
+    The remaining tokens (ascending index order) are split into evenly spaced targets and the rest;
+    each of the rest joins the target whose key is most similar (cosine, first index wins ties).
+    Returns the contextual tokens (B, contextual, hidden) and the group of every token (B, N).
+    """
+    batch, num_tokens, hidden = features.shape
+    num_remaining = num_tokens - kept_indices.shape[1]
+    contextual = check_int("contextual", contextual, 0, num_remaining)
+    if merge not in MERGE_MODES:
+        raise ValueError(f"merge must be one of {MERGE_MODES}, got {merge!r}")
+    device = features.device
+
+    remaining_mask = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
+    remaining_mask.scatter_(1, kept_indices, False)
+    # nonzero() walks rows in order, so each row's remaining indices come out ascending.
+    remaining = remaining_mask.nonzero()[:, 1].view(batch, num_remaining)
+    groups = torch.full((batch, num_tokens), GROUP_DOMINANT, dtype=torch.long, device=device)
+    if contextual == 0:
+        groups.scatter_(1, remaining, GROUP_DROPPED)
+        return features.new_zeros(batch, 0, hidden), groups
+
+    metric = keys.gather(1, remaining.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    remaining_features = features.gather(1, remaining.unsqueeze(-1).expand(-1, -1, hidden))
+
+    targets = contextual_targets(num_remaining, contextual).to(device)
+    is_target = torch.zeros(num_remaining, dtype=torch.bool, device=device)
+    is_target[targets] = True
+    sources = (~is_target).nonzero().squeeze(1)
+
+    similarity = torch.bmm(metric[:, sources], metric[:, targets].transpose(1, 2))  # (B, sources, targets)
+    assignment = similarity.argmax(dim=2)
+    one_hot = torch.zeros(batch, sources.numel(), contextual, dtype=features.dtype, device=device)
+    one_hot.scatter_(2, assignment.unsqueeze(-1), 1)
+    assigned_count = one_hot.sum(dim=1).unsqueeze(-1)  # (B, contextual, 1)
+    assigned_sum = torch.bmm(one_hot.transpose(1, 2), remaining_features[:, sources])
+    target_features = remaining_features[:, targets]
+    if merge == "target_plus_mean":
+        # The published behaviour: the target plus the mean of what joined it (0 when nothing did).
+        contextual_tokens = target_features + assigned_sum / assigned_count.clamp(min=1)
+    else:
+        contextual_tokens = (target_features + assigned_sum) / (assigned_count + 1)
+
+    target_ids = torch.arange(contextual, device=device).expand(batch, -1)
+    groups.scatter_(1, remaining[:, targets], target_ids)
+    groups.scatter_(1, remaining[:, sources], assignment)
+    return contextual_tokens, groups
+
+
+def visionzip_reduce(
+    features: torch.Tensor,
+    scores: torch.Tensor,
+    keys: torch.Tensor,
+    dominant: int,
+    contextual: int,
+    *,
+    has_cls: bool = True,
+    merge: str = "target_plus_mean",
+) -> Reduction:
+    """VisionZip: keep `dominant` tokens by attention and merge the rest into `contextual` tokens.
+
+    Output per sequence: `dominant + contextual` tokens, the dominant ones first in ascending index
+    order ([CLS] first when present), then the contextual ones. Requires dominant + contextual <= N;
+    when equal, nothing is merged and every token is returned (dominant first).
+    """
+    features = _check_tensor("features", features, 3)
+    keys = _check_tensor("keys", keys, 3)
+    scores = _check_tensor("scores", scores, 2)
+    batch, num_tokens, _ = features.shape
+    expected_scores = num_tokens - 1 if has_cls else num_tokens
+    if keys.shape[:2] != (batch, num_tokens):
+        raise ValueError(f"keys must be (B, N, d) = ({batch}, {num_tokens}, d), got {tuple(keys.shape)}")
+    if tuple(scores.shape) != (batch, expected_scores):
+        raise ValueError(
+            f"scores must be ({batch}, {expected_scores}) for a tower {'with' if has_cls else 'without'} "
+            f"[CLS], got {tuple(scores.shape)}"
+        )
+    dominant = check_int("dominant", dominant, 1, num_tokens)
+    contextual = check_int("contextual", contextual, 0, num_tokens - dominant)
+
+    kept = select_dominant(scores, dominant, has_cls=has_cls)
+    dominant_tokens = features.gather(1, kept.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+    contextual_tokens, groups = merge_contextual(features, keys, kept, contextual, merge=merge)
+    return Reduction(
+        features=torch.cat([dominant_tokens, contextual_tokens], dim=1),
+        kept_indices=kept,
+        groups=groups,
+        scores=scores,
+    )

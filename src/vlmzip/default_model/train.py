@@ -1,0 +1,914 @@
+"""Rebuild the default model's weights from a seed (2 CPU cores, under an hour).
+
+Steps: render scenes -> run the frozen DINOv2 tower once per scene and cache its layer -2 features (with
+[CLS]) -> train projector + language model, reading exact "scene codes" of fresh scenes and the cached real
+features side by side -> measure held-out accuracy with the assembled ``LlavaForConditionalGeneration`` ->
+write the package payload. ``MODEL_CARD.md`` explains each part of the recipe.
+
+Training packs many questions about one image into a single sequence. A block attention mask lets every
+question see the image and its own tokens only, and its positions restart right after the image, so each
+packed question is computed exactly as a stand-alone ``<image>\\nQuestion: ... Answer:`` prompt while the
+image tokens are processed once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import build, data
+
+FEATURE_DIM = 384
+
+
+class _Progress:
+    """Minimal progress line (rich when available, plain prints otherwise)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.start, self.last = total, label, time.time(), 0.0
+
+    def update(self, done: int, extra: str = "") -> None:
+        now = time.time()
+        if now - self.last < 10 and done < self.total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / max(done, 1) * (self.total - done)
+        print(f"[{self.label}] {done}/{self.total} {elapsed:6.0f}s elapsed, eta {eta:5.0f}s {extra}", flush=True)
+
+
+# --------------------------------------------------------------------------- feature cache
+
+
+def feature_tower():
+    """The frozen tower truncated after the feature layer (layer -2): the last layer is never needed."""
+    from .convert import load_dinov2_from_onnx
+
+    tower = load_dinov2_from_onnx()
+    tower.encoder.layer = tower.encoder.layer[: len(tower.encoder.layer) + build.VISION_FEATURE_LAYER + 1]
+    return tower.eval()
+
+
+@torch.inference_mode()
+def extract_features(split: str, num_images: int, seed: int, path: Path, batch_size: int = 8) -> np.ndarray:
+    """Cache ``hidden_states[-2]`` (float16, (N, 577, 384)) of ``num_images`` scenes; reuse if present."""
+    path = Path(path)
+    if path.is_file():
+        feats = np.load(path, mmap_mode="r")
+        if feats.shape == (num_images, build.NUM_IMAGE_TOKENS, FEATURE_DIM):
+            return feats
+    tower = feature_tower()
+    processor = build.build_image_processor()
+    out = np.lib.format.open_memmap(
+        path.with_suffix(".tmp.npy"),
+        mode="w+",
+        dtype=np.float16,
+        shape=(num_images, build.NUM_IMAGE_TOKENS, FEATURE_DIM),
+    )
+    progress = _Progress(num_images, f"features:{split}")
+    for start in range(0, num_images, batch_size):
+        stop = min(start + batch_size, num_images)
+        images = [data.generate_scene(seed, split, i).image for i in range(start, stop)]
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+        out[start:stop] = hidden.to(torch.float16).numpy()
+        progress.update(stop)
+    out.flush()
+    del out
+    path.with_suffix(".tmp.npy").rename(path)
+    return np.load(path, mmap_mode="r")
+
+
+def feature_stats(features: np.ndarray, num_images: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean/std of the tower features (DINOv2 layer outputs are not normalised)."""
+    sample = torch.from_numpy(np.asarray(features[:num_images], dtype=np.float32)).reshape(-1, FEATURE_DIM)
+    return sample.mean(0), sample.std(0).clamp_min(1e-3)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class SceneCoder(nn.Module):
+    """Training-only "scene codes": exact image tokens built from a scene's ground truth.
+
+    Each patch token is the sum of learned embeddings of its class (background or shape x size), whether it
+    holds an object's centre, its row and its column; [CLS] has a token of its own. The language model first
+    learns to read these on unlimited fresh scenes (no tower needed), while the projector learns to map the
+    real tower features onto them.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(hidden) * 0.5)
+        self.kind = nn.Embedding(data.NUM_PATCH_CLASSES, hidden)
+        self.centre = nn.Embedding(2, hidden)
+        self.row = nn.Embedding(data.GRID, hidden)
+        self.col = nn.Embedding(data.GRID, hidden)
+        for emb in (self.kind, self.centre, self.row, self.col):
+            nn.init.normal_(emb.weight, std=0.5)
+        grid = torch.arange(data.GRID * data.GRID)
+        self.register_buffer("rows", grid // data.GRID, persistent=False)
+        self.register_buffer("cols", grid % data.GRID, persistent=False)
+
+    def forward(self, labels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """(B, 576) patch classes and centre flags -> (B, 577, hidden) tokens, [CLS] first."""
+        patches = self.kind(labels) + self.centre(centres) + self.row(self.rows) + self.col(self.cols)
+        cls = self.cls.expand(labels.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1)
+
+
+# Referent head outputs: how many objects a noun denotes, and for a single one its shape, size, row, column.
+_REFERENT_SPLITS = (data.MAX_OBJECTS + 1, len(data.SHAPES), len(data.SIZES), data.GRID, data.GRID)
+
+
+class TrainableVLM(nn.Module):
+    """Projector + Llama LM over cached tower features; maps 1:1 onto ``LlavaForConditionalGeneration``.
+
+    The projector input is standardised with fixed statistics during training; the standardisation is
+    folded into ``linear_1`` on export, so the shipped model reads raw tower features. The scene coder and
+    the two heads on the question's nouns are training-only and never exported.
+    """
+
+    def __init__(self, config, mean: torch.Tensor, std: torch.Tensor, image_head: bool = False) -> None:
+        super().__init__()
+        from transformers import LlamaForCausalLM
+
+        text = config.text_config
+        self.register_buffer("feat_mean", mean.clone())
+        self.register_buffer("feat_std", std.clone())
+        self.linear_1 = nn.Linear(FEATURE_DIM, text.hidden_size)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(text.hidden_size, text.hidden_size)
+        self.lm = LlamaForCausalLM(text)
+        self.coder = SceneCoder(text.hidden_size)
+        self.referent_head = nn.Linear(text.hidden_size, sum(_REFERENT_SPLITS))
+        # Is the first noun's object left of / right of / above / below the second's, read at the second.
+        self.relation_head = nn.Linear(text.hidden_size, 4)
+        # Optional (created last, so that runs without it keep their initialisation): at every image token,
+        # is it the first kept token of its object in raster order, and its patch class.
+        if image_head:
+            self.image_head = nn.Linear(text.hidden_size, 1 + data.NUM_PATCH_CLASSES)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1((features - self.feat_mean) / self.feat_std)))
+
+    def forward(
+        self, image, input_ids, attention_mask, position_ids, layers: Sequence[int] = (), image_layer: int | None = None
+    ):
+        """Final text-position hidden states, then those of each layer in ``layers``, then (if ``image_layer``
+        is given) the image-position hidden states of that layer.
+
+        ``image`` holds already embedded image tokens (projected features or scene codes), padded to one length.
+        """
+        text = self.lm.get_input_embeddings()(input_ids)
+        embeds = torch.cat([image.to(text.dtype), text], dim=1)
+        hidden = self.lm.model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=bool(layers) or image_layer is not None,
+        )
+        n_img = image.shape[1]
+        out = [hidden.last_hidden_state[:, n_img:]]
+        out += [hidden.hidden_states[k][:, n_img:] for k in layers]
+        if image_layer is not None:
+            out.append(hidden.hidden_states[image_layer][:, :n_img])
+        return out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.lm_head(hidden)
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under ``LlavaForConditionalGeneration`` names, with the input standardisation folded in."""
+        w1 = self.linear_1.weight.detach() / self.feat_std[None, :]
+        b1 = self.linear_1.bias.detach() - w1 @ self.feat_mean
+        state = {
+            "model.multi_modal_projector.linear_1.weight": w1,
+            "model.multi_modal_projector.linear_1.bias": b1,
+            "model.multi_modal_projector.linear_2.weight": self.linear_2.weight.detach(),
+            "model.multi_modal_projector.linear_2.bias": self.linear_2.bias.detach(),
+        }
+        for key, value in self.lm.state_dict().items():
+            if key.endswith("inv_freq"):
+                continue
+            if key.startswith("model."):
+                state["model.language_model." + key[len("model.") :]] = value.detach()
+            else:
+                state[key] = value.detach()
+        return {k: v.float().contiguous().clone() for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------- packing
+
+
+@dataclass
+class Packed:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor  # (B, 1, L, L) bool
+    position_ids: torch.Tensor
+    answer_pos: list[tuple[int, int]]  # (row, text column) that predicts each question's answer
+    question_start: list[tuple[int, int]]  # (row, text column) of each question's first token
+
+
+@dataclass
+class Packer:
+    """Turns (image tokens, questions) into packed sequences with block masks."""
+
+    tokenizer: object
+    cache: dict[str, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.eos = self.tokenizer.eos_token_id
+        self.pad = self.tokenizer.pad_token_id
+
+    def prompt_ids(self, question: str) -> list[int]:
+        # Same tokens the processor produces after the image placeholders.
+        if question not in self.cache:
+            self.cache[question] = build.prompt_text_ids(self.tokenizer, question)
+        return self.cache[question]
+
+    def answer_id(self, answer: str) -> int:
+        return self.tokenizer.convert_tokens_to_ids(answer)
+
+    def pack(
+        self, batch: Sequence[Sequence[data.Question]], image_lengths: Sequence[int], with_answers: bool = True
+    ) -> Packed:
+        """Row ``b`` holds ``image_lengths[b]`` image tokens (padded to the longest) and its questions.
+
+        Image tokens take positions ``0..n-1`` and every question restarts at ``n``, exactly like a
+        stand-alone ``<image>\\nQuestion: ... Answer:`` prompt with ``n`` image tokens (as after a
+        reduction); padded image slots are seen by nobody.
+        """
+        n_max = max(image_lengths)
+        rows, labels, segments, answer_pos, starts = [], [], [], [], []
+        for b, questions in enumerate(batch):
+            ids, lab, seg = [], [], []
+            for j, q in enumerate(questions):
+                p = self.prompt_ids(q.question)
+                tail = [self.answer_id(q.answer), self.eos] if with_answers else []
+                starts.append((b, len(ids)))
+                answer_pos.append((b, len(ids) + len(p) - 1))
+                ids += p + tail
+                lab += [-100] * (len(p) - 1) + ([self.answer_id(q.answer), self.eos, -100] if with_answers else [-100])
+                seg += [j] * (len(p) + len(tail))
+            rows.append(ids)
+            labels.append(lab)
+            segments.append(seg)
+        length = max(len(r) for r in rows)
+        bsz = len(rows)
+        input_ids = torch.full((bsz, length), self.pad, dtype=torch.long)
+        label_t = torch.full((bsz, length), -100, dtype=torch.long)
+        seg_t = torch.full((bsz, length), -1, dtype=torch.long)
+        img_seg = torch.full((bsz, n_max), -1, dtype=torch.long)
+        pos_t = torch.zeros((bsz, n_max + length), dtype=torch.long)
+        for b, (ids, lab, seg) in enumerate(zip(rows, labels, segments, strict=True)):
+            n_img = image_lengths[b]
+            img_seg[b, :n_img] = -2
+            pos_t[b, :n_img] = torch.arange(n_img)
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            label_t[b, : len(lab)] = torch.tensor(lab[: len(ids)])
+            seg_t[b, : len(seg)] = torch.tensor(seg)
+            pos, prev, k = [], None, 0
+            for s in seg:
+                k = k + 1 if s == prev else 0
+                prev = s
+                pos.append(n_img + k)
+            pos_t[b, n_max : n_max + len(pos)] = torch.tensor(pos)
+            pos_t[b, n_max + len(pos) :] = n_img
+        total = n_max + length
+        full_seg = torch.cat([img_seg, seg_t], dim=1)
+        idx = torch.arange(total)
+        causal = idx[None, :] <= idx[:, None]
+        q_seg, k_seg = full_seg[:, :, None], full_seg[:, None, :]
+        allowed = (k_seg == -2) | ((q_seg == k_seg) & (q_seg >= 0))
+        allowed = allowed & causal[None]
+        allowed |= torch.eye(total, dtype=torch.bool)[None]  # padding rows attend to themselves only
+        return Packed(input_ids, label_t, allowed[:, None], pos_t, answer_pos, starts)
+
+
+def pad_images(tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack per-scene (n_b, H) image tokens into (B, max n_b, H), zero-padded at the end."""
+    out = tokens[0].new_zeros(len(tokens), max(t.shape[0] for t in tokens), tokens[0].shape[1])
+    for b, t in enumerate(tokens):
+        out[b, : t.shape[0]] = t
+    return out
+
+
+# --------------------------------------------------------------------------- training
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN computes bfloat16 natively on this CPU (AVX-512 and newer)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+PRECISIONS = ("float32", "bfloat16", "auto")
+
+
+def autocast_dtype(precision: str = "auto") -> torch.dtype:
+    """Training precision: ``float32``, ``bfloat16`` autocast, or ``auto`` (bfloat16 where the CPU runs it
+    natively, float32 elsewhere).
+
+    Without native support bfloat16 matrix products are emulated: on a 2-core AVX2 machine a training step
+    took 15 s in bfloat16 against 0.81-0.87 s in float32 (mean over a full run), so ``bfloat16`` is refused
+    there. On a 2-core AMX machine bfloat16 gained little (0.57 against 0.59 s a step).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "float32":
+        return torch.float32
+    if precision == "bfloat16" and not cpu_has_native_bf16():
+        raise ValueError(
+            "precision='bfloat16' needs a CPU that computes bfloat16 natively (AVX-512 BF16 or AMX); "
+            "this one would emulate it at ~17x the float32 step time: use 'float32' or 'auto'"
+        )
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+@dataclass
+class TrainSettings:
+    seed: int = 0
+    train_images: int = 1440
+    val_images: int = 48
+    test_images: int = data.DEFAULT_TEST_IMAGES
+    steps: int = 3400
+    images_per_step: int = 8
+    questions_per_type: int = 4
+    # Counting is the hardest type: it gets this many questions per scene instead.
+    count_questions: int = 6
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: int = 30
+    eval_every: int = 500
+    # Share of scenes in a step that are fresh scene codes rather than cached real scenes, by phase; the last
+    # phase reads real scenes only, so that the answers are calibrated on the projector's actual output.
+    code_share: tuple[float, ...] = (1.0, 0.5, 0.25, 0.0)
+    # Where each phase but the last ends, as a fraction of the steps.
+    phase_ends: tuple[float, ...] = (0.15, 0.7, 0.88)
+    code_noise: float = 0.1
+    label_noise: float = 0.03
+    # Token subsets: share of scenes seen with every token, with an object-keeping subset, with a random one.
+    full_share: float = 0.45
+    object_subset_share: float = 0.45
+    referent_weight: float = 0.5
+    relation_weight: float = 0.5
+    referent_layer: int = 2
+    relation_layer: int = 3
+    projector_mse_weight: float = 1.0
+    projector_batch: int = 8
+    # Dense supervision of the image tokens inside the language model (0 = off): at ``image_head_layer``,
+    # each image token predicts whether it is the first kept token of its object in raster order (one such
+    # token per object, which the causal image tokens can tell from the ones before them) and its class.
+    image_head_weight: float = 0.0
+    image_head_layer: int = 1
+    # Matrix-product precision (see autocast_dtype). float32 is the one every CPU runs at full speed, so a
+    # rebuild does not depend on native bfloat16 (float32 sums still depend on the thread count); "auto"
+    # takes bfloat16 where it is native.
+    precision: str = "float32"
+    text_model: build.TextModelSize = field(default_factory=build.TextModelSize)
+
+
+def shipped_settings() -> TrainSettings:
+    """The settings recorded with the shipped weights (``TrainSettings()`` when none are recorded)."""
+    from . import files_dir
+
+    path = files_dir() / "training_metadata.json"
+    if not path.is_file():
+        return TrainSettings()
+    recorded = dict(json.loads(path.read_text())["settings"])
+    text_model = build.TextModelSize(**recorded.pop("text_model"))
+    known = {f for f in TrainSettings.__dataclass_fields__}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in known}
+    return TrainSettings(**values, text_model=text_model)
+
+
+@dataclass(frozen=True)
+class SubsetMode:
+    """How the scenes of one training step are reduced (one mode a step keeps the padded length short)."""
+
+    kind: str  # "all", "objects" or "random"
+    object_share: float = 1.0  # objects: share of an object's other patches kept
+    background_share: float = 1.0  # objects: share of background patches kept
+    size: int = 0  # random: tokens kept besides [CLS]
+
+
+def subset_mode(rng: np.random.Generator, settings: TrainSettings) -> SubsetMode:
+    u = rng.uniform()
+    if u < settings.full_share:
+        return SubsetMode("all")
+    if u < settings.full_share + settings.object_subset_share:
+        return SubsetMode("objects", float(rng.uniform(0.3, 1.0)), float(rng.uniform(0.0, 1.0)))
+    return SubsetMode("random", size=int(rng.integers(32, data.GRID * data.GRID)))
+
+
+def token_subset(objects, rng: np.random.Generator, mode: SubsetMode) -> np.ndarray | None:
+    """Indices (into the 577 tokens, [CLS] = 0, raster order) of the tokens a scene is seen with; None = all.
+
+    Token reduction hands the language model fewer, renumbered tokens. Training on object-keeping subsets
+    (every object's centre patch, a share of its other patches and of the background) teaches it to read
+    objects whatever surrounds them; random subsets teach it to degrade gracefully.
+    """
+    if mode.kind == "all":
+        return None
+    n_patch = data.GRID * data.GRID
+    if mode.kind == "objects":
+        labels = data.patch_labels(objects)
+        on_object = labels > 0
+        keep = np.where(on_object, rng.uniform(size=n_patch) < mode.object_share, False)
+        keep |= ~on_object & (rng.uniform(size=n_patch) < mode.background_share)
+        keep[data.centre_patches(objects)] = True
+        patches = np.flatnonzero(keep)
+    else:
+        patches = np.sort(rng.choice(n_patch, size=mode.size, replace=False))
+    return np.concatenate([[0], patches + 1])
+
+
+def _code_inputs(objects_list, rng: np.random.Generator, label_noise: float):
+    labels = np.stack([data.patch_labels(o) for o in objects_list])
+    centres = np.zeros_like(labels)
+    for b, objects in enumerate(objects_list):
+        centres[b, data.centre_patches(objects)] = 1
+    clean = torch.from_numpy(labels)
+    if label_noise:
+        flip = rng.uniform(size=labels.shape) < label_noise
+        labels = np.where(flip, rng.integers(0, data.NUM_PATCH_CLASSES, size=labels.shape), labels)
+    return clean, torch.from_numpy(labels), torch.from_numpy(centres)
+
+
+def _noun_targets(packed: Packed, batch, objects_list, tokenizer_offset: int = 2):
+    """Referent and relation targets at the question's nouns: index tensors + target arrays."""
+    ref_pos, ref_t, rel_pos, rel_t = [], [], [], []
+    flat = [(q, objects_list[b]) for b, qs in enumerate(batch) for q in qs]
+    for (q, objects), (row, start) in zip(flat, packed.question_start, strict=True):
+        found = data.referents(q.question, objects)
+        for word, matching in found:
+            col = start + tokenizer_offset + word
+            target = [min(len(matching), data.MAX_OBJECTS), -100, -100, -100, -100]
+            if len(matching) == 1:
+                o = matching[0]
+                target[1:] = [data.SHAPES.index(o.shape), data.SIZES.index(o.size), *data.centre_cell(o)]
+            ref_pos.append((row, col))
+            ref_t.append(target)
+        if len(found) == 2 and len(found[0][1]) == 1 and len(found[1][1]) == 1:
+            a, b = found[0][1][0], found[1][1][0]
+            dx, dy = b.x - a.x, b.y - a.y
+            ok_x, ok_y = abs(dx) >= data.POSITION_MARGIN, abs(dy) >= data.POSITION_MARGIN
+            bits = [float(dx > 0), float(dx < 0), float(dy > 0), float(dy < 0)]
+            rel_pos.append((row, start + tokenizer_offset + found[1][0]))
+            rel_t.append(bits + [float(ok_x)] * 2 + [float(ok_y)] * 2)
+    return ref_pos, torch.tensor(ref_t, dtype=torch.long), rel_pos, torch.tensor(rel_t)
+
+
+def _noun_losses(model: TrainableVLM, ref_hidden, rel_hidden, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """Referent loss (count, and shape, size, row, column of single objects) and relation loss."""
+    ref_pos, ref_t, rel_pos, rel_t = targets
+    loss = ref_hidden.new_zeros(()).float()
+    relation = ref_hidden.new_zeros(()).float()
+    if ref_pos:
+        rows, cols = torch.tensor(ref_pos).T
+        out = model.referent_head(ref_hidden[rows, cols]).float().split(_REFERENT_SPLITS, dim=-1)
+        for k, logits in enumerate(out):
+            if (ref_t[:, k] != -100).any():
+                loss = loss + nn.functional.cross_entropy(logits, ref_t[:, k], ignore_index=-100)
+    if rel_pos:
+        rows, cols = torch.tensor(rel_pos).T
+        logits = model.relation_head(rel_hidden[rows, cols]).float()
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, rel_t[:, :4], reduction="none")
+        relation = (bce * rel_t[:, 4:]).sum() / rel_t[:, 4:].sum().clamp_min(1)
+    return loss, relation
+
+
+def image_token_targets(objects_list, subsets, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets of the image-token head, (B, length) each, -100 at [CLS] and padding: whether a token is the
+    first kept token of its object in raster order (the token order), and its patch class."""
+    first = torch.full((len(objects_list), length), -100, dtype=torch.long)
+    classes = torch.full((len(objects_list), length), -100, dtype=torch.long)
+    for b, (objects, subset) in enumerate(zip(objects_list, subsets, strict=True)):
+        owner = data.patch_objects(objects)
+        labels = data.object_classes(objects)[owner + 1]
+        patches = np.arange(owner.size) if subset is None else subset[1:] - 1
+        kept_owner = owner[patches]
+        is_first = np.zeros(patches.size, dtype=np.int64)
+        on_object = np.flatnonzero(kept_owner >= 0)
+        _, first_of_object = np.unique(kept_owner[on_object], return_index=True)
+        is_first[on_object[first_of_object]] = 1
+        first[b, 1 : 1 + patches.size] = torch.from_numpy(is_first)
+        classes[b, 1 : 1 + patches.size] = torch.from_numpy(labels[patches])
+    return first, classes
+
+
+def _image_token_loss(model: TrainableVLM, image_hidden: torch.Tensor, targets) -> torch.Tensor:
+    """Flag loss, balanced between first tokens and the others (about 7 against 570), plus class loss."""
+    first, classes = targets
+    out = model.image_head(image_hidden).float()
+    valid = first != -100
+    flag_logit, class_logits = out[..., 0][valid], out[..., 1:][valid]
+    flag = first[valid].float()
+    bce = nn.functional.binary_cross_entropy_with_logits(flag_logit, flag, reduction="none")
+    balanced = 0.5 * (bce[flag == 1].mean() + bce[flag == 0].mean()) if (flag == 1).any() else bce.mean()
+    return balanced + nn.functional.cross_entropy(class_logits, classes[valid])
+
+
+@torch.inference_mode()
+def evaluate_cached(
+    model: TrainableVLM,
+    packer: Packer,
+    features: np.ndarray,
+    split: str,
+    seed: int,
+    batch_images: int = 8,
+    keep_tokens: int | None = None,
+) -> dict[str, float]:
+    """Exact-match accuracy on a split from cached features (one question of each type per scene).
+
+    ``keep_tokens``: see only [CLS] and a random set of patches, this many tokens in all.
+    """
+    model.eval()
+    per_type: dict[str, list[int]] = {}
+    n = features.shape[0]
+    rng = np.random.default_rng([seed, 7])
+    for start in range(0, n, batch_images):
+        idx = list(range(start, min(start + batch_images, n)))
+        batch = [
+            data.sample_questions(
+                data.scene_objects(seed, split, i),
+                np.random.default_rng([seed, data._SPLIT_IDS[split], i, 2]),
+                per_type=1,
+            )
+            for i in idx
+        ]
+        tokens = list(model.project(torch.from_numpy(np.asarray(features[idx], dtype=np.float32))))
+        if keep_tokens is not None:
+            mode = SubsetMode("random", size=keep_tokens - 1)
+            tokens = [t[torch.from_numpy(token_subset((), rng, mode))] for t in tokens]
+        packed = packer.pack(batch, [t.shape[0] for t in tokens], with_answers=False)
+        (hidden,) = model(pad_images(tokens), packed.input_ids, packed.mask, packed.position_ids)
+        rows = torch.tensor([r for r, _ in packed.answer_pos])
+        cols = torch.tensor([c for _, c in packed.answer_pos])
+        pred = model.logits(hidden[rows, cols]).argmax(-1).tolist()
+        flat = [q for qs in batch for q in qs]
+        for q, p in zip(flat, pred, strict=True):
+            per_type.setdefault(q.type, []).append(int(packer.answer_id(q.answer) == p))
+    model.train()
+    return data.accuracy_summary(per_type)
+
+
+def check_phases(settings: TrainSettings) -> None:
+    """``code_share`` holds one share per phase in 0..1; ``phase_ends`` increase strictly inside (0, 1)."""
+    shares, ends = tuple(settings.code_share), tuple(settings.phase_ends)
+    if len(shares) != len(ends) + 1:
+        raise ValueError(
+            f"code_share needs one share per phase, len(phase_ends) + 1 = {len(ends) + 1}, got {len(shares)}"
+        )
+    if not all(0.0 <= s <= 1.0 for s in shares):
+        raise ValueError(f"code_share values must be in 0..1, got {shares}")
+    if not all(0.0 < e < 1.0 for e in ends) or any(a >= b for a, b in pairwise(ends)):
+        raise ValueError(f"phase_ends must increase strictly inside (0, 1), got {ends}")
+
+
+def check_settings(settings: TrainSettings) -> None:
+    """Reject a schedule, loss weight, precision or head layer that cannot run (before any tower pass or
+    training step)."""
+    check_phases(settings)
+    autocast_dtype(settings.precision)
+    for name in ("referent_weight", "relation_weight", "projector_mse_weight", "image_head_weight"):
+        if not getattr(settings, name) >= 0:
+            raise ValueError(f"{name} must be >= 0 (0 turns that loss off), got {getattr(settings, name)}")
+    n_layers = settings.text_model.num_hidden_layers
+    for name in ("referent_layer", "relation_layer", "image_head_layer"):
+        if not 1 <= getattr(settings, name) <= n_layers:
+            raise ValueError(f"{name} must be in 1..{n_layers} (num_hidden_layers), got {getattr(settings, name)}")
+
+
+def code_share_at(settings: TrainSettings, step: int) -> float:
+    """Share of scene-code scenes at ``step`` (the phase that the step's fraction of the run falls in)."""
+    t = step / settings.steps
+    return settings.code_share[sum(t >= e for e in settings.phase_ends)]
+
+
+def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.ndarray | None) -> TrainableVLM:
+    """One run: the language model reads scene codes and real scenes side by side; the projector learns both
+    from the task and by regression onto the scene codes. The share of real scenes grows by phase."""
+    check_settings(settings)
+    torch.manual_seed(settings.seed)
+    config = build.build_config(settings.text_model)
+    mean, std = feature_stats(train_feats)
+    image_layer = settings.image_head_layer if settings.image_head_weight > 0 else None
+    model = TrainableVLM(config, mean, std, image_head=image_layer is not None)
+    packer = Packer(build.build_tokenizer())
+    n_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("lm.", "linear_")))
+    print(f"trainable parameters: {n_params / 1e6:.2f}M", flush=True)
+    # Weight decay on weight matrices only: not on embeddings (token or scene-code), norms or biases.
+    decayed = {n for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n and "coder" not in n}
+    matrices = [p for n, p in model.named_parameters() if n in decayed]
+    others = [p for n, p in model.named_parameters() if n not in decayed]
+    opt = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": settings.weight_decay}, {"params": others, "weight_decay": 0.0}],
+        lr=settings.lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < settings.warmup:
+            return (step + 1) / settings.warmup
+        t = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    rng = np.random.default_rng([settings.seed, 99])
+    n_train = train_feats.shape[0]
+    train_objects = [data.scene_objects(settings.seed, "train", i) for i in range(n_train)]
+    fresh = 0
+    progress = _Progress(settings.steps, "train")
+    losses: list[float] = []
+    layers = (settings.referent_layer, settings.relation_layer)
+    per_type = {**dict.fromkeys(data.QUESTION_TYPES, settings.questions_per_type), "count": settings.count_questions}
+    precision = autocast_dtype(settings.precision)
+    # Kept on the model so that the metadata records the precision this run used.
+    model.training_precision = str(precision).removeprefix("torch.")
+    print(f"matrix products in {model.training_precision}", flush=True)
+    model.train()
+    for step in range(settings.steps):
+        n_code = int(round(code_share_at(settings, step) * settings.images_per_step))
+        real_idx = np.sort(rng.choice(n_train, size=settings.images_per_step - n_code, replace=False))
+        objects_list = []
+        for _ in range(n_code):
+            objects_list.append(data.scene_objects(settings.seed, "train", 1_000_000 + fresh))
+            fresh += 1
+        objects_list += [train_objects[i] for i in real_idx]
+        batch = [data.sample_questions(o, rng, per_type) for o in objects_list]
+
+        with torch.autocast("cpu", dtype=precision, enabled=precision != torch.float32):
+            tokens: list[torch.Tensor] = []
+            if n_code:
+                _, noisy, centres = _code_inputs(objects_list[:n_code], rng, settings.label_noise)
+                codes = model.coder(noisy, centres)
+                codes = codes + settings.code_noise * torch.randn_like(codes)
+                tokens += list(codes)
+            # Projector regression onto the (fixed) codes of real training scenes, every step.
+            mse_idx = np.unique(np.concatenate([real_idx, rng.choice(n_train, settings.projector_batch)]))
+            clean, _, centres = _code_inputs([train_objects[i] for i in mse_idx], rng, 0.0)
+            projected = model.project(torch.from_numpy(np.asarray(train_feats[mse_idx], dtype=np.float32)))
+            mse = nn.functional.mse_loss(projected.float(), model.coder(clean, centres).detach().float())
+            where = {int(i): k for k, i in enumerate(mse_idx)}
+            tokens += [projected[where[int(i)]] for i in real_idx]
+            mode = subset_mode(rng, settings)
+            subsets = [token_subset(o, rng, mode) for o in objects_list]
+            tokens = [tok if s is None else tok[torch.from_numpy(s)] for tok, s in zip(tokens, subsets, strict=True)]
+            packed = packer.pack(batch, [tok.shape[0] for tok in tokens])
+            hidden, ref_hidden, rel_hidden, *image_hidden = model(
+                pad_images(tokens),
+                packed.input_ids,
+                packed.mask,
+                packed.position_ids,
+                layers=layers,
+                image_layer=image_layer,
+            )
+            image_loss = hidden.new_zeros(()).float()
+            if image_hidden:
+                targets_img = image_token_targets(objects_list, subsets, image_hidden[0].shape[1])
+                image_loss = _image_token_loss(model, image_hidden[0], targets_img)
+            sel = packed.labels != -100
+            loss = nn.functional.cross_entropy(model.logits(hidden[sel]).float(), packed.labels[sel])
+            targets = _noun_targets(packed, batch, objects_list)
+            referent, relation = _noun_losses(model, ref_hidden, rel_hidden, targets)
+        total = (
+            loss
+            + settings.referent_weight * referent
+            + settings.relation_weight * relation
+            + settings.projector_mse_weight * mse
+            + settings.image_head_weight * image_loss
+        )
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        progress.update(
+            step + 1,
+            f"answer loss {np.mean(losses[-50:]):.4f} referent {referent.item():.3f} relation {relation.item():.3f} "
+            f"mse {mse.item():.3f} "
+            + (f"image {image_loss.item():.3f} " if image_hidden else "")
+            + f"lr {sched.get_last_lr()[0]:.2e}",
+        )
+        if val_feats is not None and ((step + 1) % settings.eval_every == 0 or step + 1 == settings.steps):
+            for keep_tokens in (None, 64):
+                acc = evaluate_cached(model, packer, val_feats, "val", settings.seed, keep_tokens=keep_tokens)
+                label = "all tokens" if keep_tokens is None else f"random {keep_tokens}"
+                print(
+                    f"[val, {label}] step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()),
+                    flush=True,
+                )
+    model.eval()
+    return model
+
+
+# ------------------------------------------------------------------------- evaluation of the assembled model
+
+
+@torch.inference_mode()
+def evaluate_llava(model, processor, records: Sequence[data.Record], images_per_batch: int = 8) -> dict:
+    """Exact match of ``generate`` on records with the stock LLaVA model and processor.
+
+    The tower runs once per scene (through ``get_image_features``); every question of that scene then goes
+    through the language model via ``generate``, the processor's 577 placeholders filled with those features.
+    """
+    model.eval()
+    tokenizer = processor.tokenizer
+    by_scene = data.group_by_scene(records)
+    scenes = list(by_scene)
+    per_type: dict[str, list[int]] = {}
+    predictions = []
+    progress = _Progress(len(scenes), "evaluate")
+    embed = model.get_input_embeddings()
+    for start in range(0, len(scenes), images_per_batch):
+        chunk = scenes[start : start + images_per_batch]
+        pixels = processor.image_processor(images=[by_scene[s][0].image for s in chunk], return_tensors="pt")
+        feats = model.get_image_features(pixel_values=pixels["pixel_values"].to(model.dtype)).pooler_output
+        for s, image_feats in zip(chunk, feats, strict=True):
+            recs = by_scene[s]
+            enc = processor(
+                images=[r.image for r in recs],
+                text=[data.format_prompt(r.question) for r in recs],
+                return_tensors="pt",
+                padding=True,
+            )
+            ids = enc["input_ids"]
+            embeds = embed(ids)
+            is_image = ids == model.config.image_token_id
+            embeds[is_image] = image_feats.to(embeds.dtype).repeat(len(recs), 1)
+            out = model.generate(
+                inputs_embeds=embeds, attention_mask=enc["attention_mask"], max_new_tokens=4, do_sample=False
+            )
+            texts = tokenizer.batch_decode(out[:, -4:] if out.shape[1] > 4 else out, skip_special_tokens=True)
+            for r, text in zip(recs, texts, strict=True):
+                pred = text.strip()
+                ok = int(pred in r.answers)
+                per_type.setdefault(r.type, []).append(ok)
+                predictions.append(
+                    {
+                        "question": r.question,
+                        "answer": r.answers[0],
+                        "prediction": pred,
+                        "type": r.type,
+                        "scene": s,
+                    }
+                )
+        progress.update(min(start + images_per_batch, len(scenes)))
+    result = data.accuracy_summary(per_type)
+    result["predictions"] = predictions
+    return result
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def train_default(
+    output_dir: str | Path,
+    seed: int = 0,
+    work_dir: str | Path | None = None,
+    settings: TrainSettings | None = None,
+    evaluate: bool = True,
+) -> dict:
+    """Rebuild the default model's package payload in ``output_dir`` (deterministic for a given seed).
+
+    ``settings`` default to those recorded with the shipped weights, so the default call rebuilds them.
+    ``work_dir`` keeps the feature caches (about 1 GB) so that reruns skip tower passes; defaults to
+    ``output_dir/_work``. Returns the training metadata (settings, timings, accuracies).
+    """
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    settings = settings or shipped_settings()
+    if settings.seed != seed:
+        settings = replace(settings, seed=seed)
+    check_settings(settings)  # a bad value would otherwise surface after minutes of feature extraction
+    output_dir = Path(output_dir)
+    work_dir = Path(work_dir) if work_dir is not None else output_dir / "_work"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.time()
+
+    def feats(split: str, n: int) -> np.ndarray:
+        return extract_features(split, n, seed, work_dir / f"features-{split}-s{seed}-n{n}.npy")
+
+    train_feats = feats("train", settings.train_images)
+    val_feats = feats("val", settings.val_images) if settings.val_images else None
+    timings["features_s"] = time.time() - t0
+
+    t1 = time.time()
+    model = train_model(settings, train_feats, val_feats)
+    timings["train_s"] = time.time() - t1
+    # Everything trained, training-only heads and scene coder included, for inspecting a run.
+    torch.save(model.state_dict(), work_dir / "trainable.pt")
+
+    config = build.build_config(settings.text_model)
+    meta = {
+        "seed": seed,
+        "settings": {**asdict(settings), "text_model": asdict(settings.text_model)},
+        "parameters": {
+            "language_model": sum(p.numel() for p in model.lm.parameters()),
+            "projector": sum(p.numel() for n, p in model.named_parameters() if n.startswith("linear_")),
+            "vision_tower": 22_056_576,
+        },
+        "image_tokens": build.NUM_IMAGE_TOKENS,
+        "vision_feature_layer": config.vision_feature_layer,
+        "timings_s": timings,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "autocast": model.training_precision,
+    }
+    _save_payload(model, settings, output_dir, meta)
+    if evaluate:
+        t2 = time.time()
+        assembled = build.assemble_model_dir(output_dir, work_dir / "assembled")
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        llava = LlavaForConditionalGeneration.from_pretrained(str(assembled))
+        processor = AutoProcessor.from_pretrained(str(assembled))
+        full = evaluate_llava(llava, processor, data.test_split(seed, settings.test_images))
+        (work_dir / "test_predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in full.pop("predictions")))
+        timings["evaluate_s"] = time.time() - t2
+        meta["test_accuracy"] = full
+        print(
+            "[test, LlavaForConditionalGeneration] " + ", ".join(f"{k} {v:.3f}" for k, v in full.items()),
+            flush=True,
+        )
+    timings["total_s"] = time.time() - t0
+    _save_payload(model, settings, output_dir, meta)
+    return meta
+
+
+def _save_payload(model: TrainableVLM, settings: TrainSettings, output_dir: Path, meta: dict) -> None:
+    build.save_shipped_files(model.export_state_dict(), settings.text_model, output_dir, meta)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``vlmzip train-default``: rebuild the default model from a seed."""
+    parser = argparse.ArgumentParser(prog="vlmzip train-default", description=main.__doc__)
+    parser.add_argument("output_dir", type=Path, help="where to write the model payload")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", type=Path, default=None, help="feature caches (default: OUTPUT_DIR/_work)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps (default: as recorded with the shipped weights)",
+    )
+    parser.add_argument("--train-images", type=int, default=None)
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="matrix-product precision (default: as recorded, float32; 'auto' takes bfloat16 where native)",
+    )
+    parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    args = parser.parse_args(argv)
+    recorded = shipped_settings()
+    # Checked before any tower pass: a bad value would otherwise surface after minutes of feature extraction.
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.train_images is not None and args.train_images < recorded.images_per_step:
+        parser.error(
+            f"--train-images must be >= {recorded.images_per_step} (scenes per training step), got {args.train_images}"
+        )
+    overrides = {}
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.train_images is not None:
+        overrides["train_images"] = args.train_images
+    if args.precision is not None:
+        overrides["precision"] = args.precision
+    settings = replace(recorded, seed=args.seed, **overrides)
+    try:
+        check_settings(settings)
+    except ValueError as exc:
+        parser.error(str(exc))
+    meta = train_default(
+        args.output_dir, seed=args.seed, work_dir=args.work_dir, settings=settings, evaluate=not args.no_eval
+    )
+    acc = meta.get("test_accuracy")
+    if acc:
+        print(f"held-out accuracy: {acc['overall']:.4f} on {acc['questions']} questions")
+    print(f"total {meta['timings_s']['total_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""DivPrune (Alvar et al., CVPR 2025): keep the most diverse tokens, greedy max-min on cosine distance.
+
+The first token kept is the most isolated one (largest distance to its nearest neighbour); every
+next one is the token farthest from everything kept so far. No attention is used, so the method
+works the same on towers with and without [CLS]; [CLS] competes like any other token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vlmzip.config import VisionZipConfig, check_int
+from vlmzip.core import GROUP_DOMINANT, GROUP_DROPPED, Reduction
+from vlmzip.methods import register_method
+from vlmzip.probe import ProbeOutput
+
+
+def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices (B, count), ascending, of a greedy max-min diverse subset of each row of `features` (B, N, d)."""
+    if not isinstance(features, torch.Tensor) or features.ndim != 3:
+        raise ValueError(
+            f"features must be a (batch, tokens, hidden) tensor, got {getattr(features, 'shape', features)}"
+        )
+    batch, num_tokens, _ = features.shape
+    count = check_int("count", count, 1, num_tokens)
+    normed = F.normalize(features.float(), dim=-1)
+    distance = 1 - normed @ normed.transpose(1, 2)  # (B, N, N) cosine distance
+    # A token's distance to itself must not count as its nearest neighbour.
+    distance.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    rows = torch.arange(batch, device=features.device)
+
+    chosen = torch.zeros(batch, num_tokens, dtype=torch.bool, device=features.device)
+    picks = torch.empty(batch, count, dtype=torch.long, device=features.device)
+    picks[:, 0] = distance.min(dim=2).values.argmax(dim=1)
+    chosen[rows, picks[:, 0]] = True
+    nearest = distance[rows, picks[:, 0]]  # (B, N): distance of every token to the kept set
+    for step in range(1, count):
+        pick = nearest.masked_fill(chosen, float("-inf")).argmax(dim=1)
+        picks[:, step] = pick
+        chosen[rows, pick] = True
+        nearest = torch.minimum(nearest, distance[rows, pick])
+    return picks.sort(dim=1).values
+
+
+@register_method("divprune")
+def divprune(probe: ProbeOutput, config: VisionZipConfig) -> Reduction:
+    """Keep `dominant + contextual` tokens chosen for diversity of the feature-layer output, in index order."""
+    features = probe.features
+    batch, num_tokens, hidden = features.shape
+    tokens = check_int("dominant + contextual", config.tokens, 1, num_tokens)
+    kept = max_min_diverse(features, tokens)
+    groups = torch.full((batch, num_tokens), GROUP_DROPPED, dtype=torch.long, device=features.device)
+    groups.scatter_(1, kept, GROUP_DOMINANT)
+    return Reduction(
+        features=features.gather(1, kept.unsqueeze(-1).expand(-1, -1, hidden)),
+        kept_indices=kept,
+        groups=groups,
+        scores=probe.scores,
+    )

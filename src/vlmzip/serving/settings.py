@@ -1,0 +1,120 @@
+"""What the vLLM plugin serves and with which budget, decided from a model directory and its HF config.
+
+Kept free of vLLM imports so that `vlmzip export` and its checks run without vLLM installed.
+
+The budget comes from `visionzip_config.json` in the model directory (the file `vlmzip export`
+and `vlmzip finetune` write: `VisionZipConfig.to_dict()`), with the fields of the HF config's
+`vlmzip` attribute on top. vLLM sets that attribute from `--hf-overrides`:
+
+    vllm serve OUT --hf-overrides '{"visionzip": {"dominant": 108, "contextual": 20}}'
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from vlmzip.api import SAVED_CONFIG_NAME as CONFIG_FILENAME
+from vlmzip.api import load_saved_config
+from vlmzip.config import VisionZipConfig
+
+ARCHITECTURE = "VisionZipLlavaForConditionalGeneration"  # the name vLLM's registry knows the plugin by
+OVERRIDES_KEY = "visionzip"  # --hf-overrides '{"visionzip": {...}}' sets hf_config.visionzip
+# HF architectures the plugin can serve, with the tower configs their vLLM implementation builds.
+SERVABLE_ARCHITECTURES: dict[str, str] = {"LlavaForConditionalGeneration": "llava"}
+SERVABLE_TOWERS: tuple[str, ...] = ("clip_vision_model",)
+
+
+def _overrides(hf_config: Any) -> dict[str, Any] | None:
+    overrides = getattr(hf_config, OVERRIDES_KEY, None)
+    if overrides is None:
+        return None
+    if not isinstance(overrides, Mapping):
+        raise TypeError(
+            f"hf_overrides {OVERRIDES_KEY!r} must be an object of VisionZipConfig fields, e.g. "
+            f'{{"{OVERRIDES_KEY}": {{"dominant": 54, "contextual": 10}}}}, got {overrides!r}'
+        )
+    return dict(overrides)
+
+
+def resolve_config(model_dir: str | os.PathLike[str], hf_config: Any) -> VisionZipConfig:
+    """The budget to serve `model_dir` with: its visionzip_config.json, then the hf_overrides on top.
+
+    Raises ValueError when neither exists, when a field is unknown or invalid, or when the model
+    cannot be served with this budget (see `check_servable`).
+    """
+    stored = load_saved_config(model_dir)
+    overrides = _overrides(hf_config)
+    if stored is None and overrides is None:
+        raise ValueError(
+            f"{model_dir}: no {CONFIG_FILENAME}; create the directory with `vlmzip export --model DIR -o OUT "
+            f'--dominant D --contextual C` or pass --hf-overrides \'{{"{OVERRIDES_KEY}": {{"dominant": D, '
+            f'"contextual": C}}}}\''
+        )
+    try:
+        config = VisionZipConfig.from_dict({**(stored.to_dict() if stored else {}), **(overrides or {})})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{model_dir}: invalid VisionZip serving config: {error}") from None
+    check_servable(hf_config, config)
+    return config
+
+
+def check_architecture(hf_config: Any) -> str:
+    """The servable HF architecture `hf_config` is, or ValueError naming the supported ones."""
+    model_type = getattr(hf_config, "model_type", None)
+    for architecture, expected_type in SERVABLE_ARCHITECTURES.items():
+        if model_type == expected_type:
+            return architecture
+    raise ValueError(
+        f"unsupported architecture: model_type {model_type!r} "
+        f"(architectures {getattr(hf_config, 'architectures', None)}); VisionZip serving supports "
+        f"{sorted(SERVABLE_ARCHITECTURES)} with a CLIP vision tower"
+    )
+
+
+def tower_tokens(hf_config: Any) -> int:
+    """Tokens the vision tower yields per image ([CLS] included) at the model's resolution."""
+    vision = hf_config.vision_config
+    side = int(vision.image_size) // int(vision.patch_size)
+    return side * side + 1
+
+
+def absolute_feature_layer(hf_config: Any, config: VisionZipConfig) -> int:
+    """The 1-based index of the tower layer whose output is the feature (hidden_states[k], k >= 1).
+
+    vLLM builds the tower only up to the model's `vision_feature_layer`, so negative indices are
+    resolved against the full tower's depth here; VisionZip may read that layer or an earlier one.
+    """
+    num_layers = int(hf_config.vision_config.num_hidden_layers)
+    model_layer = getattr(hf_config, "vision_feature_layer", -2)
+    if isinstance(model_layer, bool) or not isinstance(model_layer, int):
+        raise ValueError(
+            f"vision_feature_layer={model_layer!r}: VisionZip serving needs one feature layer (an int), "
+            "not a list of layers"
+        )
+    requested = model_layer if config.feature_layer is None else config.feature_layer
+    built = model_layer % (num_layers + 1)
+    if not (-num_layers <= requested <= -1 or 1 <= requested <= num_layers) or requested % (num_layers + 1) > built:
+        raise ValueError(
+            f"feature_layer must be in [-{num_layers}, -1] or [1, {num_layers}] and no deeper than the model's "
+            f"vision_feature_layer ({model_layer}) for this {num_layers}-layer tower, got {requested}"
+        )
+    return requested % (num_layers + 1)
+
+
+def check_servable(hf_config: Any, config: VisionZipConfig) -> int:
+    """Raise ValueError unless the plugin can serve `hf_config` with `config`; return tokens per image."""
+    check_architecture(hf_config)
+    vision = getattr(hf_config, "vision_config", None)
+    tower = getattr(vision, "model_type", None)
+    if tower not in SERVABLE_TOWERS:
+        raise ValueError(f"unsupported vision tower {tower!r}; VisionZip serving supports {list(SERVABLE_TOWERS)}")
+    absolute_feature_layer(hf_config, config)
+    available = tower_tokens(hf_config)
+    if config.tokens > available:
+        raise ValueError(
+            f"dominant + contextual must be <= {available} (the tokens this model's tower yields per image), "
+            f"got {config.dominant} + {config.contextual} = {config.tokens}"
+        )
+    return config.tokens

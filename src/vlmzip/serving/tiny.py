@@ -1,0 +1,103 @@
+"""A tiny random-weight LLaVA-1.5 directory (CLIP 336/14 tower, Llama LM) that vLLM and transformers both load.
+
+For tests and the serving benchmark: nothing is downloaded. The directory holds the model, a
+word-level tokenizer with a chat template, and a LLaVA processor naming the PIL image processor (so
+that it loads with or without torchvision). Its weights are in transformers' own saved layout;
+`vlmzip export` turns it into a directory vLLM serves.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from vlmzip.config import check_int
+from vlmzip.synthetic import llava_style_processor, tiny_clip_vision_config, tiny_llama_config, word_level_tokenizer
+
+VOCABULARY = (
+    "<pad> <unk> </s> <s> <image> USER: ASSISTANT: what is in the image ? a an cat dog bird car red green blue "
+    "yellow black white how many are there left right of above below shape color circle square triangle star "
+    "one two three four five six yes no big small it this picture describe"
+).split()
+IMAGE_TOKEN = "<image>"
+# One word per whitespace-separated piece, like the tokenizer: "USER: <image> what is ? ASSISTANT:".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }} "
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image> {% elif part['type'] == 'text' %}{{ part['text'] }} {% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over VOCABULARY (whitespace split, no BOS added), left padding."""
+    return word_level_tokenizer(
+        VOCABULARY, extra_special_tokens={"image_token": IMAGE_TOKEN}, chat_template=CHAT_TEMPLATE
+    )
+
+
+def build_tiny_llava(
+    out_dir: str | os.PathLike[str],
+    *,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    vision_hidden: int = 32,
+    vision_layers: int = 4,
+    init_range: float = 0.02,
+    seed: int = 0,
+) -> Path:
+    """Save a random LLaVA-1.5-shaped model with tokenizer and processor to `out_dir`; return the path.
+
+    `init_range` is the weights' initialiser std: larger values spread the logits, so greedy
+    decoding has no near-ties and implementations agree token for token.
+    """
+    text_hidden = check_int("text_hidden", text_hidden, 32)
+    vision_hidden = check_int("vision_hidden", vision_hidden, 8)
+    text_layers = check_int("text_layers", text_layers, 1)
+    vision_layers = check_int("vision_layers", vision_layers, 2)  # LLaVA reads layer -2
+    # vLLM's CPU attention needs a head size of at least 32: the language model uses exactly 32.
+    if text_hidden % 32 or vision_hidden % 4:
+        raise ValueError(
+            f"text_hidden must be a multiple of 32 and vision_hidden of 4 (their head sizes), got {text_hidden}, "
+            f"{vision_hidden}"
+        )
+    if not isinstance(init_range, (int, float)) or not init_range > 0:
+        raise ValueError(f"init_range must be a positive number, got {init_range!r}")
+    vision_config = tiny_clip_vision_config(
+        hidden_size=vision_hidden, layers=vision_layers, heads=4, initializer_range=init_range
+    )
+    text_config = tiny_llama_config(
+        len(VOCABULARY),
+        hidden_size=text_hidden,
+        layers=text_layers,
+        heads=text_hidden // 32,
+        kv_heads=max(1, text_hidden // 64),
+        max_position_embeddings=4096,
+        initializer_range=init_range,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=VOCABULARY.index(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        initializer_range=init_range,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    processor = llava_style_processor(
+        LlavaProcessor, CLIPImageProcessorPil, make_tokenizer(), chat_template=CHAT_TEMPLATE
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -1,0 +1,77 @@
+"""`vlmzip show` (draw what VisionZip keeps of an image) and `vlmzip app` (the local web demo)."""
+
+from __future__ import annotations
+
+import argparse
+
+from vlmzip.cli_options import DEFAULT_TOKENS, add_budget_options, config_from_args, load_model_for_cli
+
+DEFAULT_BUDGET = DEFAULT_TOKENS  # the web demo's default too
+DEFAULT_HOST = "127.0.0.1"  # the demo listens on this machine only unless told otherwise
+DEFAULT_PORT = 7860
+
+
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        metavar="DIR",
+        help="local transformers model directory of a supported family (default: the embedded default model)",
+    )
+
+
+def _show(args: argparse.Namespace) -> int:
+    from vlmzip.loading import load_image
+    from vlmzip.viz import check_output_path, reduce_image, token_summary, visualize
+
+    output = check_output_path(args.output)
+    config = config_from_args(args)  # bad budgets fail before any loading
+    image = load_image(args.image)
+    model, processor = load_model_for_cli(args.model)
+    panels = reduce_image(model, processor, image, config)
+    visualize(panels, heatmap=args.heatmap, save=output)
+    print(f"wrote {output}: {token_summary(panels)} ({config.method})")
+    return 0
+
+
+def _app(args: argparse.Namespace) -> int:
+    from vlmzip.app import launch
+    from vlmzip.config import check_int
+
+    port = check_int("--port", args.port, 1, 65535)
+    model, processor = load_model_for_cli(args.model)
+    launch(
+        model,
+        processor,
+        host=args.host,
+        port=port,
+        use_default_examples=args.model is None,
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+    )
+    return 0
+
+
+def register(subcommands: argparse._SubParsersAction) -> None:
+    help_text = "Draw which patches VisionZip keeps and merges for an image."
+    show = subcommands.add_parser(
+        "show",
+        help=help_text,
+        description=help_text
+        + " Dominant patches are outlined in white, each contextual group has its own colour, dropped patches "
+        "are dark; --heatmap adds the attention scores the selection used.",
+    )
+    show.add_argument("--image", required=True, metavar="PATH", help="image file (PNG, JPEG, ...)")
+    _add_model_argument(show)
+    add_budget_options(show)
+    show.add_argument("--heatmap", action="store_true", help="also draw the attention heatmap beside the tokens")
+    show.add_argument("-o", "--output", required=True, metavar="PATH", help="picture to write (.png, .jpg, .webp)")
+    show.set_defaults(run=_show)
+
+    help_text = "Serve the web demo on localhost: answers with all tokens vs VisionZip, timings, visualisation."
+    app = subcommands.add_parser("app", help=help_text, description=help_text + " Needs gradio (vlmzip[app]).")
+    _add_model_argument(app)
+    app.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    app.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    app.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the model's generation config)")
+    app.add_argument("--repeats", type=int, default=3, help="prefill timing: best of this many runs (default 3)")
+    app.set_defaults(run=_app)
