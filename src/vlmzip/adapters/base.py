@@ -9,6 +9,7 @@ compressed features handed to the model through its own precomputed-features pat
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,12 +19,18 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vlmzip.cache import CachedVisual, ImageCache, VisualUnit, hash_tensors
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
 from vlmzip.methods import get_method
 from vlmzip.probe import ProbeOutput, TowerInfo, probe_vision_tower, resolve_tower
 
 PaddingSide = Literal["left", "right"]
+# Per-token text inputs: they never change an image's tokens.
+TEXT_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids", "position_ids")
+# units_inputs() of multi-crop families: crops per image, stated instead of derived from image sizes.
+CROP_COUNTS_KEY = "_visionzip_crop_counts"
+_APPLIED = object()  # prepare(cache=...) default: the cache given to vlmzip.apply
 IGNORE_INDEX = -100  # transformers' label value for positions without loss
 
 
@@ -59,6 +66,7 @@ class Adapter:
         self.feature_layer = self._resolve_feature_layer()
         self.method = get_method(config.method)
         self.check_budget()
+        self.cache: ImageCache | None = None  # set by vlmzip.apply(..., cache=...)
 
     # --- what each family provides -------------------------------------------------------
     def vision_tower(self) -> nn.Module:
@@ -77,6 +85,17 @@ class Adapter:
         raise NotImplementedError
 
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
+        raise NotImplementedError
+
+    def visual_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit] | None:
+        """Every image / video of `inputs` in text order, as the cache keys it, without running the tower.
+
+        Families that return None are cached per call: one key per item, all items encoded together.
+        """
+        return None
+
+    def units_inputs(self, units: Sequence[VisualUnit]) -> dict[str, Any]:
+        """Inputs for `encode` that hold these items only, in this order (families with `visual_units`)."""
         raise NotImplementedError
 
     # --- shared ----------------------------------------------------------------------------
@@ -100,6 +119,103 @@ class Adapter:
         prepared["mm_encoder_outputs"] = {
             self.modality: BaseModelOutputWithPooling(pooler_output=list(encoded.features))
         }
+
+    # --- the image cache -------------------------------------------------------------------------
+    def cache_context(self, cache: ImageCache) -> dict[str, Any]:
+        """Everything besides an item's own pixels and layout that changes its reduced tokens."""
+        tower_dtype = next(self.vision_tower().parameters()).dtype
+        return {
+            "model": cache.model_key(self.model),
+            "adapter": type(self).__qualname__,
+            "config": self.config.to_dict(),
+            "feature_layer": self.feature_layer,
+            "dtype": str(tower_dtype),
+        }
+
+    def text_width(self) -> int:
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return int(text_config.hidden_size)
+
+    def whole_call_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit]:
+        """Fallback units: item i of this exact set of visual inputs (families without `visual_units`)."""
+        full_counts = self.full_counts(inputs)
+        digest = hashlib.blake2b(digest_size=20)
+        text_shape = inputs["input_ids"].shape
+        tensors = [
+            value
+            for key, value in sorted(inputs.items())
+            if isinstance(value, torch.Tensor) and key not in TEXT_INPUT_KEYS and value.shape != text_shape
+        ]
+        hash_tensors(digest, tensors)
+        other = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor) and k not in TEXT_INPUT_KEYS}
+        digest.update(repr(sorted(other.items(), key=lambda item: item[0])).encode())
+        input_ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        ids = torch.tensor(self.placeholder_token_ids, device=input_ids.device)
+        hash_tensors(digest, [input_ids[mask & torch.isin(input_ids, ids)]])  # the order of the kinds
+        call = digest.hexdigest()
+        return [
+            VisualUnit("item", (), (call, index), count, self.image_token_id) for index, count in enumerate(full_counts)
+        ]
+
+    def join_encoded(self, visuals: Sequence[CachedVisual], reductions: list[Reduction]) -> EncodedImages:
+        """EncodedImages of cached and fresh items (text order); families with extra fields override this."""
+        slots = None
+        if any(visual.slots is not None for visual in visuals):
+            slots = [
+                visual.slots if visual.slots is not None else torch.arange(visual.features.shape[0])
+                for visual in visuals
+            ]
+        return EncodedImages(
+            features=[visual.features for visual in visuals],
+            full_counts=[visual.full_count for visual in visuals],
+            slots=slots,
+            reductions=reductions,
+        )
+
+    def encode_visuals(self, inputs: Mapping[str, Any], cache: ImageCache | None) -> EncodedImages:
+        """`encode(inputs)`, with items found in `cache` taken from it and only the others encoded."""
+        if cache is None:
+            return self.encode(inputs)
+        units = self.visual_units(inputs)
+        per_item = units is not None
+        if units is None:
+            units = self.whole_call_units(inputs)
+        context = self.cache_context(cache)
+        keys = [cache.key(context, unit) for unit in units]
+        device = next(self.vision_tower().parameters()).device
+        found: list[CachedVisual | None] = []
+        for unit, key in zip(units, keys, strict=True):
+            entry = cache.get(key)
+            if entry is not None and not self._fits(entry, unit):
+                entry = None  # never trust an entry that does not fit the item (e.g. an edited file)
+            found.append(entry.to(device) if entry is not None else None)
+        missing = [index for index, entry in enumerate(found) if entry is None]
+        reductions: list[Reduction] = []
+        if missing:
+            encoded = self.encode(self.units_inputs([units[i] for i in missing]) if per_item else inputs)
+            fresh = range(len(units)) if not per_item else missing
+            if len(encoded.features) != len(fresh):
+                raise RuntimeError(f"{type(self).__name__} encoded {len(encoded.features)} items, not {len(fresh)}")
+            for position, index in enumerate(fresh):
+                slots = encoded.slots[position] if encoded.slots is not None else None
+                visual = CachedVisual(
+                    encoded.features[position], encoded.full_counts[position], slots, units[index].modality
+                )
+                if found[index] is None:
+                    cache.put(keys[index], visual)
+                found[index] = visual
+            reductions = encoded.reductions
+        return self.join_encoded(found, reductions)  # type: ignore[arg-type]
+
+    def _fits(self, entry: CachedVisual, unit: VisualUnit) -> bool:
+        return (
+            entry.is_consistent()
+            and entry.full_count == unit.full_count
+            and entry.modality == unit.modality
+            and entry.features.shape[1] == self.text_width()
+        )
 
     def _resolve_feature_layer(self) -> int:
         layer = self.config.feature_layer
@@ -141,7 +257,10 @@ class Adapter:
         padded = input_ids[attention_mask == 0]
         return int(padded[0]) if padded.numel() else 0
 
-    def prepare(self, inputs: Mapping[str, Any], padding_side: PaddingSide | None = None) -> dict[str, Any]:
+    def prepare(
+        self, inputs: Mapping[str, Any], padding_side: PaddingSide | None = None, cache: Any = _APPLIED
+    ) -> dict[str, Any]:
+        """See `vlmzip.prepare`; `cache` overrides the adapter's own cache for this call (None: no cache)."""
         if not isinstance(inputs, Mapping):
             raise TypeError(f"inputs must be the processor's output (a mapping), got {type(inputs).__name__}")
         prepared = dict(inputs)
@@ -168,7 +287,7 @@ class Adapter:
 
         full_counts = self.full_counts(prepared)
         blocks = find_placeholder_blocks(input_ids, attention_mask, self.placeholder_token_ids, full_counts)
-        encoded = self.encode(prepared)
+        encoded = self.encode_visuals(prepared, self.cache if cache is _APPLIED else cache)
         new_counts = [int(f.shape[0]) for f in encoded.features]
         keep = placeholder_keep_mask(attention_mask, blocks, new_counts, encoded.slots)
 
@@ -185,6 +304,12 @@ class Adapter:
         self.attach_features(prepared, encoded)
         self.last_encoded = encoded
         return prepared
+
+
+def units_input_ids(units: Sequence[VisualUnit]) -> torch.Tensor:
+    """(1, length) input_ids holding only the placeholder runs of `units`, in order (for `units_inputs`)."""
+    ids = [unit.token_id for unit in units for _ in range(unit.full_count)]
+    return torch.tensor([ids], dtype=torch.long)
 
 
 def prepare_unreduced(model: nn.Module, inputs: Mapping[str, Any], modality: str = "image") -> dict[str, Any]:

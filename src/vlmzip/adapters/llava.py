@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from vlmzip.adapters.base import Adapter, EncodedImages
+from vlmzip.cache import VisualUnit
 
 
 class LlavaAdapter(Adapter):
@@ -49,3 +51,14 @@ class LlavaAdapter(Adapter):
             full_counts=self.full_counts(inputs),
             reductions=[reduction],
         )
+
+    def visual_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit]:
+        counts = self.full_counts(inputs)
+        pixel_values = inputs["pixel_values"]
+        return [
+            VisualUnit("image", (pixels,), (), count, self.image_token_id)
+            for pixels, count in zip(pixel_values, counts, strict=True)
+        ]
+
+    def units_inputs(self, units: Sequence[VisualUnit]) -> dict[str, Any]:
+        return {"pixel_values": torch.stack([unit.tensors[0] for unit in units])}

@@ -24,7 +24,7 @@ What differs from LLaVA:
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -34,7 +34,8 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import get_vision_window_index
 
-from vlmzip.adapters.base import Adapter, EncodedImages, PaddingSide, placeholder_order
+from vlmzip.adapters.base import _APPLIED, Adapter, EncodedImages, PaddingSide, placeholder_order, units_input_ids
+from vlmzip.cache import CachedVisual, VisualUnit
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import GROUP_DOMINANT, Reduction, contextual_targets
 from vlmzip.probe import (
@@ -458,6 +459,38 @@ class Qwen2VLAdapter(Adapter):
             modalities=[modality for modality, _ in order],
         )
 
+    # --- the image cache -----------------------------------------------------------------------
+    def visual_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit]:
+        grids = self._grids(inputs)
+        counts = self._counts(grids)
+        units: dict[str, list[VisualUnit]] = {}
+        for modality, grid in grids.items():
+            pixels = inputs[MODALITY_INPUTS[modality][0]]
+            bounds = [0, *grid.prod(dim=1).cumsum(0).tolist()]
+            units[modality] = [
+                VisualUnit(modality, (pixels[start:end],), tuple(row), count, self.token_id(modality))
+                for (start, end), row, count in zip(pairwise(bounds), grid.tolist(), counts[modality], strict=True)
+            ]
+        return [units[modality][index] for modality, index in self._text_order(inputs)]
+
+    def units_inputs(self, units: Sequence[VisualUnit]) -> dict[str, Any]:
+        result: dict[str, Any] = {"input_ids": units_input_ids(units)}
+        for modality, (pixel_key, grid_key) in MODALITY_INPUTS.items():
+            chosen = [unit for unit in units if unit.modality == modality]
+            if chosen:
+                result[pixel_key] = torch.cat([unit.tensors[0] for unit in chosen])
+                result[grid_key] = torch.tensor([list(unit.layout) for unit in chosen])
+        return result
+
+    def join_encoded(self, visuals: Sequence[CachedVisual], reductions: list[Reduction]) -> QwenEncoded:
+        return QwenEncoded(
+            features=[visual.features for visual in visuals],
+            full_counts=[visual.full_count for visual in visuals],
+            slots=[visual.slots for visual in visuals],
+            reductions=reductions,
+            modalities=[visual.modality for visual in visuals],
+        )
+
     def attach_features(self, prepared: dict[str, Any], encoded: EncodedImages) -> None:
         if not isinstance(encoded, QwenEncoded):
             raise TypeError(f"encoded must come from {type(self).__name__}.encode, got {type(encoded).__name__}")
@@ -470,15 +503,17 @@ class Qwen2VLAdapter(Adapter):
         for key in UNREDUCED_LAYOUT_KEYS:
             prepared.pop(key, None)
 
-    def prepare(self, inputs: Mapping[str, Any], padding_side: PaddingSide | None = None) -> dict[str, Any]:
+    def prepare(
+        self, inputs: Mapping[str, Any], padding_side: PaddingSide | None = None, cache: Any = _APPLIED
+    ) -> dict[str, Any]:
         if not isinstance(inputs, Mapping) or all(inputs.get(key) is None for key in self.image_input_keys):
-            return super().prepare(inputs, padding_side)
+            return super().prepare(inputs, padding_side, cache)
         if inputs.get("position_ids") is not None:
-            return super().prepare(inputs, padding_side)  # refused there with the shared message
+            return super().prepare(inputs, padding_side, cache)  # refused there with the shared message
         self.full_counts(inputs)  # the text must match the images before positions are computed from it
         positions = mrope_positions(self.model, inputs)
         rows = dict(zip(_ROPE_ROW_KEYS, positions.unbind(0), strict=True))
-        prepared = super().prepare({**inputs, **rows}, padding_side)
+        prepared = super().prepare({**inputs, **rows}, padding_side, cache)
         prepared["position_ids"] = torch.stack([prepared.pop(key) for key in _ROPE_ROW_KEYS])
         return prepared
 

@@ -1,0 +1,395 @@
+"""ImageCache: hits skip the tower and the selection, outputs stay bit-identical, memory stays bounded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import vlmzip
+from conftest import (
+    make_llava,
+    make_llava_processor,
+    make_qwen2_5_vl,
+    make_qwen2_vl,
+    make_qwen_processor,
+    qwen_prompt,
+    random_images,
+)
+from families import make_llava_next, make_llava_next_processor, make_onevision, make_onevision_processor, random_video
+from vlmzip.api import get_state
+from vlmzip.cache import CachedVisual, ImageCache
+
+LLAVA_PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
+SIZES = [(300, 400), (120, 120), (90, 300), (200, 150)]
+
+
+@dataclass
+class Family:
+    make_model: Callable[[], torch.nn.Module]
+    make_processor: Callable[[], object]
+    prompt: str
+    tower: Callable[[torch.nn.Module], torch.nn.Module]
+
+
+FAMILIES = {
+    "llava": Family(make_llava, make_llava_processor, LLAVA_PROMPT, lambda m: m.model.vision_tower),
+    "llava_next": Family(make_llava_next, make_llava_next_processor, LLAVA_PROMPT, lambda m: m.model.vision_tower),
+    "onevision": Family(make_onevision, make_onevision_processor, LLAVA_PROMPT, lambda m: m.model.vision_tower),
+    "qwen2_vl": Family(make_qwen2_vl, make_qwen_processor, qwen_prompt("<image>"), lambda m: m.model.visual),
+    "qwen2_5_vl": Family(make_qwen2_5_vl, make_qwen_processor, qwen_prompt("<image>"), lambda m: m.model.visual),
+}
+
+
+def pictures(count: int, first_seed: int = 0) -> list:
+    return [random_images(1, seed=first_seed + i, size=SIZES[(first_seed + i) % len(SIZES)])[0] for i in range(count)]
+
+
+class TowerCounter:
+    """Counts forward calls of a vision tower and the leading size of each call's input."""
+
+    def __init__(self, tower: torch.nn.Module) -> None:
+        self.sizes: list[int] = []
+        self.handle = tower.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        pixels = args[0] if args else next(iter(kwargs.values()))
+        self.sizes.append(int(pixels.shape[0]))
+
+    @property
+    def calls(self) -> int:
+        return len(self.sizes)
+
+    def __enter__(self) -> TowerCounter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.handle.remove()
+
+
+def assert_same_prepared(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if key == "mm_encoder_outputs":
+            assert a[key].keys() == b[key].keys()
+            for modality in a[key]:
+                first, second = a[key][modality].pooler_output, b[key][modality].pooler_output
+                assert len(first) == len(second)
+                for x, y in zip(first, second, strict=True):
+                    assert torch.equal(x, y)
+        elif isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> tuple[str, Family]:
+    return request.param, FAMILIES[request.param]
+
+
+def test_hits_skip_the_tower_and_outputs_are_bit_identical(family):
+    name, spec = family
+    model, processor = spec.make_model(), spec.make_processor()
+    images = pictures(2)
+    inputs = processor(images=images, text=[spec.prompt] * 2, return_tensors="pt", padding=True)
+    cache = ImageCache(max_bytes=2**24)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    with torch.no_grad():
+        reference = vlmzip.prepare(model, inputs, cache=None)
+        with TowerCounter(spec.tower(model)) as counter:
+            first = vlmzip.prepare(model, inputs)
+            assert counter.calls == 1 and (cache.hits, cache.misses) == (0, 2)
+            second = vlmzip.prepare(model, inputs)
+            assert counter.calls == 1, "a hit must not run the vision tower"
+        assert (cache.hits, cache.misses) == (2, 2)
+        assert_same_prepared(reference, first)
+        assert_same_prepared(reference, second)
+        # generate() preparing itself goes through the cache too, with the same tokens as without it.
+        with TowerCounter(spec.tower(model)) as counter:
+            cached = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert counter.calls == 0
+        uncached = model.generate(**reference, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+    assert len(cache) == 2 and 0 < cache.nbytes <= cache.max_bytes
+
+
+def test_a_batch_mixing_hits_and_misses_encodes_the_misses_only(family):
+    name, spec = family
+    model, processor = spec.make_model(), spec.make_processor()
+    old, new = pictures(1), pictures(2, first_seed=5)
+    cache = ImageCache(max_bytes=2**24)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    batch = [new[0], old[0], new[1]]
+    inputs = processor(images=batch, text=[spec.prompt] * 3, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        vlmzip.prepare(model, processor(images=old, text=[spec.prompt], return_tensors="pt"))
+        alone = [
+            vlmzip.prepare(model, processor(images=[image], text=[spec.prompt], return_tensors="pt"), cache=None)
+            for image in batch
+        ]
+        with TowerCounter(spec.tower(model)) as counter:
+            mixed = vlmzip.prepare(model, inputs)
+        assert counter.calls == 1
+        assert (cache.hits, cache.misses) == (1, 3)
+        features = mixed["mm_encoder_outputs"]["image"].pooler_output
+        for index, single in enumerate(alone):
+            assert torch.equal(features[index], single["mm_encoder_outputs"]["image"].pooler_output[0])
+        logits = model(**mixed).logits
+        reference = model(**vlmzip.prepare(model, inputs, cache=None)).logits
+    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
+
+
+def test_llava_hit_skips_the_images_of_a_batch_in_the_tower_call():
+    model, processor = make_llava(), make_llava_processor()
+    cache = ImageCache(max_bytes=2**24)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    images = pictures(3)
+    with torch.no_grad(), TowerCounter(model.model.vision_tower) as counter:
+        vlmzip.prepare(model, processor(images=images[:2], text=[LLAVA_PROMPT] * 2, return_tensors="pt", padding=True))
+        vlmzip.prepare(model, processor(images=images, text=[LLAVA_PROMPT] * 3, return_tensors="pt", padding=True))
+    assert counter.sizes == [2, 1]  # the second call encodes the third image alone
+
+
+def test_onevision_videos_and_images_are_cached_per_item():
+    model, processor = make_onevision(), make_onevision_processor()
+    cache = ImageCache(max_bytes=2**24)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    images, videos = pictures(2), [random_video(4, seed=3)]
+    text = ["USER: <image> a <video> the <image> what ? ASSISTANT:"]
+    inputs = processor(images=[images], videos=videos, text=text, return_tensors="pt")
+    with torch.no_grad():
+        reference = vlmzip.prepare(model, inputs, cache=None)
+        first = vlmzip.prepare(model, inputs)
+        with TowerCounter(model.model.vision_tower) as counter:
+            second = vlmzip.prepare(model, inputs)
+            # The same video alone, then one of the images in a single-image sample (more crops: a new item).
+            vlmzip.prepare(model, processor(videos=videos, text=["USER: <video> a ? ASSISTANT:"], return_tensors="pt"))
+            vlmzip.prepare(model, processor(images=images[:1], text=[LLAVA_PROMPT], return_tensors="pt"))
+    assert counter.calls == 1
+    assert (cache.hits, cache.misses) == (4, 4)
+    assert_same_prepared(reference, first)
+    assert_same_prepared(reference, second)
+
+
+def test_qwen_positions_survive_a_hit():
+    model, processor = make_qwen2_5_vl(), make_qwen_processor()
+    cache = ImageCache(max_bytes=2**24)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    images = pictures(2)
+    inputs = processor(images=[images], text=[qwen_prompt("<image>", "<image>")], return_tensors="pt")
+    with torch.no_grad():
+        reference = vlmzip.prepare(model, inputs, cache=None)
+        vlmzip.prepare(model, inputs)
+        hit = vlmzip.prepare(model, inputs)
+    assert cache.hits == 2
+    assert_same_prepared(reference, hit)
+
+
+def test_memory_bound_is_honoured_with_lru_eviction():
+    model, processor = make_llava(), make_llava_processor()
+    probe = ImageCache(max_bytes=2**24)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=probe)
+    images = pictures(3)
+    with torch.no_grad():
+        vlmzip.prepare(model, processor(images=images[:1], text=[LLAVA_PROMPT], return_tensors="pt"))
+    entry_bytes = probe.nbytes
+    vlmzip.remove(model)
+    cache = ImageCache(max_bytes=2 * entry_bytes + entry_bytes // 2)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    with torch.no_grad(), TowerCounter(model.model.vision_tower) as counter:
+        for image in [images[0], images[1], images[0], images[2]]:  # images[1] is the least recently used
+            vlmzip.prepare(model, processor(images=[image], text=[LLAVA_PROMPT], return_tensors="pt"))
+            assert cache.nbytes <= cache.max_bytes
+        assert len(cache) == 2 and cache.nbytes == 2 * entry_bytes
+        assert counter.calls == 3
+        vlmzip.prepare(model, processor(images=[images[0]], text=[LLAVA_PROMPT], return_tensors="pt"))
+        assert counter.calls == 3  # kept
+        vlmzip.prepare(model, processor(images=[images[1]], text=[LLAVA_PROMPT], return_tensors="pt"))
+        assert counter.calls == 4  # evicted, encoded again
+    assert cache.nbytes <= cache.max_bytes
+    tiny = ImageCache(max_bytes=entry_bytes - 1)  # nothing fits: every lookup misses, nothing is held
+    tiny.put("k" * 40, CachedVisual(torch.zeros(8, 64), full_count=576))
+    assert len(tiny) == 0 and tiny.nbytes == 0
+
+
+def test_budget_model_and_weights_are_part_of_the_key():
+    model, processor = make_llava(), make_llava_processor()
+    cache = ImageCache(max_bytes=2**24)
+    inputs = processor(images=pictures(1), text=[LLAVA_PROMPT], return_tensors="pt")
+    with torch.no_grad():
+        vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+        vlmzip.prepare(model, inputs)
+        vlmzip.remove(model)
+        vlmzip.apply(model, dominant=5, contextual=3, cache=cache)
+        vlmzip.prepare(model, inputs)
+        assert (cache.hits, cache.misses) == (0, 2)
+        other = make_llava(seed=1)
+        vlmzip.apply(other, dominant=5, contextual=3, cache=cache)
+        vlmzip.prepare(other, inputs)
+        assert (cache.hits, cache.misses) == (0, 3)
+        model.model.multi_modal_projector.linear_1.weight.add_(1e-3)  # an in-place update of a visual weight
+        changed = vlmzip.prepare(model, inputs)
+        assert (cache.hits, cache.misses) == (0, 4)
+        assert torch.equal(
+            changed["mm_encoder_outputs"]["image"].pooler_output[0],
+            vlmzip.prepare(model, inputs, cache=None)["mm_encoder_outputs"]["image"].pooler_output[0],
+        )
+        model.model.language_model.layers[0].mlp.up_proj.weight.add_(1.0)  # the language model is not
+        vlmzip.prepare(model, inputs)
+        assert cache.hits == 1
+
+
+def test_remove_detaches_the_cache():
+    model, processor = make_llava(), make_llava_processor()
+    cache = ImageCache(max_bytes=2**24)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    adapter = get_state(model).adapter
+    inputs = processor(images=pictures(1), text=[LLAVA_PROMPT], return_tensors="pt")
+    with torch.no_grad():
+        vlmzip.prepare(model, inputs)
+        vlmzip.remove(model)
+        assert adapter.cache is None
+        with TowerCounter(model.model.vision_tower) as counter:
+            model(**inputs)
+            vlmzip.apply(model, dominant=6, contextual=2)  # no cache this time
+            vlmzip.prepare(model, inputs)
+        assert counter.calls == 2
+    assert (cache.hits, cache.misses, len(cache)) == (0, 1, 1)
+
+
+def test_clear_empties_memory_files_and_counters(tmp_path):
+    model, processor = make_llava(), make_llava_processor()
+    cache = ImageCache(max_bytes=2**24, directory=tmp_path)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    inputs = processor(images=pictures(1), text=[LLAVA_PROMPT], return_tensors="pt")
+    (tmp_path / "notes.txt").write_text("kept")
+    with torch.no_grad():
+        vlmzip.prepare(model, inputs)
+        vlmzip.prepare(model, inputs)
+        cache.clear()
+        assert (cache.hits, cache.misses, cache.nbytes, len(cache)) == (0, 0, 0, 0)
+        assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
+        with TowerCounter(model.model.vision_tower) as counter:
+            vlmzip.prepare(model, inputs)
+        assert counter.calls == 1
+
+
+def test_persistence_round_trip_and_bad_files_are_ignored(tmp_path):
+    model, processor = make_llava(), make_llava_processor()
+    images = pictures(2)
+    inputs = processor(images=images, text=[LLAVA_PROMPT] * 2, return_tensors="pt", padding=True)
+    writer = ImageCache(max_bytes=2**24, directory=tmp_path)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=writer)
+    with torch.no_grad():
+        written = vlmzip.prepare(model, inputs)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == 2 and not list(tmp_path.glob(".tmp-*"))
+    vlmzip.remove(model)
+
+    reader = ImageCache(max_bytes=0, directory=str(tmp_path))  # memory holds nothing: every hit is a file
+    vlmzip.apply(model, dominant=6, contextual=2, cache=reader)
+    with torch.no_grad(), TowerCounter(model.model.vision_tower) as counter:
+        read = vlmzip.prepare(model, inputs)
+        assert counter.calls == 0 and reader.hits == 2
+        assert_same_prepared(written, read)
+
+        files[0].write_bytes(files[0].read_bytes()[:-7])  # truncated
+        swapped = files[1].read_bytes()
+        files[1].write_bytes(files[0].read_bytes())  # another entry's (broken) content under this name
+        again = vlmzip.prepare(model, inputs)
+        assert counter.calls == 1 and counter.sizes == [2]
+        assert_same_prepared(written, again)
+    assert swapped  # both files were rewritten with valid entries
+    fresh = ImageCache(max_bytes=2**24, directory=tmp_path)
+    vlmzip.remove(model)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=fresh)
+    with torch.no_grad(), TowerCounter(model.model.vision_tower) as counter:
+        vlmzip.prepare(model, inputs)
+    assert counter.calls == 0
+
+
+def test_a_file_with_a_valid_checksum_but_another_key_is_not_trusted(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, processor = make_llava(), make_llava_processor()
+    cache = ImageCache(max_bytes=0, directory=tmp_path)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    first, second = (processor(images=[image], text=[LLAVA_PROMPT], return_tensors="pt") for image in pictures(2))
+    with torch.no_grad():
+        vlmzip.prepare(model, first)
+        (path,) = tmp_path.glob("*.safetensors")
+        vlmzip.prepare(model, second)
+        other = next(p for p in tmp_path.glob("*.safetensors") if p != path)
+        other.write_bytes(path.read_bytes())  # a foreign entry (valid file, other key) under this name
+        with TowerCounter(model.model.vision_tower) as counter:
+            vlmzip.prepare(model, second)
+        assert counter.calls == 1
+        # Features whose width is not the language model's are refused even under the right key and metadata.
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        tensors = load_file(str(path))
+        tensors["features"] = torch.zeros(8, 3)
+        from vlmzip.cache import _checksum
+
+        metadata["checksum"] = _checksum(tensors)
+        save_file(tensors, str(path), metadata=metadata)
+        with TowerCounter(model.model.vision_tower) as counter:
+            vlmzip.prepare(model, first)
+        assert counter.calls == 1
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(ValueError, match="max_bytes"):
+        ImageCache(max_bytes=-1)
+    with pytest.raises(TypeError, match="max_bytes"):
+        ImageCache(max_bytes="1GB")
+    with pytest.raises(TypeError, match="max_bytes"):
+        ImageCache(max_bytes=True)
+    with pytest.raises(TypeError, match="max_bytes"):
+        ImageCache(max_bytes=1.5)
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match="directory"):
+        ImageCache(max_bytes=10, directory=afile)
+    with pytest.raises(TypeError, match="directory"):
+        ImageCache(max_bytes=10, directory=3)
+    model = make_llava()
+    with pytest.raises(TypeError, match="cache"):
+        vlmzip.apply(model, dominant=6, contextual=2, cache={})
+    assert not vlmzip.is_applied(model)
+    vlmzip.apply(model, dominant=6, contextual=2)
+    with pytest.raises(TypeError, match="cache"):
+        vlmzip.prepare(model, {}, cache="yes")
+    with pytest.raises(TypeError, match="entry"):
+        ImageCache(max_bytes=10).put("k", torch.zeros(2))
+
+
+def test_embedded_model_hits_skip_the_tower(default_model_and_processor):
+    from vlmzip.demo import build_prompt
+
+    model, processor = default_model_and_processor
+    cache = ImageCache(max_bytes=2**26)
+    image = pictures(1)[0]
+    inputs = processor(images=[image], text=[build_prompt(processor, "what color is it?")], return_tensors="pt")
+    try:
+        with torch.no_grad():
+            reference = model.generate(
+                **vlmzip.prepare(vlmzip.apply(model, dominant=54, contextual=10), inputs),
+                max_new_tokens=6,
+                do_sample=False,
+            )
+            vlmzip.remove(model)
+            vlmzip.apply(model, dominant=54, contextual=10, cache=cache)
+            with TowerCounter(model.model.vision_tower) as counter:
+                outputs = [model.generate(**inputs, max_new_tokens=6, do_sample=False) for _ in range(3)]
+    finally:
+        vlmzip.remove(model)
+    assert counter.calls == 1
+    assert (cache.hits, cache.misses) == (2, 1)
+    for output in outputs:
+        assert torch.equal(output, reference)
