@@ -393,3 +393,28 @@ def test_embedded_model_hits_skip_the_tower(default_model_and_processor):
     assert (cache.hits, cache.misses) == (2, 1)
     for output in outputs:
         assert torch.equal(output, reference)
+
+
+def test_conversation_reuses_an_image_shown_again():
+    from vlmzip.conversation import Conversation
+
+    model, processor = make_llava(), make_llava_processor()
+    vlmzip.apply(model, dominant=6, contextual=2)
+    image = pictures(1)[0]
+    chat = Conversation(model, processor)
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    with TowerCounter(model.model.vision_tower) as counter:
+        chat.ask(LLAVA_PROMPT, images=[image], **kwargs)
+        chat.ask("USER: how many are there ? ASSISTANT:", **kwargs)
+        chat.ask("USER: <image> what is left of ? ASSISTANT:", images=[image], **kwargs)
+    assert counter.calls == 1
+    assert (chat.image_cache.hits, chat.image_cache.misses) == (1, 1)
+    shared = ImageCache(max_bytes=2**24)
+    other = Conversation(model, processor, cache=shared)
+    with TowerCounter(model.model.vision_tower) as counter:
+        other.ask(LLAVA_PROMPT, images=[image], **kwargs)
+    assert counter.calls == 1 and shared.misses == 1
+    vlmzip.remove(model)
+    assert Conversation(model, processor).image_cache is None
+    with pytest.raises(TypeError, match="cache"):
+        Conversation(model, processor, cache=object())

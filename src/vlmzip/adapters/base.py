@@ -185,17 +185,18 @@ class Adapter:
         context = self.cache_context(cache)
         keys = [cache.key(context, unit) for unit in units]
         device = next(self.vision_tower().parameters()).device
-        found: list[CachedVisual | None] = []
+        known: dict[str, CachedVisual | None] = {}  # an item repeated within the call is looked up once
         for unit, key in zip(units, keys, strict=True):
-            entry = cache.get(key)
-            if entry is not None and not self._fits(entry, unit):
-                entry = None  # never trust an entry that does not fit the item (e.g. an edited file)
-            found.append(entry.to(device) if entry is not None else None)
-        missing = [index for index, entry in enumerate(found) if entry is None]
+            if key not in known:
+                entry = cache.get(key)
+                if entry is not None and not self._fits(entry, unit):
+                    entry = None  # never trust an entry that does not fit the item (e.g. an edited file)
+                known[key] = entry.to(device) if entry is not None else None
+        missing = [index for index, key in enumerate(keys) if known[key] is None and keys.index(key) == index]
         reductions: list[Reduction] = []
         if missing:
             encoded = self.encode(self.units_inputs([units[i] for i in missing]) if per_item else inputs)
-            fresh = range(len(units)) if not per_item else missing
+            fresh = list(range(len(units))) if not per_item else missing
             if len(encoded.features) != len(fresh):
                 raise RuntimeError(f"{type(self).__name__} encoded {len(encoded.features)} items, not {len(fresh)}")
             for position, index in enumerate(fresh):
@@ -203,10 +204,12 @@ class Adapter:
                 visual = CachedVisual(
                     encoded.features[position], encoded.full_counts[position], slots, units[index].modality
                 )
-                if found[index] is None:
+                if known[keys[index]] is None:
                     cache.put(keys[index], visual)
-                found[index] = visual
+                if not per_item or index in missing:
+                    known[keys[index]] = visual
             reductions = encoded.reductions
+        found = [known[key] for key in keys]
         return self.join_encoded(found, reductions)  # type: ignore[arg-type]
 
     def _fits(self, entry: CachedVisual, unit: VisualUnit) -> bool:
