@@ -22,8 +22,9 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from vlmzip.adapters import adapter_class_for
+from vlmzip.cache import ImageCache, check_cache
 from vlmzip.config import VisionZipConfig, check_int
-from vlmzip.demo import DemoRun, run_demo
+from vlmzip.demo import DemoRun, answer_from_cache, run_demo
 from vlmzip.loading import MAX_IMAGE_PIXELS, load_image
 from vlmzip.methods import available_methods
 from vlmzip.viz import image_pixel_values, model_adapter, reduced_images_for, token_summary, visualize
@@ -31,6 +32,7 @@ from vlmzip.viz_cli import DEFAULT_BUDGET, DEFAULT_HOST, DEFAULT_PORT
 
 DEFAULT_MAX_NEW_TOKENS = 16  # when the model's generation config does not say
 MAX_QUESTION_CHARS = 500
+APP_CACHE_BYTES = 256 * 2**20  # reduced images kept by the page across questions
 MAX_UPLOAD = "20mb"  # refused by the server before it reaches the model
 BUDGET_TOKENS = "total tokens"
 BUDGET_SPLIT = "dominant + contextual"
@@ -83,6 +85,7 @@ def ask(
     heatmap: bool = True,
     max_new_tokens: int | None = None,
     repeats: int = 1,
+    cache: ImageCache | None = None,
 ) -> dict[str, Any]:
     """Answer `question` about `image` with all visual tokens and with the reduction, and time both.
 
@@ -95,6 +98,11 @@ def ask(
     language model, "vision_ms" tower (+ selection) and projector, "prefill_ms" language model,
     "first_token_ms" their sum), "speedup" and "prefill_speedup" (full / reduced time to first
     token and language-model prefill) and "visualization" (a PIL image from `vlmzip.visualize`).
+
+    With `cache` (a `vlmzip.ImageCache` kept across calls, as the page does), the reduced answer goes
+    through it and the result also holds "cached": the question answered again with the image's
+    reduced tokens from the cache ("first_token_ms", "answer") and "seen_before" (the image was
+    already reduced by an earlier question, so this answer skipped the vision tower too).
     """
     adapter_class_for(model)
     image = _check_image(image)
@@ -108,9 +116,19 @@ def ask(
         max_new_tokens = getattr(generation_config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, 1024)
 
-    result = run_demo(model, processor, image, question, config, repeats=repeats, max_new_tokens=max_new_tokens)
+    check_cache(cache)
+    misses = cache.misses if cache is not None else 0
+    result = run_demo(
+        model, processor, image, question, config, repeats=repeats, max_new_tokens=max_new_tokens, cache=cache
+    )
     panels = reduced_images_for(model, processor, image, result.reduction)
     full, reduced = result.full, result.reduced
+    cached = None
+    if cache is not None:
+        seen_before = cache.misses == misses
+        adapter = adapter_class_for(model)(model, config)
+        again = answer_from_cache(model, processor, adapter, cache, image, question, max_new_tokens)
+        cached = {"first_token_ms": again.first_token_ms, "answer": again.answer, "seen_before": seen_before}
     return {
         "question": question,
         "method": config.method,
@@ -122,6 +140,7 @@ def ask(
         "speedup": full.first_token_ms / max(reduced.first_token_ms, 1e-9),
         "prefill_speedup": full.prefill_ms / max(reduced.prefill_ms, 1e-9),
         "visualization": visualize(panels, heatmap=heatmap),
+        **({"cached": cached} if cached is not None else {}),
     }
 
 
@@ -144,8 +163,20 @@ def format_stats(result: dict[str, Any]) -> str:
             "",
             f"**Speedup: {result['prefill_speedup']:.2f}x LLM prefill, {result['speedup']:.2f}x time to first "
             "token** (CPU; vision = tower + selection + projector)",
+            *_cached_lines(result.get("cached")),
         ]
     )
+
+
+def _cached_lines(cached: dict[str, Any] | None) -> list[str]:
+    if cached is None:
+        return []
+    earlier = " This image was already reduced for an earlier question." if cached["seen_before"] else ""
+    return [
+        "",
+        f"**Asked again: {cached['first_token_ms']:.1f} ms to the first token** with the reduced tokens from the "
+        f"image cache (no vision tower, no selection).{earlier}",
+    ]
 
 
 # --- examples --------------------------------------------------------------------------------
@@ -239,6 +270,7 @@ def build_app(
     gr = _gradio()
     adapter_class_for(model)
     repeats = check_int("repeats", repeats, 1, 100)
+    cache = ImageCache(max_bytes=APP_CACHE_BYTES)  # the same upload asked again skips the tower
     largest = tokens_per_image(model, processor)  # the page offers budgets up to all tokens
     default_split = VisionZipConfig.from_budget(min(DEFAULT_BUDGET, largest))
 
@@ -268,6 +300,7 @@ def build_app(
                 heatmap=bool(heatmap),
                 max_new_tokens=max_new_tokens,
                 repeats=repeats,
+                cache=cache,
             )
         except (ValueError, TypeError, OSError) as error:
             raise gr.Error(str(error)) from None

@@ -104,11 +104,13 @@ def run_demo(
     max_new_tokens: int = 16,
     progress: Callable[[str], None] = lambda message: None,
     follow_up: str | None = None,
+    cache: ImageCache | None = None,
 ) -> DemoResult:
     """Measure the model on (image, question) with all visual tokens and with `config`'s reduction.
 
     `follow_up`: a second question about the image, answered with the reduction from an image cache
     that the first answer filled (`DemoResult.follow_up`, with its time to first token).
+    `cache`: the image cache the answers go through (default: a fresh one); the timed rounds never use it.
     """
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question must be a non-empty string")
@@ -142,7 +144,7 @@ def run_demo(
     reduction = adapter.last_encoded.reductions[0]
 
     progress("answering")
-    cache = ImageCache(max_bytes=2**30)
+    cache = cache if cache is not None else ImageCache(max_bytes=2**30)
     encoders["zip"] = lambda: adapter.prepare(inputs, cache=cache)  # the answer fills the cache
     runs = {}
     for name, label in (("full", "all tokens"), ("zip", f"{config.method} {config.dominant}+{config.contextual}")):
@@ -159,13 +161,14 @@ def run_demo(
     result = DemoResult(full=runs["full"], reduced=runs["zip"], reduction=reduction, config=config)
     if follow_up is not None:
         progress("answering the follow-up question from the image cache")
-        result.follow_up = _follow_up(model, processor, adapter, cache, image, follow_up, max_new_tokens)
+        result.follow_up = answer_from_cache(model, processor, adapter, cache, image, follow_up, max_new_tokens)
     return result
 
 
-def _follow_up(
+def answer_from_cache(
     model: Any, processor: Any, adapter: Adapter, cache: ImageCache, image: Image.Image, question: str, max_new: int
 ) -> FollowUp:
+    """Answer `question` about `image` with `adapter`'s reduction through `cache`, timing the first token."""
     device = next(model.parameters()).device
     inputs = processor(images=[image], text=[build_prompt(processor, question)], return_tensors="pt").to(device)
     hits = cache.hits
