@@ -98,3 +98,39 @@ def test_arch_command_with_a_small_entry(monkeypatch, tmp_path):
     assert [(row["method"], row["tokens"], row["dtype"]) for row in rows] == [
         ("full", 576, "float32"), ("visionzip", 64, "float32")
     ]  # fmt: skip
+
+
+def test_questions_per_image_and_int8(model_dir, tmp_path, capsys):
+    out = tmp_path / "later.json"
+    argv = ["bench", "--model", str(model_dir), "--methods", "visionzip", "--tokens", "64", *FAST]
+    assert main([*argv, "--questions-per-image", "3", "--quantize", "int8", "--json", str(out)]) == 0
+    full, reduced = json.loads(out.read_text())
+    assert full["ttft_later_ms"] is None and full["quantize"] == "int8" and full["questions_per_image"] == 3
+    assert reduced["ttft_later_ms"] > 0 and reduced["llm_prefill_later_ms"] > 0
+    # A later question runs no tower: its TTFT is the prefill plus the cache lookup.
+    assert reduced["tower_later_ms"] < reduced["tower_ms"]
+    assert reduced["ttft_later_over_prefill"] == pytest.approx(
+        reduced["ttft_later_ms"] / reduced["llm_prefill_later_ms"]
+    )
+    assert "later" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--questions-per-image", "0"], "--questions-per-image"), (["--quantize", "int4"], "invalid choice")],
+)
+def test_bad_questions_and_quantize(model_dir, capsys, extra, message):
+    code = None
+    try:
+        code = main(["bench", "--model", str(model_dir), *FAST, *extra])
+    except SystemExit as exit_:  # argparse refuses unknown choices itself
+        code = exit_.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_questions_for_are_distinct():
+    from vlmzip.bench.cli import questions_for
+
+    questions = questions_for("first?", 9)
+    assert questions[0] == "first?" and len(set(questions)) == 9
