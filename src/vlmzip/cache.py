@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmzip.config import check_int
+from vlmzip._validation import check_int
 
 FORMAT = "vlmzip-image-cache"
 FORMAT_VERSION = "1"
