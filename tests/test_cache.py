@@ -418,3 +418,24 @@ def test_conversation_reuses_an_image_shown_again():
     assert Conversation(model, processor).image_cache is None
     with pytest.raises(TypeError, match="cache"):
         Conversation(model, processor, cache=object())
+
+
+def test_families_without_units_are_cached_per_call():
+    """An adapter that cannot split its inputs per image still gets hits for a repeated call."""
+    model, processor = make_llava(), make_llava_processor()
+    cache = ImageCache(max_bytes=2**24)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    get_state(model).adapter.visual_units = lambda inputs: None  # what a family without per-image units returns
+    images = pictures(3)
+    pair = processor(images=images[:2], text=[LLAVA_PROMPT] * 2, return_tensors="pt", padding=True)
+    other = processor(images=images[1:], text=[LLAVA_PROMPT] * 2, return_tensors="pt", padding=True)
+    with torch.no_grad(), TowerCounter(model.model.vision_tower) as counter:
+        reference = vlmzip.prepare(model, pair, cache=None)
+        first = vlmzip.prepare(model, pair)
+        second = vlmzip.prepare(model, pair)
+        assert counter.sizes == [2, 2]  # the uncached reference, then the miss; the repeat ran nothing
+        vlmzip.prepare(model, other)  # another set: encoded as a whole
+        assert counter.sizes == [2, 2, 2]
+    assert_same_prepared(reference, first)
+    assert_same_prepared(reference, second)
+    assert (cache.hits, cache.misses) == (2, 4)
