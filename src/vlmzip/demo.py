@@ -23,6 +23,7 @@ from vlmzip.adapters.base import Adapter, prepare_unreduced
 from vlmzip.bench.memory import PeakMemory
 from vlmzip.bench.runner import kv_cache_bytes_after_prefill
 from vlmzip.cli_options import add_budget_options, config_from_args
+from vlmzip.compat import output_cache
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
 
@@ -104,7 +105,7 @@ def run_demo(
                 prepared, vision_ms = _timed(encoders[name])
                 with PeakMemory(device) as memory:
                     output, prefill_ms = _timed(partial(model, **prepared, logits_to_keep=1, use_cache=True))
-                kv_bytes = kv_cache_bytes_after_prefill(output.past_key_values, generated=1)
+                kv_bytes = kv_cache_bytes_after_prefill(output_cache(output), generated=1)
                 kv_cache_mb[name] = kv_bytes / 2**20 if kv_bytes is not None else None
                 if repeat:
                     times[name]["vision"].append(vision_ms)
