@@ -11,12 +11,14 @@ previous output as it was and no partial one.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 Inputs = Iterable[tuple[str, "str | Path | None"]]
 
@@ -111,6 +113,29 @@ def replacing_file(target: str | Path) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write `data` as indented JSON through `replacing_file`: readers never see half a file."""
+    path = Path(path)
+    with replacing_file(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def save_image(picture: Any, path: str | Path) -> Path:
+    """Save a PIL image through `replacing_file`, in the format its extension names."""
+    from PIL import Image
+
+    path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise ValueError(
+            f"unknown image format {path.suffix or '(no extension)'!r} for {path}; use .png, .jpg or .webp"
+        )
+    with replacing_file(path) as temporary:
+        picture.save(temporary, format=image_format)
+    return path
 
 
 def embedded_model_inputs() -> list[tuple[str, Path]]:

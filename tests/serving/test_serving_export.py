@@ -129,10 +129,38 @@ def test_export_errors(tiny_dir, tmp_path):
     (busy / "keep.txt").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         export_model(tiny_dir, busy)
-    with pytest.raises(ValueError, match="must differ"):
-        export_model(tiny_dir, tiny_dir)
+    for output in (tiny_dir, tiny_dir / "sub", tiny_dir.parent):  # is, inside, contains --model
+        with pytest.raises(ValueError, match="the input --model"):
+            export_model(tiny_dir, output, overwrite=True)
+    assert not (tiny_dir / "sub").exists()
     with pytest.raises(TypeError, match="config"):
         export_model(tiny_dir, tmp_path / "d", {"dominant": 3})
+
+
+def test_force_replaces_the_whole_output_and_an_interrupt_keeps_the_old_one(tiny_dir, tmp_path, monkeypatch):
+    import vlmzip.export
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for stale in ("model.safetensors.index.json", "model-00001-of-00002.safetensors", "keep.txt"):
+        (out / stale).write_text("from an earlier export")
+    before = sorted(p.name for p in out.iterdir())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vlmzip.export, "_rename_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(tiny_dir, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == before  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no half-written directory beside it
+    monkeypatch.undo()
+    export_model(tiny_dir, out, overwrite=True)
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" not in names and "keep.txt" not in names
+    assert [n for n in names if n.endswith(".safetensors")] == ["model.safetensors"]
+    assert LlavaForConditionalGeneration.from_pretrained(out) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_cli_export(tiny_dir, tmp_path, capsys):
@@ -146,6 +174,8 @@ def test_cli_export(tiny_dir, tmp_path, capsys):
     assert cli_main(args) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("vlmzip export: error: dominant + contextual must be <= 577") and "\n" not in error
+    assert cli_main(["export", "--model", str(tiny_dir), "-o", str(tiny_dir), "--force"]) == 2
+    assert "-o/--output" in capsys.readouterr().err
 
 
 # --- the serving budget: visionzip_config.json + --hf-overrides ------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmzip.config import VisionZipConfig, check_int
+from vlmzip.outputs import refuse_overlap, write_json
 
 VARIANTS = ("vllm", "vllm+visionzip")
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
@@ -144,6 +145,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     requests = check_int("--requests", args.requests, 1)
     single = check_int("--single", args.single, 0)
     max_tokens = check_int("--max-tokens", args.max_tokens, 1)
+    inputs = [("--model", args.model)]
+    if args.output:
+        refuse_overlap(args.output, inputs, "--output")
+    if args.logs:
+        refuse_overlap(args.logs, inputs, "--logs")
     with tempfile.TemporaryDirectory(prefix="vlmzip-bench-vllm-") as scratch:
         work = Path(scratch)
         source = Path(args.model) if args.model else build_tiny_llava(work / "tiny", **BENCH_MODEL)
@@ -161,7 +167,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(format_table(results, config))
     if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(args.output, report)
     return report
 
 
