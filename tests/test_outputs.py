@@ -128,11 +128,13 @@ def test_export_split_asks_before_replacing_and_refuses_no_scenes(tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["split.jsonl", "split_images"]
 
 
-def test_train_default_refuses_the_shipped_weights(capsys):
+def test_training_recipe_refuses_the_shipped_weights(capsys):
+    from recipes.default_model import train
+
     before = snapshot(files_dir())
-    for argv in (["train-default", str(files_dir())], ["train-default", str(files_dir().parent)]):
+    for argv in ([str(files_dir())], [str(files_dir().parent)], ["elsewhere", "--work-dir", str(files_dir())]):
         with pytest.raises(SystemExit) as stop:
-            main(argv)
+            train.main(argv)
         assert stop.value.code == 2
         assert "the input embedded default model" in capsys.readouterr().err
     assert snapshot(files_dir()) == before

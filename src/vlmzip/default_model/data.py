@@ -526,8 +526,6 @@ def export_split(
 
     An existing file or image folder is replaced only with ``overwrite``.
     """
-    from vlmzip.config import check_int
-
     check_int("num_images", num_images, 1)
     check_int("per_type", per_type, 1)
     check_int("seed", seed, 0)

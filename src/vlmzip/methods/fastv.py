@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmzip._validation import check_int
 from vlmzip.compat import passed_cache
-from vlmzip.config import check_int
 
 FASTV_METHOD = "fastv"
 DEFAULT_LAYER = 2
