@@ -287,6 +287,7 @@ def make_mistral3(seed: int = 0) -> Mistral3ForConditionalGeneration:
         image_token_index=MISTRAL_IMAGE_TOKEN_ID,
         spatial_merge_size=MISTRAL_MERGE,
         vision_feature_layer=-1,
+        tie_word_embeddings=False,  # tied, a tiny random model only repeats its last input token
     )
     torch.manual_seed(seed)
     return Mistral3ForConditionalGeneration(config).eval()

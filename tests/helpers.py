@@ -193,3 +193,30 @@ def original_rope_positions(model: torch.nn.Module, inputs: dict) -> torch.Tenso
     extra = {key: inputs[key] for key in _ROPE_INPUTS if key in inputs}
     positions, _ = model.model.get_rope_index(inputs["input_ids"], **extra)
     return positions
+
+
+def reference_visionzip(
+    features: torch.Tensor, scores: Sequence[float], keys: Sequence[torch.Tensor], dominant: int, contextual: int
+) -> torch.Tensor:
+    """The published selection and merge, written out with plain loops over the tokens of one image.
+
+    features (tokens, hidden), one score and one key per token (no [CLS]). Dominant: the `dominant`
+    best-scored tokens, in index order. Contextual: evenly spaced targets among the rest; every other
+    remaining token joins the target of highest cosine similarity (first wins ties); target + mean.
+    """
+    order = sorted(range(len(scores)), key=lambda token: -scores[token])
+    kept = sorted(order[:dominant])
+    remaining = [token for token in range(len(scores)) if token not in kept]
+    step = max(1, len(remaining) // contextual) if contextual else 1
+    targets = remaining[::step][:contextual]
+    members: dict[int, list[int]] = {target: [] for target in targets}
+    for token in remaining:
+        if token in members:
+            continue
+        similarities = [float(torch.nn.functional.cosine_similarity(keys[token], keys[t], dim=0)) for t in targets]
+        members[targets[similarities.index(max(similarities))]].append(token)
+    tokens = [features[token] for token in kept]
+    for target in targets:
+        extra = torch.stack([features[m] for m in members[target]]).mean(dim=0) if members[target] else 0
+        tokens.append(features[target] + extra)
+    return torch.stack(tokens)

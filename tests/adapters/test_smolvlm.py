@@ -18,6 +18,7 @@ from helpers import (
     assert_apply_refused,
     assert_batch_logits_equal_singles,
     assert_remove_restores_bit_identical_logits,
+    reference_visionzip,
     removed_after,
     visual_tokens_reaching_llm,
 )
@@ -111,24 +112,7 @@ def reference_tile(model, tile, dominant, contextual):
             ]
             unit_scores.append(sum(received[m] for m in members))
             unit_keys.append(torch.stack([keys[m].view(heads, head_dim).mean(dim=0) for m in members]).mean(dim=0))
-    order = sorted(range(len(unit_scores)), key=lambda unit: -unit_scores[unit])
-    kept = sorted(order[:dominant])
-    remaining = [unit for unit in range(len(unit_scores)) if unit not in kept]
-    step = max(1, len(remaining) // contextual) if contextual else 1
-    targets = remaining[::step][:contextual]
-    members = {target: [] for target in targets}
-    for unit in remaining:
-        if unit in members:
-            continue
-        similarities = [
-            float(torch.nn.functional.cosine_similarity(unit_keys[unit], unit_keys[t], dim=0)) for t in targets
-        ]
-        members[targets[similarities.index(max(similarities))]].append(unit)
-    tokens = [features[unit] for unit in kept]
-    for target in targets:
-        extra = torch.stack([features[m] for m in members[target]]).mean(dim=0) if members[target] else 0
-        tokens.append(features[target] + extra)
-    return torch.stack(tokens)
+    return reference_visionzip(features, unit_scores, unit_keys, dominant, contextual)
 
 
 def test_reduced_tiles_equal_a_literal_reference(model, processor, images):
