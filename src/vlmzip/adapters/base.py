@@ -72,6 +72,15 @@ class Adapter:
         """Tokens the tower yields per image (or crop / frame) at the model's native resolution."""
         raise NotImplementedError
 
+    @property
+    def token_pixels(self) -> int:
+        """Side in pixels of the square one tower token covers (larger where patches are merged into one)."""
+        return self.tower_info.patch_size
+
+    def unit_labels(self, count: int) -> list[str] | None:
+        """Captions of the `count` crops / tiles of one processed image in pixel order; None: the default."""
+        return None
+
     def full_counts(self, inputs: Mapping[str, Any]) -> list[int]:
         """Placeholders the processor emitted per image, computed without running the tower."""
         raise NotImplementedError

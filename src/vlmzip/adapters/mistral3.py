@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional
 
 from vlmzip.adapters.base import Adapter, EncodedImages
+from vlmzip.core import Reduction
 from vlmzip.probe import DEFAULT_QUERY_CHUNK, ProbeOutput, TowerInfo, TowerLayout, received_attention, resolve_tower
 
 PIXTRAL_TOWER = TowerLayout(
@@ -52,6 +53,17 @@ def merge_units(rows: int, cols: int, merge: int) -> torch.Tensor:
     patch merger emits them (its own `unfold` applied to patch indices)."""
     indices = torch.arange(rows * cols, dtype=torch.float64).view(1, 1, rows, cols)
     return functional.unfold(indices, kernel_size=merge, stride=merge)[0].t().round().long()
+
+
+def concat_reductions(reductions: Sequence[Reduction]) -> Reduction:
+    """Batch-1 reductions of equal shapes as one batched `Reduction`."""
+    scores = [r.scores for r in reductions]
+    return Reduction(
+        features=torch.cat([r.features for r in reductions]),
+        kept_indices=torch.cat([r.kept_indices for r in reductions]),
+        groups=torch.cat([r.groups for r in reductions]),
+        scores=None if any(score is None for score in scores) else torch.cat(scores),
+    )
 
 
 def image_grids(image_sizes: Sequence[Sequence[int]], patch_size: int) -> list[tuple[int, int]]:
@@ -234,41 +246,68 @@ class Mistral3Adapter(Adapter):
         return blocks
 
     # --- encoding ------------------------------------------------------------------------
-    def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
-        sizes = self.image_sizes(inputs)
+    @property
+    def token_pixels(self) -> int:
+        return self.tower_info.patch_size * self.merge
+
+    def unit_probes(self, pixel_values: torch.Tensor, sizes: list[tuple[int, int]]) -> list[ProbeOutput]:
+        """One probe per image over its merged units: projected features, pooled scores and keys."""
         tower = self.vision_tower()
-        features, scores, keys = probe_pixtral_tower(
-            tower, inputs["pixel_values"].to(tower.dtype), sizes, self.feature_layer
-        )
+        features, scores, keys = probe_pixtral_tower(tower, pixel_values.to(tower.dtype), sizes, self.feature_layer)
         projected = self.projector()(features, torch.tensor(sizes))
-        reduced, slots, reductions, start = [], [], [], 0
-        for index, ((rows, cols), size) in enumerate(
-            zip(image_grids(sizes, self.tower_info.patch_size), sizes, strict=True)
-        ):
+        probes, start = [], 0
+        for index, (rows, cols) in enumerate(image_grids(sizes, self.tower_info.patch_size)):
             units = merge_units(rows, cols, self.merge).to(scores[index].device)
-            merged_rows, merged_cols = rows // self.merge, cols // self.merge
-            count = merged_rows * merged_cols
-            if self.config.tokens > count:
-                raise ValueError(
-                    f"dominant + contextual must be <= {count} for image {index} (its {merged_rows}x{merged_cols} "
-                    f"merged tokens at {size[0]}x{size[1]} px), got {self.config.dominant} + "
-                    f"{self.config.contextual} = {self.config.tokens}"
+            count = units.shape[0]
+            probes.append(
+                ProbeOutput(
+                    features=projected[start : start + count][None],
+                    scores=scores[index][units].sum(dim=-1)[None],
+                    keys=keys[index][units].mean(dim=-2)[None],
+                    has_cls=False,
+                    num_prefix_tokens=0,
+                    grid=(rows // self.merge, cols // self.merge),
                 )
-            probe = ProbeOutput(
-                features=projected[start : start + count][None],
-                scores=scores[index][units].sum(dim=-1)[None],
-                keys=keys[index][units].mean(dim=-2)[None],
-                has_cls=False,
-                num_prefix_tokens=0,
-                grid=(merged_rows, merged_cols),
             )
             start += count
-            reduction = self.method(probe, self.config)
-            tokens = reduction.features.shape[1]
+        return probes
+
+    def reduce_image(self, probe: ProbeOutput, index: int, size: tuple[int, int]) -> Reduction:
+        rows, cols = probe.grid
+        if self.config.tokens > rows * cols:
+            raise ValueError(
+                f"dominant + contextual must be <= {rows * cols} for image {index} (its {rows}x{cols} merged tokens "
+                f"at {size[0]}x{size[1]} px), got {self.config.dominant} + {self.config.contextual} = "
+                f"{self.config.tokens}"
+            )
+        return self.method(probe, self.config)
+
+    def reduce(self, pixel_values: torch.Tensor, **tower_kwargs: Any) -> tuple[ProbeOutput, Reduction]:
+        """Reduce whole images of one size (`pixel_values` (images, C, H, W)), as `encode` reduces each image."""
+        size = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
+        probes = self.unit_probes(pixel_values, [size] * pixel_values.shape[0])
+        reductions = [self.reduce_image(probe, index, size) for index, probe in enumerate(probes)]
+        probe = ProbeOutput(
+            features=torch.cat([p.features for p in probes]),
+            scores=torch.cat([p.scores for p in probes]),
+            keys=torch.cat([p.keys for p in probes]),
+            has_cls=False,
+            num_prefix_tokens=0,
+            grid=probes[0].grid,
+        )
+        return probe, concat_reductions(reductions)
+
+    def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
+        sizes = self.image_sizes(inputs)
+        probes = self.unit_probes(inputs["pixel_values"], sizes)
+        reduced, slots, reductions = [], [], []
+        for index, (probe, size) in enumerate(zip(probes, sizes, strict=True)):
+            reduction = self.reduce_image(probe, index, size)
             reduced.append(reduction.features[0])
             # The first `tokens` [IMG] positions of the run: line-end [IMG_BREAK]s are skipped (dropped).
-            positions = torch.arange(merged_rows * (merged_cols + 1) - 1)
-            slots.append(positions[(positions + 1) % (merged_cols + 1) != 0][:tokens])
+            _, cols = probe.grid
+            positions = torch.arange(probe.features.shape[1] + probe.grid[0] - 1)
+            slots.append(positions[(positions + 1) % (cols + 1) != 0][: reduction.features.shape[1]])
             reductions.append(reduction)
         return EncodedImages(features=reduced, full_counts=self.full_counts(inputs), slots=slots, reductions=reductions)
 

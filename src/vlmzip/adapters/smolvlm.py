@@ -219,6 +219,19 @@ class SmolVLMAdapter(Adapter):
             )
         return self.method(probe, config)
 
+    @property
+    def token_pixels(self) -> int:
+        return self.tower_info.patch_size * self.scale
+
+    def unit_labels(self, count: int) -> list[str] | None:
+        # The processor puts the grid tiles first (row-major) and the global image last.
+        return [f"tile {index}" for index in range(1, count)] + ["global image"] if count > 1 else None
+
+    def reduce(self, pixel_values: torch.Tensor, **tower_kwargs: Any) -> tuple[ProbeOutput, Reduction]:
+        """Reduce the tiles of one image (`pixel_values` (tiles, C, H, W)), as `encode` reduces them."""
+        probe = self.probe_tiles(pixel_values, None)
+        return probe, self.reduce_tiles(probe, pixel_values.shape[0] if self.config.budget_scope == "per_image" else 1)
+
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         tiles, masks = self.real_tiles(inputs)
         full_counts = self.full_counts(inputs)
