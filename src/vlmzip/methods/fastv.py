@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmzip.config import check_int
+from vlmzip._validation import check_int
 from vlmzip.model_parts import language_model_of
 
 FASTV_METHOD = "fastv"
