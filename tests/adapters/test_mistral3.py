@@ -225,3 +225,9 @@ def test_bad_inputs(model, processor, images):
         vlmzip.prepare(model, {**inputs, "image_sizes": inputs["image_sizes"] * 4})
     with pytest.raises(ValueError, match="pixel_values"):
         vlmzip.prepare(model, {**inputs, "pixel_values": inputs["pixel_values"][0]})
+
+
+def test_several_feature_layers_are_refused(model):
+    model.config.vision_feature_layer = [-1, -2]
+    assert_apply_refused(model, ValueError, "one feature layer")
+    model.config.vision_feature_layer = -1

@@ -260,3 +260,37 @@ def test_bad_inputs(model, processor, images):
     masked[0, 0, -8:] = 0
     with pytest.raises(ValueError, match="padded patches"):
         vlmzip.prepare(model, {**inputs, "pixel_attention_mask": masked})
+
+
+def video_inputs(processor, frames):
+    """A video prompt as SmolVLM's processor writes it (its video processor needs torchvision): every frame a
+    global image after its timestamp, the frames resized to one tile each."""
+    from transformers.models.smolvlm.processing_smolvlm import FRAME_TIMESTAMP_MESSAGE, _prompt_single_image
+
+    text = "USER: frames :"
+    for second in range(len(frames)):
+        text += FRAME_TIMESTAMP_MESSAGE.format(timestamp=f"00:{second:02d}") + _prompt_single_image(
+            SMOL_TILE_TOKENS, "<fake_token_around_image>", "<image>", "<global-img>"
+        )
+    text += " what is in the image ? ASSISTANT:"
+    pixels = processor.image_processor([frames], do_image_splitting=False, return_tensors="pt")
+    encoded = processor.tokenizer([text], return_tensors="pt")
+    return {**encoded, **pixels}
+
+
+def test_video_frames_keep_their_timestamps(model, processor):
+    frames = random_images(4, seed=5, size=(120, 160))
+    inputs = video_inputs(processor, frames)
+    vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL, budget_scope="per_image")
+    prepared = vlmzip.prepare(model, inputs)
+    original, reduced = inputs["input_ids"][0], prepared["input_ids"][0]
+    assert runs(original) == [SMOL_TILE_TOKENS] * 4
+    assert runs(reduced) == [DOMINANT + CONTEXTUAL] * 4  # a frame is a global image: the budget per frame
+    # The timestamps and layout tokens between the frames are untouched, each still before its frame.
+    assert original[original != SMOL_IMAGE_TOKEN_ID].tolist() == reduced[reduced != SMOL_IMAGE_TOKEN_ID].tolist()
+    with torch.no_grad():
+        reference = model.model.get_image_features(inputs["pixel_values"]).pooler_output[0]
+    vlmzip.remove(model)
+    vlmzip.apply(model, dominant=SMOL_TILE_TOKENS, contextual=0)
+    full = vlmzip.prepare(model, inputs)["mm_encoder_outputs"]["image"].pooler_output
+    assert torch.equal(torch.cat(list(full)), reference)
