@@ -140,12 +140,10 @@ class SmolVLMAdapter(Adapter):
         real[0] |= ~torch.any(real)
         masks = inputs.get("pixel_attention_mask")
         if masks is not None:
-            if not isinstance(masks, torch.Tensor) or masks.shape[:2] + masks.shape[-2:] != pixel_values.shape[:2] + (
-                height,
-                width,
-            ):
+            expected = (*pixel_values.shape[:2], height, width)
+            if not isinstance(masks, torch.Tensor) or tuple(masks.shape) != expected:
                 raise ValueError(
-                    "inputs['pixel_attention_mask'] must be (batch, tiles, height, width) like pixel_values, got "
+                    f"inputs['pixel_attention_mask'] must be a {expected} tensor like pixel_values, got "
                     f"{getattr(masks, 'shape', type(masks).__name__)}"
                 )
             masks = masks.flatten(0, 1)[real]
