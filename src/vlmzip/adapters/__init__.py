@@ -9,8 +9,17 @@ from vlmzip.adapters.llava import LlavaAdapter
 from vlmzip.adapters.llava_next import LlavaNextAdapter
 from vlmzip.adapters.llava_onevision import LlavaOnevisionAdapter
 from vlmzip.adapters.qwen2_vl import Qwen2VLAdapter
+from vlmzip.adapters.qwen3_5 import Qwen3_5Adapter
+from vlmzip.adapters.qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaOnevisionAdapter,
+    Qwen2VLAdapter,
+    Qwen3VLAdapter,
+    Qwen3_5Adapter,
+)
 
 
 def supported_families() -> list[str]:
