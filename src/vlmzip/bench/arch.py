@@ -192,8 +192,90 @@ def _qwen2_vl_2b_config() -> Any:
     )
 
 
-def _qwen2_vl_processor(config: Any) -> Any:
-    from transformers import Qwen2VLProcessor
+def _qwen_token_ids() -> dict[str, int]:
+    return {
+        "image_token_id": QWEN_TOKENS["<|image_pad|>"],
+        "video_token_id": QWEN_TOKENS["<|video_pad|>"],
+        "vision_start_token_id": QWEN_TOKENS["<|vision_start|>"],
+        "vision_end_token_id": QWEN_TOKENS["<|vision_end|>"],
+    }
+
+
+def _qwen2_5_vl_7b_config() -> Any:
+    from transformers import Qwen2_5_VLConfig
+
+    vision = {  # the 670M-parameter ViT with window attention, 4 full-attention blocks, SwiGLU MLP
+        "depth": 32,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "out_hidden_size": 3584,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "hidden_act": "silu",
+    }
+    text = {  # Qwen2-7B
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "max_position_embeddings": 128000,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        "pad_token_id": QWEN_TOKENS["<|endoftext|>"],
+        "eos_token_id": QWEN_TOKENS["<|im_end|>"],
+        "bos_token_id": QWEN_TOKENS["<|endoftext|>"],
+        "tie_word_embeddings": False,
+    }
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **_qwen_token_ids())
+
+
+def _qwen3_vl_8b_config() -> Any:
+    from transformers import Qwen3VLConfig
+
+    vision = {  # the 27-block, 1152-wide SigLIP-2-shaped ViT, patch 16, deepstack after blocks 8, 16, 24
+        "depth": 27,
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_heads": 16,
+        "out_hidden_size": 4096,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [8, 16, 24],
+        "hidden_act": "gelu_pytorch_tanh",
+    }
+    text = {  # Qwen3-8B
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "max_position_embeddings": 262144,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True,
+        },
+        "pad_token_id": QWEN_TOKENS["<|endoftext|>"],
+        "eos_token_id": QWEN_TOKENS["<|im_end|>"],
+        "bos_token_id": QWEN_TOKENS["<|endoftext|>"],
+        "tie_word_embeddings": False,
+    }
+    return Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **_qwen_token_ids())
+
+
+def _qwen_processor(processor_class: type, **image: Any) -> Any:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from vlmzip.loading import image_only_processor_class  # the video slot would need torchvision
@@ -208,8 +290,29 @@ def _qwen2_vl_processor(config: Any) -> Any:
             "vision_end_token": "<|vision_end|>",
         },
     )
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
-    return image_only_processor_class(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tokenizer)
+    image_processor = Qwen2VLImageProcessorPil(**image)
+    return image_only_processor_class(processor_class)(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _qwen2_vl_processor(config: Any) -> Any:
+    from transformers import Qwen2VLProcessor
+
+    return _qwen_processor(Qwen2VLProcessor, min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+
+
+def _qwen3_vl_processor(config: Any) -> Any:
+    from transformers import Qwen3VLProcessor
+
+    half = [0.5, 0.5, 0.5]  # Qwen3-VL normalises to [-1, 1]
+    return _qwen_processor(
+        Qwen3VLProcessor,
+        patch_size=16,
+        merge_size=2,
+        min_pixels=64 * 64,
+        max_pixels=32 * 32 * 1280,
+        image_mean=half,
+        image_std=half,
+    )
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -233,6 +336,24 @@ ARCHS: dict[str, ArchSpec] = {
         _qwen2_vl_2b_config,
         _qwen2_vl_processor,
         image_size=672,
+    ),
+    # Budgets: 25 % and 12.5 % of the image's 576 merged tokens.
+    "qwen2.5-vl-7b": ArchSpec(
+        "qwen2.5-vl-7b",
+        "Qwen2.5-VL-7B: 670M windowed ViT on a 672 px image (2,304 patches, 576 merged tokens) + Qwen2-7B; M-RoPE",
+        _qwen2_5_vl_7b_config,
+        _qwen2_vl_processor,
+        budgets=(144, 72),
+        image_size=672,
+    ),
+    "qwen3-vl-8b": ArchSpec(
+        "qwen3-vl-8b",
+        "Qwen3-VL-8B: 27-block ViT (patch 16, deepstack) on a 768 px image (2,304 patches, 576 merged tokens) "
+        "+ Qwen3-8B; M-RoPE",
+        _qwen3_vl_8b_config,
+        _qwen3_vl_processor,
+        budgets=(144, 72),
+        image_size=768,
     ),
 }
 

@@ -32,7 +32,7 @@ from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from vlmzip.adapters import adapter_class_for
-from vlmzip.bench.flops import FlopCounter
+from vlmzip.bench.flops import FlopCounter, projector_modules
 from vlmzip.bench.memory import PeakMemory
 from vlmzip.bench.variants import Variant, VariantRunner, unit_tokens
 from vlmzip.config import VisionZipConfig, check_int
@@ -203,7 +203,7 @@ class PipelineBench:
         self.flops = FlopCounter(
             reference.tower_info.layers,
             language_model.layers,
-            projector=getattr(model.model, "multi_modal_projector", None),
+            projector=projector_modules(model, self.vision_tower),
             head=model.get_output_embeddings(),
         )
         if pad_token_id is None:
