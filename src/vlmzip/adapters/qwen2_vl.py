@@ -441,6 +441,24 @@ class Qwen2VLAdapter(Adapter):
         """What the model's `mm_encoder_outputs` expects for one modality (Qwen3-VL adds deepstack features)."""
         return BaseModelOutputWithPooling(pooler_output=features)
 
+    def reduce_for_view(self, processed: Mapping[str, Any]) -> tuple[torch.Tensor, Reduction, int]:
+        """Reduce the first image of an image processor's output for `vlmzip.viz`.
+
+        Returns its pixels as a (1, channels, height, width) normalised image (the patches put back
+        in place), the reduction over its merge units (raster order) and a merge unit's side in pixels.
+        """
+        grid = check_grid_thw("image_grid_thw", processed.get("image_grid_thw"), self.merge_size)[:1]
+        patches = int(grid.prod())
+        pixels = _check_patches("pixel_values", processed.get("pixel_values"), grid)[:patches]
+        (visual,) = self._encode_modality("image", pixels, grid)
+        tower = self.vision_tower()
+        patch, merge, temporal = int(tower.config.patch_size), self.merge_size, int(tower.config.temporal_patch_size)
+        _, height, width = grid[0].tolist()
+        # The processor's flattening: rows (h/m, w/m, m, m), columns (channels, temporal, patch, patch).
+        blocks = pixels.float().view(height // merge, width // merge, merge, merge, -1, temporal, patch, patch)
+        image = blocks[:, :, :, :, :, 0].permute(4, 0, 2, 5, 1, 3, 6).reshape(-1, height * patch, width * patch)
+        return image[None], visual.reductions[0], patch * merge
+
     def attach_features(self, prepared: dict[str, Any], encoded: EncodedImages) -> None:
         if not isinstance(encoded, QwenEncoded):
             raise TypeError(f"encoded must come from {type(self).__name__}.encode, got {type(encoded).__name__}")
