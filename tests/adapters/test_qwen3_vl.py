@@ -135,7 +135,7 @@ def reference_tower(model, pixels, grid):
     rotate = lambda x: torch.cat([-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]], dim=-1)  # noqa: E731
     query = qkv[:, 0] * cos[:, None] + rotate(qkv[:, 0]) * sin[:, None]
     key = qkv[:, 1] * cos[:, None] + rotate(qkv[:, 1]) * sin[:, None]
-    features = torch.cat([output.pooler_output, *(output.deepstack_features or [])], dim=-1)
+    features = torch.cat([output.pooler_output, *(getattr(output, "deepstack_features", None) or [])], dim=-1)
     images, start, unit_start = [], 0, 0
     for t, h, w in grid.tolist():
         n, units = t * h * w, t * h * w // 4
@@ -245,15 +245,29 @@ def assert_batch_steps_equal_singles(model, processor, images, **generate_kwargs
     return out.sequences[:, prompt:]
 
 
-@pytest.mark.parametrize(
-    "generate_kwargs",
-    [
-        pytest.param({"do_sample": False}, id="greedy"),
-        pytest.param({"do_sample": False, "num_beams": 2}, id="beam"),
-        pytest.param({"do_sample": True, "top_k": 5}, id="sampling"),
-    ],
-)
-def test_batched_generate_equals_per_sample(patched, processor, qwen_images, generate_kwargs):
+GENERATION = {
+    "greedy": {"do_sample": False},
+    "beam": {"do_sample": False, "num_beams": 2},
+    "sampling": {"do_sample": True, "top_k": 5},
+}
+# Every family runs greedy by default; beam search and sampling run on Qwen3-VL by default, on the others with -m slow.
+BATCH_CASES = [
+    pytest.param(
+        name,
+        kind,
+        id=f"{name}-{kind}",
+        marks=[pytest.mark.slow] if kind != "greedy" and name != "qwen3-vl" else [],
+    )
+    for name in FAMILIES
+    for kind in GENERATION
+]
+
+
+@pytest.mark.parametrize(("family_name", "kind"), BATCH_CASES)
+def test_batched_generate_equals_per_sample(family_name, kind, processor, qwen_images):
+    patched = FAMILIES[family_name]()
+    vlmzip.apply(patched, dominant=DOMINANT, contextual=CONTEXTUAL)
+    generate_kwargs = GENERATION[kind]
     tokens = assert_batch_steps_equal_singles(patched, processor, qwen_images, **generate_kwargs)
     if generate_kwargs.get("num_beams", 1) > 1:
         # Beam search keeps several hypotheses: the best one of each row must equal the single run's.

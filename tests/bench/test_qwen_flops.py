@@ -71,3 +71,20 @@ def test_real_width_qwen2_5_vl_blocks_by_hand():
     assert counter.count.tower == linear + attention + merger
     # The same formula on the full tower and the benchmark's 2,304-patch image (32 blocks, 4 full, 36
     # windows) gives ~3,100 GFLOPs, the order of magnitude of a 32-layer, 1280-wide ViT.
+
+
+def test_shared_layer_weights_keep_the_compute():
+    from vlmzip.bench.arch import share_layer_weights
+
+    model = make_qwen2_5_vl()
+    counted = tower_gflops(model, make_qwen_processor())
+    stored = sum(p.numel() for p in model.parameters())
+    saved = share_layer_weights(model)
+    blocks, layers = model.model.visual.blocks, model.model.language_model.layers
+    assert all(b.attn.qkv.weight is blocks[0].attn.qkv.weight for b in blocks)
+    assert all(layer.mlp.down_proj.weight is layers[0].mlp.down_proj.weight for layer in layers)
+    per_block = sum(p.numel() for p in blocks[0].parameters())
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    assert saved == 2 * per_block + 1 * per_layer  # 3 blocks and 2 decoder layers keep one copy each
+    assert sum(p.numel() for p in model.parameters()) == stored - saved
+    assert tower_gflops(model, make_qwen_processor()) == counted
