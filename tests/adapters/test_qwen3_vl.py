@@ -400,3 +400,35 @@ def test_bad_inputs(patched, processor, qwen_images):
     merged[merged == QWEN_VIDEO_TOKEN_ID] = QWEN_IMAGE_TOKEN_ID
     with pytest.raises(ValueError, match="placeholder"):
         vlmzip.prepare(patched, {**video, "input_ids": merged})
+
+
+# --- `vlmzip show` ---------------------------------------------------------------------------------
+def test_show_panels_are_the_merge_units(family, processor, qwen_images, tmp_path, capsys):
+    import numpy as np
+
+    from bench.tiny_model import save_family
+    from vlmzip.cli import main
+    from vlmzip.viz import reduce_image
+
+    model = FAMILIES[family]()
+    image = qwen_images[0]
+    config = vlmzip.VisionZipConfig(dominant=DOMINANT, contextual=CONTEXTUAL)
+    (panel,) = reduce_image(model, processor, image, config)
+    # The panel is the 12x16-patch picture the tower saw, cut into 6x8 merge units of 32 px.
+    assert panel.grid == (6, 8) and panel.image.size == (256, 192) and panel.num_prefix_tokens == 0
+    assert (panel.dominant, panel.contextual, panel.total_tokens) == (DOMINANT, CONTEXTUAL, LARGE)
+    resized = np.asarray(image.resize(panel.image.size, resample=3), dtype=int)
+    assert np.abs(np.asarray(panel.image, dtype=int) - resized).max() <= 1
+    # The kept units are those prepare() keeps for the same image.
+    vlmzip.apply(model, config)
+    vlmzip.prepare(model, processor(images=[image], text=[qwen_prompt("<image>")], return_tensors="pt"))
+    kept = vlmzip.api.get_state(model).adapter.last_encoded.reductions[0].kept_indices
+    assert torch.equal(panel.reduction.kept_indices, kept)
+
+    directory = save_family(family, tmp_path / "model")
+    image.save(tmp_path / "scene.png")
+    argv = ["show", "--image", str(tmp_path / "scene.png"), "--model", str(directory), "--tokens", "12"]
+    assert main([*argv, "--heatmap", "-o", str(tmp_path / "show.png")]) == 0
+    assert "12 of 48 tokens" in capsys.readouterr().out
+    assert main([*argv[:-1], "60", "-o", str(tmp_path / "show.png")]) == 2
+    assert "must be <= 48" in capsys.readouterr().err

@@ -22,6 +22,9 @@ CASES = {
     "llava-onevision": (8, 10, True),
     "qwen2-vl": (16, 1, False),  # M-RoPE: FastV is left out
     "qwen2.5-vl": (16, 1, False),
+    "qwen3-vl": (16, 1, False),  # patch 16: the 336 px picture is 21x21 patches, 100 merged tokens
+    "qwen3-vl-moe": (16, 1, False),
+    "qwen3.5": (16, 1, False),
 }
 SPEEDUPS = ("speedup_llm_prefill", "speedup_llm_prefill_cpu", "speedup_ttft", "speedup_ttft_cpu", "speedup_e2e")
 
