@@ -248,6 +248,30 @@ def make_qwen3_5(seed: int = 0):
     return Qwen3_5ForConditionalGeneration(config).eval()
 
 
+def make_qwen3_5_moe(seed: int = 0):
+    """Qwen3.5-MoE: the Qwen3.5 fixture's layout with 4 experts (2 per token) and a shared expert."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    from conftest import _qwen_token_ids
+
+    text = _qwen3_text(
+        layer_types=["linear_attention", "full_attention"],
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+    )
+    text["rope_parameters"] = {**text["rope_parameters"], "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2]}
+    config = Qwen3_5MoeConfig(text_config=text, vision_config=_qwen3_vision(), **_qwen_token_ids())
+    torch.manual_seed(seed)
+    return Qwen3_5MoeForConditionalGeneration(config).eval()
+
+
 def make_qwen3_processor(padding_side: str = "left", max_pixels: int = 224 * 224):
     """Qwen3-VL's processor (also Qwen3.5's) without its video slot, which needs torchvision."""
     from transformers import Qwen3VLProcessor

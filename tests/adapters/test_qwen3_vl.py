@@ -10,7 +10,14 @@ import torch
 
 import vlmzip
 from conftest import QWEN_IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, QWEN_WORDS, qwen_prompt, random_images
-from families import QWEN3_PATCH_FEATURES, make_qwen3_5, make_qwen3_processor, make_qwen3_vl, make_qwen3_vl_moe
+from families import (
+    QWEN3_PATCH_FEATURES,
+    make_qwen3_5,
+    make_qwen3_5_moe,
+    make_qwen3_processor,
+    make_qwen3_vl,
+    make_qwen3_vl_moe,
+)
 from helpers import (
     LanguageModelSpy,
     assert_apply_refused,
@@ -280,6 +287,18 @@ def test_batched_generate_equals_per_sample(family_name, kind, processor, qwen_i
         torch.manual_seed(0)
         again = assert_batch_steps_equal_singles(patched, processor, qwen_images, **generate_kwargs)
         assert torch.equal(again, tokens)  # the seed fixes the draws
+
+
+def test_qwen3_5_moe_gets_the_budget_and_restores_on_remove(processor, qwen_images):
+    inputs = batch_inputs(processor, qwen_images)
+    model = make_qwen3_5_moe()
+    vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
+    prepared = vlmzip.prepare(model, inputs)
+    assert (prepared["input_ids"] == QWEN_IMAGE_TOKEN_ID).sum(dim=1).tolist() == [BUDGET, 0, BUDGET, 2 * BUDGET]
+    with torch.no_grad():
+        model.generate(**prepared, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    vlmzip.remove(model)
+    assert_remove_restores_bit_identical_logits(make_qwen3_5_moe, inputs, dominant=DOMINANT, contextual=CONTEXTUAL)
 
 
 def test_forward_and_generate_prepare_raw_inputs(patched, processor, qwen_images):
