@@ -16,6 +16,7 @@ from conftest import (
     random_images,
 )
 from families import make_qwen3_5, make_qwen3_processor, make_qwen3_vl
+from helpers import language_model
 from vlmzip.conversation import Conversation
 
 LLAVA_TURNS = [
@@ -71,7 +72,7 @@ def run_dialogue(model, processor, turns, images, tower):
     Returns the conversation and how often the vision tower ran during the dialogue (fresh runs excluded).
     """
     chat = Conversation(model, processor)
-    counter = Counter(tower, model.model.language_model)
+    counter = Counter(tower, language_model(model))
     history, given, dialogue_tower_calls = "", [], 0
     try:
         for index, (text, with_image) in enumerate(turns):

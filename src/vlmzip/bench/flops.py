@@ -152,8 +152,9 @@ class FlopCounter:
 
 
 def projector_modules(model: nn.Module, tower: nn.Module) -> list[nn.Module]:
-    """What maps tower features to the language model's width: LLaVA's `multi_modal_projector`, or the
-    merger inside a Qwen tower plus Qwen3-VL's deepstack mergers."""
-    modules = [getattr(model.model, "multi_modal_projector", None), getattr(tower, "merger", None)]
+    """What maps tower features to the language model's width: LLaVA's `multi_modal_projector`,
+    SmolVLM's `connector`, or the merger inside a Qwen tower plus Qwen3-VL's deepstack mergers."""
+    modules = [getattr(model.model, name, None) for name in ("multi_modal_projector", "connector")]
+    modules.append(getattr(tower, "merger", None))
     modules += list(getattr(tower, "deepstack_merger_list", None) or [])
     return [module for module in modules if isinstance(module, nn.Module)]
