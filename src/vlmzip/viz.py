@@ -578,15 +578,20 @@ def model_adapter(model: nn.Module, config: VisionZipConfig | None = None) -> An
     return adapter_class(model, config)
 
 
-def image_pixel_values(processor: Any, image: Image.Image | str | Path) -> tuple[torch.Tensor, Any, list[str] | None]:
-    """(pixel_values (crops, C, H, W), image processor, crop labels or None) for one image, as the
-    model's processor makes them."""
+def _as_image(image: Image.Image | str | Path) -> Image.Image:
     from vlmzip.loading import load_image
 
     if isinstance(image, (str, Path)):
         image = load_image(image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL image or a path to one, got {type(image).__name__}")
+    return image
+
+
+def image_pixel_values(processor: Any, image: Image.Image | str | Path) -> tuple[torch.Tensor, Any, list[str] | None]:
+    """(pixel_values (crops, C, H, W), image processor, crop labels or None) for one image, as the
+    model's processor makes them."""
+    image = _as_image(image)
     image_processor = getattr(processor, "image_processor", processor)
     if not callable(image_processor):
         raise TypeError(f"processor must be the model's processor (or image processor), got {type(processor).__name__}")
@@ -630,6 +635,12 @@ def reduce_image(
     if config is None and not is_applied(model):
         config = VisionZipConfig()
     adapter = model_adapter(model, config)
+    if hasattr(adapter, "reduce_for_view"):  # towers fed flattened patches (Qwen): the adapter rebuilds the view
+        image_processor = getattr(processor, "image_processor", processor)
+        processed = image_processor(images=[_as_image(image).convert("RGB")], return_tensors="pt")
+        with torch.no_grad():
+            pixel_values, reduction, unit = adapter.reduce_for_view(processed)
+        return reduced_images(pixel_values, reduction, unit, 0, image_processor)
     pixel_values, image_processor, labels = image_pixel_values(processor, image)
     parameter = next(adapter.vision_tower().parameters())
     with torch.no_grad():

@@ -22,6 +22,9 @@ CASES = {
     "llava-onevision": (8, 10, True),
     "qwen2-vl": (16, 1, False),  # M-RoPE: FastV is left out
     "qwen2.5-vl": (16, 1, False),
+    "qwen3-vl": (16, 1, False),  # patch 16: the 336 px picture is 21x21 patches, 100 merged tokens
+    "qwen3-vl-moe": (16, 1, False),
+    "qwen3.5": (16, 1, False),
     "smolvlm": (4, 5, True),  # 2 x 2 tiles + the global image, 16 shuffled tokens each
     "mistral3": (16, 1, True),  # one image of 8 x 8 merged tokens (the 336 px picture at <= 128 px)
 }

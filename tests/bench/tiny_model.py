@@ -20,6 +20,10 @@ from families import (
     make_mistral3_processor,
     make_onevision,
     make_onevision_processor,
+    make_qwen3_5,
+    make_qwen3_processor,
+    make_qwen3_vl,
+    make_qwen3_vl_moe,
     make_smolvlm,
     make_smolvlm_processor,
 )
@@ -33,6 +37,9 @@ FAMILIES: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
     "llava-onevision": (make_onevision, make_onevision_processor),
     "qwen2-vl": (make_qwen2_vl, make_qwen_processor),
     "qwen2.5-vl": (make_qwen2_5_vl, make_qwen_processor),
+    "qwen3-vl": (make_qwen3_vl, make_qwen3_processor),
+    "qwen3-vl-moe": (make_qwen3_vl_moe, make_qwen3_processor),
+    "qwen3.5": (make_qwen3_5, make_qwen3_processor),
     "smolvlm": (make_smolvlm, make_smolvlm_processor),
     "mistral3": (make_mistral3, make_mistral3_processor),
 }

@@ -10,6 +10,8 @@ from vlmzip.adapters.llava_next import LlavaNextAdapter
 from vlmzip.adapters.llava_onevision import LlavaOnevisionAdapter
 from vlmzip.adapters.mistral3 import Mistral3Adapter
 from vlmzip.adapters.qwen2_vl import Qwen2VLAdapter
+from vlmzip.adapters.qwen3_5 import Qwen3_5Adapter
+from vlmzip.adapters.qwen3_vl import Qwen3VLAdapter
 from vlmzip.adapters.smolvlm import SmolVLMAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (
@@ -17,6 +19,8 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaNextAdapter,
     LlavaOnevisionAdapter,
     Qwen2VLAdapter,
+    Qwen3VLAdapter,
+    Qwen3_5Adapter,
     SmolVLMAdapter,
     Mistral3Adapter,
 )

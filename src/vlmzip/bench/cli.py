@@ -40,7 +40,9 @@ def load_subject(args: argparse.Namespace) -> tuple[Any, Any, str, list[int], An
         spec = ARCHS.get(args.arch)
         if spec is None:
             raise ValueError(f"--arch must be one of {sorted(ARCHS)}, got {args.arch!r}")
-        model, processor = build_arch(args.arch, dtype or torch.bfloat16, device=args.device)
+        model, processor = build_arch(
+            args.arch, dtype or torch.bfloat16, device=args.device, shared_layers=args.shared_layer_weights
+        )
         name, budgets, image_size = args.arch, list(spec.budgets), spec.image_size
     else:
         alternatives = "--model DIR or --arch NAME"
@@ -135,6 +137,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     if args.model is not None and args.arch is not None:
         raise ValueError("give either --model or --arch, not both")
+    if args.shared_layer_weights and args.arch is None:
+        raise ValueError("--shared-layer-weights needs --arch")
     from vlmzip.outputs import model_inputs
 
     inputs = [*(model_inputs(args.model) if args.arch is None else []), ("--image", args.image)]
@@ -180,6 +184,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "batch": batch,
         "new_tokens": new_tokens,
         "threads": torch.get_num_threads(),
+        "shared_layer_weights": bool(args.shared_layer_weights),
     }
     for row in rows:
         row.update(settings)
@@ -215,6 +220,11 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         methods_help="methods to measure (default: all that the model supports)",
         tokens_help="visual tokens per image (per crop for AnyRes models) to measure (default: 192 128 64; the "
         "--arch entry's); all tokens too",
+    )
+    parser.add_argument(
+        "--shared-layer-weights",
+        action="store_true",
+        help="with --arch: identical layers share one set of random weights (same compute, ~3 GB for a 7B model)",
     )
     parser.add_argument("--batch", type=int, default=1, help="images (prompts) per batch (default 1)")
     parser.add_argument("--repeats", type=int, help="measured rounds (default 3; 1 with --arch)")

@@ -32,7 +32,7 @@ from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from vlmzip.adapters import adapter_class_for
-from vlmzip.bench.flops import FlopCounter
+from vlmzip.bench.flops import FlopCounter, projector_modules
 from vlmzip.bench.memory import PeakMemory
 from vlmzip.bench.variants import Variant, VariantRunner, unit_tokens
 from vlmzip.compat import output_cache
@@ -159,13 +159,24 @@ class _FirstLogits(LogitsProcessor):
 
 
 def kv_cache_bytes_after_prefill(cache: Any, generated: int) -> float | None:
-    """Bytes of keys and values the cache held right after the prefill (before `generated - 1` decoding steps)."""
+    """Bytes of keys and values the cache held right after the prefill (before `generated - 1` decoding steps),
+    plus the fixed-size states of linear-attention layers."""
     layers = getattr(cache, "layers", None)
     if not layers:
         return None
     total = 0.0
     for layer in layers:
+        # Linear-attention layers (e.g. Qwen3.5's Gated DeltaNet) hold fixed-size states, whatever the length.
+        states = [
+            state
+            for name in ("conv_states", "recurrent_states")
+            for state in (getattr(layer, name, None) or {}).values()
+            if isinstance(state, torch.Tensor)
+        ]
+        total += sum(state.nbytes for state in states)
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if states and not isinstance(keys, torch.Tensor):
+            continue
         if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or keys.ndim < 2:
             return None
         length = keys.shape[-2]
@@ -205,7 +216,7 @@ class PipelineBench:
         self.flops = FlopCounter(
             reference.tower_info.layers,
             language_model.layers,
-            projector=getattr(model.model, "multi_modal_projector", None) or getattr(model.model, "connector", None),
+            projector=projector_modules(model, self.vision_tower),
             head=model.get_output_embeddings(),
         )
         if pad_token_id is None:
