@@ -133,3 +133,71 @@ def original_rope_positions(model: torch.nn.Module, inputs: dict) -> torch.Tenso
     extra = {key: inputs[key] for key in _ROPE_INPUTS if key in inputs}
     positions, _ = model.model.get_rope_index(inputs["input_ids"], **extra)
     return positions
+
+
+def _teacher_forced_logits(model: torch.nn.Module, prepared: dict, continuation: torch.Tensor) -> torch.Tensor:
+    """Logits (steps, vocab) that predict each token of `continuation` after the one-sample `prepared` prompt."""
+    inputs = dict(prepared)
+    extra = continuation[:-1].view(1, -1)
+    for key, value in prepared.items():
+        if isinstance(value, torch.Tensor) and value.shape == prepared["input_ids"].shape:
+            fill = extra if key == "input_ids" else torch.full_like(extra, 1 if key == "attention_mask" else 0)
+            inputs[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+    return logits[prepared["input_ids"].shape[1] - 1 :]
+
+
+def assert_batch_logits_equal_singles(
+    model: torch.nn.Module,
+    batch: dict,
+    singles: Sequence[dict],
+    max_new_tokens: int = 4,
+    atol: float = 5e-4,
+    seed: int = 0,
+    **generate_kwargs: object,
+) -> None:
+    """Each row of a batched generate() has, at every step, the logits its sample gets alone (within `atol`).
+
+    The batch generates (sampling draws from `seed`); each sample alone is then run on its own prompt
+    followed by the tokens its row produced, so the comparison holds for sampling too. Greedy rows must
+    also equal the sample's own greedy generation token for token. With beam search, each row's best
+    sequence and its score must equal the sample's own.
+    """
+
+    def run(inputs: dict) -> tuple[int, object]:
+        prepared = vlmzip.prepare(model, inputs)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            output = model.generate(
+                **prepared,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=0,
+                return_dict_in_generate=True,
+                output_logits=True,
+                output_scores=True,
+                **generate_kwargs,
+            )
+        return prepared["input_ids"].shape[1], output
+
+    prompt_length, output = run(batch)
+    eos = model.config.text_config.eos_token_id
+    if int(generate_kwargs.get("num_beams", 1)) > 1:
+        for index, single in enumerate(singles):
+            alone_length, alone = run(single)
+            row = output.sequences[index, prompt_length:].tolist()
+            alone_row = alone.sequences[0, alone_length:].tolist()
+            cut = (alone_row.index(eos) + 1) if eos in alone_row else len(alone_row)
+            assert row[:cut] == alone_row[:cut], f"sample {index} differs in the batch"
+            torch.testing.assert_close(output.sequences_scores[index], alone.sequences_scores[0], rtol=0, atol=atol)
+        return
+    step_logits = torch.stack(output.logits, dim=1)  # (batch, steps, vocab)
+    assert len(singles) == output.sequences.shape[0]
+    for index, single in enumerate(singles):
+        row = output.sequences[index, prompt_length:].tolist()
+        row = row[: row.index(eos) + 1] if eos in row else row
+        alone = vlmzip.prepare(model, single)
+        expected = _teacher_forced_logits(model, alone, torch.tensor(row))
+        torch.testing.assert_close(step_logits[index, : len(row)], expected, rtol=0, atol=atol)
+        if not generate_kwargs.get("do_sample"):
+            assert generated_tokens(model, single, max_new_tokens, **generate_kwargs) == [row]

@@ -5,12 +5,21 @@ from __future__ import annotations
 from torch import nn
 
 from vlmzip.adapters.base import Adapter
+from vlmzip.adapters.gemma3 import Gemma3Adapter
+from vlmzip.adapters.internvl import InternVLAdapter
 from vlmzip.adapters.llava import LlavaAdapter
 from vlmzip.adapters.llava_next import LlavaNextAdapter
 from vlmzip.adapters.llava_onevision import LlavaOnevisionAdapter
 from vlmzip.adapters.qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaOnevisionAdapter,
+    Qwen2VLAdapter,
+    Gemma3Adapter,
+    InternVLAdapter,
+)
 
 
 def supported_families() -> list[str]:

@@ -187,6 +187,16 @@ class Adapter:
         return prepared
 
 
+def check_square_batch(pixel_values: object, side: int, items: str) -> torch.Tensor:
+    """`inputs['pixel_values']` as an (items, channels, side, side) tensor, or a ValueError naming the shape."""
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or pixel_values.shape[-2:] != (side, side):
+        raise ValueError(
+            f"inputs['pixel_values'] must be an ({items}, channels, {side}, {side}) tensor as the processor returns "
+            f"it, got {getattr(pixel_values, 'shape', type(pixel_values).__name__)}"
+        )
+    return pixel_values
+
+
 def prepare_unreduced(model: nn.Module, inputs: Mapping[str, Any], modality: str = "image") -> dict[str, Any]:
     """The same hand-over as `Adapter.prepare`, with the model's own full-length features.
 
