@@ -268,6 +268,7 @@ def make_internvl(seed: int = 0) -> InternVLForConditionalGeneration:
         text_config=text,
         image_token_id=INTERNVL_IMAGE_TOKEN_ID,
         image_seq_length=INTERNVL_TILE_TOKENS,
+        tie_word_embeddings=False,  # tied tiny random embeddings only ever repeat the last prompt token
     )
     torch.manual_seed(seed)
     return InternVLForConditionalGeneration(config).eval()

@@ -176,6 +176,7 @@ def assert_batch_logits_equal_singles(
                 return_dict_in_generate=True,
                 output_logits=True,
                 output_scores=True,
+                suppress_tokens=[model.config.image_token_id],  # a generated placeholder is no image slot
                 **generate_kwargs,
             )
         return prepared["input_ids"].shape[1], output
@@ -200,4 +201,5 @@ def assert_batch_logits_equal_singles(
         expected = _teacher_forced_logits(model, alone, torch.tensor(row))
         torch.testing.assert_close(step_logits[index, : len(row)], expected, rtol=0, atol=atol)
         if not generate_kwargs.get("do_sample"):
-            assert generated_tokens(model, single, max_new_tokens, **generate_kwargs) == [row]
+            suppress = [model.config.image_token_id]
+            assert generated_tokens(model, single, max_new_tokens, suppress_tokens=suppress, **generate_kwargs) == [row]
