@@ -632,5 +632,7 @@ def reduce_image(
     parameter = next(adapter.vision_tower().parameters())
     with torch.no_grad():
         probe, reduction = adapter.reduce(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
-    tower = adapter.tower_info
-    return reduced_images(pixel_values, reduction, tower.patch_size, probe.num_prefix_tokens, image_processor, labels)
+    # Pixels per token side: the patch size, or a pooled / shuffled unit's size (Gemma 3, InternVL).
+    token_size = pixel_values.shape[-2] // probe.grid[0]
+    labels = labels or adapter.view_labels(pixel_values.shape[0])
+    return reduced_images(pixel_values, reduction, token_size, probe.num_prefix_tokens, image_processor, labels)

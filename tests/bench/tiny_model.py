@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from conftest import make_llava, make_llava_processor, make_qwen2_5_vl, make_qwen2_vl, make_qwen_processor
-from families import make_llava_next, make_llava_next_processor, make_onevision, make_onevision_processor
+from families import (
+    make_gemma3,
+    make_gemma3_processor,
+    make_internvl,
+    make_internvl_processor,
+    make_llava_next,
+    make_llava_next_processor,
+    make_onevision,
+    make_onevision_processor,
+)
 from vlmzip.loading import image_only_processor_class
 
 # family -> (model builder, processor builder)
@@ -23,6 +32,8 @@ FAMILIES: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
     "llava-onevision": (make_onevision, make_onevision_processor),
     "qwen2-vl": (make_qwen2_vl, make_qwen_processor),
     "qwen2.5-vl": (make_qwen2_5_vl, make_qwen_processor),
+    "gemma3": (make_gemma3, make_gemma3_processor),
+    "internvl": (make_internvl, make_internvl_processor),
 }
 
 

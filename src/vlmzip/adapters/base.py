@@ -76,6 +76,17 @@ class Adapter:
         """Placeholders the processor emitted per image, computed without running the tower."""
         raise NotImplementedError
 
+    def budget_unit_tokens(self, inputs: Mapping[str, Any]) -> int:
+        """The tokens of one budget unit (image / crop / tile) that `dominant + contextual` is a share of.
+
+        By default the tower's tokens for these pixel_values ([CLS] included); families whose language
+        model sees pooled or merged tokens (Gemma 3, InternVL) count those instead.
+        """
+        pixel_values = inputs.get("pixel_values")
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim >= 4:
+            return self.tower_info.num_tokens(*pixel_values.shape[-2:])
+        return self.tokens_per_unit()
+
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         raise NotImplementedError
 
@@ -131,6 +142,10 @@ class Adapter:
                 f"pixel_values), got {self.config.tokens}"
             )
         return probe, self.method(probe, self.config)
+
+    def view_labels(self, units: int) -> list[str] | None:
+        """Captions of the units (crops / tiles) one image is split into, for visualisation; None: the default."""
+        return None
 
     def pad_token_id(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
         config = self.model.config

@@ -34,6 +34,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmzip.adapters.base import Adapter, EncodedImages, check_square_batch
+from vlmzip.core import Reduction
 from vlmzip.probe import ProbeOutput, probe_vision_tower
 
 
@@ -77,6 +78,9 @@ class Gemma3Adapter(Adapter):
                 f"{self.config.contextual} = {self.config.tokens}"
             )
 
+    def budget_unit_tokens(self, inputs: Mapping[str, Any]) -> int:
+        return self.tokens_per_unit()
+
     def full_counts(self, inputs: Mapping[str, Any]) -> list[int]:
         pixel_values = inputs["pixel_values"]
         side = self.patch_side * self.tower_info.patch_size
@@ -117,10 +121,14 @@ class Gemma3Adapter(Adapter):
         normed = projector.mm_soft_emb_norm(pooled)
         return torch.matmul(normed, projector.mm_input_projection_weight).type_as(pooled)
 
+    def reduce(self, pixel_values: torch.Tensor, **tower_kwargs: Any) -> tuple[ProbeOutput, Reduction]:
+        """The pooled probe of a batch of images and the method's reduction of it (soft-token grid)."""
+        probe = self.pooled_probe(pixel_values)
+        return probe, self.method(probe, self.config)
+
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         full_counts = self.full_counts(inputs)
-        probe = self.pooled_probe(inputs["pixel_values"])
-        reduction = self.method(probe, self.config)
+        _, reduction = self.reduce(inputs["pixel_values"])
         projected = self.project(reduction.features)
         return EncodedImages(features=list(projected.unbind(0)), full_counts=full_counts, reductions=[reduction])
 

@@ -41,6 +41,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from vlmzip.adapters.base import Adapter, EncodedImages, check_square_batch
 from vlmzip.adapters.llava_next import slice_probe
 from vlmzip.config import VisionZipConfig
+from vlmzip.core import Reduction
 from vlmzip.probe import ProbeOutput, probe_vision_tower, square_size
 
 
@@ -137,6 +138,9 @@ class InternVLAdapter(Adapter):
             )
         return tiles
 
+    def budget_unit_tokens(self, inputs: Mapping[str, Any]) -> int:
+        return self.tokens_per_unit()
+
     def full_counts(self, inputs: Mapping[str, Any]) -> list[int]:
         return [tiles * self.tokens_per_unit() for tiles in self.tile_counts(inputs)]
 
@@ -186,6 +190,15 @@ class InternVLAdapter(Adapter):
                 f"dominant + contextual to at most {tiles * available} for this image, got {self.config.tokens}"
             )
         return config
+
+    def reduce(self, pixel_values: torch.Tensor, **tower_kwargs: Any) -> tuple[ProbeOutput, Reduction]:
+        """The shuffled probe of the tiles of one image and the method's reduction of it (each tile alike)."""
+        probe = self.shuffled_probe(pixel_values)
+        return probe, self.method(probe, self.tile_config(pixel_values.shape[0], 0))
+
+    def view_labels(self, units: int) -> list[str] | None:
+        # The processor puts the thumbnail (the whole image) after the tiles.
+        return [f"tile {index}" for index in range(1, units)] + ["thumbnail"] if units > 1 else None
 
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         tiles = self.tile_counts(inputs)
