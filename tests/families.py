@@ -242,7 +242,8 @@ INTERNVL_TILE_TOKENS = 64
 INTERNVL_MAX_TILES = 4
 
 
-def make_internvl(seed: int = 0) -> InternVLForConditionalGeneration:
+def make_internvl(seed: int = 0, **vision_options: object) -> InternVLForConditionalGeneration:
+    """`vision_options` override the tower's settings (e.g. use_qk_norm=True, as InternViT-6B has)."""
     vision = {
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -250,6 +251,7 @@ def make_internvl(seed: int = 0) -> InternVLForConditionalGeneration:
         "num_attention_heads": 4,
         "image_size": INTERNVL_TILE,
         "patch_size": 14,
+        **vision_options,
     }
     text = {
         "model_type": "qwen2",

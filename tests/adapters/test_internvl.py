@@ -74,7 +74,8 @@ def reference_tile(model, pixel_values, dominant, contextual):
     with torch.no_grad():
         out = tower(pixel_values=pixel_values[None], output_hidden_states=True)
         hidden = layer.layernorm_before(out.hidden_states[-2])[0]
-        queries, keys = layer.attention.q_proj(hidden), layer.attention.k_proj(hidden)
+        attention = layer.attention  # q_norm / k_norm are identities unless the tower normalises q and k
+        queries, keys = attention.q_norm(attention.q_proj(hidden)), attention.k_norm(attention.k_proj(hidden))
         side = int((hidden.shape[0] - 1) ** 0.5)
         patches = out.last_hidden_state[0, 1:].reshape(1, side, side, -1)
         unit_features = model.model.pixel_shuffle(patches, scale_factor=0.5).reshape((side // 2) ** 2, -1)
@@ -115,7 +116,13 @@ def reference_tile(model, pixel_values, dominant, contextual):
         return model.model.multi_modal_projector(torch.stack(tokens))
 
 
-def test_features_equal_a_literal_reference(model, processor, images):
+@pytest.mark.parametrize(
+    "vision_options",
+    [{}, {"use_qk_norm": True, "norm_type": "rms_norm", "use_mean_pooling": False}],
+    ids=["internvit-300m", "qk-norm-final-layernorm"],
+)
+def test_features_equal_a_literal_reference(processor, images, vision_options):
+    model = make_internvl(**vision_options)
     inputs = process(processor, images[:2], PROMPTS[:2])  # 5 tiles + 1 tile
     vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
     prepared = vlmzip.prepare(model, inputs)
