@@ -62,3 +62,23 @@ def test_show_command(family, summary, tmp_path, capsys):
     argv = ["show", "--image", str(image), "--model", str(directory), "--tokens", "65", "-o", str(out)]
     assert main(argv) == 2
     assert "must be <= 64" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [(make_gemma3, make_gemma3_processor), (make_internvl, make_internvl_processor)],
+    ids=["gemma3", "internvl"],
+)
+def test_demo_run_and_its_panels(build):
+    from vlmzip.demo import run_demo
+    from vlmzip.viz import reduced_images_for
+
+    model, processor = build[0](), build[1]()
+    image = random_images(1, size=(300, 400))[0]
+    config = vlmzip.VisionZipConfig(dominant=12, contextual=4)
+    result = run_demo(model, processor, image, "what is in the image ?", config, repeats=1, max_new_tokens=2)
+    panels = reduced_images_for(model, processor, image, result.reduction)
+    tiles = len(panels)
+    assert (result.full.visual_tokens, result.reduced.visual_tokens) == (tiles * 64, tiles * 16)
+    assert all(panel.grid == (8, 8) and panel.kept_tokens == 16 for panel in panels)
+    assert not vlmzip.is_applied(model)

@@ -603,9 +603,11 @@ def reduced_images_for(
 ) -> list[ReducedImage]:
     """Pair a reduction `model` made of `image` (e.g. `vlmzip.demo.run_demo(...).reduction`) with the
     processor's view of that image, ready for `visualize`."""
-    tower = model_adapter(model).tower_info
+    adapter = model_adapter(model)
     pixel_values, image_processor, labels = image_pixel_values(processor, image)
-    return reduced_images(pixel_values, reduction, tower.patch_size, tower.num_prefix_tokens, image_processor, labels)
+    token_size, num_prefix_tokens = adapter.view_layout(pixel_values)
+    labels = labels or adapter.view_labels(pixel_values.shape[0])
+    return reduced_images(pixel_values, reduction, token_size, num_prefix_tokens, image_processor, labels)
 
 
 def reduce_image(
@@ -631,8 +633,7 @@ def reduce_image(
     pixel_values, image_processor, labels = image_pixel_values(processor, image)
     parameter = next(adapter.vision_tower().parameters())
     with torch.no_grad():
-        probe, reduction = adapter.reduce(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
-    # Pixels per token side: the patch size, or a pooled / shuffled unit's size (Gemma 3, InternVL).
-    token_size = pixel_values.shape[-2] // probe.grid[0]
+        _, reduction = adapter.reduce(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
+    token_size, num_prefix_tokens = adapter.view_layout(pixel_values)
     labels = labels or adapter.view_labels(pixel_values.shape[0])
-    return reduced_images(pixel_values, reduction, token_size, probe.num_prefix_tokens, image_processor, labels)
+    return reduced_images(pixel_values, reduction, token_size, num_prefix_tokens, image_processor, labels)

@@ -143,6 +143,10 @@ class Adapter:
             )
         return probe, self.method(probe, self.config)
 
+    def view_layout(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """(pixels per token side, tokens before the grid) of the tokens `reduce` selects among, for drawing."""
+        return self.tower_info.patch_size, self.tower_info.num_prefix_tokens
+
     def view_labels(self, units: int) -> list[str] | None:
         """Captions of the units (crops / tiles) one image is split into, for visualisation; None: the default."""
         return None

@@ -196,6 +196,9 @@ class InternVLAdapter(Adapter):
         probe = self.shuffled_probe(pixel_values)
         return probe, self.method(probe, self.tile_config(pixel_values.shape[0], 0))
 
+    def view_layout(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        return self.tower_info.patch_size * self.shuffle_factor, 0
+
     def view_labels(self, units: int) -> list[str] | None:
         # The processor puts the thumbnail (the whole image) after the tiles.
         return [f"tile {index}" for index in range(1, units)] + ["thumbnail"] if units > 1 else None
