@@ -264,3 +264,16 @@ def test_conversation_turns_equal_fresh_runs(model, images):
     chat, tower_calls = run_dialogue(model, make_gemma3_processor(), turns, images[:2], model.model.vision_tower)
     assert tower_calls == 2
     assert int((chat.input_ids == GEMMA_IMAGE_TOKEN_ID).sum()) == 2 * 16
+
+
+def test_pan_and_scan_crops_are_reduced_like_images(model, processor):
+    wide = random_images(1, size=(300, 1200))[0]
+    inputs = processor(
+        images=[[wide]], text=PROMPTS[:1], return_tensors="pt", do_pan_and_scan=True, pan_and_scan_min_crop_size=64
+    )
+    crops = inputs["pixel_values"].shape[0]
+    assert crops == 5 and int((inputs["input_ids"] == GEMMA_IMAGE_TOKEN_ID).sum()) == crops * 64
+    vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
+    prepared = vlmzip.prepare(model, inputs)
+    assert int((prepared["input_ids"] == GEMMA_IMAGE_TOKEN_ID).sum()) == crops * 16
+    assert torch.equal(prepared["token_type_ids"].bool(), prepared["input_ids"] == GEMMA_IMAGE_TOKEN_ID)
