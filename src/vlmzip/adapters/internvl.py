@@ -152,16 +152,13 @@ class InternVLAdapter(Adapter):
         shuffled = self.model.model.pixel_shuffle(index, scale_factor=1 / self.shuffle_factor)
         return shuffled.reshape(-1, self.shuffle_factor**2).round().long()
 
-    def _is_last_layer(self) -> bool:
-        return self.tower_info.feature_layer_index(self.feature_layer) == len(self.tower_info.layers) - 1
-
     def shuffled_probe(self, pixel_values: torch.Tensor) -> ProbeOutput:
         """The feature layer of every tile as pixel-shuffled units: features, [CLS]-attention scores, keys."""
         tower = self.vision_tower()
         probe = probe_vision_tower(tower, pixel_values.to(tower.dtype), self.feature_layer)
         features = probe.features
-        if self._is_last_layer():
-            features = tower.layernorm(features)  # the model's last_hidden_state (an identity with mean pooling)
+        if self.feature_layer == -1:  # the model then takes last_hidden_state: the final layernorm applied
+            features = tower.layernorm(features)  # (an identity on towers with mean pooling)
         patches = features[:, probe.num_prefix_tokens :]
         batch, _, channels = patches.shape
         side = self.patch_side
