@@ -277,3 +277,13 @@ def test_pan_and_scan_crops_are_reduced_like_images(model, processor):
     prepared = vlmzip.prepare(model, inputs)
     assert int((prepared["input_ids"] == GEMMA_IMAGE_TOKEN_ID).sum()) == crops * 16
     assert torch.equal(prepared["token_type_ids"].bool(), prepared["input_ids"] == GEMMA_IMAGE_TOKEN_ID)
+
+
+def test_no_cache_equals_cache(model, processor, images):
+    vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
+    prepared = vlmzip.prepare(model, process(processor, images[:2], PROMPTS[:2]))
+
+    with torch.no_grad():
+        cached = model.generate(**prepared, max_new_tokens=4, pad_token_id=0)
+        uncached = model.generate(**prepared, max_new_tokens=4, pad_token_id=0, use_cache=False)
+    assert torch.equal(cached, uncached)
