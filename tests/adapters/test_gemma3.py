@@ -282,7 +282,6 @@ def test_pan_and_scan_crops_are_reduced_like_images(model, processor):
 def test_no_cache_equals_cache(model, processor, images):
     vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
     prepared = vlmzip.prepare(model, process(processor, images[:2], PROMPTS[:2]))
-
     with torch.no_grad():
         cached = model.generate(**prepared, max_new_tokens=4, pad_token_id=0)
         uncached = model.generate(**prepared, max_new_tokens=4, pad_token_id=0, use_cache=False)
