@@ -288,3 +288,24 @@ def test_conversation_turns_equal_fresh_runs(model, images):
     chat, tower_calls = run_dialogue(model, make_internvl_processor(), turns, images[:2], model.model.vision_tower)
     assert tower_calls == 2
     assert int((chat.input_ids == INTERNVL_IMAGE_TOKEN_ID).sum()) == (5 + 1) * 16
+
+
+def test_video_frames_are_reduced_like_one_tile_images(model, processor):
+    """InternVL's processor writes each video frame as "FrameN: <img>" + one tile of placeholders + "</img>".
+
+    Its video processor needs torchvision (absent here), so the expansion is written out as it does it.
+    """
+    frames = 3
+    tile = " ".join(["<IMG_CONTEXT>"] * 64)
+    video = " ".join(f"<img> {tile} </img>" for _ in range(frames))
+    text = processor.tokenizer([f"USER: {video} what is in the image ? ASSISTANT:"], return_tensors="pt")
+    pixel_values = torch.randn(frames, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    inputs = {**text, "pixel_values": pixel_values}
+    vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
+    prepared = vlmzip.prepare(model, inputs)
+    assert image_counts(prepared) == [16] * frames
+    with torch.no_grad():
+        assert torch.equal(
+            model.generate(**inputs, max_new_tokens=3, pad_token_id=0),
+            model.generate(**prepared, max_new_tokens=3, pad_token_id=0),
+        )
