@@ -1,4 +1,4 @@
-"""`vlmzip show` on the families whose language model sees pooled (Gemma 3) or pixel-shuffled (InternVL) tokens."""
+"""`vlmzip show` panels for families whose tokens are merged patches (SmolVLM's tiles, Mistral 3's images)."""
 
 from __future__ import annotations
 
@@ -9,76 +9,55 @@ from PIL import Image
 import vlmzip
 from bench.tiny_model import save_family
 from conftest import random_images
-from families import make_gemma3, make_gemma3_processor, make_internvl, make_internvl_processor
+from families import make_mistral3, make_mistral3_processor, make_smolvlm, make_smolvlm_processor
 from vlmzip.cli import main
 from vlmzip.viz import reduce_image, visualize
 
 
-@pytest.mark.parametrize(
-    ("build", "prompt", "labels"),
-    [
-        ((make_gemma3, make_gemma3_processor), "USER: <start_of_image> what ? ASSISTANT:", [""]),
-        (
-            (make_internvl, make_internvl_processor),
-            "USER: <IMG_CONTEXT> what ? ASSISTANT:",
-            ["tile 1", "tile 2", "tile 3", "tile 4", "thumbnail"],
-        ),
-    ],
-    ids=["gemma3", "internvl"],
-)
-def test_panels_show_the_tokens_the_language_model_gets(build, prompt, labels):
-    model, processor = build[0](), build[1]()
+def test_smolvlm_one_panel_per_tile_on_the_shuffled_grid():
+    model, processor = make_smolvlm(), make_smolvlm_processor()
     image = random_images(1, size=(300, 400))[0]
-    config = vlmzip.VisionZipConfig(dominant=12, contextual=4)
+    config = vlmzip.VisionZipConfig(dominant=5, contextual=2)
     panels = reduce_image(model, processor, image, config)
-    assert [panel.label for panel in panels] == labels
-    # One cell per soft token / shuffled unit (8 x 8), each covering 56 / 28 pixels of the tower's input.
-    assert all(panel.grid == (8, 8) and panel.num_prefix_tokens == 0 for panel in panels)
-    assert all((panel.dominant, panel.contextual, panel.total_tokens) == (12, 4, 64) for panel in panels)
+    assert [panel.label for panel in panels] == ["tile 1", "tile 2", "tile 3", "tile 4", "global image"]
+    assert all(panel.grid == (4, 4) and (panel.dominant, panel.contextual) == (5, 2) for panel in panels)
+    # The panels show what prepare() sends: the same kept units, tile by tile.
     vlmzip.apply(model, config)
-    vlmzip.prepare(model, processor(images=[image], text=[prompt], return_tensors="pt"))
-    reduction = vlmzip.api.get_state(model).adapter.last_encoded.reductions[0]
-    shown = torch.cat([panel.reduction.kept_indices for panel in panels])
-    assert torch.equal(shown, reduction.kept_indices)  # the panels show what prepare() sends
+    inputs = processor(text=["USER: <image> a ASSISTANT:"], images=[[image]], return_tensors="pt")
+    with torch.no_grad():
+        vlmzip.prepare(model, inputs)
+    (reduction,) = vlmzip.api.get_state(model).adapter.last_encoded.reductions
+    assert torch.equal(torch.cat([panel.reduction.kept_indices for panel in panels]), reduction.kept_indices)
     picture = visualize(panels, heatmap=True)
-    assert [box["grid"] for box in picture.info["visionzip_panels"]] == [(8, 8)] * len(labels)
+    assert [box["label"] for box in picture.info["visionzip_panels"]] == [panel.label for panel in panels]
+
+
+def test_mistral3_one_panel_on_the_merged_grid():
+    model, processor = make_mistral3(), make_mistral3_processor()
+    image = random_images(1, size=(300, 400))[0]
+    config = vlmzip.VisionZipConfig(dominant=6, contextual=3)
+    (panel,) = reduce_image(model, processor, image, config)
+    assert panel.grid == (6, 8) and (panel.dominant, panel.contextual) == (6, 3) and panel.total_tokens == 48
+    vlmzip.apply(model, config)
+    inputs = processor(text=["USER: [IMG] a ASSISTANT:"], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        vlmzip.prepare(model, inputs)
+    (reduction,) = vlmzip.api.get_state(model).adapter.last_encoded.reductions
+    assert torch.equal(panel.reduction.kept_indices, reduction.kept_indices)
 
 
 @pytest.mark.parametrize(
-    ("family", "summary"),
-    [
-        ("gemma3", "16 of 64 tokens: 14 dominant + 2 contextual"),
-        ("internvl", "80 of 320 tokens over 5 panels: 70 dominant + 10 contextual"),  # 4 tiles + thumbnail
-    ],
+    ("family", "summary"), [("smolvlm", "35 of 80 tokens over 5 panels"), ("mistral3", "7 of 48 tokens")]
 )
 def test_show_command(family, summary, tmp_path, capsys):
     directory = save_family(family, tmp_path / family)
     image = tmp_path / "scene.png"
     random_images(1, size=(300, 400))[0].save(image)
     out = tmp_path / "show.png"
-    assert main(["show", "--image", str(image), "--model", str(directory), "--tokens", "16", "-o", str(out)]) == 0
+    argv = ["show", "--image", str(image), "--model", str(directory), "--dominant", "5", "--contextual", "2"]
+    assert main([*argv, "--heatmap", "-o", str(out)]) == 0
     assert summary in capsys.readouterr().out
-    assert Image.open(out).width > 100
-    argv = ["show", "--image", str(image), "--model", str(directory), "--tokens", "65", "-o", str(out)]
-    assert main(argv) == 2
-    assert "must be <= 64" in capsys.readouterr().err.strip().splitlines()[-1]
-
-
-@pytest.mark.parametrize(
-    "build",
-    [(make_gemma3, make_gemma3_processor), (make_internvl, make_internvl_processor)],
-    ids=["gemma3", "internvl"],
-)
-def test_demo_run_and_its_panels(build):
-    from vlmzip.demo import run_demo
-    from vlmzip.viz import reduced_images_for
-
-    model, processor = build[0](), build[1]()
-    image = random_images(1, size=(300, 400))[0]
-    config = vlmzip.VisionZipConfig(dominant=12, contextual=4)
-    result = run_demo(model, processor, image, "what is in the image ?", config, repeats=1, max_new_tokens=2)
-    panels = reduced_images_for(model, processor, image, result.reduction)
-    tiles = len(panels)
-    assert (result.full.visual_tokens, result.reduced.visual_tokens) == (tiles * 64, tiles * 16)
-    assert all(panel.grid == (8, 8) and panel.kept_tokens == 16 for panel in panels)
-    assert not vlmzip.is_applied(model)
+    assert Image.open(out).width > 0
+    too_many = ["show", "--image", str(image), "--model", str(directory), "--tokens", "99", "-o", str(out)]
+    assert main(too_many) == 2
+    assert "must be <=" in capsys.readouterr().err.strip().splitlines()[-1]

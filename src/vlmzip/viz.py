@@ -605,9 +605,11 @@ def reduced_images_for(
     processor's view of that image, ready for `visualize`."""
     adapter = model_adapter(model)
     pixel_values, image_processor, labels = image_pixel_values(processor, image)
-    token_size, num_prefix_tokens = adapter.view_layout(pixel_values)
-    labels = labels or adapter.view_labels(pixel_values.shape[0])
-    return reduced_images(pixel_values, reduction, token_size, num_prefix_tokens, image_processor, labels)
+    labels = adapter.unit_labels(pixel_values.shape[0]) or labels
+    # Tokens before the grid ([CLS]): none where the reduced tokens are pooled or shuffled units (InternVL).
+    cells = (pixel_values.shape[-2] // adapter.token_pixels) * (pixel_values.shape[-1] // adapter.token_pixels)
+    prefix = int(reduction.groups.shape[1]) - cells
+    return reduced_images(pixel_values, reduction, adapter.token_pixels, prefix, image_processor, labels)
 
 
 def reduce_image(
@@ -633,7 +635,8 @@ def reduce_image(
     pixel_values, image_processor, labels = image_pixel_values(processor, image)
     parameter = next(adapter.vision_tower().parameters())
     with torch.no_grad():
-        _, reduction = adapter.reduce(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
-    token_size, num_prefix_tokens = adapter.view_layout(pixel_values)
-    labels = labels or adapter.view_labels(pixel_values.shape[0])
-    return reduced_images(pixel_values, reduction, token_size, num_prefix_tokens, image_processor, labels)
+        probe, reduction = adapter.reduce(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
+    labels = adapter.unit_labels(pixel_values.shape[0]) or labels
+    return reduced_images(
+        pixel_values, reduction, adapter.token_pixels, probe.num_prefix_tokens, image_processor, labels
+    )

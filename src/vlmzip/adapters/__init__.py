@@ -10,7 +10,9 @@ from vlmzip.adapters.internvl import InternVLAdapter
 from vlmzip.adapters.llava import LlavaAdapter
 from vlmzip.adapters.llava_next import LlavaNextAdapter
 from vlmzip.adapters.llava_onevision import LlavaOnevisionAdapter
+from vlmzip.adapters.mistral3 import Mistral3Adapter
 from vlmzip.adapters.qwen2_vl import Qwen2VLAdapter
+from vlmzip.adapters.smolvlm import SmolVLMAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter,
@@ -19,6 +21,8 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     Qwen2VLAdapter,
     Gemma3Adapter,
     InternVLAdapter,
+    SmolVLMAdapter,
+    Mistral3Adapter,
 )
 
 

@@ -121,8 +121,9 @@ class Gemma3Adapter(Adapter):
         normed = projector.mm_soft_emb_norm(pooled)
         return torch.matmul(normed, projector.mm_input_projection_weight).type_as(pooled)
 
-    def view_layout(self, pixel_values: torch.Tensor) -> tuple[int, int]:
-        return self.tower_info.patch_size * self.patch_side // self.soft_token_side, 0
+    @property
+    def token_pixels(self) -> int:
+        return self.tower_info.patch_size * self.patch_side // self.soft_token_side  # a soft token's pixels
 
     def reduce(self, pixel_values: torch.Tensor, **tower_kwargs: Any) -> tuple[ProbeOutput, Reduction]:
         """The pooled probe of a batch of images and the method's reduction of it (soft-token grid)."""

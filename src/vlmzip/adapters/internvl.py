@@ -193,12 +193,13 @@ class InternVLAdapter(Adapter):
         probe = self.shuffled_probe(pixel_values)
         return probe, self.method(probe, self.tile_config(pixel_values.shape[0], 0))
 
-    def view_layout(self, pixel_values: torch.Tensor) -> tuple[int, int]:
-        return self.tower_info.patch_size * self.shuffle_factor, 0
+    @property
+    def token_pixels(self) -> int:
+        return self.tower_info.patch_size * self.shuffle_factor  # a shuffled unit's pixels
 
-    def view_labels(self, units: int) -> list[str] | None:
+    def unit_labels(self, count: int) -> list[str] | None:
         # The processor puts the thumbnail (the whole image) after the tiles.
-        return [f"tile {index}" for index in range(1, units)] + ["thumbnail"] if units > 1 else None
+        return [f"tile {index}" for index in range(1, count)] + ["thumbnail"] if count > 1 else None
 
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         tiles = self.tile_counts(inputs)
