@@ -21,6 +21,7 @@ LIBRARY = (
     "vlmzip.adapters",
     "vlmzip.api",
     "vlmzip.cache",
+    "vlmzip.compat",
     "vlmzip.config",
     "vlmzip.conversation",
     "vlmzip.core",

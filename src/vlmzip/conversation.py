@@ -29,13 +29,14 @@ from torch import nn
 from vlmzip.adapters import adapter_class_for
 from vlmzip.adapters.qwen2_vl import mrope_positions
 from vlmzip.api import is_applied, prepare
+from vlmzip.compat import CACHE_ARGUMENT, CACHE_ARGUMENTS, output_cache
 
 # Arguments the conversation sets itself on every generate() call.
 RESERVED_GENERATE_ARGUMENTS = (
     "input_ids",
     "attention_mask",
     "position_ids",
-    "past_key_values",
+    *CACHE_ARGUMENTS,
     "return_dict_in_generate",
     "use_cache",
     "mm_encoder_outputs",
@@ -140,7 +141,7 @@ class Conversation:
             model_inputs = self._with_history(turn_ids, turn_inputs)
             output = self.model.generate(
                 **model_inputs,
-                past_key_values=self._cache,
+                **{CACHE_ARGUMENT: self._cache},
                 use_cache=True,
                 return_dict_in_generate=True,
                 suppress_tokens=suppress or None,
@@ -205,7 +206,7 @@ class Conversation:
             positions = model_inputs["position_ids"]
             steps = torch.arange(1, generated + 1, dtype=positions.dtype).view(1, 1, -1)
             self._positions = torch.cat([positions, positions[..., -1:] + steps], dim=-1)
-        self._cache = output.past_key_values
+        self._cache = output_cache(output)
         return answer_ids
 
 

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from vlmzip.adapters.base import Adapter, prepare_unreduced
 from vlmzip.bench.memory import PeakMemory
 from vlmzip.bench.runner import kv_cache_bytes_after_prefill
 from vlmzip.cli_options import add_budget_options, config_from_args
+from vlmzip.compat import output_cache
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
 
@@ -104,7 +104,7 @@ def run_demo(
                 prepared, vision_ms = _timed(encoders[name])
                 with PeakMemory(device) as memory:
                     output, prefill_ms = _timed(partial(model, **prepared, logits_to_keep=1, use_cache=True))
-                kv_bytes = kv_cache_bytes_after_prefill(output.past_key_values, generated=1)
+                kv_bytes = kv_cache_bytes_after_prefill(output_cache(output), generated=1)
                 kv_cache_mb[name] = kv_bytes / 2**20 if kv_bytes is not None else None
                 if repeat:
                     times[name]["vision"].append(vision_ms)
@@ -192,6 +192,10 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("--question must not be empty")
     if args.max_new_tokens < 1 or args.repeats < 1:
         raise ValueError("--max-new-tokens and --repeats must be >= 1")
+    if args.output:
+        from vlmzip.outputs import model_inputs, refuse_overlap
+
+        refuse_overlap(args.output, [("--image", args.image), *model_inputs(args.model)])
     image = load_image(args.image) if args.image else None  # fail on a bad image before loading the model
 
     with console.status("loading model") as status:
@@ -223,12 +227,10 @@ def _run(args: argparse.Namespace) -> int:
         console.print(f"expected answer (bundled sample): {expected}")
     console.print(render_table(result, question))
     if args.output:
+        from vlmzip.outputs import save_image
         from vlmzip.viz import visualize
 
-        picture = visualize(image, result.reduction)
-        output = Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        picture.save(output)
+        output = save_image(visualize(image, result.reduction), args.output)
         console.print(f"kept tokens drawn on the image: {output}")
     return 0
 

@@ -135,8 +135,11 @@ def run_bench(args: argparse.Namespace) -> int:
 
     if args.model is not None and args.arch is not None:
         raise ValueError("give either --model or --arch, not both")
-    json_path = check_output_path(args.json, ".json", "--json")
-    plot_path = check_output_path(args.plot, ".png", "--plot")
+    from vlmzip.outputs import model_inputs
+
+    inputs = [*(model_inputs(args.model) if args.arch is None else []), ("--image", args.image)]
+    json_path = check_output_path(args.json, ".json", "--json", inputs)
+    plot_path = check_output_path(args.plot, ".png", "--plot", inputs)
     batch = check_int("--batch", args.batch, 1)
     repeats = check_int("--repeats", args.repeats if args.repeats is not None else (1 if args.arch else 3), 1)
     warmup = check_int("--warmup", args.warmup, 0)

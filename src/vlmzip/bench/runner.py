@@ -35,6 +35,7 @@ from vlmzip.adapters import adapter_class_for
 from vlmzip.bench.flops import FlopCounter
 from vlmzip.bench.memory import PeakMemory
 from vlmzip.bench.variants import Variant, VariantRunner, unit_tokens
+from vlmzip.compat import output_cache
 from vlmzip.config import VisionZipConfig, check_int
 from vlmzip.model_parts import language_model_of
 
@@ -276,7 +277,7 @@ class PipelineBench:
             tokens = self._count_visual(prepared["input_ids"].gather(1, runner.fastv.last_kept))
         else:
             tokens = self._count_visual(prepared["input_ids"])
-        kv_bytes = kv_cache_bytes_after_prefill(output.past_key_values, self.new_tokens)
+        kv_bytes = kv_cache_bytes_after_prefill(output_cache(output), self.new_tokens)
         lengths = counter.count.llm_layer_lengths
         return RunMeasurement(
             tower_ms=span(stamps, "start", tower_end),
