@@ -1,5 +1,5 @@
-"""Tiny random-initialised multi-crop, tiled and video models (LLaVA-NeXT, LLaVA-OneVision, SmolVLM, Mistral 3)
-and their processors.
+"""Tiny random-initialised multi-crop, tiled and video models (LLaVA-NeXT, LLaVA-OneVision, SmolVLM, Mistral 3,
+Gemma 3, InternVL) and their processors.
 
 Real transformers classes with small widths; crop and grid geometry is kept small too so that the
 unreduced model (needed to check `remove()`) stays cheap on CPU.
@@ -11,6 +11,12 @@ import numpy as np
 import torch
 from transformers import (
     BatchFeature,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3Processor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
@@ -24,6 +30,8 @@ from transformers import (
     SmolVLMForConditionalGeneration,
     SmolVLMProcessor,
 )
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
@@ -33,6 +41,7 @@ from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImag
 
 from conftest import WORDS, clip_vision_config, make_tokenizer
 from vlmzip.bench.arch import NEXT_PINPOINTS
+from vlmzip.loading import image_only_processor_class
 from vlmzip.pixtral_processor import PixtralPilProcessor
 from vlmzip.synthetic import llava_style_processor, tiny_llama_config, word_level_tokenizer
 
@@ -437,3 +446,127 @@ def make_mistral3_processor(padding_side: str = "left") -> PixtralPilProcessor:
     return PixtralPilProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=MISTRAL_PATCH, spatial_merge_size=MISTRAL_MERGE
     )
+
+
+# --- Gemma 3 ----------------------------------------------------------------------------------------
+# SigLIP on 448 px / patch 14 = 32 x 32 patches, average-pooled 4 x 4 (the real kernel: 896 px, 64 x 64
+# patches -> 16 x 16) to 8 x 8 = 64 soft tokens per image. Prompts mark an image with "<start_of_image>";
+# the processor expands it to "<start_of_image>" + 64 x "<image_soft_token>" + "<end_of_image>".
+GEMMA_WORDS = [*WORDS, "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+GEMMA_IMAGE_TOKEN_ID = GEMMA_WORDS.index("<image_soft_token>")
+GEMMA_IMAGE = 448
+GEMMA_SOFT_TOKENS = 64
+
+
+def make_gemma3(seed: int = 0) -> Gemma3ForConditionalGeneration:
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=GEMMA_IMAGE,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    text = {
+        "vocab_size": len(GEMMA_WORDS),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 32,  # shorter than the prompts: the sliding layer masks what a window excludes
+        "layer_types": ["sliding_attention", "full_attention"],
+        "pad_token_id": 0,
+        "eos_token_id": 2,
+        "bos_token_id": 3,
+    }
+    config = Gemma3Config(
+        vision_config=vision,
+        text_config=text,
+        mm_tokens_per_image=GEMMA_SOFT_TOKENS,
+        boi_token_index=GEMMA_WORDS.index("<start_of_image>"),
+        eoi_token_index=GEMMA_WORDS.index("<end_of_image>"),
+        image_token_index=GEMMA_IMAGE_TOKEN_ID,
+    )
+    torch.manual_seed(seed)
+    return Gemma3ForConditionalGeneration(config).eval()
+
+
+def make_gemma3_processor(padding_side: str = "left") -> Gemma3Processor:
+    tokenizer = make_tokenizer(
+        padding_side,
+        GEMMA_WORDS,
+        {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    )
+    image_processor = Gemma3ImageProcessorPil(size={"height": GEMMA_IMAGE, "width": GEMMA_IMAGE})
+    return Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=GEMMA_SOFT_TOKENS)
+
+
+# --- InternVL ---------------------------------------------------------------------------------------
+# InternViT on 224 px tiles / patch 14 = [CLS] + 16 x 16 patches, pixel-shuffled (0.5) to 8 x 8 = 64
+# tokens per tile; up to 4 tiles plus a thumbnail per image. Prompts mark an image with "<IMG_CONTEXT>";
+# the processor expands it to "<img>" + 64 x tiles "<IMG_CONTEXT>" + "</img>".
+INTERNVL_WORDS = [*WORDS, "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+INTERNVL_IMAGE_TOKEN_ID = INTERNVL_WORDS.index("<IMG_CONTEXT>")
+INTERNVL_TILE = 224
+INTERNVL_TILE_TOKENS = 64
+INTERNVL_MAX_TILES = 4
+
+
+def make_internvl(seed: int = 0, **vision_options: object) -> InternVLForConditionalGeneration:
+    """`vision_options` override the tower's settings (e.g. use_qk_norm=True, as InternViT-6B has)."""
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "image_size": INTERNVL_TILE,
+        "patch_size": 14,
+        **vision_options,
+    }
+    text = {
+        "model_type": "qwen2",
+        "vocab_size": len(INTERNVL_WORDS),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "pad_token_id": 0,
+        "eos_token_id": 2,
+        "bos_token_id": 3,
+    }
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=INTERNVL_IMAGE_TOKEN_ID,
+        image_seq_length=INTERNVL_TILE_TOKENS,
+        tie_word_embeddings=False,  # tied tiny random embeddings only ever repeat the last prompt token
+    )
+    torch.manual_seed(seed)
+    return InternVLForConditionalGeneration(config).eval()
+
+
+def make_internvl_processor(padding_side: str = "left") -> InternVLProcessor:
+    """InternVL's processor without its video slot (its video processor needs torchvision)."""
+    tokenizer = make_tokenizer(
+        padding_side,
+        INTERNVL_WORDS,
+        {
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    )
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": INTERNVL_TILE, "width": INTERNVL_TILE},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=INTERNVL_MAX_TILES,
+    )
+    processor_class = image_only_processor_class(InternVLProcessor)
+    return processor_class(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=INTERNVL_TILE_TOKENS)

@@ -148,7 +148,10 @@ def assert_batch_logits_equal_singles(
             prepared = vlmzip.prepare(model, single)
             path = torch.tensor([new[: steps - 1]], dtype=prepared["input_ids"].dtype)
             extended = dict(prepared)
-            extended["input_ids"] = torch.cat([prepared["input_ids"], path], dim=1)
+            for key, value in prepared.items():  # per-token inputs (e.g. Gemma 3's token_type_ids) grow too
+                if isinstance(value, torch.Tensor) and value.shape == prepared["input_ids"].shape:
+                    fill = path if key == "input_ids" else torch.zeros_like(path)
+                    extended[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
             extended["attention_mask"] = torch.ones_like(extended["input_ids"])
             with torch.no_grad():
                 alone = model(**extended).logits[0, prepared["input_ids"].shape[1] - 1 :]

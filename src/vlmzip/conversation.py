@@ -106,10 +106,21 @@ class Conversation:
 
     @property
     def suppressed_token_ids(self) -> list[int]:
-        """Image / video placeholder ids: never generated, since the next turn would read them as image slots."""
+        """Image / video placeholder ids: never generated, since the next turn would read them as image slots.
+
+        The model's placeholder ids, and the tokens the processor expands in a prompt (e.g. Gemma 3's
+        `<start_of_image>`, InternVL's `<video>`), which a fresh run of the history would expand.
+        """
         config = self.model.config
         names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
-        return sorted({value for name in names if isinstance(value := getattr(config, name, None), int)})
+        ids = {value for name in names if isinstance(value := getattr(config, name, None), int)}
+        tokenizer = self.processor.tokenizer
+        for name in ("image_token", "video_token"):
+            token = getattr(self.processor, name, None)
+            token_id = tokenizer.convert_tokens_to_ids(token) if isinstance(token, str) else None
+            if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+                ids.add(token_id)
+        return sorted(ids)
 
     def ask(self, text: str, images: Image.Image | Sequence[Image.Image] | None = None, **generate_kwargs: Any) -> str:
         """Add one turn (its text in the model's prompt format, and its images) and return the answer.

@@ -611,7 +611,9 @@ def reduced_images_for(
     adapter = model_adapter(model)
     pixel_values, image_processor, labels = image_pixel_values(processor, image)
     labels = adapter.unit_labels(pixel_values.shape[0]) or labels
-    prefix = adapter.tower_info.num_prefix_tokens
+    # Tokens before the grid ([CLS]): none where the reduced tokens are pooled or shuffled units (InternVL).
+    cells = (pixel_values.shape[-2] // adapter.token_pixels) * (pixel_values.shape[-1] // adapter.token_pixels)
+    prefix = int(reduction.groups.shape[1]) - cells
     return reduced_images(pixel_values, reduction, adapter.token_pixels, prefix, image_processor, labels)
 
 

@@ -14,6 +14,10 @@ from typing import Any
 
 from conftest import make_llava, make_llava_processor, make_qwen2_5_vl, make_qwen2_vl, make_qwen_processor
 from families import (
+    make_gemma3,
+    make_gemma3_processor,
+    make_internvl,
+    make_internvl_processor,
     make_llava_next,
     make_llava_next_processor,
     make_mistral3,
@@ -40,6 +44,8 @@ FAMILIES: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
     "qwen3-vl": (make_qwen3_vl, make_qwen3_processor),
     "qwen3-vl-moe": (make_qwen3_vl_moe, make_qwen3_processor),
     "qwen3.5": (make_qwen3_5, make_qwen3_processor),
+    "gemma3": (make_gemma3, make_gemma3_processor),
+    "internvl": (make_internvl, make_internvl_processor),
     "smolvlm": (make_smolvlm, make_smolvlm_processor),
     "mistral3": (make_mistral3, make_mistral3_processor),
 }

@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from vlmzip.adapters.base import Adapter
+from vlmzip.adapters.gemma3 import Gemma3Adapter
+from vlmzip.adapters.internvl import InternVLAdapter
 from vlmzip.adapters.llava import LlavaAdapter
 from vlmzip.adapters.llava_next import LlavaNextAdapter
 from vlmzip.adapters.llava_onevision import LlavaOnevisionAdapter
@@ -21,6 +23,8 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     Qwen2VLAdapter,
     Qwen3VLAdapter,
     Qwen3_5Adapter,
+    Gemma3Adapter,
+    InternVLAdapter,
     SmolVLMAdapter,
     Mistral3Adapter,
 )

@@ -85,6 +85,17 @@ class Adapter:
         """Placeholders the processor emitted per image, computed without running the tower."""
         raise NotImplementedError
 
+    def budget_unit_tokens(self, inputs: Mapping[str, Any]) -> int:
+        """The tokens of one budget unit (image / crop / tile) that `dominant + contextual` is a share of.
+
+        By default the tower's tokens for these pixel_values ([CLS] included); families whose language
+        model sees pooled or merged tokens (Gemma 3, InternVL) count those instead.
+        """
+        pixel_values = inputs.get("pixel_values")
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim >= 4:
+            return self.tower_info.num_tokens(*pixel_values.shape[-2:])
+        return self.tokens_per_unit()
+
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         raise NotImplementedError
 
@@ -203,6 +214,16 @@ class Adapter:
         self.attach_features(prepared, encoded)
         self.last_encoded = encoded
         return prepared
+
+
+def check_square_batch(pixel_values: object, side: int, items: str) -> torch.Tensor:
+    """`inputs['pixel_values']` as an (items, channels, side, side) tensor, or a ValueError naming the shape."""
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or pixel_values.shape[-2:] != (side, side):
+        raise ValueError(
+            f"inputs['pixel_values'] must be an ({items}, channels, {side}, {side}) tensor as the processor returns "
+            f"it, got {getattr(pixel_values, 'shape', type(pixel_values).__name__)}"
+        )
+    return pixel_values
 
 
 def prepare_unreduced(model: nn.Module, inputs: Mapping[str, Any], modality: str = "image") -> dict[str, Any]:

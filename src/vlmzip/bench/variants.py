@@ -14,7 +14,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from vlmzip.adapters import adapter_class_for
@@ -70,11 +69,8 @@ def unit_tokens(model: nn.Module, inputs: Mapping[str, Any]) -> int:
     native resolution) do not provide it.
     """
     reference = adapter_class_for(model)(model, VisionZipConfig(dominant=1, contextual=0))
-    pixel_values = inputs.get("pixel_values")
-    if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim >= 4:
-        return reference.tower_info.num_tokens(*pixel_values.shape[-2:])
     try:
-        return reference.tokens_per_unit()
+        return reference.budget_unit_tokens(inputs)
     except NotImplementedError:
         raise ValueError(f"model: {type(model).__name__} has no fixed number of tower tokens per image") from None
 

@@ -115,9 +115,14 @@ class FastV:
     def unsupported_reason(model: nn.Module) -> str | None:
         """Why FastV cannot run on `model` (None when it can): the checks that need no budget."""
         try:
-            _language_model(model)
+            language_model = _language_model(model)
         except ValueError as error:
             return str(error)
+        attention = getattr(language_model.layers[0], "self_attn", None) if len(language_model.layers) else None
+        if isinstance(getattr(attention, "q_norm", None), nn.Module) or isinstance(
+            getattr(attention, "k_norm", None), nn.Module
+        ):
+            return f"model: FastV does not support attention with q/k normalisation ({type(attention).__name__})"
         text_config = getattr(model.config, "text_config", model.config)
         rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
         if isinstance(rope, dict) and "mrope_section" in rope:
