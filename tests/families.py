@@ -1,4 +1,5 @@
-"""Tiny random-initialised multi-crop and video models (LLaVA-NeXT, LLaVA-OneVision) and their processors.
+"""Tiny random-initialised multi-crop, tiled and video models (LLaVA-NeXT, LLaVA-OneVision, SmolVLM, Mistral 3,
+Gemma 3, InternVL) and their processors.
 
 Real transformers classes with small widths; crop and grid geometry is kept small too so that the
 unreduced model (needed to check `remove()`) stays cheap on CPU.
@@ -10,22 +11,39 @@ import numpy as np
 import torch
 from transformers import (
     BatchFeature,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3Processor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionProcessor,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
     SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMProcessor,
 )
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
 )
+from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from conftest import WORDS, clip_vision_config, make_tokenizer
 from vlmzip.bench.arch import NEXT_PINPOINTS
-from vlmzip.synthetic import llava_style_processor, tiny_llama_config
+from vlmzip.loading import image_only_processor_class
+from vlmzip.pixtral_processor import PixtralPilProcessor
+from vlmzip.synthetic import llava_style_processor, tiny_llama_config, word_level_tokenizer
 
 IMAGE_TOKEN_ID = WORDS.index("<image>")
 VIDEO_TOKEN_ID = len(WORDS)  # "<video>" is added after the shared vocabulary
@@ -161,3 +179,394 @@ def static_video(frames: int = 6, size: int = 120, square: int = 24, seed: int =
         top = size // 2 - square // 2
         video[t, top : top + square, left : left + square] = (255, 40, 40)
     return video
+
+
+# --- Qwen3-VL (+ MoE) and Qwen3.5 ------------------------------------------------------------------
+# Patch 16 with 2x2 merging: a 300x400 image becomes 12x16 patches (48 merged tokens) at the
+# processor's 224x224 pixel cap, like the Qwen2-VL fixtures; 150x200 becomes 10x12 (30).
+QWEN3_PATCH = 16
+QWEN3_PATCH_FEATURES = 3 * 2 * QWEN3_PATCH * QWEN3_PATCH  # channels x temporal patch x patch x patch
+QWEN3_DEEPSTACK = [0, 1]  # blocks whose outputs feed deepstack mergers (the tiny tower has 3)
+
+
+def _qwen3_vision(**extra: object) -> dict:
+    return {
+        "depth": 3,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 4,
+        "out_hidden_size": 64,
+        "patch_size": QWEN3_PATCH,
+        "num_position_embeddings": 64,  # an 8x8 learned grid, resampled to every image's grid
+        **extra,
+    }
+
+
+def _qwen3_text(**extra: object) -> dict:
+    from conftest import _qwen_text_config
+
+    text = _qwen_text_config()
+    text["head_dim"] = 16
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [2, 3, 3],
+        "mrope_interleaved": True,
+    }
+    text.update(extra)
+    return text
+
+
+def make_qwen3_vl(seed: int = 0):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from conftest import _qwen_token_ids
+
+    config = Qwen3VLConfig(
+        text_config=_qwen3_text(),
+        vision_config=_qwen3_vision(deepstack_visual_indexes=QWEN3_DEEPSTACK),
+        **_qwen_token_ids(),
+    )
+    torch.manual_seed(seed)
+    return Qwen3VLForConditionalGeneration(config).eval()
+
+
+def make_qwen3_vl_moe(seed: int = 0):
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    from conftest import _qwen_token_ids
+
+    text = _qwen3_text(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    config = Qwen3VLMoeConfig(
+        text_config=text, vision_config=_qwen3_vision(deepstack_visual_indexes=QWEN3_DEEPSTACK), **_qwen_token_ids()
+    )
+    torch.manual_seed(seed)
+    return Qwen3VLMoeForConditionalGeneration(config).eval()
+
+
+def make_qwen3_5(seed: int = 0):
+    """Qwen3.5: one Gated DeltaNet layer then one full-attention layer (the default layout has no
+    full-attention layer at 2 layers); rotary on half of each 16-wide head (the default quarter would
+    leave 4 dimensions for an 8-dimension M-RoPE section)."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from conftest import _qwen_token_ids
+
+    text = _qwen3_text(
+        layer_types=["linear_attention", "full_attention"],
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+    )
+    text["rope_parameters"] = {**text["rope_parameters"], "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2]}
+    config = Qwen3_5Config(text_config=text, vision_config=_qwen3_vision(), **_qwen_token_ids())
+    torch.manual_seed(seed)
+    return Qwen3_5ForConditionalGeneration(config).eval()
+
+
+def make_qwen3_5_moe(seed: int = 0):
+    """Qwen3.5-MoE: the Qwen3.5 fixture's layout with 4 experts (2 per token) and a shared expert."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    from conftest import _qwen_token_ids
+
+    text = _qwen3_text(
+        layer_types=["linear_attention", "full_attention"],
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+    )
+    text["rope_parameters"] = {**text["rope_parameters"], "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2]}
+    config = Qwen3_5MoeConfig(text_config=text, vision_config=_qwen3_vision(), **_qwen_token_ids())
+    torch.manual_seed(seed)
+    return Qwen3_5MoeForConditionalGeneration(config).eval()
+
+
+def make_qwen3_processor(padding_side: str = "left", max_pixels: int = 224 * 224):
+    """Qwen3-VL's processor (also Qwen3.5's) without its video slot, which needs torchvision."""
+    from transformers import Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from conftest import QWEN_WORDS
+    from vlmzip.loading import image_only_processor_class
+
+    special = {
+        "image_token": "<image>",
+        "video_token": "<video>",
+        "vision_start_token": "<vision_start>",
+        "vision_end_token": "<vision_end>",
+    }
+    tokenizer = make_tokenizer(padding_side, QWEN_WORDS, special)
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=QWEN3_PATCH,
+        merge_size=2,
+        min_pixels=64 * 64,
+        max_pixels=max_pixels,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return image_only_processor_class(Qwen3VLProcessor)(image_processor=image_processor, tokenizer=tokenizer)
+
+
+# --- SmolVLM --------------------------------------------------------------------------------------
+# 64 px tiles of 8 px patches (8 x 8 = 64 patches), pixel shuffle 2 -> 16 tokens per tile (a 4 x 4 grid).
+# The processor resizes the longest side to 128 px and splits into 64 px tiles: a 300x400 image is a
+# 2 x 2 grid + the global image (5 tiles, 80 placeholders); any image is upscaled to 2 x 2 (no image is
+# a global image only unless do_image_splitting=False).
+SMOL_TILE = 64
+SMOL_PATCH = 8
+SMOL_SCALE = 2
+SMOL_TILE_TOKENS = (SMOL_TILE // SMOL_PATCH // SMOL_SCALE) ** 2
+SMOL_LAYOUT = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] + [
+    f"<row_{row}_col_{col}>" for row in range(1, 4) for col in range(1, 4)
+]
+SMOL_WORDS = [*WORDS, *SMOL_LAYOUT]
+SMOL_IMAGE_TOKEN_ID = SMOL_WORDS.index("<image>")
+
+
+def make_smolvlm(seed: int = 0) -> SmolVLMForConditionalGeneration:
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "image_size": SMOL_TILE,
+        "patch_size": SMOL_PATCH,
+    }
+    config = SmolVLMConfig(
+        vision_config=vision,
+        text_config=tiny_llama_config(len(SMOL_WORDS)).to_dict(),
+        image_token_id=SMOL_IMAGE_TOKEN_ID,
+        scale_factor=SMOL_SCALE,
+    )
+    torch.manual_seed(seed)
+    return SmolVLMForConditionalGeneration(config).eval()
+
+
+class SmolVLMImageOnlyProcessor(SmolVLMProcessor):
+    """The real SmolVLM processor without its video slot, whose video processor needs torchvision."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, image_seq_len=image_seq_len, chat_template=chat_template)
+
+    def check_argument_for_proper_class(self, argument_name: str, argument: object) -> type:
+        if argument_name == "video_processor":
+            return type(argument)
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+def make_smolvlm_processor(padding_side: str = "left", do_image_splitting: bool = True) -> SmolVLMImageOnlyProcessor:
+    tokenizer = word_level_tokenizer(
+        SMOL_WORDS,
+        extra_special_tokens={
+            "image_token": "<image>",
+            "fake_image_token": "<fake_token_around_image>",
+            "global_image_token": "<global-img>",
+            "end_of_utterance_token": "<end_of_utterance>",
+        },
+        padding_side=padding_side,
+    )
+    tokenizer.add_tokens(SMOL_LAYOUT, special_tokens=True)
+    image_processor = SmolVLMImageProcessorPil(
+        size={"longest_edge": 2 * SMOL_TILE},
+        max_image_size={"longest_edge": SMOL_TILE},
+        do_image_splitting=do_image_splitting,
+    )
+    return SmolVLMImageOnlyProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=SMOL_TILE_TOKENS
+    )
+
+
+# --- Mistral 3 ------------------------------------------------------------------------------------
+# Pixtral patches of 8 px, 2x2 patch merger: one language-model token per 16 px. Images are resized to
+# at most 128 px on the longest side (multiples of 16 px): a 300x400 image is 96x128 px = 12x16 patches
+# = 6x8 merged tokens (48 [IMG], 5 [IMG_BREAK], 1 [IMG_END]); 150x200 -> 96x128 too; 40x90 -> 64x128
+# (4x8 = 32 tokens). The largest image (128 px square) has 64 merged tokens.
+MISTRAL_IMAGE_PX = 128
+MISTRAL_PATCH = 8
+MISTRAL_MERGE = 2
+MISTRAL_LAYOUT = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+MISTRAL_WORDS = [*WORDS, *MISTRAL_LAYOUT]
+MISTRAL_IMAGE_TOKEN_ID = MISTRAL_WORDS.index("[IMG]")
+MISTRAL_BREAK_TOKEN_ID = MISTRAL_WORDS.index("[IMG_BREAK]")
+MISTRAL_END_TOKEN_ID = MISTRAL_WORDS.index("[IMG_END]")
+
+
+def make_mistral3(seed: int = 0) -> Mistral3ForConditionalGeneration:
+    vision = {
+        "model_type": "pixtral",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "head_dim": 8,
+        "image_size": MISTRAL_IMAGE_PX,
+        "patch_size": MISTRAL_PATCH,
+    }
+    text = {
+        "model_type": "mistral",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": len(MISTRAL_WORDS),
+        "pad_token_id": 0,
+        "eos_token_id": 2,
+        "bos_token_id": 3,
+        "sliding_window": None,
+    }
+    config = Mistral3Config(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=MISTRAL_IMAGE_TOKEN_ID,
+        spatial_merge_size=MISTRAL_MERGE,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,  # tied, a tiny random model only repeats its last input token
+    )
+    torch.manual_seed(seed)
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def make_mistral3_processor(padding_side: str = "left") -> PixtralPilProcessor:
+    tokenizer = word_level_tokenizer(
+        MISTRAL_WORDS, extra_special_tokens={"image_token": "[IMG]"}, padding_side=padding_side
+    )
+    tokenizer.add_tokens(MISTRAL_LAYOUT, special_tokens=True)
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": MISTRAL_IMAGE_PX}, patch_size=MISTRAL_PATCH)
+    return PixtralPilProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=MISTRAL_PATCH, spatial_merge_size=MISTRAL_MERGE
+    )
+
+
+# --- Gemma 3 ----------------------------------------------------------------------------------------
+# SigLIP on 448 px / patch 14 = 32 x 32 patches, average-pooled 4 x 4 (the real kernel: 896 px, 64 x 64
+# patches -> 16 x 16) to 8 x 8 = 64 soft tokens per image. Prompts mark an image with "<start_of_image>";
+# the processor expands it to "<start_of_image>" + 64 x "<image_soft_token>" + "<end_of_image>".
+GEMMA_WORDS = [*WORDS, "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+GEMMA_IMAGE_TOKEN_ID = GEMMA_WORDS.index("<image_soft_token>")
+GEMMA_IMAGE = 448
+GEMMA_SOFT_TOKENS = 64
+
+
+def make_gemma3(seed: int = 0) -> Gemma3ForConditionalGeneration:
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=GEMMA_IMAGE,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    text = {
+        "vocab_size": len(GEMMA_WORDS),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 32,  # shorter than the prompts: the sliding layer masks what a window excludes
+        "layer_types": ["sliding_attention", "full_attention"],
+        "pad_token_id": 0,
+        "eos_token_id": 2,
+        "bos_token_id": 3,
+    }
+    config = Gemma3Config(
+        vision_config=vision,
+        text_config=text,
+        mm_tokens_per_image=GEMMA_SOFT_TOKENS,
+        boi_token_index=GEMMA_WORDS.index("<start_of_image>"),
+        eoi_token_index=GEMMA_WORDS.index("<end_of_image>"),
+        image_token_index=GEMMA_IMAGE_TOKEN_ID,
+    )
+    torch.manual_seed(seed)
+    return Gemma3ForConditionalGeneration(config).eval()
+
+
+def make_gemma3_processor(padding_side: str = "left") -> Gemma3Processor:
+    tokenizer = make_tokenizer(
+        padding_side,
+        GEMMA_WORDS,
+        {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    )
+    image_processor = Gemma3ImageProcessorPil(size={"height": GEMMA_IMAGE, "width": GEMMA_IMAGE})
+    return Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=GEMMA_SOFT_TOKENS)
+
+
+# --- InternVL ---------------------------------------------------------------------------------------
+# InternViT on 224 px tiles / patch 14 = [CLS] + 16 x 16 patches, pixel-shuffled (0.5) to 8 x 8 = 64
+# tokens per tile; up to 4 tiles plus a thumbnail per image. Prompts mark an image with "<IMG_CONTEXT>";
+# the processor expands it to "<img>" + 64 x tiles "<IMG_CONTEXT>" + "</img>".
+INTERNVL_WORDS = [*WORDS, "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+INTERNVL_IMAGE_TOKEN_ID = INTERNVL_WORDS.index("<IMG_CONTEXT>")
+INTERNVL_TILE = 224
+INTERNVL_TILE_TOKENS = 64
+INTERNVL_MAX_TILES = 4
+
+
+def make_internvl(seed: int = 0, **vision_options: object) -> InternVLForConditionalGeneration:
+    """`vision_options` override the tower's settings (e.g. use_qk_norm=True, as InternViT-6B has)."""
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "image_size": INTERNVL_TILE,
+        "patch_size": 14,
+        **vision_options,
+    }
+    text = {
+        "model_type": "qwen2",
+        "vocab_size": len(INTERNVL_WORDS),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "pad_token_id": 0,
+        "eos_token_id": 2,
+        "bos_token_id": 3,
+    }
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=INTERNVL_IMAGE_TOKEN_ID,
+        image_seq_length=INTERNVL_TILE_TOKENS,
+        tie_word_embeddings=False,  # tied tiny random embeddings only ever repeat the last prompt token
+    )
+    torch.manual_seed(seed)
+    return InternVLForConditionalGeneration(config).eval()
+
+
+def make_internvl_processor(padding_side: str = "left") -> InternVLProcessor:
+    """InternVL's processor without its video slot (its video processor needs torchvision)."""
+    tokenizer = make_tokenizer(
+        padding_side,
+        INTERNVL_WORDS,
+        {
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    )
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": INTERNVL_TILE, "width": INTERNVL_TILE},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=INTERNVL_MAX_TILES,
+    )
+    processor_class = image_only_processor_class(InternVLProcessor)
+    return processor_class(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=INTERNVL_TILE_TOKENS)

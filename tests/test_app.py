@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,59 @@ def test_app_command_errors(capsys):
     assert "--port must be an integer in [1, 65535]" in capsys.readouterr().err
     assert main(["app", "--model", "/nonexistent"]) == 2
     assert "model directory not found" in capsys.readouterr().err
+
+
+def page_function(page, name):
+    return next(block.fn for block in page.fns.values() if block.fn.__name__ == name)
+
+
+def test_errors_name_the_upload_not_server_paths(tiny, tmp_path):
+    gr = pytest.importorskip("gradio")
+    page = app.build_app(*tiny, examples=(), repeats=1)
+    server_copy = tmp_path / "gradio" / "0123abcd" / "notes.png"
+    server_copy.parent.mkdir(parents=True)
+    server_copy.write_text("not a picture")
+    payload = {"path": str(server_copy), "orig_name": "notes.png"}
+    for name, arguments in [
+        ("check_upload", (payload,)),
+        ("on_ask", (payload, QUESTION, app.BUDGET_TOKENS, 64, None, None, "visionzip", False)),
+        (
+            "on_ask",
+            (
+                {**payload, "path": str(server_copy.with_name("gone.png"))},
+                QUESTION,
+                app.BUDGET_TOKENS,
+                64,
+                None,
+                None,
+                "visionzip",
+                False,
+            ),
+        ),
+    ]:
+        with pytest.raises(gr.Error) as raised:
+            page_function(page, name)(*arguments)
+        message = str(raised.value.message)
+        assert "'notes.png'" in message and str(tmp_path) not in message and "/" not in message, message
+    assert app.public_message(OSError("cannot open /srv/app/cache/x/y.png"), None, "x") == "cannot open (server file)"
+    assert app.public_message(ValueError("tokens/s must be 1/2"), None, "x") == "tokens/s must be 1/2"
+
+
+def test_uploads_stay_in_a_private_folder_removed_on_exit(tiny, monkeypatch):
+    gr = pytest.importorskip("gradio")
+    from gradio.utils import get_upload_folder
+
+    seen = {}
+
+    def fake_launch(page, **kwargs):  # what the server would use for uploads, and one upload arriving
+        folder = Path(get_upload_folder())
+        seen.update(folder=folder, cache=Path(page.GRADIO_CACHE), mode=folder.stat().st_mode & 0o777)
+        (folder / "upload.png").write_bytes(b"an upload")
+
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    monkeypatch.setattr(gr.Blocks, "launch", fake_launch)
+    app.launch(*tiny, examples=[], repeats=1)
+    assert seen["cache"] == seen["folder"] and seen["folder"].name.startswith("vlmzip-app-")
+    assert seen["mode"] == 0o700  # readable by this user only
+    assert not seen["folder"].exists()  # removed with every upload in it
+    assert "GRADIO_TEMP_DIR" not in os.environ

@@ -18,7 +18,16 @@ from conftest import (
     qwen_prompt,
     random_images,
 )
-from families import make_llava_next, make_llava_next_processor, make_onevision, make_onevision_processor, random_video
+from families import (
+    make_llava_next,
+    make_llava_next_processor,
+    make_onevision,
+    make_onevision_processor,
+    make_qwen3_5,
+    make_qwen3_processor,
+    make_qwen3_vl,
+    random_video,
+)
 from vlmzip.api import get_state
 from vlmzip.cache import CachedVisual, ImageCache
 
@@ -40,6 +49,8 @@ FAMILIES = {
     "onevision": Family(make_onevision, make_onevision_processor, LLAVA_PROMPT, lambda m: m.model.vision_tower),
     "qwen2_vl": Family(make_qwen2_vl, make_qwen_processor, qwen_prompt("<image>"), lambda m: m.model.visual),
     "qwen2_5_vl": Family(make_qwen2_5_vl, make_qwen_processor, qwen_prompt("<image>"), lambda m: m.model.visual),
+    "qwen3_vl": Family(make_qwen3_vl, make_qwen3_processor, qwen_prompt("<image>"), lambda m: m.model.visual),
+    "qwen3_5": Family(make_qwen3_5, make_qwen3_processor, qwen_prompt("<image>"), lambda m: m.model.visual),
 }
 
 
@@ -79,6 +90,14 @@ def assert_same_prepared(a: dict, b: dict) -> None:
                 assert len(first) == len(second)
                 for x, y in zip(first, second, strict=True):
                     assert torch.equal(x, y)
+                # Qwen3-VL: the deepstack features of every layer, token for token.
+                first_stack = getattr(a[key][modality], "deepstack_features", None)
+                second_stack = getattr(b[key][modality], "deepstack_features", None)
+                assert (first_stack is None) == (second_stack is None)
+                for x_layer, y_layer in zip(first_stack or [], second_stack or [], strict=True):
+                    assert len(x_layer) == len(y_layer)
+                    for x, y in zip(x_layer, y_layer, strict=True):
+                        assert torch.equal(x, y)
         elif isinstance(a[key], torch.Tensor):
             assert torch.equal(a[key], b[key]), key
         else:
@@ -439,3 +458,38 @@ def test_families_without_units_are_cached_per_call():
     assert_same_prepared(reference, first)
     assert_same_prepared(reference, second)
     assert (cache.hits, cache.misses) == (2, 4)
+
+
+def test_qwen3_vl_entries_hold_the_deepstack_features(tmp_path):
+    """A Qwen3-VL hit (memory or disk) gives the language model the same main and deepstack features as a miss."""
+    model, processor = make_qwen3_vl(), make_qwen3_processor()
+    cache = ImageCache(max_bytes=2**24, directory=tmp_path)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    adapter = get_state(model).adapter
+    layers = adapter.deepstack_layers
+    assert layers > 0
+    images = pictures(2)
+    inputs = processor(images=[images], text=[qwen_prompt("<image>", "<image>")], return_tensors="pt")
+    with torch.no_grad():
+        reference = vlmzip.prepare(model, inputs, cache=None)
+        first = vlmzip.prepare(model, inputs)
+        stack = reference["mm_encoder_outputs"]["image"].deepstack_features
+        assert len(stack) == layers and all(len(layer) == 2 for layer in stack)
+        # Each entry is the main features followed by every deepstack layer's, along the channels.
+        entries = list(cache._entries.values())
+        assert len(entries) == 2
+        assert {entry.features.shape[1] for entry in entries} == {adapter.text_width() * (1 + layers)}
+        fresh = ImageCache(max_bytes=2**24, directory=tmp_path)  # only the files: a disk hit
+        with TowerCounter(model.model.visual) as counter:
+            memory_hit = vlmzip.prepare(model, inputs)
+            disk_hit = vlmzip.prepare(model, inputs, cache=fresh)
+        assert counter.calls == 0 and fresh.hits == 2
+        for prepared in (first, memory_hit, disk_hit):
+            assert_same_prepared(reference, prepared)
+        logits = model(**disk_hit).logits
+        expected = model(**reference).logits
+    assert torch.equal(logits, expected)
+    # An entry without the deepstack channels (e.g. written by a model without them) is never trusted.
+    entry = next(iter(cache._entries.values()))
+    narrow = CachedVisual(entry.features[:, : adapter.text_width()].clone(), entry.full_count, entry.slots)
+    assert not adapter._fits(narrow, adapter.visual_units(inputs)[0])

@@ -15,6 +15,8 @@ from conftest import (
     qwen_prompt,
     random_images,
 )
+from families import make_qwen3_5, make_qwen3_processor, make_qwen3_vl
+from helpers import language_model
 from vlmzip.conversation import Conversation
 
 LLAVA_TURNS = [
@@ -70,7 +72,7 @@ def run_dialogue(model, processor, turns, images, tower):
     Returns the conversation and how often the vision tower ran during the dialogue (fresh runs excluded).
     """
     chat = Conversation(model, processor)
-    counter = Counter(tower, model.model.language_model)
+    counter = Counter(tower, language_model(model))
     history, given, dialogue_tower_calls = "", [], 0
     try:
         for index, (text, with_image) in enumerate(turns):
@@ -114,9 +116,18 @@ def test_llava_without_visionzip():
     assert int((chat.input_ids == 4).sum()) == 576
 
 
-@pytest.mark.parametrize("make_model", [make_qwen2_vl, make_qwen2_5_vl], ids=["qwen2-vl", "qwen2.5-vl"])
-def test_qwen_images_in_several_turns_keep_their_rope_positions(make_model):
-    model, processor = make_model(), make_qwen_processor()
+QWEN_FAMILIES = {
+    "qwen2-vl": (make_qwen2_vl, make_qwen_processor),
+    "qwen2.5-vl": (make_qwen2_5_vl, make_qwen_processor),
+    "qwen3-vl": (make_qwen3_vl, make_qwen3_processor),
+    "qwen3.5": (make_qwen3_5, make_qwen3_processor),
+}
+
+
+@pytest.mark.parametrize("family", list(QWEN_FAMILIES))
+def test_qwen_images_in_several_turns_keep_their_rope_positions(family):
+    make_model, make_processor = QWEN_FAMILIES[family]
+    model, processor = make_model(), make_processor()
     vlmzip.apply(model, dominant=8, contextual=4)
     images = random_images(1, seed=3) + random_images(1, seed=4, size=(150, 200))
     chat, tower_calls = run_dialogue(model, processor, QWEN_TURNS, images, model.model.visual)

@@ -169,6 +169,11 @@ def test_interrupted_run_keeps_the_old_output_and_resumes(workspace, reference):
     loaded = LlavaForConditionalGeneration.from_pretrained(out)
     for key, value in projector_state(trained).items():
         torch.testing.assert_close(projector_state(loaded)[key], value, rtol=1e-5, atol=1e-6)
+    # The recorded loss is the mean over all four steps, not over the two run after the resume.
+    uninterrupted = finetune_projector(base, data, CONFIG, root / "uninterrupted", **FAST)
+    assert uninterrupted.train_loss == pytest.approx(uninterrupted.log_history[-1]["train_loss"], rel=1e-6)
+    assert result.train_loss == pytest.approx(uninterrupted.train_loss, rel=1e-5)
+    assert json.loads((out / SUMMARY_FILE).read_text())["train_loss"] == pytest.approx(uninterrupted.train_loss, 1e-5)
 
 
 def test_adapter_only_saves_the_projector_and_loads_on_the_base(workspace):
@@ -294,3 +299,32 @@ def test_missing_accelerate_is_a_clear_error(workspace, monkeypatch, capsys):
         finetune_projector(str(root / "base"), data, CONFIG, root / "never")
     assert main(["finetune", "--data", str(data), "-o", str(root / "never")]) == 2
     assert "needs the accelerate package" in capsys.readouterr().err
+
+
+def test_output_over_an_input_is_refused_even_with_overwrite(workspace, tmp_path, capsys):
+    """An output equal to, inside or containing the model, the data or an image would destroy it."""
+    root, data = workspace
+    base = root / "base"
+    before = sorted((p.name, p.stat().st_size) for p in base.iterdir())
+    (tmp_path / "link").symlink_to(base)
+    cases = [
+        (base, {}),  # the model itself
+        (tmp_path / "link", {}),  # the model under another name
+        (base / "adapter", {"adapter_only": True}),
+        (root, {}),  # contains the model and the data
+        (data, {}),  # the data file
+        (data.parent / "0.png", {}),  # an image the data names
+    ]
+    for output, extra in cases:
+        for overwrite in (False, True):
+            with pytest.raises(ValueError, match=r"-o/--output .* (is|is inside|contains) the input .*even with"):
+                finetune_projector(str(base), data, CONFIG, output, overwrite=overwrite, max_steps=1, **extra)
+    # The working directory beside the output (OUTPUT.partial) would be wiped: it may not be an input either.
+    (tmp_path / f"model{PARTIAL_SUFFIX}").symlink_to(base)
+    with pytest.raises(ValueError, match=r"working directory .* is the input --model"):
+        finetune_projector(str(tmp_path / f"model{PARTIAL_SUFFIX}"), data, CONFIG, tmp_path / "model", max_steps=1)
+    assert sorted((p.name, p.stat().st_size) for p in base.iterdir()) == before
+    args = ["finetune", "--model", str(base), "--data", str(data), "-o", str(base), "--overwrite", "--adapter-only"]
+    assert main([*args, "--no-progress", "--max-steps", "1"]) == 2
+    assert "is the input --model" in capsys.readouterr().err
+    assert sorted((p.name, p.stat().st_size) for p in base.iterdir()) == before

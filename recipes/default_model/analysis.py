@@ -16,7 +16,6 @@ Two measurements on the held-out split, both at one budget (default 64 = 54 + 10
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -205,6 +204,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.images < 1:
         parser.error(f"--images must be >= 1, got {args.images}")
+    if args.json is not None:
+        from vlmzip.outputs import embedded_model_inputs, refuse_overlap
+
+        try:
+            refuse_overlap(args.json, embedded_model_inputs(), "--json")
+        except ValueError as exc:
+            parser.error(str(exc))
     from vlmzip.default_model import load_default_model
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -214,7 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(markdown(result))
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        from vlmzip.outputs import write_json
+
+        write_json(args.json, result)
     return 0
 
 

@@ -9,7 +9,6 @@ were kept (what ``vlmzip.apply`` does for LLaVA, without re-running the tower pe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -122,6 +121,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.images < 1:
         parser.error(f"--images must be >= 1, got {args.images}")
+    if args.json is not None:
+        from vlmzip.outputs import embedded_model_inputs, refuse_overlap
+
+        try:
+            refuse_overlap(args.json, embedded_model_inputs(), "--json")
+        except ValueError as exc:
+            parser.error(str(exc))
     from vlmzip.default_model import load_default_model
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -129,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = evaluate_budgets(model, processor, data.test_split(args.seed, args.images))
     print(markdown_table(results))
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        from vlmzip.outputs import write_json
+
+        write_json(args.json, results)
     return 0
 
 

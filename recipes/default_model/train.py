@@ -564,6 +564,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["train_images"] = args.train_images
     if args.precision is not None:
         overrides["precision"] = args.precision
+    from vlmzip.outputs import embedded_model_inputs, refuse_overlap
+
+    try:  # the shipped weights and their assembled copy are read, never overwritten
+        refuse_overlap(args.output_dir, embedded_model_inputs(), "OUTPUT_DIR")
+        if args.work_dir is not None:
+            refuse_overlap(args.work_dir, embedded_model_inputs(), "--work-dir")
+    except ValueError as exc:
+        parser.error(str(exc))
     settings = replace(recorded, seed=args.seed, **overrides)
     try:
         check_settings(settings)

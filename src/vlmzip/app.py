@@ -11,9 +11,11 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +241,47 @@ def uploaded_path(payload: Any) -> str | None:
     return str(path)
 
 
+def uploaded_name(payload: Any) -> str:
+    """How messages name an upload: the file name the user picked, never the server's copy."""
+    name = payload.get("orig_name") if isinstance(payload, dict) else getattr(payload, "orig_name", None)
+    return f"'{Path(name).name}'" if isinstance(name, str) and Path(name).name else "the uploaded image"
+
+
+# An absolute path (two or more parts) not glued to a word: what is left of server paths in messages.
+_SERVER_PATH = re.compile(r"(?<![\w.~])/(?:[^\s'\"/:,;()]+/)+[^\s'\":,;()]*")
+
+
+def public_message(error: BaseException, image_path: str | None, name: str) -> str:
+    """`error`'s message for the page: the upload called `name`, no server path left in it."""
+    message = str(error)
+    if image_path:
+        for shown in {image_path, str(Path(image_path).resolve())}:
+            message = message.replace(shown, name)
+    return _SERVER_PATH.sub("(server file)", message)
+
+
+@contextmanager
+def private_uploads() -> Iterator[Path]:
+    """A new directory only this user can read, as Gradio's upload and cache folder while the app runs.
+
+    Gradio keeps uploads in GRADIO_TEMP_DIR (by default a folder shared by every Gradio app on the
+    machine, never emptied); it is pointed here for the duration and the folder is removed at the
+    end, or at exit if the process stops first.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="vlmzip-app-"))  # created with mode 0700
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def page_budget(mode: str, tokens: float | None, dominant: float | None, contextual: float | None) -> Any:
     """The budget the page's fields describe: a token count, or (dominant, contextual) in that mode."""
     if mode == BUDGET_SPLIT:
@@ -286,6 +329,7 @@ def build_app(
         method: str,
         heatmap: bool,
     ) -> tuple[str, str, str, Image.Image]:
+        image_path = None
         try:
             image_path = uploaded_path(image)
             if image_path is None:
@@ -303,7 +347,7 @@ def build_app(
                 cache=cache,
             )
         except (ValueError, TypeError, OSError) as error:
-            raise gr.Error(str(error)) from None
+            raise gr.Error(public_message(error, image_path, uploaded_name(image))) from None
         return (
             result["full"]["answer"] or "(empty answer)",
             result["reduced"]["answer"] or "(empty answer)",
@@ -362,12 +406,13 @@ def build_app(
 
         def check_upload(image: Any) -> None:
             # Right after the upload, not only when Ask is clicked: not an image, unreadable, too large.
+            image_path = None
             try:
                 image_path = uploaded_path(image)
                 if image_path is not None:
                     load_image(image_path)
             except (ValueError, OSError) as error:
-                raise gr.Error(str(error)) from None
+                raise gr.Error(public_message(error, image_path, uploaded_name(image))) from None
 
         fields["image"].upload(check_upload, inputs=fields["image"], outputs=None, preprocess=False)
         fields["mode"].change(show_budget_fields, inputs=fields["mode"], outputs=[fields["tokens"], split_row])
@@ -404,21 +449,21 @@ def launch(
     if not isinstance(host, str) or not host:
         raise ValueError(f"host must be a host name or address, got {host!r}")
     port = check_int("port", port, 1, 65535)
-    example_dir = Path(tempfile.mkdtemp(prefix="vlmzip-app-"))
-    atexit.register(shutil.rmtree, example_dir, ignore_errors=True)
-    if examples is None:
-        examples = default_examples(use_default_examples, example_dir)
-    page = build_app(model, processor, examples=examples, max_new_tokens=max_new_tokens, repeats=repeats)
-    allowed = sorted({str(Path(path).resolve().parent) for path, _ in examples} | {str(example_dir)})
-    print(f"VisionZip demo on http://{host}:{port} (Ctrl+C to stop)", flush=True)
-    page.queue(default_concurrency_limit=1).launch(
-        server_name=host,
-        server_port=port,
-        share=False,
-        inbrowser=False,
-        ssr_mode=False,
-        max_file_size=MAX_UPLOAD,
-        allowed_paths=allowed,
-        show_error=True,
-        quiet=True,
-    )
+    with private_uploads() as folder:
+        example_dir = folder / "examples"
+        if examples is None:
+            examples = default_examples(use_default_examples, example_dir)
+        page = build_app(model, processor, examples=examples, max_new_tokens=max_new_tokens, repeats=repeats)
+        allowed = sorted({str(Path(path).resolve().parent) for path, _ in examples} | {str(example_dir)})
+        print(f"VisionZip demo on http://{host}:{port} (Ctrl+C to stop)", flush=True)
+        page.queue(default_concurrency_limit=1).launch(
+            server_name=host,
+            server_port=port,
+            share=False,
+            inbrowser=False,
+            ssr_mode=False,
+            max_file_size=MAX_UPLOAD,
+            allowed_paths=allowed,
+            show_error=True,
+            quiet=True,
+        )

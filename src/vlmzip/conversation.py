@@ -32,13 +32,14 @@ from vlmzip.adapters import adapter_class_for
 from vlmzip.adapters.qwen2_vl import mrope_positions
 from vlmzip.api import get_state, is_applied, prepare
 from vlmzip.cache import ImageCache, check_cache
+from vlmzip.compat import CACHE_ARGUMENT, CACHE_ARGUMENTS, output_cache
 
 # Arguments the conversation sets itself on every generate() call.
 RESERVED_GENERATE_ARGUMENTS = (
     "input_ids",
     "attention_mask",
     "position_ids",
-    "past_key_values",
+    *CACHE_ARGUMENTS,
     "return_dict_in_generate",
     "use_cache",
     "mm_encoder_outputs",
@@ -114,10 +115,21 @@ class Conversation:
 
     @property
     def suppressed_token_ids(self) -> list[int]:
-        """Image / video placeholder ids: never generated, since the next turn would read them as image slots."""
+        """Image / video placeholder ids: never generated, since the next turn would read them as image slots.
+
+        The model's placeholder ids, and the tokens the processor expands in a prompt (e.g. Gemma 3's
+        `<start_of_image>`, InternVL's `<video>`), which a fresh run of the history would expand.
+        """
         config = self.model.config
         names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
-        return sorted({value for name in names if isinstance(value := getattr(config, name, None), int)})
+        ids = {value for name in names if isinstance(value := getattr(config, name, None), int)}
+        tokenizer = self.processor.tokenizer
+        for name in ("image_token", "video_token"):
+            token = getattr(self.processor, name, None)
+            token_id = tokenizer.convert_tokens_to_ids(token) if isinstance(token, str) else None
+            if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+                ids.add(token_id)
+        return sorted(ids)
 
     def ask(self, text: str, images: Image.Image | Sequence[Image.Image] | None = None, **generate_kwargs: Any) -> str:
         """Add one turn (its text in the model's prompt format, and its images) and return the answer.
@@ -138,7 +150,7 @@ class Conversation:
             model_inputs = self._with_history(turn_ids, turn_inputs)
             output = self.model.generate(
                 **model_inputs,
-                past_key_values=self._cache,
+                **{CACHE_ARGUMENT: self._cache},
                 use_cache=True,
                 return_dict_in_generate=True,
                 suppress_tokens=suppress or None,
@@ -217,7 +229,7 @@ class Conversation:
             positions = model_inputs["position_ids"]
             steps = torch.arange(1, generated + 1, dtype=positions.dtype).view(1, 1, -1)
             self._positions = torch.cat([positions, positions[..., -1:] + steps], dim=-1)
-        self._cache = output.past_key_values
+        self._cache = output_cache(output)
         return answer_ids
 
 

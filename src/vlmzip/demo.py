@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from vlmzip.bench.memory import PeakMemory
 from vlmzip.bench.runner import kv_cache_bytes_after_prefill
 from vlmzip.cache import ImageCache
 from vlmzip.cli_options import add_budget_options, config_from_args
+from vlmzip.compat import output_cache
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
 
@@ -135,7 +135,7 @@ def run_demo(
                 prepared, vision_ms = _timed(encoders[name])
                 with PeakMemory(device) as memory:
                     output, prefill_ms = _timed(partial(model, **prepared, logits_to_keep=1, use_cache=True))
-                kv_bytes = kv_cache_bytes_after_prefill(output.past_key_values, generated=1)
+                kv_bytes = kv_cache_bytes_after_prefill(output_cache(output), generated=1)
                 kv_cache_mb[name] = kv_bytes / 2**20 if kv_bytes is not None else None
                 if repeat:
                     times[name]["vision"].append(vision_ms)
@@ -262,6 +262,10 @@ def _run(args: argparse.Namespace) -> int:
     follow_up = args.follow_up if args.follow_up is not None else DEFAULT_FOLLOW_UP
     if not follow_up.strip():
         raise ValueError("--follow-up must not be empty (use --no-follow-up to skip it)")
+    if args.output:
+        from vlmzip.outputs import model_inputs, refuse_overlap
+
+        refuse_overlap(args.output, [("--image", args.image), *model_inputs(args.model)])
     image = load_image(args.image) if args.image else None  # fail on a bad image before loading the model
 
     with console.status("loading model") as status:
@@ -296,12 +300,10 @@ def _run(args: argparse.Namespace) -> int:
     if result.follow_up is not None:
         console.print(render_follow_up(result), highlight=False)
     if args.output:
+        from vlmzip.outputs import save_image
         from vlmzip.viz import visualize
 
-        picture = visualize(image, result.reduction)
-        output = Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        picture.save(output)
+        output = save_image(visualize(image, result.reduction), args.output)
         console.print(f"kept tokens drawn on the image: {output}")
     return 0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vlmzip.api import load_saved_config
 from vlmzip.config import VisionZipConfig
+from vlmzip.outputs import refuse_overlap, replacing_directory
 from vlmzip.serving.settings import (
     ARCHITECTURE,
     CONFIG_FILENAME,
@@ -100,8 +101,9 @@ def export_model(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not model_dir.is_dir():
         raise ValueError(f"--model {model_dir}: not a directory")
-    if out_dir.resolve() == model_dir.resolve():
-        raise ValueError("-o/--output must differ from --model: export writes a new directory")
+    refuse_overlap(out_dir, [("--model", model_dir)])
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"-o/--output {out_dir}: exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ValueError(f"-o/--output {out_dir}: exists and is not empty (pass --force to overwrite)")
     if config is None:
@@ -117,8 +119,14 @@ def export_model(
         )
     check_servable(hf_config, config)
     shards = _weight_files(model_dir)
+    # Written beside out_dir and swapped in at the end: nothing of a previous export remains (stale
+    # shards, index), and an interrupted export leaves the previous output as it was.
+    with replacing_directory(out_dir) as staging:
+        _write_export(model_dir, staging, shards, config, plugin)
+    return config
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+def _write_export(model_dir: Path, out_dir: Path, shards: list[Path], config: VisionZipConfig, plugin: bool) -> None:
     for path in sorted(model_dir.iterdir()):
         if path.is_file() and path.name not in _REWRITTEN and path.suffix not in (".safetensors", ".bin"):
             shutil.copy2(path, out_dir / path.name)
@@ -135,7 +143,6 @@ def export_model(
     (out_dir / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n", encoding="utf-8")
     if plugin:
         (out_dir / CONFIG_FILENAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-    return config
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -168,13 +175,17 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         "installed where vLLM runs (pip install 'vlmzip[vllm]').",
     )
     sub.add_argument("--model", required=True, help="transformers LLaVA-1.5 model directory (safetensors weights)")
-    sub.add_argument("-o", "--output", required=True, help="directory to write (must be new or empty)")
+    sub.add_argument("-o", "--output", required=True, help="directory to write (new or empty; outside --model)")
     budget = sub.add_mutually_exclusive_group()
     budget.add_argument("--dominant", type=int, help="dominant tokens per image, [CLS] included (with --contextual)")
     budget.add_argument("--tokens", type=int, help="total tokens per image, split as the paper does (64 = 54 + 10)")
     sub.add_argument("--contextual", type=int, help="contextual (merged) tokens per image (with --dominant)")
     sub.add_argument("--method", help="reduction method, with a budget (default: visionzip)")
-    sub.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    sub.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty output directory (as a whole, once complete)",
+    )
     sub.add_argument(
         "--plain", action="store_true", help="write vLLM's own LLaVA instead (every visual token; a baseline)"
     )

@@ -44,10 +44,12 @@ from vlmzip.config import VisionZipConfig, check_int
 from vlmzip.core import Reduction
 from vlmzip.data import DataError, VQARecord, load_vqa_jsonl
 from vlmzip.loading import load_image, load_model
+from vlmzip.outputs import model_inputs, refuse_overlap, swap_into_place
 
 PROJECTOR_FILE = "projector.safetensors"  # --adapter-only output: the projector's weights
 SUMMARY_FILE = "visionzip_finetune.json"  # what was trained, on what, and the loss curve
 RUN_FILE = "run.json"  # settings of a run in progress, compared on resume
+LOSS_FILE = "loss_sum.json"  # in each checkpoint: the training loss summed over its steps, for the mean on resume
 PARTIAL_SUFFIX = ".partial"  # the run's working directory, beside the output directory
 IMAGE_KEYS = "visionzip_image_keys"  # batch entry naming the cached reductions of the batch's images
 TOWER_BATCH = 8  # images per tower pass when filling the cache
@@ -564,6 +566,16 @@ def _make_trainer(**kwargs: Any) -> Any:
             super().__init__(*args, **rest)
             self.projector = projector
             self.cache = cache
+            self.loss_sum = 0.0  # summed like the Trainer's own running loss, over every step (resumed ones too)
+
+        def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+            loss = super().training_step(*args, **kwargs)
+            self.loss_sum += float(loss)
+            return loss
+
+        def mean_loss(self) -> float:
+            """The mean training loss over all steps of the run, those before a resume included."""
+            return self.loss_sum / max(self.state.global_step, 1)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
             keys = inputs.pop(IMAGE_KEYS, None)
@@ -581,6 +593,8 @@ def _make_trainer(**kwargs: Any) -> Any:
             output_dir = output_dir or self.args.output_dir
             os.makedirs(output_dir, exist_ok=True)
             save_file(trainable_state_dict(self.model), os.path.join(output_dir, SAFE_WEIGHTS_NAME))
+            record = {"steps": self.state.global_step, "loss_sum": self.loss_sum}
+            Path(output_dir, LOSS_FILE).write_text(json.dumps(record) + "\n", encoding="utf-8")
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
             file = Path(resume_from_checkpoint) / SAFE_WEIGHTS_NAME
@@ -588,6 +602,10 @@ def _make_trainer(**kwargs: Any) -> Any:
                 raise ValueError(f"cannot resume: no weights in checkpoint {resume_from_checkpoint}")
             expected = [name for name, p in self.model.named_parameters() if p.requires_grad]
             _load_into(self.model, load_file(str(file)), expected, file)
+            loss_file = Path(resume_from_checkpoint) / LOSS_FILE
+            if not loss_file.is_file():
+                raise ValueError(f"cannot resume: no {LOSS_FILE} in checkpoint {resume_from_checkpoint}")
+            self.loss_sum = float(json.loads(loss_file.read_text(encoding="utf-8"))["loss_sum"])
 
     return ProjectorTrainer(**kwargs)
 
@@ -608,7 +626,10 @@ class _RunDirectory:
         self.checkpoints = self.work / "checkpoints"
         self.staged = self.work / "result"
 
-    def check(self, resume: bool, overwrite: bool) -> None:
+    def check(self, resume: bool, overwrite: bool, inputs: Sequence[tuple[str, Any]] = ()) -> None:
+        """Refuse an output over an input (always) or over an existing result or interrupted run (unless asked)."""
+        refuse_overlap(self.output, inputs)
+        refuse_overlap(self.work, inputs, f"the working directory of -o/--output ({PARTIAL_SUFFIX})")
         if self.output.exists() and not overwrite:
             raise FileExistsError(f"output directory exists: {self.output}; pass --overwrite to replace it")
         if self.work.exists() and not resume and not overwrite:
@@ -648,13 +669,7 @@ class _RunDirectory:
 
     def finish(self) -> None:
         """Move the staged result into place (replacing the old output last) and drop the working directory."""
-        backup = None
-        if self.output.exists():
-            backup = self.output.with_name(f"{self.output.name}.old-{os.getpid()}")
-            self.output.rename(backup)
-        self.staged.rename(self.output)
-        if backup is not None:
-            shutil.rmtree(backup) if backup.is_dir() else backup.unlink()
+        swap_into_place(self.staged, self.output)
         shutil.rmtree(self.work, ignore_errors=True)
 
 
@@ -704,13 +719,19 @@ def finetune_projector(
         if is_applied(model):
             raise ValueError("model already has VisionZip applied; call vlmzip.remove(model) first")
         model_id = str(getattr(model, "name_or_path", "") or type(model).__name__)
+        inputs = [("model", model_id)] if Path(model_id).is_dir() else []
     elif model is None or isinstance(model, (str, Path)):
         model_id = str(Path(model).resolve()) if model is not None else "default"
+        inputs = model_inputs(model)
     else:
         raise TypeError(f"model must be a model directory, None or a loaded model, got {type(model).__name__}")
     run_dir = _RunDirectory(Path(output_dir))
-    run_dir.check(resume, overwrite)
+    if isinstance(data, (str, Path)):
+        inputs.append(("--data", data))
+    refuse_overlap(run_dir.output, inputs)  # before reading the data, which may be the output itself
     records, problems, data_fingerprint = _load_records(data, options)
+    images = {record.image: record for record in records}.values()
+    run_dir.check(resume, overwrite, [*inputs, *((f"image of {_where(r, data)}", r.image) for r in images)])
     # What a resumed run must share with the interrupted one (not how it is computed or reported).
     run = {
         "model": model_id,
@@ -769,7 +790,7 @@ def finetune_projector(
         images=len(prepared.images),
         problems=problems,
         steps=int(output.global_step),
-        train_loss=float(output.training_loss),
+        train_loss=trainer.mean_loss(),
         precompute_seconds=prepared.seconds,
         train_seconds=train_seconds,
         precompute_cpu_seconds=prepared.cpu_seconds,
@@ -976,7 +997,7 @@ def _run(args: argparse.Namespace) -> int:
 
     images = check_int("--train-images", args.train_images, 1)
     per_type = check_int("--per-type", args.per_type, 1)
-    _RunDirectory(Path(args.output)).check(args.resume, args.overwrite)  # before generating any data
+    _RunDirectory(Path(args.output)).check(args.resume, args.overwrite, model_inputs(args.model))  # before any data
     with tempfile.TemporaryDirectory(prefix="vlmzip-finetune-") as folder:
         # Regenerated identically every time, so a resumed run sees the same data.
         data = export_split(Path(folder) / "train.jsonl", split="train", num_images=images, per_type=per_type)

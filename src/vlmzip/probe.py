@@ -33,6 +33,22 @@ def capture_q_k_projections(attention: nn.Module, captured: dict[str, torch.Tens
     ]
 
 
+def capture_normed_q_k(attention: nn.Module, captured: dict[str, torch.Tensor]) -> list[RemovableHandle]:
+    """Hook `q_norm` / `k_norm` (identities when the tower has no q/k normalisation): the queries and keys
+    the attention really uses, (B, N, heads * d). InternViT's attention applies them after the projections."""
+
+    def keep_output(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            captured[name] = _first(output)
+
+        return hook
+
+    return [
+        attention.q_norm.register_forward_hook(keep_output("queries")),
+        attention.k_norm.register_forward_hook(keep_output("keys")),
+    ]
+
+
 @dataclass(frozen=True)
 class TowerLayout:
     """Where a tower family keeps the pieces the probe needs."""
@@ -64,6 +80,9 @@ TOWER_LAYOUTS: dict[str, TowerLayout] = {
         lambda layer: layer.attention,
         True,
         lambda c: 1 + int(getattr(c, "num_register_tokens", 0)),
+    ),
+    "InternVLVisionModel": TowerLayout(
+        lambda t: t.encoder.layer, lambda layer: layer.attention, True, lambda c: 1, capture_normed_q_k
     ),
 }
 
@@ -120,10 +139,19 @@ def resolve_tower(vision_model: nn.Module, layout: TowerLayout | None = None) ->
         layout=layout,
         layers=layout.layers(vision_model),
         num_heads=int(config.num_attention_heads),
-        patch_size=int(config.patch_size),
+        patch_size=square_size(config.patch_size, "patch_size"),
         num_channels=int(getattr(config, "num_channels", 3)),
         num_prefix_tokens=layout.num_prefix_tokens(config),
     )
+
+
+def square_size(value: Any, name: str) -> int:
+    """A config size given as an int or as an equal (height, width) pair (InternViT's), as one int."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or int(value[0]) != int(value[1]):
+            raise ValueError(f"vision config: {name} must be square, got {list(value)}")
+        value = value[0]
+    return int(value)
 
 
 def check_pixel_values(pixel_values: object, tower: TowerInfo) -> torch.Tensor:

@@ -578,15 +578,20 @@ def model_adapter(model: nn.Module, config: VisionZipConfig | None = None) -> An
     return adapter_class(model, config)
 
 
-def image_pixel_values(processor: Any, image: Image.Image | str | Path) -> tuple[torch.Tensor, Any, list[str] | None]:
-    """(pixel_values (crops, C, H, W), image processor, crop labels or None) for one image, as the
-    model's processor makes them."""
+def _as_image(image: Image.Image | str | Path) -> Image.Image:
     from vlmzip.loading import load_image
 
     if isinstance(image, (str, Path)):
         image = load_image(image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL image or a path to one, got {type(image).__name__}")
+    return image
+
+
+def image_pixel_values(processor: Any, image: Image.Image | str | Path) -> tuple[torch.Tensor, Any, list[str] | None]:
+    """(pixel_values (crops, C, H, W), image processor, crop labels or None) for one image, as the
+    model's processor makes them."""
+    image = _as_image(image)
     image_processor = getattr(processor, "image_processor", processor)
     if not callable(image_processor):
         raise TypeError(f"processor must be the model's processor (or image processor), got {type(processor).__name__}")
@@ -603,9 +608,13 @@ def reduced_images_for(
 ) -> list[ReducedImage]:
     """Pair a reduction `model` made of `image` (e.g. `vlmzip.demo.run_demo(...).reduction`) with the
     processor's view of that image, ready for `visualize`."""
-    tower = model_adapter(model).tower_info
+    adapter = model_adapter(model)
     pixel_values, image_processor, labels = image_pixel_values(processor, image)
-    return reduced_images(pixel_values, reduction, tower.patch_size, tower.num_prefix_tokens, image_processor, labels)
+    labels = adapter.unit_labels(pixel_values.shape[0]) or labels
+    # Tokens before the grid ([CLS]): none where the reduced tokens are pooled or shuffled units (InternVL).
+    cells = (pixel_values.shape[-2] // adapter.token_pixels) * (pixel_values.shape[-1] // adapter.token_pixels)
+    prefix = int(reduction.groups.shape[1]) - cells
+    return reduced_images(pixel_values, reduction, adapter.token_pixels, prefix, image_processor, labels)
 
 
 def reduce_image(
@@ -628,9 +637,17 @@ def reduce_image(
     if config is None and not is_applied(model):
         config = VisionZipConfig()
     adapter = model_adapter(model, config)
+    if hasattr(adapter, "reduce_for_view"):  # towers fed flattened patches (Qwen): the adapter rebuilds the view
+        image_processor = getattr(processor, "image_processor", processor)
+        processed = image_processor(images=[_as_image(image).convert("RGB")], return_tensors="pt")
+        with torch.no_grad():
+            pixel_values, reduction, unit = adapter.reduce_for_view(processed)
+        return reduced_images(pixel_values, reduction, unit, 0, image_processor)
     pixel_values, image_processor, labels = image_pixel_values(processor, image)
     parameter = next(adapter.vision_tower().parameters())
     with torch.no_grad():
         probe, reduction = adapter.reduce(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
-    tower = adapter.tower_info
-    return reduced_images(pixel_values, reduction, tower.patch_size, probe.num_prefix_tokens, image_processor, labels)
+    labels = adapter.unit_labels(pixel_values.shape[0]) or labels
+    return reduced_images(
+        pixel_values, reduction, adapter.token_pixels, probe.num_prefix_tokens, image_processor, labels
+    )

@@ -17,14 +17,15 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 def _show(args: argparse.Namespace) -> int:
     from vlmzip.loading import load_image
+    from vlmzip.outputs import model_inputs, refuse_overlap, save_image
     from vlmzip.viz import check_output_path, reduce_image, token_summary, visualize
 
-    output = check_output_path(args.output)
+    output = refuse_overlap(check_output_path(args.output), [("--image", args.image), *model_inputs(args.model)])
     config = config_from_args(args)  # bad budgets fail before any loading
     image = load_image(args.image)
     model, processor = load_model_for_cli(args.model)
     panels = reduce_image(model, processor, image, config)
-    visualize(panels, heatmap=args.heatmap, save=output)
+    save_image(visualize(panels, heatmap=args.heatmap), output)
     print(f"wrote {output}: {token_summary(panels)} ({config.method})")
     return 0
 

@@ -68,6 +68,8 @@ def test_model_and_arch_exclusive(capsys):
         ("llava-1.5-7b", 7.06e9, "USER: <image>\nwhat ASSISTANT:", 576),
         ("llava-next-7b", 7.06e9, "USER: <image>\nwhat ASSISTANT:", 576 + 48 * 48 + 48),  # base + 2x2 crops
         ("qwen2-vl-2b", 2.21e9, "<|vision_start|><|image_pad|><|vision_end|>what", 576),  # 48x48 patches, 2x2 merged
+        ("qwen2.5-vl-7b", 8.29e9, "<|vision_start|><|image_pad|><|vision_end|>what", 576),  # 672 px, patch 14
+        ("qwen3-vl-8b", 8.77e9, "<|vision_start|><|image_pad|><|vision_end|>what", 576),  # 768 px, patch 16
     ],
 )
 def test_published_shapes_without_memory(name, parameters, prompt, image_tokens):
@@ -134,3 +136,28 @@ def test_questions_for_are_distinct():
 
     questions = questions_for("first?", 9)
     assert questions[0] == "first?" and len(set(questions)) == 9
+
+
+def test_qwen3_arch_command_with_shared_layer_weights(monkeypatch, tmp_path):
+    def small_config():
+        config = arch._qwen3_vl_8b_config()
+        config.vision_config.update({"depth": 3, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4})
+        config.vision_config.update({"out_hidden_size": 64, "deepstack_visual_indexes": [0, 1]})
+        config.text_config.update({"num_hidden_layers": 3, "hidden_size": 64, "intermediate_size": 128})
+        config.text_config.update({"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16})
+        config.text_config.rope_parameters["mrope_section"] = [2, 3, 3]
+        return config
+
+    spec = arch.ArchSpec(
+        "small-qwen3", "test entry", small_config, arch._qwen3_vl_processor, budgets=(16,), image_size=256
+    )
+    monkeypatch.setitem(arch.ARCHS, "small-qwen3", spec)
+    out = tmp_path / "arch.json"
+    argv = ["bench", "--arch", "small-qwen3", "--shared-layer-weights", "--methods", "visionzip", "--dtype", "float32"]
+    assert main([*argv, *FAST, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(row["method"], row["tokens"], row["shared_layer_weights"]) for row in rows] == [
+        ("full", 64, True), ("visionzip", 16, True)
+    ]  # fmt: skip
+    assert rows[1]["tower_gflops"] < rows[0]["tower_gflops"] * 1.01  # the probe's tower does the same work
+    assert main(["bench", "--model", "x", "--shared-layer-weights", *FAST]) == 2

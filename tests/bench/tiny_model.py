@@ -13,8 +13,26 @@ from pathlib import Path
 from typing import Any
 
 from conftest import make_llava, make_llava_processor, make_qwen2_5_vl, make_qwen2_vl, make_qwen_processor
-from families import make_llava_next, make_llava_next_processor, make_onevision, make_onevision_processor
+from families import (
+    make_gemma3,
+    make_gemma3_processor,
+    make_internvl,
+    make_internvl_processor,
+    make_llava_next,
+    make_llava_next_processor,
+    make_mistral3,
+    make_mistral3_processor,
+    make_onevision,
+    make_onevision_processor,
+    make_qwen3_5,
+    make_qwen3_processor,
+    make_qwen3_vl,
+    make_qwen3_vl_moe,
+    make_smolvlm,
+    make_smolvlm_processor,
+)
 from vlmzip.loading import image_only_processor_class
+from vlmzip.pixtral_processor import PixtralPilProcessor
 
 # family -> (model builder, processor builder)
 FAMILIES: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
@@ -23,6 +41,13 @@ FAMILIES: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
     "llava-onevision": (make_onevision, make_onevision_processor),
     "qwen2-vl": (make_qwen2_vl, make_qwen_processor),
     "qwen2.5-vl": (make_qwen2_5_vl, make_qwen_processor),
+    "qwen3-vl": (make_qwen3_vl, make_qwen3_processor),
+    "qwen3-vl-moe": (make_qwen3_vl_moe, make_qwen3_processor),
+    "qwen3.5": (make_qwen3_5, make_qwen3_processor),
+    "gemma3": (make_gemma3, make_gemma3_processor),
+    "internvl": (make_internvl, make_internvl_processor),
+    "smolvlm": (make_smolvlm, make_smolvlm_processor),
+    "mistral3": (make_mistral3, make_mistral3_processor),
 }
 
 
@@ -32,6 +57,8 @@ def saveable_processor(processor: Any) -> Any:
     The test processors are subclasses that work without torchvision (no video processor, or a PIL
     one that transformers cannot save); the saved directory names the real class, as a checkpoint does.
     """
+    if isinstance(processor, PixtralPilProcessor):
+        return processor  # saves as a PixtralProcessor
     real = next(cls for cls in type(processor).__mro__ if cls.__module__.startswith("transformers."))
     if "video_processor" not in real.get_attributes() and real is type(processor):
         return processor

@@ -9,6 +9,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from conftest import IMAGE_TOKEN_ID, make_llava, make_llava_processor, random_images
+from vlmzip.compat import output_cache, passed_cache
 from vlmzip.methods.fastv import FastV
 
 PROMPTS = [
@@ -96,7 +97,7 @@ def test_keeps_budget_after_layer_k_only(model, inputs):
     kept = fastv.last_kept
     assert kept.shape == (2, pruned)
     assert ((inputs["input_ids"].gather(1, kept) == IMAGE_TOKEN_ID).sum(dim=1) == 64).all()
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert [cache.layers[i].keys.shape[-2] for i in range(3)] == [full + NEW_TOKENS - 1] * 2 + [pruned + NEW_TOKENS - 1]
 
 
@@ -193,3 +194,47 @@ def test_m_rope_models_are_refused():
     with pytest.raises(ValueError, match="M-RoPE"):
         FastV(qwen, tokens=16, image_tokens=64)
     assert FastV.unsupported_reason(make_model(2)) is None
+
+
+def test_cache_is_found_under_any_keyword():
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    assert passed_cache({"past_key_values": cache}) is cache  # transformers < 5.25
+    assert passed_cache({"cache": cache}) is cache  # transformers >= 5.25
+    assert passed_cache({"kv_cache_of_a_later_release": cache}) is cache
+    assert passed_cache({"cache": None, "attention_mask": torch.ones(1, 2)}) is None
+
+
+def test_decoding_step_keeps_the_prefill_choice_whatever_the_cache_keyword(model, inputs):
+    """transformers 5.25 hands the language model `cache=` instead of `past_key_values=`: still a decoding step."""
+    fastv = FastV(model, tokens=16, image_tokens=576).install()
+    try:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+        kept = fastv._keep
+        assert kept is not None
+        step = {"inputs_embeds": torch.zeros(2, 1, model.config.text_config.hidden_size)}
+        for keyword in ("cache", "past_key_values"):
+            fastv._on_language_model(model.model.language_model, (), {**step, keyword: output_cache(out)})
+            assert fastv._keep is kept
+    finally:
+        fastv.remove()
+
+
+def test_unexpected_decoder_arguments_fail_clearly(model, inputs):
+    """A release that lays out masks differently gets a message naming FastV and the version, not a shape error."""
+    fastv = FastV(model, tokens=16, image_tokens=576).install()
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=True)
+        fastv._prefill = None  # decoding
+        layer = model.model.language_model.layers[2]
+        hidden = torch.zeros(2, 1, model.config.text_config.hidden_size)
+        short_mask = torch.ones(2, 1, 1, 3, dtype=torch.bool)
+        with pytest.raises(
+            ValueError, match=r"FastV cannot prune this model with transformers 5\.\d+.*decoding attention"
+        ):
+            fastv._on_pruned_layer(layer, (hidden,), {"attention_mask": short_mask})
+    finally:
+        fastv.remove()

@@ -129,10 +129,38 @@ def test_export_errors(tiny_dir, tmp_path):
     (busy / "keep.txt").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         export_model(tiny_dir, busy)
-    with pytest.raises(ValueError, match="must differ"):
-        export_model(tiny_dir, tiny_dir)
+    for output in (tiny_dir, tiny_dir / "sub", tiny_dir.parent):  # is, inside, contains --model
+        with pytest.raises(ValueError, match="the input --model"):
+            export_model(tiny_dir, output, overwrite=True)
+    assert not (tiny_dir / "sub").exists()
     with pytest.raises(TypeError, match="config"):
         export_model(tiny_dir, tmp_path / "d", {"dominant": 3})
+
+
+def test_force_replaces_the_whole_output_and_an_interrupt_keeps_the_old_one(tiny_dir, tmp_path, monkeypatch):
+    import vlmzip.export
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for stale in ("model.safetensors.index.json", "model-00001-of-00002.safetensors", "keep.txt"):
+        (out / stale).write_text("from an earlier export")
+    before = sorted(p.name for p in out.iterdir())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vlmzip.export, "_rename_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(tiny_dir, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == before  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no half-written directory beside it
+    monkeypatch.undo()
+    export_model(tiny_dir, out, overwrite=True)
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" not in names and "keep.txt" not in names
+    assert [n for n in names if n.endswith(".safetensors")] == ["model.safetensors"]
+    assert LlavaForConditionalGeneration.from_pretrained(out) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_cli_export(tiny_dir, tmp_path, capsys):
@@ -146,6 +174,8 @@ def test_cli_export(tiny_dir, tmp_path, capsys):
     assert cli_main(args) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("vlmzip export: error: dominant + contextual must be <= 577") and "\n" not in error
+    assert cli_main(["export", "--model", str(tiny_dir), "-o", str(tiny_dir), "--force"]) == 2
+    assert "-o/--output" in capsys.readouterr().err
 
 
 # --- the serving budget: visionzip_config.json + --hf-overrides ------------------------------------
@@ -216,3 +246,40 @@ def test_plain_export_is_vllm_own_llava(tiny_dir, tmp_path, capsys):
     assert all(name.startswith(VLLM_PREFIXES) for name in tensors(out))
     assert cli_main(["export", "--model", str(tiny_dir), "-o", str(tmp_path / "p2"), "--plain", "--tokens", "64"]) == 2
     assert "--plain writes vLLM's own LLaVA" in capsys.readouterr().err
+
+
+def test_bench_vllm_does_not_call_the_prompt_token_rate_a_speed_up():
+    from vlmzip.serving.bench_vllm import VARIANTS, format_table
+
+    plain = {
+        "prompt_tokens_per_request": 600, "requests_per_s": 1.0, "prompt_tokens_per_s": 600.0,
+        "output_tokens_per_s": 16.0, "requests_per_cpu_s": 0.5, "batch_ttft_mean_s": 2.0,
+        "single_ttft_median_s": 1.0, "single_ttft_cpu_median_s": 2.0, "startup_s": 10.0, "load_average": 1.0,
+    }  # fmt: skip
+    plugin = {**plain, "prompt_tokens_per_request": 88, "requests_per_s": 2.3, "prompt_tokens_per_s": 204.0}
+    lines = format_table({VARIANTS[0]: plain, VARIANTS[1]: plugin}, VisionZipConfig()).splitlines()
+    rate = next(line for line in lines if line.startswith("prompt tokens / s"))
+    assert rate.endswith("0.34x of plain") and "faster" not in rate
+    assert next(line for line in lines if line.startswith("requests / s")).endswith("2.30x faster")
+    assert next(line for line in lines if line.startswith("prompt tokens / request")).endswith("6.82x fewer")
+    assert "prompt tokens / s is not a speed" in lines[-1]
+
+
+def test_visionzip_overrides_on_a_model_the_plugin_does_not_serve_are_refused(tiny_dir, tmp_path):
+    from vlmzip.serving.settings import check_overrides_target, requested_from_argv
+
+    plain, zipped = tmp_path / "plain", tmp_path / "zipped"
+    export_model(tiny_dir, plain, plugin=False)
+    export_model(tiny_dir, zipped, VisionZipConfig())
+    budget = '{"visionzip": {"dominant": 20, "contextual": 4}}'
+    for overrides in (budget, json.loads(budget)):
+        with pytest.raises(ValueError, match=r"\['LlavaForConditionalGeneration'\].*every visual token"):
+            check_overrides_target(str(plain), overrides)
+        check_overrides_target(str(zipped), overrides)  # the plugin's architecture: fine
+    check_overrides_target(str(plain), '{"max_position_embeddings": 4096}')  # no VisionZip key: not ours
+    check_overrides_target(str(plain), {**json.loads(budget), "architectures": [ARCHITECTURE]})
+    with pytest.warns(UserWarning, match="not known here"):
+        check_overrides_target("llava-hf/llava-1.5-7b-hf", budget)
+    assert requested_from_argv(["vllm", "serve", str(plain), "--hf-overrides", budget]) == (str(plain), budget)
+    assert requested_from_argv(["vllm", "serve", "--model", "m", f"--hf-overrides={budget}"]) == ("m", budget)
+    assert requested_from_argv(["python", "script.py"]) == (None, None)

@@ -5,12 +5,29 @@ from __future__ import annotations
 from torch import nn
 
 from vlmzip.adapters.base import Adapter
+from vlmzip.adapters.gemma3 import Gemma3Adapter
+from vlmzip.adapters.internvl import InternVLAdapter
 from vlmzip.adapters.llava import LlavaAdapter
 from vlmzip.adapters.llava_next import LlavaNextAdapter
 from vlmzip.adapters.llava_onevision import LlavaOnevisionAdapter
+from vlmzip.adapters.mistral3 import Mistral3Adapter
 from vlmzip.adapters.qwen2_vl import Qwen2VLAdapter
+from vlmzip.adapters.qwen3_5 import Qwen3_5Adapter
+from vlmzip.adapters.qwen3_vl import Qwen3VLAdapter
+from vlmzip.adapters.smolvlm import SmolVLMAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaOnevisionAdapter,
+    Qwen2VLAdapter,
+    Qwen3VLAdapter,
+    Qwen3_5Adapter,
+    Gemma3Adapter,
+    InternVLAdapter,
+    SmolVLMAdapter,
+    Mistral3Adapter,
+)
 
 
 def supported_families() -> list[str]:

@@ -80,9 +80,29 @@ class Adapter:
         """Tokens the tower yields per image (or crop / frame) at the model's native resolution."""
         raise NotImplementedError
 
+    @property
+    def token_pixels(self) -> int:
+        """Side in pixels of the square one tower token covers (larger where patches are merged into one)."""
+        return self.tower_info.patch_size
+
+    def unit_labels(self, count: int) -> list[str] | None:
+        """Captions of the `count` crops / tiles of one processed image in pixel order; None: the default."""
+        return None
+
     def full_counts(self, inputs: Mapping[str, Any]) -> list[int]:
         """Placeholders the processor emitted per image, computed without running the tower."""
         raise NotImplementedError
+
+    def budget_unit_tokens(self, inputs: Mapping[str, Any]) -> int:
+        """The tokens of one budget unit (image / crop / tile) that `dominant + contextual` is a share of.
+
+        By default the tower's tokens for these pixel_values ([CLS] included); families whose language
+        model sees pooled or merged tokens (Gemma 3, InternVL) count those instead.
+        """
+        pixel_values = inputs.get("pixel_values")
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim >= 4:
+            return self.tower_info.num_tokens(*pixel_values.shape[-2:])
+        return self.tokens_per_unit()
 
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         raise NotImplementedError
@@ -113,6 +133,15 @@ class Adapter:
     def placeholder_token_ids(self) -> tuple[int, ...]:
         """Placeholder token ids whose runs `full_counts` and `encode` cover, in text order."""
         return (self.image_token_id,)
+
+    def placeholder_blocks(
+        self, inputs: Mapping[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor, full_counts: list[int]
+    ) -> list[tuple[int, int, int]]:
+        """(sample, start, length) of each image's placeholder run, in image order (see `find_placeholder_blocks`).
+
+        Families whose runs hold layout tokens between the placeholders (Mistral 3's row breaks) override this.
+        """
+        return find_placeholder_blocks(input_ids, attention_mask, self.placeholder_token_ids, full_counts)
 
     def attach_features(self, prepared: dict[str, Any], encoded: EncodedImages) -> None:
         """Hand the reduced features to the model's precomputed-features path (after shrinking)."""
@@ -202,7 +231,7 @@ class Adapter:
             for position, index in enumerate(fresh):
                 slots = encoded.slots[position] if encoded.slots is not None else None
                 visual = CachedVisual(
-                    encoded.features[position], encoded.full_counts[position], slots, units[index].modality
+                    self.cached_features(encoded, position), encoded.full_counts[position], slots, units[index].modality
                 )
                 if known[keys[index]] is None:
                     cache.put(keys[index], visual)
@@ -217,8 +246,16 @@ class Adapter:
             entry.is_consistent()
             and entry.full_count == unit.full_count
             and entry.modality == unit.modality
-            and entry.features.shape[1] == self.text_width()
+            and entry.features.shape[1] == self.cached_width()
         )
+
+    def cached_features(self, encoded: EncodedImages, entry: int) -> torch.Tensor:
+        """What the cache stores for `encoded`'s item `entry`; `join_encoded` undoes it (families with extra fields)."""
+        return encoded.features[entry]
+
+    def cached_width(self) -> int:
+        """Channels of a cached item's features (`cached_features`)."""
+        return self.text_width()
 
     def _resolve_feature_layer(self) -> int:
         layer = self.config.feature_layer
@@ -289,7 +326,7 @@ class Adapter:
             )
 
         full_counts = self.full_counts(prepared)
-        blocks = find_placeholder_blocks(input_ids, attention_mask, self.placeholder_token_ids, full_counts)
+        blocks = self.placeholder_blocks(prepared, input_ids, attention_mask, full_counts)
         encoded = self.encode_visuals(prepared, self.cache if cache is _APPLIED else cache)
         new_counts = [int(f.shape[0]) for f in encoded.features]
         keep = placeholder_keep_mask(attention_mask, blocks, new_counts, encoded.slots)
@@ -313,6 +350,16 @@ def units_input_ids(units: Sequence[VisualUnit]) -> torch.Tensor:
     """(1, length) input_ids holding only the placeholder runs of `units`, in order (for `units_inputs`)."""
     ids = [unit.token_id for unit in units for _ in range(unit.full_count)]
     return torch.tensor([ids], dtype=torch.long)
+
+
+def check_square_batch(pixel_values: object, side: int, items: str) -> torch.Tensor:
+    """`inputs['pixel_values']` as an (items, channels, side, side) tensor, or a ValueError naming the shape."""
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or pixel_values.shape[-2:] != (side, side):
+        raise ValueError(
+            f"inputs['pixel_values'] must be an ({items}, channels, {side}, {side}) tensor as the processor returns "
+            f"it, got {getattr(pixel_values, 'shape', type(pixel_values).__name__)}"
+        )
+    return pixel_values
 
 
 def prepare_unreduced(model: nn.Module, inputs: Mapping[str, Any], modality: str = "image") -> dict[str, Any]:

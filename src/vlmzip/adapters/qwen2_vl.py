@@ -14,11 +14,11 @@ What differs from LLaVA:
   merger runs on every unit and the method reduces its outputs: the merger is per unit, so this is
   the same as merging the kept patches first, and it keeps the model's own forward untouched.
 - M-RoPE: every surviving token keeps the 3-D rope position it has in the unreduced prompt
-  (`get_rope_index` on the original input). Dominant tokens sit in their own slots; a contextual
-  token sits in the slot of the unit it was merged onto (VisionZip's target), so the reduced tokens
-  of an image reach the language model in raster order. Text keeps its original positions too: it
-  continues from the full image's maximum position + 1, as without VisionZip, so positions stay
-  monotone per sample and decoding continues from the last one.
+  (`get_rope_index` on the original input); see `vlmzip.adapters.mrope`, shared with Qwen3-VL and Qwen3.5.
+
+`Qwen2VLAdapter` is also the base of the Qwen3-VL and Qwen3.5 adapters, which change two things
+through class attributes: `deepstack` (intermediate-layer features reduced with the main ones) and
+`video_slice_runs` (each temporal slice of a video is its own placeholder run in the text).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -35,9 +35,17 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import get_vision_window_index
 
 from vlmzip.adapters.base import _APPLIED, Adapter, EncodedImages, PaddingSide, placeholder_order, units_input_ids
+from vlmzip.adapters.mrope import (
+    MODALITY_INPUTS,
+    UNREDUCED_LAYOUT_KEYS,
+    mrope_positions,
+    prepare_with_positions,
+    reduced_slots,
+    sequence_inputs,
+)
 from vlmzip.cache import CachedVisual, VisualUnit
 from vlmzip.config import VisionZipConfig
-from vlmzip.core import GROUP_DOMINANT, Reduction, contextual_targets
+from vlmzip.core import Reduction
 from vlmzip.probe import (
     DEFAULT_QUERY_CHUNK,
     ProbeOutput,
@@ -47,18 +55,6 @@ from vlmzip.probe import (
     resolve_tower,
 )
 from vlmzip.video import temporal_keep_mask
-
-# mm_token_type_ids values of Qwen's processors (0 is text).
-MODALITY_TYPE_IDS: dict[str, int] = {"image": 1, "video": 2}
-# (pixels, grid) input keys per modality, in the order Qwen's model encodes them.
-MODALITY_INPUTS: dict[str, tuple[str, str]] = {
-    "image": ("pixel_values", "image_grid_thw"),
-    "video": ("pixel_values_videos", "video_grid_thw"),
-}
-# Inputs that describe the unreduced layout; after prepare() the explicit position_ids replace them.
-UNREDUCED_LAYOUT_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
-# The original rope positions ride through the shared shrinking as three (batch, length) rows.
-_ROPE_ROW_KEYS = ("_visionzip_rope_t", "_visionzip_rope_h", "_visionzip_rope_w")
 
 
 # --- the tower probe ------------------------------------------------------------------------------
@@ -101,6 +97,11 @@ QWEN_TOWER_LAYOUTS: dict[str, QwenTowerLayout] = {
     "Qwen2_5_VisionTransformerPretrainedModel": QwenTowerLayout(
         score_block=_last_full_attention_block, unit_order=_window_order
     ),
+    # Qwen3-VL and Qwen3.5 towers attend fully in every block (no windows): the last block scores.
+    "Qwen3VLVisionModel": QwenTowerLayout(score_block=_last_block),
+    "Qwen3VLMoeVisionModel": QwenTowerLayout(score_block=_last_block),
+    "Qwen3_5VisionModel": QwenTowerLayout(score_block=_last_block),
+    "Qwen3_5MoeVisionModel": QwenTowerLayout(score_block=_last_block),
 }
 
 
@@ -151,8 +152,9 @@ def probe_qwen_tower(
     grid_thw: torch.Tensor,
     *,
     query_chunk: int = DEFAULT_QUERY_CHUNK,
+    deepstack: bool = False,
 ) -> list[ProbeOutput]:
-    """Run a Qwen2-VL / Qwen2.5-VL tower and return one `ProbeOutput` per attention segment.
+    """Run a Qwen-VL tower (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) and return one `ProbeOutput` per segment.
 
     A segment is an image, or one temporal slice of a video, in `grid_thw` order. Its tokens are
     the merge units the language model sees: `features` (1, units, out_hidden) are the merger's
@@ -160,6 +162,10 @@ def probe_qwen_tower(
     (averaged over queries, summed over heads and over the unit's patches), `keys` (1, units, head_dim)
     the block's keys averaged over heads and over the unit's patches, `grid` the merged (rows, cols).
     Only the scoring block's `qkv` output and arguments are captured; the tower runs on its own backend.
+    With `deepstack=True` (Qwen3-VL), `features` are the merger output followed, along the channels,
+    by every deepstack merger's output (in `deepstack_visual_indexes` order): (1, units, out_hidden * (1 + layers)).
+    Reducing them together applies one selection and one set of merge groups to all of them, since
+    every method selects on scores and keys and merges channel by channel.
     """
     layout = _qwen_layout(vision_model)
     merge = int(vision_model.spatial_merge_size)
@@ -182,11 +188,17 @@ def probe_qwen_tower(
         attention.qkv.register_forward_hook(keep_qkv),
     ]
     try:
-        merged = vision_model(pixel_values, grid_thw=grid_thw).pooler_output
+        output = vision_model(pixel_values, grid_thw=grid_thw)
     finally:
         for handle in handles:
             handle.remove()
 
+    merged = output.pooler_output
+    if deepstack:
+        layers = getattr(output, "deepstack_features", None)
+        if not layers:
+            raise ValueError(f"vision_model: {type(vision_model).__name__} returns no deepstack features")
+        merged = torch.cat([merged, *layers], dim=-1)
     qkv = captured["qkv"]
     num_patches = qkv.shape[0]
     query, key = qkv.view(num_patches, 3, num_heads, -1).unbind(1)[:2]
@@ -234,99 +246,46 @@ def probe_qwen_tower(
     return probes
 
 
-def reduced_slots(reduction: Reduction) -> torch.Tensor:
-    """For each reduced token (in `reduction.features` order), the merge unit whose slot it takes.
-
-    Dominant tokens take their own unit. Contextual token j takes the unit it was merged onto: for
-    VisionZip's merging, its evenly spaced target (`core.contextual_targets` over the remaining
-    units); for methods whose groups have no target (e.g. pooling), the group's first unit.
-    """
-    kept = reduction.kept_indices[0]
-    groups = reduction.groups[0]
-    num_contextual = reduction.features.shape[1] - kept.numel()
-    if num_contextual == 0:
-        return kept
-    remaining = (groups != GROUP_DOMINANT).nonzero().squeeze(1)
-    targets = remaining[contextual_targets(remaining.numel(), num_contextual).to(remaining.device)]
-    slots = []
-    for group in range(num_contextual):
-        target = targets[group] if group < targets.numel() else None
-        if target is not None and int(groups[target]) == group:
-            slots.append(target)
-        else:
-            members = (groups == group).nonzero()
-            if members.numel() == 0:
-                raise RuntimeError(f"contextual token {group} has no merge unit to take its position from")
-            slots.append(members[0, 0])
-    return torch.cat([kept, torch.stack(slots)])
-
-
 @dataclass
 class QwenEncoded(EncodedImages):
-    """EncodedImages whose entries (images and videos, in text order) each name their modality."""
+    """EncodedImages whose entries (images and videos, in text order) each name their modality.
+
+    An entry is a whole video, or one temporal slice of it on families whose slices are separate
+    placeholder runs (`Qwen2VLAdapter.video_slice_runs`). `deepstack[layer][entry]` holds the
+    entry's reduced deepstack features (same tokens, same order as `features[entry]`), on families
+    that have them; empty otherwise.
+    """
 
     modalities: list[str] = field(default_factory=list)
+    deepstack: list[list[torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
 class _ReducedVisual:
-    features: torch.Tensor  # (tokens, text_hidden), ascending slot order
+    features: torch.Tensor  # (tokens, text_hidden * (1 + deepstack layers)), ascending slot order
     slots: torch.Tensor  # (tokens,) ascending, within the visual's placeholder run
     reductions: list[Reduction]
 
-
-# --- M-RoPE positions ----------------------------------------------------------------------------
-def _sequence(inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of a processor output, validated; the mask defaults to all ones."""
-    input_ids = inputs.get("input_ids")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
-        raise ValueError(
-            "inputs['input_ids'] must be a (batch, length) integer tensor; pass the processor's output with "
-            "return_tensors='pt'"
-        )
-    attention_mask = inputs.get("attention_mask")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"inputs['attention_mask'] must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, "
-            f"got {getattr(attention_mask, 'shape', type(attention_mask).__name__)}"
-        )
-    return input_ids, attention_mask
-
-
-def mrope_positions(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
-    """(3, batch, length) M-RoPE positions of a Qwen2-VL / Qwen2.5-VL processor output, as the model computes them.
-
-    Uses the model's own `get_rope_index`; `mm_token_type_ids` is derived from the placeholder
-    tokens when the inputs lack it. Text-only inputs get the same position on all three axes.
-    """
-    input_ids, attention_mask = _sequence(inputs)
-    grids = {modality: inputs.get(grid_key) for modality, (_, grid_key) in MODALITY_INPUTS.items()}
-    if all(grid is None for grid in grids.values()):
-        text_positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return text_positions[None].expand(3, -1, -1).clone()
-    token_types = inputs.get("mm_token_type_ids")
-    if token_types is None:
-        token_types = torch.zeros_like(input_ids)
-        for modality, type_id in MODALITY_TYPE_IDS.items():
-            token_types[input_ids == getattr(model.config, f"{modality}_token_id")] = type_id
-    extra = {"second_per_grid_ts": inputs["second_per_grid_ts"]} if inputs.get("second_per_grid_ts") is not None else {}
-    positions, _ = model.model.get_rope_index(
-        input_ids,
-        mm_token_type_ids=token_types,
-        image_grid_thw=grids["image"],
-        video_grid_thw=grids["video"],
-        attention_mask=attention_mask,
-        **extra,
-    )
-    return positions
+    def slices(self, units_per_slice: int, count: int) -> list[_ReducedVisual]:
+        """One visual per temporal slice, slots counted within the slice's own run."""
+        frame = torch.div(self.slots, units_per_slice, rounding_mode="floor")
+        return [
+            _ReducedVisual(
+                self.features[frame == index], self.slots[frame == index] - index * units_per_slice, [reduction]
+            )
+            for index, reduction in zip(range(count), self.reductions, strict=True)
+        ]
 
 
 # --- the adapter ---------------------------------------------------------------------------------
 class Qwen2VLAdapter(Adapter):
     families = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     image_input_keys = ("pixel_values", "pixel_values_videos")
+    family_name: ClassVar[str] = "Qwen2-VL / Qwen2.5-VL"
+    # The tower also returns deepstack features (Qwen3-VL), reduced like the main ones.
+    deepstack: ClassVar[bool] = False
+    # Each temporal slice of a video is its own placeholder run, with text (timestamps) between (Qwen3-VL, Qwen3.5).
+    video_slice_runs: ClassVar[bool] = False
 
     def vision_tower(self) -> nn.Module:
         return self.model.model.visual
@@ -348,7 +307,7 @@ class Qwen2VLAdapter(Adapter):
         # The visual tokens are the merger's output after the final block: there is no layer to choose.
         if self.config.feature_layer not in (None, -1):
             raise ValueError(
-                "feature_layer: Qwen2-VL / Qwen2.5-VL visual tokens are the merger output of the tower's final "
+                f"feature_layer: {self.family_name} visual tokens are the merger output of the tower's final "
                 f"block; leave feature_layer as None (or -1), got {self.config.feature_layer}"
             )
         return -1
@@ -385,12 +344,19 @@ class Qwen2VLAdapter(Adapter):
         return grids
 
     def _counts(self, grids: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
-        """Placeholders per image / video: its merged token count over all temporal slices."""
-        return {modality: (grid.prod(dim=1) // self.merge_size**2).tolist() for modality, grid in grids.items()}
+        """Placeholders per placeholder run: an image's merged tokens; a video's over all its temporal
+        slices, or one entry per slice where slices are separate runs (`video_slice_runs`)."""
+        counts = {modality: (grid.prod(dim=1) // self.merge_size**2).tolist() for modality, grid in grids.items()}
+        if self.video_slice_runs and "video" in grids:
+            grid = grids["video"]
+            counts["video"] = torch.repeat_interleave(
+                grid[:, 1] * grid[:, 2] // self.merge_size**2, grid[:, 0]
+            ).tolist()
+        return counts
 
     def _text_order(self, inputs: Mapping[str, Any]) -> list[tuple[str, int]]:
         """(modality, index within the modality) of every image and video, in text order."""
-        input_ids, attention_mask = _sequence(inputs)
+        input_ids, attention_mask = sequence_inputs(inputs)
         kinds = {self.token_id(modality): modality for modality in MODALITY_INPUTS}
         return placeholder_order(input_ids, attention_mask, kinds, self._counts(self._grids(inputs)))
 
@@ -416,8 +382,9 @@ class Qwen2VLAdapter(Adapter):
         reductions = [self._reduce_frame(probe, config, modality, index) for probe in probes]
         keep = None
         if self.config.temporal_threshold is not None and len(probes) > 1:
+            width = probes[0].features.shape[-1] // (1 + self.deepstack_layers)  # compare the main features
             keep = temporal_keep_mask(
-                torch.cat([probe.features for probe in probes]),
+                torch.cat([probe.features[..., :width] for probe in probes]),
                 torch.cat([reduction.kept_indices for reduction in reductions]),
                 config.tokens,
                 self.config.temporal_threshold,
@@ -433,12 +400,21 @@ class Qwen2VLAdapter(Adapter):
             slots.append(frame_slots[order] + frame * units_per_frame)
         return _ReducedVisual(torch.cat(features), torch.cat(slots), reductions)
 
+    @property
+    def deepstack_layers(self) -> int:
+        return len(self.vision_tower().deepstack_visual_indexes) if self.deepstack else 0
+
     def _encode_modality(self, modality: str, pixels: torch.Tensor, grid: torch.Tensor) -> list[_ReducedVisual]:
+        """One reduced visual per placeholder run of `modality`, in `grid` order."""
         tower = self.vision_tower()
-        probes = probe_qwen_tower(tower, pixels.to(tower.dtype), grid)
+        probes = probe_qwen_tower(tower, pixels.to(tower.dtype), grid, deepstack=self.deepstack)
         visuals, first = [], 0
-        for index, frames in enumerate(grid[:, 0].tolist()):
-            visuals.append(self._reduce_visual(probes[first : first + frames], modality, index))
+        for index, (frames, height, width) in enumerate(grid.tolist()):
+            visual = self._reduce_visual(probes[first : first + frames], modality, index)
+            if modality == "video" and self.video_slice_runs:
+                visuals.extend(visual.slices(height * width // self.merge_size**2, frames))
+            else:
+                visuals.append(visual)
             first += frames
         return visuals
 
@@ -451,17 +427,22 @@ class Qwen2VLAdapter(Adapter):
             for modality, grid in grids.items()
         }
         visuals = [reduced[modality][index] for modality, index in order]
+        # Main and deepstack features were reduced together (concatenated channels); split them again.
+        parts = [visual.features.chunk(1 + self.deepstack_layers, dim=-1) for visual in visuals]
         return QwenEncoded(
-            features=[visual.features for visual in visuals],
+            features=[part[0] for part in parts],
             full_counts=[counts[modality][index] for modality, index in order],
             slots=[visual.slots for visual in visuals],
             reductions=[reduction for visual in visuals for reduction in visual.reductions],
             modalities=[modality for modality, _ in order],
+            deepstack=[[part[1 + layer] for part in parts] for layer in range(self.deepstack_layers)],
         )
 
     # --- the image cache -----------------------------------------------------------------------
-    def visual_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit]:
+    def visual_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit] | None:
         grids = self._grids(inputs)
+        if self.video_slice_runs and "video" in grids:
+            return None  # a video spans several placeholder runs: cached per call
         counts = self._counts(grids)
         units: dict[str, list[VisualUnit]] = {}
         for modality, grid in grids.items():
@@ -482,23 +463,57 @@ class Qwen2VLAdapter(Adapter):
                 result[grid_key] = torch.tensor([list(unit.layout) for unit in chosen])
         return result
 
+    # A cached item holds its main features followed, along the channels, by its deepstack features.
+    def cached_features(self, encoded: EncodedImages, entry: int) -> torch.Tensor:
+        if not isinstance(encoded, QwenEncoded) or not encoded.deepstack:
+            return encoded.features[entry]
+        return torch.cat([encoded.features[entry], *(layer[entry] for layer in encoded.deepstack)], dim=-1)
+
+    def cached_width(self) -> int:
+        return self.text_width() * (1 + self.deepstack_layers)
+
     def join_encoded(self, visuals: Sequence[CachedVisual], reductions: list[Reduction]) -> QwenEncoded:
+        parts = [visual.features.chunk(1 + self.deepstack_layers, dim=-1) for visual in visuals]
         return QwenEncoded(
-            features=[visual.features for visual in visuals],
+            features=[part[0] for part in parts],
             full_counts=[visual.full_count for visual in visuals],
             slots=[visual.slots for visual in visuals],
             reductions=reductions,
             modalities=[visual.modality for visual in visuals],
+            deepstack=[[part[1 + layer] for part in parts] for layer in range(self.deepstack_layers)],
         )
+
+    def encoder_output(self, features: list[torch.Tensor], deepstack: list[list[torch.Tensor]]) -> Any:
+        """What the model's `mm_encoder_outputs` expects for one modality (Qwen3-VL adds deepstack features)."""
+        return BaseModelOutputWithPooling(pooler_output=features)
+
+    def reduce_for_view(self, processed: Mapping[str, Any]) -> tuple[torch.Tensor, Reduction, int]:
+        """Reduce the first image of an image processor's output for `vlmzip.viz`.
+
+        Returns its pixels as a (1, channels, height, width) normalised image (the patches put back
+        in place), the reduction over its merge units (raster order) and a merge unit's side in pixels.
+        """
+        grid = check_grid_thw("image_grid_thw", processed.get("image_grid_thw"), self.merge_size)[:1]
+        patches = int(grid.prod())
+        pixels = _check_patches("pixel_values", processed.get("pixel_values"), grid)[:patches]
+        (visual,) = self._encode_modality("image", pixels, grid)
+        tower = self.vision_tower()
+        patch, merge, temporal = int(tower.config.patch_size), self.merge_size, int(tower.config.temporal_patch_size)
+        _, height, width = grid[0].tolist()
+        # The processor's flattening: rows (h/m, w/m, m, m), columns (channels, temporal, patch, patch).
+        blocks = pixels.float().view(height // merge, width // merge, merge, merge, -1, temporal, patch, patch)
+        image = blocks[:, :, :, :, :, 0].permute(4, 0, 2, 5, 1, 3, 6).reshape(-1, height * patch, width * patch)
+        return image[None], visual.reductions[0], patch * merge
 
     def attach_features(self, prepared: dict[str, Any], encoded: EncodedImages) -> None:
         if not isinstance(encoded, QwenEncoded):
             raise TypeError(f"encoded must come from {type(self).__name__}.encode, got {type(encoded).__name__}")
         outputs = {}
         for modality in MODALITY_INPUTS:
-            features = [f for f, m in zip(encoded.features, encoded.modalities, strict=True) if m == modality]
-            if features:
-                outputs[modality] = BaseModelOutputWithPooling(pooler_output=features)
+            mine = [entry for entry, m in enumerate(encoded.modalities) if m == modality]
+            if mine:
+                deepstack = [[layer[entry] for entry in mine] for layer in encoded.deepstack]
+                outputs[modality] = self.encoder_output([encoded.features[entry] for entry in mine], deepstack)
         prepared["mm_encoder_outputs"] = outputs
         for key in UNREDUCED_LAYOUT_KEYS:
             prepared.pop(key, None)
@@ -511,11 +526,9 @@ class Qwen2VLAdapter(Adapter):
         if inputs.get("position_ids") is not None:
             return super().prepare(inputs, padding_side, cache)  # refused there with the shared message
         self.full_counts(inputs)  # the text must match the images before positions are computed from it
-        positions = mrope_positions(self.model, inputs)
-        rows = dict(zip(_ROPE_ROW_KEYS, positions.unbind(0), strict=True))
-        prepared = super().prepare({**inputs, **rows}, padding_side, cache)
-        prepared["position_ids"] = torch.stack([prepared.pop(key) for key in _ROPE_ROW_KEYS])
-        return prepared
+        return prepare_with_positions(
+            lambda rows: super(Qwen2VLAdapter, self).prepare(rows, padding_side, cache), self.model, inputs
+        )
 
 
 __all__ = ["QWEN_TOWER_LAYOUTS", "Qwen2VLAdapter", "mrope_positions", "probe_qwen_tower", "reduced_slots"]

@@ -192,8 +192,90 @@ def _qwen2_vl_2b_config() -> Any:
     )
 
 
-def _qwen2_vl_processor(config: Any) -> Any:
-    from transformers import Qwen2VLProcessor
+def _qwen_token_ids() -> dict[str, int]:
+    return {
+        "image_token_id": QWEN_TOKENS["<|image_pad|>"],
+        "video_token_id": QWEN_TOKENS["<|video_pad|>"],
+        "vision_start_token_id": QWEN_TOKENS["<|vision_start|>"],
+        "vision_end_token_id": QWEN_TOKENS["<|vision_end|>"],
+    }
+
+
+def _qwen2_5_vl_7b_config() -> Any:
+    from transformers import Qwen2_5_VLConfig
+
+    vision = {  # the 670M-parameter ViT with window attention, 4 full-attention blocks, SwiGLU MLP
+        "depth": 32,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "out_hidden_size": 3584,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "hidden_act": "silu",
+    }
+    text = {  # Qwen2-7B
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "max_position_embeddings": 128000,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        "pad_token_id": QWEN_TOKENS["<|endoftext|>"],
+        "eos_token_id": QWEN_TOKENS["<|im_end|>"],
+        "bos_token_id": QWEN_TOKENS["<|endoftext|>"],
+        "tie_word_embeddings": False,
+    }
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **_qwen_token_ids())
+
+
+def _qwen3_vl_8b_config() -> Any:
+    from transformers import Qwen3VLConfig
+
+    vision = {  # the 27-block, 1152-wide SigLIP-2-shaped ViT, patch 16, deepstack after blocks 8, 16, 24
+        "depth": 27,
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_heads": 16,
+        "out_hidden_size": 4096,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [8, 16, 24],
+        "hidden_act": "gelu_pytorch_tanh",
+    }
+    text = {  # Qwen3-8B
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "max_position_embeddings": 262144,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True,
+        },
+        "pad_token_id": QWEN_TOKENS["<|endoftext|>"],
+        "eos_token_id": QWEN_TOKENS["<|im_end|>"],
+        "bos_token_id": QWEN_TOKENS["<|endoftext|>"],
+        "tie_word_embeddings": False,
+    }
+    return Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **_qwen_token_ids())
+
+
+def _qwen_processor(processor_class: type, **image: Any) -> Any:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from vlmzip.loading import image_only_processor_class  # the video slot would need torchvision
@@ -208,8 +290,29 @@ def _qwen2_vl_processor(config: Any) -> Any:
             "vision_end_token": "<|vision_end|>",
         },
     )
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
-    return image_only_processor_class(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tokenizer)
+    image_processor = Qwen2VLImageProcessorPil(**image)
+    return image_only_processor_class(processor_class)(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _qwen2_vl_processor(config: Any) -> Any:
+    from transformers import Qwen2VLProcessor
+
+    return _qwen_processor(Qwen2VLProcessor, min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+
+
+def _qwen3_vl_processor(config: Any) -> Any:
+    from transformers import Qwen3VLProcessor
+
+    half = [0.5, 0.5, 0.5]  # Qwen3-VL normalises to [-1, 1]
+    return _qwen_processor(
+        Qwen3VLProcessor,
+        patch_size=16,
+        merge_size=2,
+        min_pixels=64 * 64,
+        max_pixels=32 * 32 * 1280,
+        image_mean=half,
+        image_std=half,
+    )
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -233,6 +336,24 @@ ARCHS: dict[str, ArchSpec] = {
         _qwen2_vl_2b_config,
         _qwen2_vl_processor,
         image_size=672,
+    ),
+    # Budgets: 25 % and 12.5 % of the image's 576 merged tokens.
+    "qwen2.5-vl-7b": ArchSpec(
+        "qwen2.5-vl-7b",
+        "Qwen2.5-VL-7B: 670M windowed ViT on a 672 px image (2,304 patches, 576 merged tokens) + Qwen2-7B; M-RoPE",
+        _qwen2_5_vl_7b_config,
+        _qwen2_vl_processor,
+        budgets=(144, 72),
+        image_size=672,
+    ),
+    "qwen3-vl-8b": ArchSpec(
+        "qwen3-vl-8b",
+        "Qwen3-VL-8B: 27-block ViT (patch 16, deepstack) on a 768 px image (2,304 patches, 576 merged tokens) "
+        "+ Qwen3-8B; M-RoPE",
+        _qwen3_vl_8b_config,
+        _qwen3_vl_processor,
+        budgets=(144, 72),
+        image_size=768,
     ),
 }
 
@@ -264,8 +385,44 @@ def _fill_random(model: nn.Module, seed: int = 0, block: int = 1 << 20) -> None:
                 flat[whole:] = source[: flat.numel() - whole]
 
 
-def build_arch(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> tuple[Any, Any]:
-    """(model, processor) of a table architecture with random weights, in `dtype` on `device`."""
+def share_layer_weights(model: nn.Module) -> int:
+    """Make every layer of each stack of identical layers (tower blocks, decoder layers) use the first
+    layer's parameters; returns how many parameters are no longer stored.
+
+    Call before any parameter is written: the dropped layers' storage was never touched, so it is
+    returned without ever becoming resident. Compute is unchanged (every layer still runs, on weights
+    of the same shapes); a layer's weights (tens to hundreds of MB) far exceed CPU caches, so each
+    layer still streams them from memory. What changes is the resident size: a 7B model fits in ~3 GB.
+    """
+    saved = 0
+    for stack in model.modules():
+        if not isinstance(stack, nn.ModuleList) or len(stack) < 2:
+            continue
+        first = dict(stack[0].named_parameters())
+        for layer in stack[1:]:
+            if type(layer) is not type(stack[0]):
+                continue
+            own = dict(layer.named_parameters())
+            if own.keys() != first.keys() or any(own[k].shape != first[k].shape for k in own):
+                continue
+            for module_name, module in layer.named_modules():
+                for parameter_name, parameter in list(module._parameters.items()):
+                    if parameter is None:
+                        continue
+                    key = f"{module_name}.{parameter_name}" if module_name else parameter_name
+                    saved += module._parameters[parameter_name].numel()
+                    module._parameters[parameter_name] = first[key]
+    return saved
+
+
+def build_arch(
+    name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", *, shared_layers: bool = False
+) -> tuple[Any, Any]:
+    """(model, processor) of a table architecture with random weights, in `dtype` on `device`.
+
+    shared_layers: identical layers share one set of weights (`share_layer_weights`), for machines
+    without the memory of the whole model; speed and FLOPs are those of the real size.
+    """
     if name not in ARCHS:
         raise ValueError(f"arch must be one of {available_archs()}, got {name!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -278,6 +435,8 @@ def build_arch(name: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
     with torch.device(device), no_init_weights():
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     model.tie_weights()  # skipped with the initialisers; matters for tied heads (Qwen2-VL)
+    if shared_layers:
+        share_layer_weights(model)
     _fill_random(model)
     model.eval()
     model.generation_config.pad_token_id = config.text_config.pad_token_id

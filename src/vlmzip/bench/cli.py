@@ -57,7 +57,9 @@ def load_subject(args: argparse.Namespace) -> tuple[Any, Any, str, list[int], An
         spec = ARCHS.get(args.arch)
         if spec is None:
             raise ValueError(f"--arch must be one of {sorted(ARCHS)}, got {args.arch!r}")
-        model, processor = build_arch(args.arch, dtype or torch.bfloat16, device=args.device)
+        model, processor = build_arch(
+            args.arch, dtype or torch.bfloat16, device=args.device, shared_layers=args.shared_layer_weights
+        )
         name, budgets, image_size = args.arch, list(spec.budgets), spec.image_size
     else:
         alternatives = "--model DIR or --arch NAME"
@@ -164,8 +166,13 @@ def run_bench(args: argparse.Namespace) -> int:
 
     if args.model is not None and args.arch is not None:
         raise ValueError("give either --model or --arch, not both")
-    json_path = check_output_path(args.json, ".json", "--json")
-    plot_path = check_output_path(args.plot, ".png", "--plot")
+    if args.shared_layer_weights and args.arch is None:
+        raise ValueError("--shared-layer-weights needs --arch")
+    from vlmzip.outputs import model_inputs
+
+    inputs = [*(model_inputs(args.model) if args.arch is None else []), ("--image", args.image)]
+    json_path = check_output_path(args.json, ".json", "--json", inputs)
+    plot_path = check_output_path(args.plot, ".png", "--plot", inputs)
     batch = check_int("--batch", args.batch, 1)
     repeats = check_int("--repeats", args.repeats if args.repeats is not None else (1 if args.arch else 3), 1)
     warmup = check_int("--warmup", args.warmup, 0)
@@ -191,8 +198,10 @@ def run_bench(args: argparse.Namespace) -> int:
         batches = []
         for text in questions_for(question, questions_per_image):
             prompt = build_prompt(processor, text)
-            inputs = processor(images=[image] * batch, text=[prompt] * batch, return_tensors="pt", padding=True)
-            batches.append(inputs.to(args.device))
+            # One list per sample: processors of tiled models (SmolVLM) need the nesting with a batch of prompts.
+            images = [[image] for _ in range(batch)]
+            encoded = processor(images=images, text=[prompt] * batch, return_tensors="pt", padding=True)
+            batches.append(encoded.to(args.device))
         pad_token_id = getattr(tokenizer, "pad_token_id", None)
         bench = PipelineBench(
             model, batches[0], variants, new_tokens=new_tokens, pad_token_id=pad_token_id, followups=batches[1:]
@@ -217,6 +226,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "threads": torch.get_num_threads(),
         "quantize": args.quantize,
         "questions_per_image": questions_per_image,
+        "shared_layer_weights": bool(args.shared_layer_weights),
     }
     for row in rows:
         row.update(settings)
@@ -254,6 +264,11 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         methods_help="methods to measure (default: all that the model supports)",
         tokens_help="visual tokens per image (per crop for AnyRes models) to measure (default: 192 128 64; the "
         "--arch entry's); all tokens too",
+    )
+    parser.add_argument(
+        "--shared-layer-weights",
+        action="store_true",
+        help="with --arch: identical layers share one set of random weights (same compute, ~3 GB for a 7B model)",
     )
     parser.add_argument("--batch", type=int, default=1, help="images (prompts) per batch (default 1)")
     parser.add_argument("--repeats", type=int, help="measured rounds (default 3; 1 with --arch)")

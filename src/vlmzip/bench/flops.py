@@ -9,6 +9,7 @@ activations, embeddings and softmax are left out (well under 1 % for these model
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,19 +46,23 @@ class FlopCounter:
     """Context manager counting the FLOPs of one pipeline run (tower, projector, language-model prefill).
 
     tower_layers: the vision encoder's layers; decoder_layers: the language model's layers, whose first
-    call in the run is the prefill; projector and head (the output layer) are optional.
+    call in the run is the prefill; projector (one module or several, e.g. Qwen's merger and deepstack
+    mergers) and head (the output layer) are optional. Tower layers may take (sequences, tokens, hidden)
+    or packed (tokens, hidden) with `cu_seqlens` segment bounds (Qwen): attention is counted per segment.
     """
 
     def __init__(
         self,
         tower_layers: nn.ModuleList,
         decoder_layers: nn.ModuleList,
-        projector: nn.Module | None = None,
+        projector: nn.Module | Sequence[nn.Module] | None = None,
         head: nn.Module | None = None,
     ) -> None:
         self.tower_layers = tower_layers
         self.decoder_layers = decoder_layers
-        self.projector = projector
+        if projector is None:
+            projector = []
+        self.projectors = [projector] if isinstance(projector, nn.Module) else list(projector)
         self.head = head
         self.count = FlopCount()
         self._handles: list[Any] = []
@@ -81,16 +86,29 @@ class FlopCounter:
 
     def _on_tower_layer(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = _hidden_of(args, kwargs)
-        if hidden is not None:
-            sequences, tokens = hidden.shape[0], hidden.shape[1]
-            width = self._tower_width[id(layer)]
-            # Bidirectional: every query meets every key, once for scores and once for values.
-            self.count.tower += sequences * (2 * tokens * self._weights[id(layer)] + 4 * tokens * tokens * width)
+        if hidden is None:
+            return
+        width = self._tower_width[id(layer)]
+        if hidden.ndim == 2:  # packed (tokens, hidden), e.g. Qwen: attention runs within each cu_seqlens segment
+            tokens = hidden.shape[0]
+            pairs = tokens * tokens
+            bounds = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+            if isinstance(bounds, torch.Tensor) and bounds.numel() > 1:
+                pairs = int((bounds[1:] - bounds[:-1]).long().pow(2).sum())
+            # Bidirectional: every query meets every key of its segment, once for scores and once for values.
+            self.count.tower += 2 * tokens * self._weights[id(layer)] + 4 * pairs * width
+            return
+        sequences, tokens = hidden.shape[0], hidden.shape[1]
+        self.count.tower += sequences * (2 * tokens * self._weights[id(layer)] + 4 * tokens * tokens * width)
 
     def _on_projector(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = _hidden_of(args, kwargs)
-        if hidden is not None:
-            self.count.tower += 2 * (hidden.numel() // hidden.shape[-1]) * linear_weights(module)
+        if hidden is None:
+            return
+        # Rows the first linear layer sees: a merger that folds 2x2 patches into one row sees a quarter of them.
+        first = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
+        width = first.in_features if first is not None else hidden.shape[-1]
+        self.count.tower += 2 * (hidden.numel() // width) * linear_weights(module)
 
     def _on_decoder_layer(self, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         # Read from the output, after any pre-hook (FastV) has shortened the sequence.
@@ -122,8 +140,7 @@ class FlopCounter:
         self._handles += [
             layer.register_forward_hook(self._on_decoder_layer, with_kwargs=True) for layer in self.decoder_layers
         ]
-        if self.projector is not None:
-            self._handles.append(register(self.projector, self._on_projector))
+        self._handles += [register(projector, self._on_projector) for projector in self.projectors]
         if self.head is not None:
             self._handles.append(register(self.head, self._on_head))
         return self
@@ -132,3 +149,12 @@ class FlopCounter:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def projector_modules(model: nn.Module, tower: nn.Module) -> list[nn.Module]:
+    """What maps tower features to the language model's width: LLaVA's `multi_modal_projector`,
+    SmolVLM's `connector`, or the merger inside a Qwen tower plus Qwen3-VL's deepstack mergers."""
+    modules = [getattr(model.model, name, None) for name in ("multi_modal_projector", "connector")]
+    modules.append(getattr(tower, "merger", None))
+    modules += list(getattr(tower, "deepstack_merger_list", None) or [])
+    return [module for module in modules if isinstance(module, nn.Module)]

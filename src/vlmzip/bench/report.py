@@ -1,29 +1,14 @@
-"""Output of `bench` and `eval`: rich tables, JSON files written atomically, and line plots."""
+"""Output of `bench` and `eval`: rich tables, JSON files and line plots (written whole, see vlmzip.outputs)."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vlmzip.outputs import Inputs, refuse_overlap, replacing_file, write_json
 
-def write_json(path: str | Path, data: Any) -> Path:
-    """Write `data` as indented JSON via a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2)
-            stream.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+__all__ = ["check_output_path", "plot_lines", "table_console", "write_json"]
 
 
 def table_console(width: int) -> Any:
@@ -34,8 +19,8 @@ def table_console(width: int) -> Any:
     return output if output.is_terminal else Console(width=width)
 
 
-def check_output_path(path: str | Path | None, suffix: str, option: str) -> Path | None:
-    """Validate an output path option before any work starts."""
+def check_output_path(path: str | Path | None, suffix: str, option: str, inputs: Inputs = ()) -> Path | None:
+    """Validate an output path option before any work starts (suffix, not a directory, not an input)."""
     if path is None:
         return None
     path = Path(path)
@@ -43,7 +28,7 @@ def check_output_path(path: str | Path | None, suffix: str, option: str) -> Path
         raise ValueError(f"{option} must name a {suffix} file, got {str(path)!r}")
     if path.is_dir():
         raise ValueError(f"{option} names a directory: {path}")
-    return path
+    return refuse_overlap(path, inputs, option)
 
 
 def plot_lines(
@@ -82,7 +67,9 @@ def plot_lines(
     figure.suptitle(title)
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        with replacing_file(path) as temporary:
+            figure.savefig(temporary, dpi=110, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(figure)
     return path

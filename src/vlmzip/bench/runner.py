@@ -32,11 +32,13 @@ from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from vlmzip.adapters import adapter_class_for
-from vlmzip.bench.flops import FlopCounter
+from vlmzip.bench.flops import FlopCounter, projector_modules
 from vlmzip.bench.memory import PeakMemory
 from vlmzip.bench.variants import Variant, VariantRunner, unit_tokens
 from vlmzip.cache import ImageCache
+from vlmzip.compat import output_cache
 from vlmzip.config import VisionZipConfig, check_int
+from vlmzip.model_parts import language_model_of
 
 # Per-run quantities; each is reported as median, min and max over the repeats.
 TIMED_METRICS = (
@@ -170,13 +172,24 @@ class _FirstLogits(LogitsProcessor):
 
 
 def kv_cache_bytes_after_prefill(cache: Any, generated: int) -> float | None:
-    """Bytes of keys and values the cache held right after the prefill (before `generated - 1` decoding steps)."""
+    """Bytes of keys and values the cache held right after the prefill (before `generated - 1` decoding steps),
+    plus the fixed-size states of linear-attention layers."""
     layers = getattr(cache, "layers", None)
     if not layers:
         return None
     total = 0.0
     for layer in layers:
+        # Linear-attention layers (e.g. Qwen3.5's Gated DeltaNet) hold fixed-size states, whatever the length.
+        states = [
+            state
+            for name in ("conv_states", "recurrent_states")
+            for state in (getattr(layer, name, None) or {}).values()
+            if isinstance(state, torch.Tensor)
+        ]
+        total += sum(state.nbytes for state in states)
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if states and not isinstance(keys, torch.Tensor):
+            continue
         if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or keys.ndim < 2:
             return None
         length = keys.shape[-2]
@@ -217,12 +230,12 @@ class PipelineBench:
             raise ValueError("inputs: the first sample holds no image placeholder tokens; nothing to reduce")
         tokens = unit_tokens(model, inputs) if VariantRunner.needs_unit_tokens(variants) else None
         self.runners = {variant: VariantRunner(model, variant, tokens) for variant in variants}
-        language_model = model.model.language_model
+        language_model = language_model_of(model)
         self.language_model = language_model
         self.flops = FlopCounter(
             reference.tower_info.layers,
             language_model.layers,
-            projector=getattr(model.model, "multi_modal_projector", None),
+            projector=projector_modules(model, self.vision_tower),
             head=model.get_output_embeddings(),
         )
         if pad_token_id is None:
@@ -308,7 +321,7 @@ class PipelineBench:
             tokens = self._count_visual(prepared["input_ids"].gather(1, runner.fastv.last_kept))
         else:
             tokens = self._count_visual(prepared["input_ids"])
-        kv_bytes = kv_cache_bytes_after_prefill(output.past_key_values, self.new_tokens)
+        kv_bytes = kv_cache_bytes_after_prefill(output_cache(output), self.new_tokens)
         lengths = counter.count.llm_layer_lengths
         return RunMeasurement(
             tower_ms=span(stamps, "start", tower_end),

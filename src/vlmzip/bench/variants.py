@@ -14,7 +14,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from vlmzip.adapters import adapter_class_for
@@ -23,6 +22,7 @@ from vlmzip.cache import ImageCache
 from vlmzip.config import VisionZipConfig, check_int
 from vlmzip.methods import available_methods
 from vlmzip.methods.fastv import DEFAULT_LAYER, FASTV_METHOD, FastV
+from vlmzip.model_parts import language_model_of
 
 FULL = "full"
 DEFAULT_BUDGETS: tuple[int, ...] = (192, 128, 64)
@@ -70,11 +70,8 @@ def unit_tokens(model: nn.Module, inputs: Mapping[str, Any]) -> int:
     native resolution) do not provide it.
     """
     reference = adapter_class_for(model)(model, VisionZipConfig(dominant=1, contextual=0))
-    pixel_values = inputs.get("pixel_values")
-    if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim >= 4:
-        return reference.tower_info.num_tokens(*pixel_values.shape[-2:])
     try:
-        return reference.tokens_per_unit()
+        return reference.budget_unit_tokens(inputs)
     except NotImplementedError:
         raise ValueError(f"model: {type(model).__name__} has no fixed number of tower tokens per image") from None
 
@@ -101,7 +98,7 @@ class VariantRunner:
                 raise ValueError(reason)
             if unit_tokens is None:
                 raise ValueError("unit_tokens is required for FastV (see vlmzip.bench.variants.unit_tokens)")
-            num_layers = len(model.model.language_model.layers)
+            num_layers = len(language_model_of(model).layers)
             layer = max(1, min(fastv_layer, num_layers - 1))
             self.fastv = FastV(model, tokens=variant.budget, layer=layer, image_tokens=unit_tokens)
         elif not variant.is_full:

@@ -467,17 +467,28 @@ def export_jsonl(records: Sequence[Record], path: str | Path, image_dir: str | P
     """Write records as JSONL ({"image", "question", "answers", "type"}), saving each scene once as PNG.
 
     Image paths are written relative to the JSONL file when ``image_dir`` lies beside or below it.
+    Both appear whole or not at all: the file, and the default image folder (``<stem>_images``) as a
+    whole, replace earlier ones only once everything is written.
     """
+    from contextlib import nullcontext
+
+    from vlmzip.outputs import replacing_directory, replacing_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_dir = Path(image_dir) if image_dir is not None else path.parent / (path.stem + "_images")
-    image_dir.mkdir(parents=True, exist_ok=True)
+    default_dir = path.parent / (path.stem + "_images")
+    image_dir = Path(image_dir) if image_dir is not None else default_dir
+    if image_dir == default_dir:
+        images = replacing_directory(image_dir)
+    else:
+        image_dir.mkdir(parents=True, exist_ok=True)
+        images = nullcontext(image_dir)
     saved: dict[int, Path] = {}
-    with path.open("w") as fh:
+    # The images are moved into place before the file that names them (contexts close in reverse order).
+    with replacing_file(path) as staged_file, images as staged_dir, staged_file.open("w") as fh:
         for rec in records:
             if rec.scene_index not in saved:
                 img_path = image_dir / f"{rec.scene_index:05d}.png"
-                rec.image.save(img_path)
+                rec.image.save(staged_dir / img_path.name)
                 saved[rec.scene_index] = img_path
             img_path = saved[rec.scene_index]
             try:
@@ -509,8 +520,24 @@ def export_split(
     num_images: int = DEFAULT_TEST_IMAGES,
     seed: int = 0,
     per_type: int = 1,
+    overwrite: bool = False,
 ) -> Path:
-    """Regenerate a split and write it as JSONL (images as PNG in ``<stem>_images/`` beside the file)."""
+    """Regenerate a split and write it as JSONL (images as PNG in ``<stem>_images/`` beside the file).
+
+    An existing file or image folder is replaced only with ``overwrite``.
+    """
+    check_int("num_images", num_images, 1)
+    check_int("per_type", per_type, 1)
+    check_int("seed", seed, 0)
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"output {path} is a directory; name a .jsonl file")
+    images = path.parent / (path.stem + "_images")
+    existing = [str(p) for p in (path, images) if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"output exists: {', '.join(existing)}; pass --overwrite to replace it")
     return export_jsonl(list(iter_split(split, num_images, seed=seed, per_type=per_type)), path)
 
 
@@ -524,8 +551,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=DEFAULT_TEST_IMAGES, help="number of scenes")
     parser.add_argument("--per-type", type=int, default=1, help="questions of each type per scene")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing file and its image folder")
     args = parser.parse_args(argv)
-    path = export_split(args.output, args.split, args.images, args.seed, args.per_type)
+    for option, value, least in (
+        ("--images", args.images, 1),
+        ("--per-type", args.per_type, 1),
+        ("--seed", args.seed, 0),
+    ):
+        if value < least:
+            parser.error(f"{option} must be an integer >= {least}, got {value}")
+    from vlmzip.outputs import embedded_model_inputs, refuse_overlap
+
+    for output in (args.output, args.output.parent / (args.output.stem + "_images")):
+        refuse_overlap(output, embedded_model_inputs(), "OUTPUT")
+    path = export_split(args.output, args.split, args.images, args.seed, args.per_type, overwrite=args.overwrite)
     print(path)
     return 0
 

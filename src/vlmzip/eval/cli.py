@@ -107,9 +107,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from vlmzip.config import check_int
     from vlmzip.eval.evaluator import Evaluator
     from vlmzip.eval.items import DEFAULT_LIMIT, held_out_set, jsonl_set
+    from vlmzip.outputs import model_inputs
 
-    json_path = check_output_path(args.json, ".json", "--json")
-    plot_path = check_output_path(args.plot, ".png", "--plot")
+    inputs = [*model_inputs(args.model), ("--data", args.data)]
+    json_path = check_output_path(args.json, ".json", "--json", inputs)
+    plot_path = check_output_path(args.plot, ".png", "--plot", inputs)
+    if json_path is not None and plot_path is not None and json_path.resolve() == plot_path.resolve():
+        raise ValueError("--json and --plot must be different files")
     batch_size = check_int("--batch-size", args.batch_size, 1)
     max_new_tokens = check_int("--max-new-tokens", args.max_new_tokens, 1)
     limit = check_int("--limit", args.limit, 1) if args.limit is not None else None
@@ -131,6 +135,10 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ValueError("--data is required with --model (the held-out split belongs to the embedded model)")
         else:
             data = held_out_set(limit or DEFAULT_LIMIT)
+        if args.data is not None:  # an image the data names is an input too
+            images = [("an image of --data", item.image_key) for item in {i.image_key: i for i in data.items}.values()]
+            check_output_path(args.json, ".json", "--json", images)
+            check_output_path(args.plot, ".png", "--plot", images)
         model, processor = load_model_for_cli(args.model, dtype=DTYPES[args.dtype])
         model = model.to(args.device)
         if args.quantize != "none":

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from vlmzip._validation import check_int
+from vlmzip.compat import passed_cache
+from vlmzip.model_parts import language_model_of
 
 FASTV_METHOD = "fastv"
 DEFAULT_LAYER = 2
@@ -36,14 +38,23 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _language_model(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "model", None)
-    language_model = getattr(inner, "language_model", None)
-    if language_model is None or not isinstance(getattr(language_model, "layers", None), nn.ModuleList):
+    try:
+        return language_model_of(model)
+    except ValueError:
         raise ValueError(
             f"model: FastV needs a vision-language model with model.model.language_model.layers "
             f"(LLaVA-style), got {type(model).__name__}"
-        )
-    return language_model
+        ) from None
+
+
+def _unsupported_layout(problem: str) -> ValueError:
+    """A clear error where a transformers release lays out a decoder layer's arguments differently."""
+    import transformers
+
+    return ValueError(
+        f"FastV cannot prune this model with transformers {transformers.__version__}: {problem}. "
+        "FastV is tested with transformers 5.23 to 5.25; use one of those or another method"
+    )
 
 
 def _take_rows(values: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
@@ -104,9 +115,14 @@ class FastV:
     def unsupported_reason(model: nn.Module) -> str | None:
         """Why FastV cannot run on `model` (None when it can): the checks that need no budget."""
         try:
-            _language_model(model)
+            language_model = _language_model(model)
         except ValueError as error:
             return str(error)
+        attention = getattr(language_model.layers[0], "self_attn", None) if len(language_model.layers) else None
+        if isinstance(getattr(attention, "q_norm", None), nn.Module) or isinstance(
+            getattr(attention, "k_norm", None), nn.Module
+        ):
+            return f"model: FastV does not support attention with q/k normalisation ({type(attention).__name__})"
         text_config = getattr(model.config, "text_config", model.config)
         rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
         if isinstance(rope, dict) and "mrope_section" in rope:
@@ -158,7 +174,7 @@ class FastV:
 
     def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         embeds = kwargs.get("inputs_embeds")
-        past = kwargs.get("past_key_values")
+        past = passed_cache(kwargs)  # `cache` from transformers 5.25, `past_key_values` before
         past_length = past.get_seq_length() if past is not None else 0
         if past_length > 0:  # decoding: layers >= K keep what the prefill kept
             self._prefill = None
@@ -200,6 +216,11 @@ class FastV:
             hidden = args[0] if args else kwargs["hidden_states"]
             if hidden.shape[1] == self._full_length:  # only layer K gets the full sequence
                 hidden = _take_rows(hidden, self._keep, 1)
+            elif hidden.shape[1] != self._keep.shape[1]:
+                raise _unsupported_layout(
+                    f"a decoder layer got {hidden.shape[1]} positions, neither the prompt's {self._full_length} "
+                    f"nor the {self._keep.shape[1]} kept"
+                )
             if args:
                 args[0] = hidden
             else:
@@ -209,6 +230,11 @@ class FastV:
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.ndim == 4:
             # Decoding: the mask covers the full prompt plus the new tokens; keep the columns layers >= K still hold.
+            if mask.shape[-1] < self._full_length:
+                raise _unsupported_layout(
+                    f"the decoding attention mask covers {mask.shape[-1]} positions, fewer than the "
+                    f"{self._full_length}-token prompt"
+                )
             new = torch.arange(self._full_length, mask.shape[-1], device=mask.device).expand(self._keep.shape[0], -1)
             kwargs["attention_mask"] = _take_rows(mask, torch.cat([self._keep.to(mask.device), new], dim=1), 3)
         return args, kwargs
@@ -222,6 +248,11 @@ class FastV:
             raise ValueError("FastV supports standard rotary embeddings only (cos/sin of shape (batch, length, dim))")
         cos, sin = position_embeddings
         batch, length = keys.shape[:2]
+        if cos.shape[1] != length or length != self._full_length:
+            raise _unsupported_layout(
+                f"layer {self.layer - 1} computed keys for {length} positions and rotary embeddings for "
+                f"{cos.shape[1]}, expected the prompt's {self._full_length}"
+            )
         head_dim = self._attention.head_dim
         queries = queries.view(batch, self._num_heads, head_dim)
         keys = keys.view(batch, length, self._num_kv_heads, head_dim)

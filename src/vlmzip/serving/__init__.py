@@ -8,17 +8,41 @@ architecture. `vlmzip export` writes such directories.
 
 from __future__ import annotations
 
-from vlmzip.serving.settings import ARCHITECTURE
+import sys
+from typing import Any
+
+from vlmzip.serving.settings import ARCHITECTURE, check_overrides_target, requested_from_argv
 
 MODEL_PATH = f"vlmzip.serving.vllm:{ARCHITECTURE}"
 
 
+def _engine_arguments() -> Any:
+    """The vLLM EngineArgs being set up in this process, if register() runs inside their construction."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, EngineArgs):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
 def register() -> None:
-    """Register the VisionZip model classes with vLLM's model registry (safe to call repeatedly)."""
+    """Register the VisionZip model classes with vLLM's model registry (safe to call repeatedly).
+
+    Also refuses to start when --hf-overrides (command line or `LLM(hf_overrides=...)`) sets a
+    VisionZip budget for a model the plugin does not serve, which would silently use every token.
+    """
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_PATH)
+    check_overrides_target(*requested_from_argv(sys.argv))
+    engine = _engine_arguments()
+    if engine is not None:
+        check_overrides_target(getattr(engine, "model", None), getattr(engine, "hf_overrides", None))
 
 
 __all__ = ["ARCHITECTURE", "MODEL_PATH", "register"]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmzip.config import VisionZipConfig, check_int
+from vlmzip.outputs import refuse_overlap, write_json
 
 VARIANTS = ("vllm", "vllm+visionzip")
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
@@ -111,27 +112,37 @@ def run_variant(model_dir: Path, spec: dict[str, Any], log: Path) -> dict[str, A
     return json.loads(result_path.read_text())
 
 
+# How each row compares the plugin with plain vLLM: "faster" (a throughput: plugin / plain; a time:
+# plain / plugin), "fewer" (a count: plain / plugin), or "of plain" (plugin / plain, not a speed).
+_ROWS = (
+    ("prompt tokens / request", "prompt_tokens_per_request", "{:.0f}", "fewer"),
+    ("requests / s (batch)", "requests_per_s", "{:.3f}", "faster"),
+    ("prompt tokens / s (batch)", "prompt_tokens_per_s", "{:.1f}", "of plain"),
+    ("output tokens / s (batch)", "output_tokens_per_s", "{:.1f}", "faster"),
+    ("requests / CPU-s (batch)", "requests_per_cpu_s", "{:.3f}", "faster"),
+    ("TTFT mean, batch (s)", "batch_ttft_mean_s", "{:.3f}", "faster, time"),
+    ("TTFT median, one at a time (s)", "single_ttft_median_s", "{:.3f}", "faster, time"),
+    ("  CPU-s of it", "single_ttft_cpu_median_s", "{:.3f}", "faster, time"),
+    ("engine start-up (s)", "startup_s", "{:.1f}", "faster, time"),
+)
+
+
 def format_table(results: dict[str, dict[str, Any]], config: VisionZipConfig) -> str:
     base, zipped = results[VARIANTS[0]], results[VARIANTS[1]]
-    rows = [
-        ("prompt tokens / request", "prompt_tokens_per_request", "{:.0f}", False),
-        ("requests / s (batch)", "requests_per_s", "{:.3f}", True),
-        ("prompt tokens / s (batch)", "prompt_tokens_per_s", "{:.1f}", True),
-        ("output tokens / s (batch)", "output_tokens_per_s", "{:.1f}", True),
-        ("requests / CPU-s (batch)", "requests_per_cpu_s", "{:.3f}", True),
-        ("TTFT mean, batch (s)", "batch_ttft_mean_s", "{:.3f}", False),
-        ("TTFT median, one at a time (s)", "single_ttft_median_s", "{:.3f}", False),
-        ("  CPU-s of it", "single_ttft_cpu_median_s", "{:.3f}", False),
-        ("engine start-up (s)", "startup_s", "{:.1f}", False),
-    ]
-    lines = [f"{'':32} {VARIANTS[0]:>12} {VARIANTS[1]:>16} {'ratio':>8}"]
-    for label, key, fmt, higher_is_better in rows:
-        ratio = zipped[key] / base[key] if higher_is_better else base[key] / zipped[key]
-        lines.append(f"{label:32} {fmt.format(base[key]):>12} {fmt.format(zipped[key]):>16} {ratio:>7.2f}x")
+    lines = [f"{'':32} {VARIANTS[0]:>12} {VARIANTS[1]:>16}  plugin vs plain"]
+    for label, key, fmt, kind in _ROWS:
+        if kind in ("faster", "of plain"):
+            ratio = zipped[key] / base[key]
+        else:  # a time or a count: smaller is the plugin's gain
+            ratio = base[key] / zipped[key]
+        comparison = f"{ratio:.2f}x {kind.split(',')[0]}"
+        lines.append(f"{label:32} {fmt.format(base[key]):>12} {fmt.format(zipped[key]):>16}  {comparison}")
     lines.append(
-        f"VisionZip {config.dominant} + {config.contextual} = {config.tokens} tokens per image; ratio = "
-        "speed-up (throughput: plugin / plain, times: plain / plugin); load average during the runs: "
-        f"{base['load_average']:.1f}, {zipped['load_average']:.1f} (wall times need a quiet machine, CPU-s less so)"
+        f"VisionZip {config.dominant} + {config.contextual} = {config.tokens} tokens per image. 'faster': the "
+        "plugin's speed-up (throughput plugin / plain, time plain / plugin); 'fewer': plain / plugin; prompt "
+        "tokens / s is not a speed: each plugin request has fewer prompt tokens, so compare requests / s. "
+        f"Load average during the runs: {base['load_average']:.1f}, {zipped['load_average']:.1f} (wall times "
+        "need a quiet machine, CPU-s less so)"
     )
     return "\n".join(lines)
 
@@ -144,6 +155,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     requests = check_int("--requests", args.requests, 1)
     single = check_int("--single", args.single, 0)
     max_tokens = check_int("--max-tokens", args.max_tokens, 1)
+    inputs = [("--model", args.model)]
+    if args.output:
+        refuse_overlap(args.output, inputs, "--output")
+    if args.logs:
+        refuse_overlap(args.logs, inputs, "--logs")
     with tempfile.TemporaryDirectory(prefix="vlmzip-bench-vllm-") as scratch:
         work = Path(scratch)
         source = Path(args.model) if args.model else build_tiny_llava(work / "tiny", **BENCH_MODEL)
@@ -161,7 +177,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(format_table(results, config))
     if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(args.output, report)
     return report
 
 

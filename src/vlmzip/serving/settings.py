@@ -118,3 +118,62 @@ def check_servable(hf_config: Any, config: VisionZipConfig) -> int:
             f"got {config.dominant} + {config.contextual} = {config.tokens}"
         )
     return config.tokens
+
+
+def check_overrides_target(model: str | os.PathLike[str] | None, hf_overrides: Any) -> None:
+    """Refuse a VisionZip budget in `hf_overrides` for a model the plugin does not serve.
+
+    vLLM sets any --hf-overrides key on the HF config; only the plugin's architecture reads
+    'visionzip', so on any other (e.g. a `vlmzip export --plain` directory) the budget would be
+    ignored and every visual token served. Models whose config.json is not local get a warning.
+    """
+    import json
+    import warnings
+    from pathlib import Path
+
+    if isinstance(hf_overrides, str):
+        try:
+            hf_overrides = json.loads(hf_overrides)
+        except ValueError:
+            return  # vLLM reports malformed JSON itself
+    if not isinstance(hf_overrides, Mapping) or OVERRIDES_KEY not in hf_overrides or model is None:
+        return
+    architectures = hf_overrides.get("architectures")
+    config_file = Path(model) / "config.json"
+    if architectures is None and config_file.is_file():
+        try:
+            architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures")
+        except (ValueError, AttributeError):
+            architectures = None
+    if architectures is None:
+        warnings.warn(
+            f"--hf-overrides sets {OVERRIDES_KEY!r} but the architecture of {model} is not known here: the budget "
+            f"applies only if it is {ARCHITECTURE} (a `vlmzip export` directory); otherwise every visual token is "
+            "served",
+            stacklevel=2,
+        )
+        return
+    if ARCHITECTURE not in list(architectures):
+        raise ValueError(
+            f"--hf-overrides sets {OVERRIDES_KEY!r}, but {model} is {list(architectures)}, which the VisionZip "
+            f"plugin does not serve: the budget would be ignored and every visual token served. Serve a directory "
+            f"written by `vlmzip export` (without --plain), or leave {OVERRIDES_KEY!r} out of --hf-overrides"
+        )
+
+
+def requested_from_argv(argv: list[str]) -> tuple[str | None, str | None]:
+    """(model, --hf-overrides value) of a `vllm serve MODEL ...` command line; (None, None) for others."""
+    if "serve" not in argv:
+        return None, None
+    rest = argv[argv.index("serve") + 1 :]
+    model = rest[0] if rest and not rest[0].startswith("-") else None
+    overrides = None
+    for index, item in enumerate(rest):
+        name, equals, value = item.partition("=")
+        if name in ("--model", "--hf-overrides", "--hf_overrides"):
+            value = value if equals else (rest[index + 1] if index + 1 < len(rest) else None)
+            if name == "--model":
+                model = value
+            else:
+                overrides = value
+    return model, overrides
