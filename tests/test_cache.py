@@ -19,13 +19,21 @@ from conftest import (
     random_images,
 )
 from families import (
+    make_gemma3,
+    make_gemma3_processor,
+    make_internvl,
+    make_internvl_processor,
     make_llava_next,
     make_llava_next_processor,
+    make_mistral3,
+    make_mistral3_processor,
     make_onevision,
     make_onevision_processor,
     make_qwen3_5,
     make_qwen3_processor,
     make_qwen3_vl,
+    make_smolvlm,
+    make_smolvlm_processor,
     random_video,
 )
 from vlmzip.api import get_state
@@ -493,3 +501,63 @@ def test_qwen3_vl_entries_hold_the_deepstack_features(tmp_path):
     entry = next(iter(cache._entries.values()))
     narrow = CachedVisual(entry.features[:, : adapter.text_width()].clone(), entry.full_count, entry.slots)
     assert not adapter._fits(narrow, adapter.visual_units(inputs)[0])
+
+
+def test_qwen3_vl_videos_are_cached_per_call():
+    """A Qwen3-VL video spans one placeholder run per temporal slice: such calls are cached as a whole."""
+    from adapters.test_qwen3_vl import video_inputs
+
+    model, processor = make_qwen3_vl(), make_qwen3_processor()
+    cache = ImageCache(max_bytes=2**24)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    inputs = video_inputs(processor, [(3, 8, 8)], image=pictures(1)[0])
+    assert get_state(model).adapter.visual_units(inputs) is None
+    with torch.no_grad():
+        reference = vlmzip.prepare(model, inputs, cache=None)
+        first = vlmzip.prepare(model, inputs)
+        with TowerCounter(model.model.visual) as counter:
+            second = vlmzip.prepare(model, inputs)
+    assert counter.calls == 0
+    assert (cache.hits, cache.misses) == (4, 4)  # the image and the video's three slices, as one call
+    assert_same_prepared(reference, first)
+    assert_same_prepared(reference, second)
+
+
+PER_CALL_FAMILIES = {
+    "gemma3": Family(
+        make_gemma3, make_gemma3_processor, "USER: <start_of_image> what ? ASSISTANT:", lambda m: m.model.vision_tower
+    ),
+    "internvl": Family(
+        make_internvl, make_internvl_processor, "USER: <IMG_CONTEXT> what ? ASSISTANT:", lambda m: m.model.vision_tower
+    ),
+    "smolvlm": Family(
+        make_smolvlm, make_smolvlm_processor, "USER: <image> what ? ASSISTANT:", lambda m: m.model.vision_model
+    ),
+    "mistral3": Family(
+        make_mistral3, make_mistral3_processor, "USER: [IMG] what ? ASSISTANT:", lambda m: m.model.vision_tower
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PER_CALL_FAMILIES))
+def test_families_without_units_hit_a_repeated_call_bit_identically(name):
+    spec = PER_CALL_FAMILIES[name]
+    model, processor = spec.make_model(), spec.make_processor()
+    cache = ImageCache(max_bytes=2**24)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    assert get_state(model).adapter.visual_units is not None
+    images = [[image] for image in pictures(2)]
+    inputs = processor(images=images, text=[spec.prompt] * 2, return_tensors="pt", padding=True)
+    assert get_state(model).adapter.visual_units(inputs) is None
+    with torch.no_grad():
+        reference = vlmzip.prepare(model, inputs, cache=None)
+        first = vlmzip.prepare(model, inputs)
+        with TowerCounter(spec.tower(model)) as counter:
+            second = vlmzip.prepare(model, inputs)
+            assert counter.calls == 0, "a hit must not run the vision tower"
+            cached = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        uncached = model.generate(**reference, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert counter.calls == 0 and cache.hits >= 2
+    assert_same_prepared(reference, first)
+    assert_same_prepared(reference, second)
+    assert torch.equal(cached, uncached)

@@ -177,7 +177,9 @@ class Adapter:
             if isinstance(value, torch.Tensor) and key not in TEXT_INPUT_KEYS and value.shape != text_shape
         ]
         hash_tensors(digest, tensors)
-        other = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor) and k not in TEXT_INPUT_KEYS}
+        # Other plain values are generation settings (max_new_tokens, ...) when generate() prepares
+        # itself: they do not change the visual tokens, except the adapter's own stated layouts.
+        other = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor) and k.startswith("_visionzip")}
         digest.update(repr(sorted(other.items(), key=lambda item: item[0])).encode())
         input_ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Any, ClassVar
 
@@ -453,6 +453,15 @@ class Qwen2VLAdapter(Adapter):
                 for (start, end), row, count in zip(pairwise(bounds), grid.tolist(), counts[modality], strict=True)
             ]
         return [units[modality][index] for modality, index in self._text_order(inputs)]
+
+    def whole_call_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit]:
+        # Per-call entries still name their modality: the model receives images and videos apart.
+        units = super().whole_call_units(inputs)
+        kinds = [modality for modality, _ in self._text_order(inputs)]
+        return [
+            replace(unit, modality=modality, token_id=self.token_id(modality))
+            for unit, modality in zip(units, kinds, strict=True)
+        ]
 
     def units_inputs(self, units: Sequence[VisualUnit]) -> dict[str, Any]:
         result: dict[str, Any] = {"input_ids": units_input_ids(units)}
