@@ -25,6 +25,7 @@ from vlmzip.bench.runner import kv_cache_bytes_after_prefill
 from vlmzip.cli_options import add_budget_options, config_from_args
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
+from vlmzip.images import load_image
 
 
 @dataclass
@@ -88,6 +89,7 @@ def run_demo(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     adapter: Adapter = adapter_class_for(model)(model, config)  # validates the budget; the model stays unpatched
+    image = load_image(image, processor)  # any mode as RGB; refused if the processor would blow it up
     device = next(model.parameters()).device
     inputs = processor(images=[image], text=[build_prompt(processor, question)], return_tensors="pt").to(device)
 
@@ -184,7 +186,7 @@ def render_table(result: DemoResult, question: str) -> Any:
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from vlmzip.loading import load_image, load_model
+    from vlmzip.loading import load_model
 
     console = Console()
     config = config_from_args(args)

@@ -29,6 +29,7 @@ from torch import nn
 
 from vlmzip.config import VisionZipConfig, check_int
 from vlmzip.core import GROUP_DOMINANT, GROUP_DROPPED, Reduction
+from vlmzip.images import load_image, to_rgb
 
 PANEL_SIZE = 336  # default long side of one panel in pixels (LLaVA-1.5's input size)
 MIN_CELL = 4  # pixels per patch at least, so that outlines never cover a patch's centre
@@ -273,7 +274,7 @@ def _text_width(draw: ImageDraw.ImageDraw, text: str, font: Any) -> int:
 def _fit(image: Image.Image, grid: tuple[int, int], cell: int) -> np.ndarray:
     """The image scaled to cover the grid at `cell` pixels per patch and centre-cropped, as float RGB."""
     rows, cols = grid
-    fitted = ImageOps.fit(image.convert("RGB"), (cols * cell, rows * cell), method=Image.Resampling.BICUBIC)
+    fitted = ImageOps.fit(to_rgb(image), (cols * cell, rows * cell), method=Image.Resampling.BICUBIC)
     return np.asarray(fitted, dtype=np.float64)
 
 
@@ -581,16 +582,11 @@ def model_adapter(model: nn.Module, config: VisionZipConfig | None = None) -> An
 def image_pixel_values(processor: Any, image: Image.Image | str | Path) -> tuple[torch.Tensor, Any, list[str] | None]:
     """(pixel_values (crops, C, H, W), image processor, crop labels or None) for one image, as the
     model's processor makes them."""
-    from vlmzip.loading import load_image
-
-    if isinstance(image, (str, Path)):
-        image = load_image(image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL image or a path to one, got {type(image).__name__}")
     image_processor = getattr(processor, "image_processor", processor)
     if not callable(image_processor):
         raise TypeError(f"processor must be the model's processor (or image processor), got {type(processor).__name__}")
-    pixel_values = image_processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]
+    image = load_image(image, image_processor)
+    pixel_values = image_processor(images=[image], return_tensors="pt")["pixel_values"]
     labels = None
     if pixel_values.ndim == 5:  # (images, crops, C, H, W): each crop is reduced on its own
         pixel_values = pixel_values.flatten(0, 1)
