@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vlmzip.adapters import adapter_class_for
-from vlmzip.adapters.base import Adapter, PaddingSide
+from vlmzip.adapters.base import Adapter, PaddingSide, model_directory
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
 from vlmzip.methods import get_method
@@ -80,7 +80,9 @@ def is_applied(model: nn.Module) -> bool:
     return get_state(model) is not None
 
 
-def apply(model: nn.Module, config: VisionZipConfig | None = None, **config_fields: Any) -> nn.Module:
+def apply(
+    model: nn.Module, config: VisionZipConfig | None = None, *, processor: Any = None, **config_fields: Any
+) -> nn.Module:
     """Make `model` send `dominant + contextual` visual tokens per image to its language model.
 
     `apply(model, VisionZipConfig(dominant=54, contextual=10))` or `apply(model, dominant=54, contextual=10)`.
@@ -88,6 +90,9 @@ def apply(model: nn.Module, config: VisionZipConfig | None = None, **config_fiel
     With no config and no fields, a model loaded from a directory holding `visionzip_config.json`
     (written by `vlmzip finetune`) gets the budget it was fine-tuned for; others get the defaults.
     Applying to a model that already has VisionZip raises: call `remove(model)` first.
+    A budget that can never fit is refused here: the limit is the tower's token count at the input
+    size of `processor` (the model's processor, optional), else of the processor saved in the
+    directory the model was loaded from, else of the tower config's `image_size`.
     After apply, `model.generate(**inputs)` and `model(**inputs)` prepare raw processor inputs
     themselves; `prepare(model, inputs)` does the same explicitly. Returns `model`.
     """
@@ -100,7 +105,7 @@ def apply(model: nn.Module, config: VisionZipConfig | None = None, **config_fiel
     adapter_class = adapter_class_for(model)
     if is_applied(model):
         raise ValueError("model already has VisionZip applied; call vlmzip.remove(model) before applying again")
-    adapter = adapter_class(model, config)  # validates everything before the model is touched
+    adapter = adapter_class(model, config, processor)  # validates everything before the model is touched
 
     state = VisionZipState(adapter=adapter, config=config)
     for name in _WRAPPED_METHODS:
@@ -124,13 +129,8 @@ def load_saved_config(directory: str | Path) -> VisionZipConfig | None:
 
 def saved_config(model: nn.Module) -> VisionZipConfig | None:
     """The config saved in the directory `model` was loaded from (`name_or_path`), if any."""
-    sources = (getattr(model, "name_or_path", None), getattr(getattr(model, "config", None), "_name_or_path", None))
-    for source in sources:
-        if isinstance(source, (str, Path)) and str(source) and Path(source).is_dir():
-            config = load_saved_config(source)
-            if config is not None:
-                return config
-    return None
+    directory = model_directory(model)
+    return load_saved_config(directory) if directory is not None else None
 
 
 def _auto_prepare(model: nn.Module, method: Callable[..., Any], adapter: Adapter) -> Callable[..., Any]:

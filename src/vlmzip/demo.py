@@ -88,7 +88,8 @@ def run_demo(
         raise ValueError("question must be a non-empty string")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    adapter: Adapter = adapter_class_for(model)(model, config)  # validates the budget; the model stays unpatched
+    # Validates the budget against the processor's geometry; the model stays unpatched.
+    adapter: Adapter = adapter_class_for(model)(model, config, processor)
     image = load_image(image, processor)  # any mode as RGB; refused if the processor would blow it up
     device = next(model.parameters()).device
     inputs = processor(images=[image], text=[build_prompt(processor, question)], return_tensors="pt").to(device)

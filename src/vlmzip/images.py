@@ -22,6 +22,7 @@ to 336 px turns it into 3,360,000 x 336 (over a billion pixels).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -227,3 +228,61 @@ def check_processed_size(size: tuple[int, int], processor: Any, *, limit: int | 
             f"in the model's processor (limit {limit}): its aspect ratio is too extreme for this model; "
             "crop or pad the image closer to square"
         )
+
+
+# --- the input geometry a processor gives the tower ---------------------------------------------------
+def image_processor_settings(source: Any) -> Any:
+    """The image processor of `source` (a processor, an image processor, or a model directory holding
+    `processor_config.json` / `preprocessor_config.json`), as an object or a dict; None when there is none."""
+    if isinstance(source, (str, Path)):
+        directory = Path(source)
+        if not directory.is_dir():
+            return None
+        for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+            try:
+                data = json.loads((directory / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            data = data.get(key) if key and isinstance(data, dict) else data
+            if isinstance(data, dict):
+                return data
+        return None
+    return getattr(source, "image_processor", source) if source is not None else None
+
+
+def _setting(settings: Any, key: str, default: Any = None) -> Any:
+    if isinstance(settings, Mapping):
+        return settings.get(key, default)
+    return getattr(settings, key, default)
+
+
+def processor_input_size(source: Any) -> tuple[int, int] | None:
+    """(height, width) of every image (or crop) the processor hands the tower, when it is fixed.
+
+    The centre-crop size when the processor crops, else a fixed resize size; None for processors
+    whose output size depends on the image (Qwen's dynamic resolution) or that are unknown.
+    """
+    settings = image_processor_settings(source)
+    if settings is None or _setting(settings, "merge_size"):
+        return None
+    crop = _setting(settings, "crop_size")
+    if _setting(settings, "do_center_crop", False) and crop is not None:
+        height, width = _size_value(crop, "height"), _size_value(crop, "width")
+        if height and width:
+            return height, width
+    size = _setting(settings, "size")
+    height, width = _size_value(size, "height"), _size_value(size, "width")
+    return (height, width) if height and width else None
+
+
+def processor_max_units(source: Any) -> int | None:
+    """Most merged tokens one image can yield under a Qwen-style processor (None when not one, or unknown)."""
+    settings = image_processor_settings(source)
+    merge, patch = _setting(settings, "merge_size"), _setting(settings, "patch_size")
+    if settings is None or not merge or not patch:
+        return None
+    max_pixels = _size_value(_setting(settings, "size"), "longest_edge") or _setting(settings, "max_pixels")
+    if not isinstance(max_pixels, (int, float)) or max_pixels <= 0:
+        return None
+    factor = int(patch) * int(merge)
+    return max(1, int(max_pixels) // (factor * factor))

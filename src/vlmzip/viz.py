@@ -561,7 +561,7 @@ def _crop_labels(count: int) -> list[str]:
     return ["base image"] + [f"crop {index}" for index in range(1, count)]
 
 
-def model_adapter(model: nn.Module, config: VisionZipConfig | None = None) -> Any:
+def model_adapter(model: nn.Module, config: VisionZipConfig | None = None, processor: Any = None) -> Any:
     """The family adapter for `model`, without patching it.
 
     With `config` None: the applied VisionZip's adapter when there is one, else an adapter with the
@@ -576,7 +576,7 @@ def model_adapter(model: nn.Module, config: VisionZipConfig | None = None) -> An
         return state.adapter if state is not None else adapter_class(model, VisionZipConfig(dominant=1, contextual=0))
     if not isinstance(config, VisionZipConfig):
         raise TypeError(f"config must be a VisionZipConfig or None, got {type(config).__name__}")
-    return adapter_class(model, config)
+    return adapter_class(model, config, processor)  # the budget is checked at the processor's input size
 
 
 def image_pixel_values(processor: Any, image: Image.Image | str | Path) -> tuple[torch.Tensor, Any, list[str] | None]:
@@ -623,7 +623,7 @@ def reduce_image(
     adapter_class_for(model)  # unsupported models get that error first
     if config is None and not is_applied(model):
         config = VisionZipConfig()
-    adapter = model_adapter(model, config)
+    adapter = model_adapter(model, config, processor)
     pixel_values, image_processor, labels = image_pixel_values(processor, image)
     parameter = next(adapter.vision_tower().parameters())
     with torch.no_grad():

@@ -12,17 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import make_llava, make_llava_processor, make_qwen2_5_vl, make_qwen2_vl, make_qwen_processor
-from families import make_llava_next, make_llava_next_processor, make_onevision, make_onevision_processor
+from families import FAMILIES as FAMILY_REGISTRY
 from vlmzip.loading import image_only_processor_class
 
-# family -> (model builder, processor builder)
+# family -> (model builder, processor builder), from the shared registry
 FAMILIES: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
-    "llava-1.5": (make_llava, make_llava_processor),
-    "llava-next": (make_llava_next, make_llava_next_processor),
-    "llava-onevision": (make_onevision, make_onevision_processor),
-    "qwen2-vl": (make_qwen2_vl, make_qwen_processor),
-    "qwen2.5-vl": (make_qwen2_5_vl, make_qwen_processor),
+    name: (family.make_model, family.make_processor) for name, family in FAMILY_REGISTRY.items()
 }
 
 
