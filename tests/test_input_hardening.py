@@ -2,6 +2,7 @@
 
 Non-finite pixels are refused; the budget limit is the tower's token count at the processor's input
 size (refused at apply() when it can never fit); `model.generate(**processor_output)` after apply()
+returns the caller's own prompt ids followed by the new tokens.
 """
 
 from __future__ import annotations
@@ -108,3 +109,30 @@ def test_qwen_budget_above_max_pixels_is_refused_at_apply():
     assert_apply_refused(model, ValueError, r"<= 64 .*max_pixels", dominant=60, contextual=5, processor=processor)
     vlmzip.apply(model, dominant=60, contextual=4, processor=processor)
     vlmzip.remove(model)
+
+
+# --- generate() returns the caller's prompt ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"num_beams": 2, "num_return_sequences": 2, "return_dict_in_generate": True, "output_scores": True}],
+    ids=["greedy", "beams-dict"],
+)
+def test_generate_returns_the_callers_prompt_then_the_new_tokens(family, processor, model, kwargs):
+    inputs = batch(family, processor)
+    vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
+    output = generate(model, inputs, **kwargs)
+    sequences = output.sequences if kwargs else output
+    ids = inputs["input_ids"]
+    repeat = kwargs.get("num_return_sequences", 1)
+    assert sequences.shape[0] == ids.shape[0] * repeat
+    assert torch.equal(sequences[:, : ids.shape[1]], ids.repeat_interleave(repeat, dim=0))  # padding as given
+    if kwargs:
+        assert sequences.shape[1] - ids.shape[1] == len(output.scores)
+    prepared = vlmzip.prepare(model, inputs)
+    explicit = generate(model, prepared, **kwargs)  # the explicit path returns the reduced prompt
+    explicit = explicit.sequences if kwargs else explicit
+    reduced = prepared["input_ids"]
+    assert reduced.shape[1] < ids.shape[1]
+    assert torch.equal(explicit[:, : reduced.shape[1]], reduced.repeat_interleave(repeat, dim=0))
+    assert torch.equal(sequences[:, ids.shape[1] :], explicit[:, reduced.shape[1] :])
+    assert sequences.shape[1] > ids.shape[1]
