@@ -66,23 +66,23 @@ def processed(
 
 
 def promised_tokens(model: Any, rows: list[list[tuple[int, int]]], inputs: dict, config: Any) -> list[int]:
-    """Visual tokens each sample must send: (dominant + contextual) per crop, counted independently."""
+    """Visual tokens each sample must send: (dominant + contextual) per crop, crops counted as transformers does."""
     sizes = inputs.get("image_sizes")
+    # OneVision splits an image into crops only when the processor marks it as its sample's only image.
+    per_sample = inputs.get("batch_num_images")
+    single = [int(n) == 1 for n in per_sample for _ in range(int(n))] if per_sample is not None else None
     per_row, image = [], 0
     for row in rows:
         total = 0
         for _ in row:
             crops = 1
-            if sizes is not None:  # AnyRes: base crop + grid crops, as transformers counts them
+            if sizes is not None and (single is None or single[image]):  # AnyRes: base crop + grid crops
                 crops = image_size_to_num_patches(
                     list(sizes[image].tolist()),
                     model.config.image_grid_pinpoints,
                     model.config.vision_config.image_size,
                 )
-                if type(model).__name__.startswith("LlavaOnevision") and len(row) > 1:
-                    crops = 1  # images of multi-image prompts are not split
-            unit = config.per_unit(crops)
-            total += crops * unit.tokens
+            total += crops * config.per_unit(crops).tokens
             image += 1
         per_row.append(total)
     return per_row
