@@ -40,6 +40,7 @@ MAX_PROCESSED_PIXELS = 25_000_000
 # Qwen's smart_resize refuses more extreme aspect ratios; said before the processor says it.
 QWEN_MAX_ASPECT_RATIO = 200
 
+ORIENTATION_TAG = 0x0112  # EXIF
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -104,7 +105,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """`image` as 8-bit RGB showing the same picture (orientation, bit depth and transparency handled)."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL image, got {type(image).__name__}")
-    image = ImageOps.exif_transpose(image) or image
+    if image.getexif().get(ORIENTATION_TAG, 1) != 1:
+        image = ImageOps.exif_transpose(image) or image
     mode = image.mode
     if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
         return Image.fromarray(_to_8bit(np.asarray(image), mode), "L").convert("RGB")
