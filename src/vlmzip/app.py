@@ -27,7 +27,7 @@ from vlmzip.adapters import adapter_class_for
 from vlmzip.cli_options import APP_HOST, APP_PORT, DEFAULT_TOKENS
 from vlmzip.config import VisionZipConfig, check_int
 from vlmzip.demo import DemoRun, run_demo
-from vlmzip.loading import MAX_IMAGE_PIXELS, load_image
+from vlmzip.images import load_image
 from vlmzip.methods import available_methods
 from vlmzip.viz import image_pixel_values, model_adapter, reduced_images_for, token_summary, visualize
 
@@ -40,17 +40,6 @@ FALLBACK_QUESTIONS = ("what shape is in the image ?", "how many shapes are there
 
 
 # --- the computation -------------------------------------------------------------------------
-
-
-def _check_image(image: Image.Image | str | Path) -> Image.Image:
-    if isinstance(image, (str, Path)):
-        return load_image(image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL image or a path to one, got {type(image).__name__}")
-    width, height = image.size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"image too large: {width}x{height} pixels (limit {MAX_IMAGE_PIXELS})")
-    return image.convert("RGB")
 
 
 def _check_question(question: str) -> str:
@@ -99,7 +88,7 @@ def ask(
     token and language-model prefill) and "visualization" (a PIL image from `vlmzip.visualize`).
     """
     adapter_class_for(model)
-    image = _check_image(image)
+    image = load_image(image, processor)
     question = _check_question(question)
     config = VisionZipConfig.from_budget(budget, method=method)
     repeats = check_int("repeats", repeats, 1, 100)
@@ -377,7 +366,7 @@ def build_app(
             try:
                 image_path = uploaded_path(image)
                 if image_path is not None:
-                    load_image(image_path)
+                    load_image(image_path, processor)
             except (ValueError, OSError) as error:
                 raise gr.Error(public_message(error, image_path, uploaded_name(image))) from None
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from vlmzip.adapters import adapter_class_for
 from vlmzip.adapters.qwen2_vl import mrope_positions
 from vlmzip.api import is_applied, prepare
 from vlmzip.compat import CACHE_ARGUMENT, CACHE_ARGUMENTS, output_cache
+from vlmzip.images import load_image
 
 # Arguments the conversation sets itself on every generate() call.
 RESERVED_GENERATE_ARGUMENTS = (
@@ -53,14 +55,15 @@ class Turn:
     answer_ids: torch.Tensor
 
 
-def _check_images(images: object) -> list[Image.Image]:
+def _check_images(images: object, processor: Any) -> list[Image.Image]:
+    """The turn's images as RGB (`vlmzip.load_image`: any mode, EXIF orientation, size limits)."""
     if images is None:
         return []
-    if isinstance(images, Image.Image):
-        return [images]
-    if isinstance(images, Sequence) and not isinstance(images, str) and all(isinstance(i, Image.Image) for i in images):
-        return list(images)
-    raise TypeError(f"images must be None, a PIL image or a list of PIL images, got {type(images).__name__}")
+    if isinstance(images, (Image.Image, str, Path)):
+        images = [images]
+    if isinstance(images, Sequence) and all(isinstance(i, (Image.Image, str, Path)) for i in images):
+        return [load_image(image, processor) for image in images]
+    raise TypeError(f"images must be None, a PIL image or path, or a list of them, got {type(images).__name__}")
 
 
 def _check_generate_arguments(kwargs: dict[str, Any]) -> None:
@@ -132,7 +135,7 @@ class Conversation:
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         if not text.strip():
             raise ValueError("text must not be empty")
-        image_list = _check_images(images)
+        image_list = _check_images(images, self.processor)
         _check_generate_arguments(generate_kwargs)
 
         suppress = sorted(set(generate_kwargs.pop("suppress_tokens", None) or []) | set(self.suppressed_token_ids))

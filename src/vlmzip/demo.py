@@ -25,6 +25,7 @@ from vlmzip.cli_options import add_budget_options, config_from_args
 from vlmzip.compat import output_cache
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
+from vlmzip.images import load_image
 
 
 @dataclass
@@ -87,7 +88,9 @@ def run_demo(
         raise ValueError("question must be a non-empty string")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    adapter: Adapter = adapter_class_for(model)(model, config)  # validates the budget; the model stays unpatched
+    # Validates the budget against the processor's geometry; the model stays unpatched.
+    adapter: Adapter = adapter_class_for(model)(model, config, processor)
+    image = load_image(image, processor)  # any mode as RGB; refused if the processor would blow it up
     device = next(model.parameters()).device
     inputs = processor(images=[image], text=[build_prompt(processor, question)], return_tensors="pt").to(device)
 
@@ -184,7 +187,7 @@ def render_table(result: DemoResult, question: str) -> Any:
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from vlmzip.loading import load_image, load_model
+    from vlmzip.loading import load_model
 
     console = Console()
     config = config_from_args(args)

@@ -398,7 +398,7 @@ def _prepare_examples(
     )
     for path, group in by_image.items():
         try:
-            image = load_image(path)
+            image = load_image(path, processor)
             pixels, pairs = encode_image_examples(
                 processor, image, [(r.question, r.answers[0]) for r in group], options.prompt_template
             )
@@ -847,7 +847,7 @@ def _image_loader(processor: Any, images: Sequence[Path]) -> Callable[[list[int]
     """pixel_values for image keys, loaded and processed again for every batch (no cache)."""
 
     def pixels(keys: list[int]) -> torch.Tensor:
-        loaded = [load_image(images[key]) for key in keys]
+        loaded = [load_image(images[key], processor) for key in keys]
         return processor.image_processor(images=loaded, return_tensors="pt")["pixel_values"]
 
     return pixels

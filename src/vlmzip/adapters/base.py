@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -20,8 +21,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
+from vlmzip.images import processor_input_size
 from vlmzip.methods import get_method
-from vlmzip.probe import ProbeOutput, TowerInfo, probe_vision_tower, resolve_tower
+from vlmzip.probe import ProbeOutput, TowerInfo, check_finite, probe_vision_tower, resolve_tower
 
 PaddingSide = Literal["left", "right"]
 IGNORE_INDEX = -100  # transformers' label value for positions without loss
@@ -52,9 +54,11 @@ class Adapter:
     image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)  # consumed by prepare()
     modality: ClassVar[str] = "image"
 
-    def __init__(self, model: nn.Module, config: VisionZipConfig) -> None:
+    def __init__(self, model: nn.Module, config: VisionZipConfig, processor: Any = None) -> None:
         self.model = model
         self.config = config
+        # Where the input geometry comes from: the model's processor, else the directory it was loaded from.
+        self.processor_source = processor if processor is not None else model_directory(model)
         self.tower_info: TowerInfo = self.resolve_tower_info()
         self.feature_layer = self._resolve_feature_layer()
         self.method = get_method(config.method)
@@ -142,12 +146,24 @@ class Adapter:
         self.tower_info.feature_layer_index(layer)  # raises when out of range
         return layer
 
+    def input_size(self) -> tuple[int, int] | None:
+        """(height, width) of the images the processor hands the tower, where known."""
+        return processor_input_size(self.processor_source)
+
+    def geometry_note(self) -> str:
+        """Where tokens_per_unit's count comes from, for error messages."""
+        size = self.input_size()
+        if size is not None:
+            return f"at the processor's {size[0]}x{size[1]} input"
+        image_size = getattr(getattr(self.model.config, "vision_config", None), "image_size", None)
+        return f"at the tower config's image_size {image_size}" if image_size else "per image"
+
     def check_budget(self) -> None:
         available = self.tokens_per_unit()
         if self.config.tokens > available:
             raise ValueError(
-                f"dominant + contextual must be <= {available} (the tokens this model's tower yields per "
-                f"image), got {self.config.dominant} + {self.config.contextual} = {self.config.tokens}"
+                f"dominant + contextual must be <= {available} (the tokens this model's tower yields per image "
+                f"{self.geometry_note()}), got {self.config.dominant} + {self.config.contextual} = {self.config.tokens}"
             )
 
     def reduce(self, pixel_values: torch.Tensor, **tower_kwargs: Any) -> tuple[ProbeOutput, Reduction]:
@@ -186,6 +202,9 @@ class Adapter:
             raise ValueError("inputs['position_ids'] is not supported: leave it out, the model derives positions")
         if padding_side not in (None, "left", "right"):
             raise ValueError(f"padding_side must be 'left', 'right' or None, got {padding_side!r}")
+        for key in self.image_input_keys:
+            if isinstance(prepared.get(key), torch.Tensor):
+                check_finite(f"inputs[{key!r}]", prepared[key])
         attention_mask = prepared.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -224,6 +243,15 @@ def check_square_batch(pixel_values: object, side: int, items: str) -> torch.Ten
             f"it, got {getattr(pixel_values, 'shape', type(pixel_values).__name__)}"
         )
     return pixel_values
+
+
+def model_directory(model: nn.Module) -> Path | None:
+    """The local directory `model` was loaded from (`name_or_path`), if it is one."""
+    sources = (getattr(model, "name_or_path", None), getattr(getattr(model, "config", None), "_name_or_path", None))
+    for source in sources:
+        if isinstance(source, (str, Path)) and str(source) and Path(source).is_dir():
+            return Path(source)
+    return None
 
 
 def prepare_unreduced(model: nn.Module, inputs: Mapping[str, Any], modality: str = "image") -> dict[str, Any]:

@@ -25,6 +25,11 @@ class LlavaAdapter(Adapter):
         return getattr(self.model.config, "vision_feature_select_strategy", "default") == "default"
 
     def tokens_per_unit(self) -> int:
+        """At the processor's input size where known (the embedded DINOv2 model: 336 px, though its
+        tower config says 518), else at the tower config's image_size."""
+        size = self.input_size()
+        if size is not None:
+            return self.tower_info.num_tokens(*size)
         vision_config = self.model.config.vision_config
         side = int(vision_config.image_size) // self.tower_info.patch_size
         return self.tower_info.num_prefix_tokens + side * side

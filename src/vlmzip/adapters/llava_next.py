@@ -104,7 +104,7 @@ class LlavaNextAdapter(Adapter):
     feature_select_strategy = "default"
     takes_videos = False
 
-    def __init__(self, model: nn.Module, config: VisionZipConfig) -> None:
+    def __init__(self, model: nn.Module, config: VisionZipConfig, processor: Any = None) -> None:
         strategy = getattr(model.config, "vision_feature_select_strategy", None)
         if strategy != self.feature_select_strategy:
             raise ValueError(
@@ -113,7 +113,7 @@ class LlavaNextAdapter(Adapter):
             )
         if config.temporal_threshold is not None and not self.takes_videos:
             raise ValueError(f"temporal_threshold applies to videos; {type(model).__name__} takes none (leave it None)")
-        super().__init__(model, config)
+        super().__init__(model, config, processor)
 
     # --- model parts ---------------------------------------------------------------------
     def vision_tower(self) -> nn.Module:

@@ -45,14 +45,14 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     feature_select_strategy = "full"
     takes_videos = True
 
-    def __init__(self, model: nn.Module, config: VisionZipConfig) -> None:
+    def __init__(self, model: nn.Module, config: VisionZipConfig, processor: Any = None) -> None:
         tower = model.model.vision_tower
         if resolve_tower(tower).num_prefix_tokens:  # the model's video pooling assumes a square patch grid
             raise ValueError(
                 f"model: LLaVA-OneVision needs a vision tower without [CLS] or register tokens (SigLIP), "
                 f"got {type(tower).__name__}"
             )
-        super().__init__(model, config)
+        super().__init__(model, config, processor)
 
     @property
     def video_token_id(self) -> int:

@@ -45,11 +45,13 @@ from vlmzip.adapters.mrope import (
 )
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
+from vlmzip.images import processor_max_units
 from vlmzip.probe import (
     DEFAULT_QUERY_CHUNK,
     ProbeOutput,
     TowerInfo,
     TowerLayout,
+    check_finite,
     received_attention,
     resolve_tower,
 )
@@ -142,7 +144,7 @@ def _check_patches(name: str, pixel_values: object, grid_thw: torch.Tensor) -> t
             f"{name} must be the processor's flattened (patches, features) float tensor with {expected} rows "
             f"for grid {grid_thw.tolist()}, got {tuple(pixel_values.shape)} {pixel_values.dtype}"
         )
-    return pixel_values
+    return check_finite(name, pixel_values)
 
 
 def probe_qwen_tower(
@@ -313,8 +315,14 @@ class Qwen2VLAdapter(Adapter):
 
     def check_budget(self) -> None:
         # Qwen's resolution is dynamic: the budget is checked against each image's and frame's merged
-        # token count in prepare(), where the error can name the image.
-        return None
+        # token count in prepare(), where the error can name the image. A budget above what the
+        # processor's max_pixels allows for any image can never fit: refused here.
+        most = processor_max_units(self.processor_source)
+        if most is not None and self.config.budget_scope == "per_crop" and self.config.tokens > most:
+            raise ValueError(
+                f"dominant + contextual must be <= {most} (the most merged tokens one image can yield under the "
+                f"processor's max_pixels), got {self.config.dominant} + {self.config.contextual} = {self.config.tokens}"
+            )
 
     def token_id(self, modality: str) -> int:
         value = getattr(self.model.config, f"{modality}_token_id", None)

@@ -56,7 +56,7 @@ def load_subject(args: argparse.Namespace) -> tuple[Any, Any, str, list[int], An
     if args.image is not None:
         from vlmzip.loading import load_image
 
-        image = load_image(args.image)
+        image = load_image(args.image, processor)
     if image is None:
         image = synthetic_image(image_size)
     model = model.to(args.device)

@@ -24,6 +24,7 @@ from vlmzip.config import VisionZipConfig, check_int
 from vlmzip.core import Reduction
 from vlmzip.data import is_correct
 from vlmzip.eval.items import EvalItem, EvalSet
+from vlmzip.images import load_image
 from vlmzip.probe import ProbeOutput, probe_vision_tower
 
 
@@ -113,7 +114,7 @@ class Evaluator:
     def _processed(self, batch: Sequence[EvalItem]) -> dict[str, Any]:
         texts = [self.prompt(item.question) for item in batch]
         # One list per sample: processors of tiled models (SmolVLM) need the nesting with a batch of prompts.
-        images = [[self.data.load_image(item.image_key)] for item in batch]
+        images = [[load_image(self.data.load_image(item.image_key), self.processor)] for item in batch]
         return dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device))
 
     def _cached_inputs(self, start: int, batch: Sequence[EvalItem]) -> dict[str, Any]:
