@@ -36,7 +36,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from vlmzip.adapters.base import Adapter, EncodedImages, PaddingSide, placeholder_order
 from vlmzip.config import VisionZipConfig
-from vlmzip.core import GROUP_DOMINANT, Reduction, contextual_targets
+from vlmzip.core import Reduction, anchor_indices
 from vlmzip.probe import (
     DEFAULT_QUERY_CHUNK,
     ProbeOutput,
@@ -236,28 +236,10 @@ def probe_qwen_tower(
 def reduced_slots(reduction: Reduction) -> torch.Tensor:
     """For each reduced token (in `reduction.features` order), the merge unit whose slot it takes.
 
-    Dominant tokens take their own unit. Contextual token j takes the unit it was merged onto: for
-    VisionZip's merging, its evenly spaced target (`core.contextual_targets` over the remaining
-    units); for methods whose groups have no target (e.g. pooling), the group's first unit.
+    Dominant tokens take their own unit; contextual token j the unit it was merged onto
+    (`core.anchor_indices`, of the first row of `reduction`).
     """
-    kept = reduction.kept_indices[0]
-    groups = reduction.groups[0]
-    num_contextual = reduction.features.shape[1] - kept.numel()
-    if num_contextual == 0:
-        return kept
-    remaining = (groups != GROUP_DOMINANT).nonzero().squeeze(1)
-    targets = remaining[contextual_targets(remaining.numel(), num_contextual).to(remaining.device)]
-    slots = []
-    for group in range(num_contextual):
-        target = targets[group] if group < targets.numel() else None
-        if target is not None and int(groups[target]) == group:
-            slots.append(target)
-        else:
-            members = (groups == group).nonzero()
-            if members.numel() == 0:
-                raise RuntimeError(f"contextual token {group} has no merge unit to take its position from")
-            slots.append(members[0, 0])
-    return torch.cat([kept, torch.stack(slots)])
+    return anchor_indices(reduction)[0]
 
 
 @dataclass
@@ -326,6 +308,8 @@ def mrope_positions(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor
 class Qwen2VLAdapter(Adapter):
     families = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     image_input_keys = ("pixel_values", "pixel_values_videos")
+    # M-RoPE: the unreduced prompt's 3-D positions, always (positions="compact" and "original" alike).
+    keeps_original_positions = True
 
     def vision_tower(self) -> nn.Module:
         return self.model.model.visual
@@ -400,14 +384,15 @@ class Qwen2VLAdapter(Adapter):
     # --- encoding -------------------------------------------------------------------------------
     def _reduce_frame(self, probe: ProbeOutput, config: VisionZipConfig, modality: str, index: int) -> Reduction:
         units = probe.features.shape[1]
-        if config.tokens > units:
+        if config.fewest_tokens > units:
             rows, cols = probe.grid
             raise ValueError(
                 f"dominant + contextual must be <= {units} (the merged tokens {modality} {index} yields per "
                 f"{'temporal slice' if modality == 'video' else 'image'}: a {rows}x{cols} grid), got "
                 f"{config.dominant} + {config.contextual} = {config.tokens}"
             )
-        return self.method(probe, config)
+        reduced = self.run_method(probe, config)
+        return reduced if isinstance(reduced, Reduction) else reduced[0]
 
     def _reduce_visual(self, probes: list[ProbeOutput], modality: str, index: int) -> _ReducedVisual:
         """Reduce an image (one probe) or a video (one probe per temporal slice) and order it by slot."""
