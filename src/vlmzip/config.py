@@ -12,6 +12,8 @@ MergeMode = Literal["target_plus_mean", "average"]
 MERGE_MODES: tuple[str, ...] = ("target_plus_mean", "average")
 BudgetScope = Literal["per_crop", "per_image"]
 BUDGET_SCOPES: tuple[str, ...] = ("per_crop", "per_image")
+# Methods whose token count must tile the patch grid: an adaptive budget's free count does not fit them.
+FIXED_COUNT_METHODS: tuple[str, ...] = ("pool",)
 PositionScheme = Literal["compact", "original"]
 POSITION_SCHEMES: tuple[str, ...] = ("compact", "original")
 
@@ -140,6 +142,11 @@ class VisionZipConfig:
 
         if self.method not in available_methods():
             raise ValueError(f"method must be one of {available_methods()}, got {self.method!r}")
+        if self.attention_mass is not None and self.method in FIXED_COUNT_METHODS:
+            raise ValueError(
+                f"attention_mass (adaptive budget) does not apply to method {self.method!r}, whose token count must "
+                "tile the patch grid; use a fixed budget or another method"
+            )
 
     @property
     def tokens(self) -> int:

@@ -919,6 +919,9 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     budget.add_argument("--dominant", type=int, help="tokens kept by attention ([CLS] included)")
     budget.add_argument("--contextual", type=int, help="merged contextual tokens")
     budget.add_argument("--method", default="visionzip", help="reduction method (default: visionzip)")
+    from vlmzip.cli_options import add_position_options
+
+    add_position_options(budget)
     defaults = FinetuneOptions()
     train = sub.add_argument_group("training")
     train.add_argument(
