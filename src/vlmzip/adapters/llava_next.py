@@ -246,7 +246,7 @@ class LlavaNextAdapter(Adapter):
         crop_grid = self.crop_grid(crops, image_size)
         dummy = torch.zeros(crops, rows * cols, 2)
         if crops > 1:
-            index = torch.arange(rows * cols) + self.tower_info.num_prefix_tokens
+            index = torch.arange(rows * cols)  # the dummy holds patches only (the model's features drop [CLS])
             for crop in range(crops - 1):
                 crop_index = torch.full_like(index, crop)
                 dummy[crop + 1] = stitched_coordinates(crop_index, index, crop_grid, self.patch_grid, 0) + 1
