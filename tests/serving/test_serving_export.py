@@ -216,3 +216,22 @@ def test_plain_export_is_vllm_own_llava(tiny_dir, tmp_path, capsys):
     assert all(name.startswith(VLLM_PREFIXES) for name in tensors(out))
     assert cli_main(["export", "--model", str(tiny_dir), "-o", str(tmp_path / "p2"), "--plain", "--tokens", "64"]) == 2
     assert "--plain writes vLLM's own LLaVA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"positions": "original"}, r"positions='original' is not available in vLLM serving"),
+        ({"attention_mass": 0.5}, r"attention_mass \(adaptive budget\) is not available in vLLM serving"),
+    ],
+)
+def test_fields_the_runner_does_not_implement_are_refused(exported, fields, match):
+    with pytest.raises(ValueError, match=match):
+        check_servable(hf_config(exported), VisionZipConfig(**fields))
+
+
+def test_a_bad_position_scheme_in_the_overrides_is_named(exported):
+    config = hf_config(exported)
+    config.visionzip = {"positions": "sparse"}
+    with pytest.raises(ValueError, match=r"positions must be one of \('compact', 'original'\)"):
+        resolve_config(exported, config)
