@@ -74,7 +74,8 @@ def test_llava_images_get_their_own_lengths(method):
     assert len(set(counts)) > 1  # the images differ: the batch is re-padded to mixed lengths
     assert [f.shape[0] for f in prepared["mm_encoder_outputs"]["image"].pooler_output] == expected
     if method != "random":  # random draws per batch
-        singles = [dict(processor(text=[p], images=[im], return_tensors="pt")) for p, im in zip(PROMPTS, images, strict=True)]
+        pairs = zip(PROMPTS, images, strict=True)
+        singles = [dict(processor(text=[p], images=[im], return_tensors="pt")) for p, im in pairs]
         assert_batch_equals_singles(model, inputs, singles)
 
 
@@ -103,7 +104,8 @@ def test_llava_next_crops_choose_their_own_counts():
     assert len(per_crop) == 3 + 4 and len(set(per_crop)) > 1
     counts = (prepared["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
     assert counts == [sum(per_crop[:3]), sum(per_crop[3:])]
-    singles = [dict(processor(text=[p], images=[im], return_tensors="pt")) for p, im in zip(PROMPTS[:2], images, strict=True)]
+    pairs = zip(PROMPTS[:2], images, strict=True)
+    singles = [dict(processor(text=[p], images=[im], return_tensors="pt")) for p, im in pairs]
     assert_batch_equals_singles(model, inputs, singles)
 
 
