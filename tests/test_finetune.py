@@ -294,3 +294,22 @@ def test_missing_accelerate_is_a_clear_error(workspace, monkeypatch, capsys):
         finetune_projector(str(root / "base"), data, CONFIG, root / "never")
     assert main(["finetune", "--data", str(data), "-o", str(root / "never")]) == 2
     assert "needs the accelerate package" in capsys.readouterr().err
+
+
+def test_original_positions_reach_the_language_model_during_training(workspace):
+    root, data = workspace
+    model, seen = make_llava(), []
+
+    def record(module, args, kwargs):
+        seen.append(kwargs.get("position_ids"))
+
+    handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    config = CONFIG.replace(positions="original")
+    try:
+        result = finetune_projector(model, data, config, root / "original", processor=make_llava_processor(), **FAST)
+    finally:
+        handle.remove()
+    assert seen and all(positions is not None for positions in seen)
+    # Text after the image continues after all 576 placeholders, although only 10 tokens reached the model.
+    assert all(int(positions.max()) > 576 for positions in seen)
+    assert json.loads((result.output_dir / SAVED_CONFIG_NAME).read_text())["positions"] == "original"
