@@ -65,20 +65,10 @@ def row_key(row: dict[str, Any]) -> tuple[str, int | None, float | None]:
     return row["method"], row["budget"], row.get("attention_mass")
 
 
-def row_label(row: dict[str, Any]) -> str:
-    mass = row.get("attention_mass")
-    return row["method"] + (f" p={mass:g}" if mass is not None else "")
-
-
-def tokens_cell(row: dict[str, Any]) -> str:
-    """Visual tokens per image: the count, or mean ± standard deviation [min-max] when images differ."""
-    if row.get("tokens_min", row["tokens"]) == row.get("tokens_max", row["tokens"]):
-        return str(row["tokens"])
-    return f"{row['tokens']:.1f}±{row['tokens_std']:.1f} [{row['tokens_min']}-{row['tokens_max']}]"
-
-
 def render_table(rows: list[dict[str, Any]], title: str) -> Any:
     from rich.table import Table
+
+    from vlmzip.bench.report import row_label, tokens_cell
 
     types = sorted({kind for row in rows for kind in row["per_type"]})
     table = Table(title=title, title_justify="left")
@@ -197,6 +187,8 @@ def run_eval(args: argparse.Namespace) -> int:
     output.print(render_table(rows, title))
     if json_path is not None:
         console.print(f"results: {json_path}")
+    from vlmzip.bench.report import row_label
+
     if plot_path is not None:  # every result of the file: runs resumed into one file draw one picture
         everything = with_retention(sorted(results.rows, key=lambda row: (row_label(row), row["tokens"])))
         plot_eval(everything, plot_path, title="accuracy and retention vs visual tokens")
