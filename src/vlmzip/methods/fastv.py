@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmzip.config import check_int
+from vlmzip._validation import check_int
 
 FASTV_METHOD = "fastv"
 DEFAULT_LAYER = 2
