@@ -146,3 +146,14 @@ def test_variants_add_adaptive_ones_for_the_methods_that_take_them():
     with pytest.raises(ValueError, match="attention_mass .* applies to the pre-LLM methods other than"):
         build_variants(["pool"], [64], attention_masses=[0.5])
     assert {v.positions for v in build_variants(["visionzip"], [64], positions="original")} == {"compact", "original"}
+
+
+def test_show_draws_an_adaptive_budget():
+    from vlmzip.viz import reduce_image, token_summary
+
+    config = VisionZipConfig(contextual=3, attention_mass=0.3)
+    image = random_images(1, seed=1)[0]
+    panels = reduce_image(make_llava(), make_llava_processor(), image, config)
+    pixel_values = make_llava_processor()(text=[PROMPTS[0]], images=[image], return_tensors="pt")["pixel_values"]
+    (expected,) = expected_counts(make_llava(), pixel_values, config)
+    assert f"{expected}" in token_summary(panels)

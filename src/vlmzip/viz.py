@@ -632,5 +632,9 @@ def reduce_image(
     parameter = next(adapter.vision_tower().parameters())
     with torch.no_grad():
         probe, reduction = adapter.reduce(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
+    if isinstance(reduction, list):  # an adaptive budget: one reduction per image or crop, of its own length
+        if len(reduction) != 1:
+            raise ValueError(f"drawing an adaptive budget covers single-crop images, got {len(reduction)} crops")
+        reduction = reduction[0]
     tower = adapter.tower_info
     return reduced_images(pixel_values, reduction, tower.patch_size, probe.num_prefix_tokens, image_processor, labels)
