@@ -313,3 +313,10 @@ def test_original_positions_reach_the_language_model_during_training(workspace):
     # Text after the image continues after all 576 placeholders, although only 10 tokens reached the model.
     assert all(int(positions.max()) > 576 for positions in seen)
     assert json.loads((result.output_dir / SAVED_CONFIG_NAME).read_text())["positions"] == "original"
+
+
+def test_an_adaptive_budget_is_refused(workspace, tmp_path):
+    root, data = workspace
+    config = CONFIG.replace(attention_mass=0.5)
+    with pytest.raises(ValueError, match="projector fine-tuning takes a fixed budget"):
+        finetune_projector(str(root / "base"), data, config, tmp_path / "never", max_steps=1, progress=False)

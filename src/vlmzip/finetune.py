@@ -693,6 +693,8 @@ def finetune_projector(
     _require_trainer()
     if not isinstance(config, VisionZipConfig):
         raise TypeError(f"config must be a VisionZipConfig, got {type(config).__name__}")
+    if config.attention_mass is not None:
+        raise ValueError("config.attention_mass: projector fine-tuning takes a fixed budget; set attention_mass=None")
     if not isinstance(output_dir, (str, Path)) or not str(output_dir):
         raise TypeError(f"output_dir must be a directory path, got {output_dir!r}")
     for name, flag in (("resume", resume), ("overwrite", overwrite), ("adapter_only", adapter_only)):
