@@ -26,6 +26,8 @@ LIBRARY = (
     "vlmzip.core",
     "vlmzip.images",
     "vlmzip.methods",
+    "vlmzip.model_parts",
+    "vlmzip.pixtral_processor",
     "vlmzip.probe",
     "vlmzip.video",
     "vlmzip.viz",

@@ -20,6 +20,7 @@ class LlavaAdapter(Adapter):
     families = ("LlavaForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
     supports_original_positions = True
+    supports_adaptive = True
 
     def vision_tower(self) -> nn.Module:
         return self.model.model.vision_tower

@@ -113,6 +113,7 @@ class LlavaNextAdapter(Adapter):
     feature_select_strategy = "default"
     takes_videos = False
     supports_original_positions = True
+    supports_adaptive = True
 
     def __init__(self, model: nn.Module, config: VisionZipConfig) -> None:
         strategy = getattr(model.config, "vision_feature_select_strategy", None)

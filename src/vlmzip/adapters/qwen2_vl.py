@@ -310,6 +310,7 @@ class Qwen2VLAdapter(Adapter):
     image_input_keys = ("pixel_values", "pixel_values_videos")
     # M-RoPE: the unreduced prompt's 3-D positions, always (positions="compact" and "original" alike).
     keeps_original_positions = True
+    supports_adaptive = True
 
     def vision_tower(self) -> nn.Module:
         return self.model.model.visual
