@@ -276,3 +276,28 @@ def test_groups_of_visionzip_contextual_anchors_are_targets():
 def test_bad_position_scheme_is_refused():
     with pytest.raises(ValueError, match=r"positions must be one of \('compact', 'original'\)"):
         vlmzip.VisionZipConfig(positions="renumbered")
+
+
+@pytest.mark.parametrize("make_model", ["make_smolvlm", "make_mistral3"])
+def test_families_without_the_hooks_refuse_by_name(make_model):
+    import families
+
+    model = getattr(families, make_model)()
+    name = type(model).__name__
+    with pytest.raises(ValueError, match=f"positions='original' is not supported for {name}"):
+        vlmzip.apply(model, positions="original")
+    with pytest.raises(ValueError, match=f"attention_mass \\(adaptive budget\\) is not supported for {name}"):
+        vlmzip.apply(model, contextual=2, attention_mass=0.5)
+    assert not vlmzip.is_applied(model)
+
+
+def test_qwen_takes_an_adaptive_budget():
+    processor = make_qwen_processor()
+    images = random_images(2, seed=2, size=(112, 112))
+    inputs = dict(processor(text=[qwen_prompt("<image>")] * 2, images=images, return_tensors="pt", padding=True))
+    model = make_qwen2_vl()
+    vlmzip.apply(model, contextual=1, attention_mass=0.4)
+    prepared = vlmzip.prepare(model, inputs)
+    reductions = vlmzip.api.get_state(model).adapter.last_encoded.reductions
+    image_token = model.config.image_token_id
+    assert (prepared["input_ids"] == image_token).sum(dim=1).tolist() == [r.features.shape[1] for r in reductions]
