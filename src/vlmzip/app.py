@@ -74,12 +74,13 @@ def ask(
     heatmap: bool = True,
     max_new_tokens: int | None = None,
     repeats: int = 1,
+    positions: str = "compact",
 ) -> dict[str, Any]:
     """Answer `question` about `image` with all visual tokens and with the reduction, and time both.
 
     budget: total visual tokens per image (64 = 54 + 10, split as the paper does) or (dominant, contextual).
-    method: one of `vlmzip.methods.available_methods()`. Decoding is greedy; timings are the
-    medians of `repeats` interleaved rounds (see `vlmzip.demo.run_demo`).
+    method: one of `vlmzip.methods.available_methods()`; positions: `VisionZipConfig.positions`.
+    Decoding is greedy; timings are the medians of `repeats` interleaved rounds (see `vlmzip.demo.run_demo`).
 
     Returns a dict: "question", "method", "dominant", "contextual", "summary" (token counts, as in
     the visualisation's title), "full" and "reduced" (each: "answer", "visual_tokens" reaching the
@@ -90,7 +91,7 @@ def ask(
     adapter_class_for(model)
     image = load_image(image, processor)
     question = _check_question(question)
-    config = VisionZipConfig.from_budget(budget, method=method)
+    config = VisionZipConfig.from_budget(budget, method=method, positions=positions)
     repeats = check_int("repeats", repeats, 1, 100)
     if not isinstance(heatmap, bool):
         raise TypeError(f"heatmap must be True or False, got {heatmap!r}")
@@ -266,11 +267,15 @@ def build_app(
     examples: Sequence[tuple[str | Path, str]] = (),
     max_new_tokens: int | None = None,
     repeats: int = 3,
+    positions: str = "compact",
 ) -> Any:
-    """The Gradio Blocks page around `ask`. Components have stable `elem_id`s ("vz-image", "vz-ask", ...)."""
+    """The Gradio Blocks page around `ask` (`positions` for every reduction).
+
+    Components have stable `elem_id`s ("vz-image", "vz-ask", ...)."""
     gr = _gradio()
     adapter_class_for(model)
     repeats = check_int("repeats", repeats, 1, 100)
+    VisionZipConfig(positions=positions)  # a bad scheme fails before the page is built
     largest = tokens_per_image(model, processor)  # the page offers budgets up to all tokens
     default_split = VisionZipConfig.from_budget(min(DEFAULT_TOKENS, largest))
 
@@ -301,6 +306,7 @@ def build_app(
                 heatmap=bool(heatmap),
                 max_new_tokens=max_new_tokens,
                 repeats=repeats,
+                positions=positions,
             )
         except (ValueError, TypeError, OSError) as error:
             raise gr.Error(public_message(error, image_path, uploaded_name(image))) from None
@@ -400,6 +406,7 @@ def launch(
     use_default_examples: bool = False,
     max_new_tokens: int | None = None,
     repeats: int = 3,
+    positions: str = "compact",
 ) -> None:
     """Serve the demo on http://host:port until interrupted (localhost only by default)."""
     if not isinstance(host, str) or not host:
@@ -409,7 +416,9 @@ def launch(
         example_dir = folder / "examples"
         if examples is None:
             examples = default_examples(use_default_examples, example_dir)
-        page = build_app(model, processor, examples=examples, max_new_tokens=max_new_tokens, repeats=repeats)
+        page = build_app(
+            model, processor, examples=examples, max_new_tokens=max_new_tokens, repeats=repeats, positions=positions
+        )
         allowed = sorted({str(Path(path).resolve().parent) for path, _ in examples} | {str(example_dir)})
         print(f"VisionZip demo on http://{host}:{port} (Ctrl+C to stop)", flush=True)
         page.queue(default_concurrency_limit=1).launch(

@@ -29,7 +29,7 @@ from torch import nn
 
 from vlmzip.adapters import adapter_class_for
 from vlmzip.adapters.qwen2_vl import mrope_positions
-from vlmzip.api import is_applied, prepare
+from vlmzip.api import get_state, is_applied, prepare
 from vlmzip.compat import CACHE_ARGUMENT, CACHE_ARGUMENTS, output_cache
 from vlmzip.images import load_image
 
@@ -167,9 +167,16 @@ class Conversation:
             inputs = prepare(self.model, inputs)  # runs the tower for this turn's images only
         if self.uses_mrope and inputs.get("position_ids") is None:
             inputs["position_ids"] = mrope_positions(self.model, inputs)
+        elif self._original_positions() and inputs.get("position_ids") is None:  # a turn without images
+            inputs["position_ids"] = torch.arange(inputs["input_ids"].shape[1]).unsqueeze(0)
         turn_ids = inputs.pop("input_ids")
         inputs.pop("attention_mask", None)
         return turn_ids, inputs
+
+    def _original_positions(self) -> bool:
+        """Whether turns carry 1-D positions of their own (VisionZip applied with positions="original")."""
+        state = get_state(self.model)
+        return state is not None and state.config.positions == "original"
 
     def _with_history(self, turn_ids: torch.Tensor, turn_inputs: dict[str, Any]) -> dict[str, Any]:
         """generate() inputs for the whole dialogue; the cache makes the model run only the uncached tail."""
@@ -183,12 +190,17 @@ class Conversation:
             before = self._per_token.get(key, torch.zeros(1, length, dtype=torch.long))
             after = turn_inputs.get(key, torch.zeros_like(turn_ids))
             model_inputs[key] = torch.cat([before, after.to(before.dtype)], dim=1)
-        if self.uses_mrope:
-            # The new turn continues from the largest position so far, as get_rope_index does over a whole prompt.
-            offset = int(self._positions.max()) + 1 if self._positions is not None else 0
-            turn_positions = turn_inputs["position_ids"] + offset
-            history_positions = self._positions if self._positions is not None else turn_positions[..., :0]
-            model_inputs["position_ids"] = torch.cat([history_positions, turn_positions], dim=-1)
+        if turn_inputs.get("position_ids") is not None:
+            # The new turn continues from the largest position so far, as get_rope_index does over a whole prompt
+            # (and as the unreduced prompt's 1-D positions do: text after an image continues after all its tokens).
+            turn_positions = turn_inputs["position_ids"]
+            history_positions = self._positions
+            if history_positions is None:  # earlier turns numbered by generate(): 0, 1, ...
+                history_positions = torch.arange(length, dtype=turn_positions.dtype)
+                history_positions = history_positions.view(*[1] * (turn_positions.dim() - 1), -1)
+                history_positions = history_positions.expand(*turn_positions.shape[:-1], -1)
+            offset = int(history_positions.max()) + 1 if length else 0
+            model_inputs["position_ids"] = torch.cat([history_positions, turn_positions + offset], dim=-1)
         return model_inputs
 
     def _record(self, model_inputs: dict[str, Any], output: Any) -> torch.Tensor:
@@ -204,11 +216,13 @@ class Conversation:
             if key not in ("input_ids", "attention_mask", "position_ids")
             and _is_per_token(value, sequences[:, :prompt_length])
         }
-        if self.uses_mrope:
+        positions = model_inputs.get("position_ids")
+        if positions is not None:
             # Generated tokens continue every axis by one per token, as generate() extends position_ids.
-            positions = model_inputs["position_ids"]
-            steps = torch.arange(1, generated + 1, dtype=positions.dtype).view(1, 1, -1)
+            steps = torch.arange(1, generated + 1, dtype=positions.dtype).view(*[1] * (positions.dim() - 1), -1)
             self._positions = torch.cat([positions, positions[..., -1:] + steps], dim=-1)
+        else:
+            self._positions = None
         self._cache = output_cache(output)
         return answer_ids
 

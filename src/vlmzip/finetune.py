@@ -708,6 +708,8 @@ def finetune_projector(
     _require_trainer()
     if not isinstance(config, VisionZipConfig):
         raise TypeError(f"config must be a VisionZipConfig, got {type(config).__name__}")
+    if config.attention_mass is not None:
+        raise ValueError("config.attention_mass: projector fine-tuning takes a fixed budget; set attention_mass=None")
     if not isinstance(output_dir, (str, Path)) or not str(output_dir):
         raise TypeError(f"output_dir must be a directory path, got {output_dir!r}")
     for name, flag in (("resume", resume), ("overwrite", overwrite), ("adapter_only", adapter_only)):
@@ -940,6 +942,9 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     budget.add_argument("--dominant", type=int, help="tokens kept by attention ([CLS] included)")
     budget.add_argument("--contextual", type=int, help="merged contextual tokens")
     budget.add_argument("--method", default="visionzip", help="reduction method (default: visionzip)")
+    from vlmzip.cli_options import add_position_options
+
+    add_position_options(budget)
     defaults = FinetuneOptions()
     train = sub.add_argument_group("training")
     train.add_argument(

@@ -638,6 +638,10 @@ def reduce_image(
     parameter = next(adapter.vision_tower().parameters())
     with torch.no_grad():
         probe, reduction = adapter.reduce(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
+    if isinstance(reduction, list):  # an adaptive budget: one reduction per image or crop, of its own length
+        if len(reduction) != 1:
+            raise ValueError(f"drawing an adaptive budget covers single-crop images, got {len(reduction)} crops")
+        reduction = reduction[0]
     labels = adapter.unit_labels(pixel_values.shape[0]) or labels
     return reduced_images(
         pixel_values, reduction, adapter.token_pixels, probe.num_prefix_tokens, image_processor, labels

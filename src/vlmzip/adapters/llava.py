@@ -1,18 +1,26 @@
-"""LLaVA-1.5 (`LlavaForConditionalGeneration`): one tower pass per image, one projector."""
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`): one tower pass per image, one projector.
+
+Original positions: tower token i held placeholder i of its image's run (i - 1 under the "default"
+feature strategy, which drops [CLS]; a kept [CLS] then takes the first placeholder's position).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
-from vlmzip.adapters.base import Adapter, EncodedImages
+from vlmzip.adapters.base import Adapter, EncodedImages, split_rows
+from vlmzip.core import Reduction, anchor_indices
 
 
 class LlavaAdapter(Adapter):
     families = ("LlavaForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
+    supports_original_positions = True
+    supports_adaptive = True
 
     def vision_tower(self) -> nn.Module:
         return self.model.model.vision_tower
@@ -45,12 +53,22 @@ class LlavaAdapter(Adapter):
         per_image = self.tower_info.num_tokens(height, width) - (1 if self._drops_cls() else 0)
         return [per_image] * pixel_values.shape[0]
 
+    def placeholder_of(self, anchors: torch.Tensor) -> torch.Tensor:
+        """The placeholder (within the image's run) of each tower token index in `anchors`."""
+        return (anchors - (1 if self._drops_cls() else 0)).clamp(min=0)
+
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         pixel_values = inputs["pixel_values"]
-        _, reduction = self.reduce(pixel_values)
-        projected = self.projector()(reduction.features)
+        _, reduced = self.reduce(pixel_values)
+        if isinstance(reduced, Reduction):
+            features = list(self.projector()(reduced.features).unbind(0))
+            reductions, units = [reduced], split_rows(reduced)
+        else:  # adaptive budget: one reduction per image, of its own length
+            features = [self.projector()(unit.features)[0] for unit in reduced]
+            reductions = units = reduced
         return EncodedImages(
-            features=list(projected.unbind(0)),
+            features=features,
             full_counts=self.full_counts(inputs),
-            reductions=[reduction],
+            reductions=reductions,
+            positions=[self.placeholder_of(anchor_indices(unit)[0]) for unit in units],
         )

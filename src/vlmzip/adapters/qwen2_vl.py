@@ -287,6 +287,9 @@ class Qwen2VLAdapter(Adapter):
     deepstack: ClassVar[bool] = False
     # Each temporal slice of a video is its own placeholder run, with text (timestamps) between (Qwen3-VL, Qwen3.5).
     video_slice_runs: ClassVar[bool] = False
+    # M-RoPE: the unreduced prompt's 3-D positions, always (positions="compact" and "original" alike).
+    keeps_original_positions = True
+    supports_adaptive = True
 
     def vision_tower(self) -> nn.Module:
         return self.model.model.visual
@@ -374,14 +377,15 @@ class Qwen2VLAdapter(Adapter):
     # --- encoding -------------------------------------------------------------------------------
     def _reduce_frame(self, probe: ProbeOutput, config: VisionZipConfig, modality: str, index: int) -> Reduction:
         units = probe.features.shape[1]
-        if config.tokens > units:
+        if config.fewest_tokens > units:
             rows, cols = probe.grid
             raise ValueError(
                 f"dominant + contextual must be <= {units} (the merged tokens {modality} {index} yields per "
                 f"{'temporal slice' if modality == 'video' else 'image'}: a {rows}x{cols} grid), got "
                 f"{config.dominant} + {config.contextual} = {config.tokens}"
             )
-        return self.method(probe, config)
+        reduced = self.run_method(probe, config)
+        return reduced if isinstance(reduced, Reduction) else reduced[0]
 
     def _reduce_visual(self, probes: list[ProbeOutput], modality: str, index: int) -> _ReducedVisual:
         """Reduce an image (one probe) or a video (one probe per temporal slice) and order it by slot."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from vlmzip.bench.report import row_label, tokens_cell
 from vlmzip.bench.variants import DEFAULT_BUDGETS
 from vlmzip.cli_options import add_variant_options, check_device, load_model_for_cli, variants_from_args
 
@@ -85,8 +86,8 @@ def render_table(rows: list[dict[str, Any]], title: str) -> Any:
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
         table.add_row(
-            row["method"],
-            str(row["tokens"]),
+            row_label(row),
+            tokens_cell(row),
             f"{row['llm_tokens']:.0f}",
             f"{row['tower_ms']:.1f}",
             f"{row['select_ms']:.2f}",
@@ -113,10 +114,11 @@ def plot_bench(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     for row in rows[1:]:
         for key in keys:
             if row[key] is not None:
-                points = series.setdefault(
-                    f"{row['method']}|{key}", [(full["tokens"], full[key])]
-                )  # lines end at all tokens
+                name = row["method"] + (" (adaptive)" if row.get("attention_mass") is not None else "")
+                points = series.setdefault(f"{name}|{key}", [(full["tokens"], full[key])])  # lines end at all tokens
                 points.append((row["tokens"], row[key]))
+    for points in series.values():
+        points.sort()
     panels = [
         ("speedup_llm_prefill", "LLM prefill speedup vs all tokens (x)"),
         ("speedup_ttft", "time-to-first-token speedup (x)"),

@@ -7,6 +7,11 @@ and `vlmzip finetune` write: `VisionZipConfig.to_dict()`), with the fields of th
 `vlmzip` attribute on top. vLLM sets that attribute from `--hf-overrides`:
 
     vllm serve OUT --hf-overrides '{"visionzip": {"dominant": 108, "contextual": 20}}'
+
+Every `VisionZipConfig` field is accepted and validated as the library validates it. Two are refused by
+`check_servable` because the plugin's model runner does not implement them: `positions="original"`
+(vLLM numbers the reduced placeholders consecutively, i.e. "compact") and an adaptive budget
+(`attention_mass`: the processor must know each image's token count before the tower runs).
 """
 
 from __future__ import annotations
@@ -111,6 +116,16 @@ def check_servable(hf_config: Any, config: VisionZipConfig) -> int:
     if tower not in SERVABLE_TOWERS:
         raise ValueError(f"unsupported vision tower {tower!r}; VisionZip serving supports {list(SERVABLE_TOWERS)}")
     absolute_feature_layer(hf_config, config)
+    if config.positions != "compact":
+        raise ValueError(
+            f"positions={config.positions!r} is not available in vLLM serving: the engine numbers the reduced "
+            "image tokens consecutively; serve with positions='compact' (or use transformers for original positions)"
+        )
+    if config.attention_mass is not None:
+        raise ValueError(
+            "attention_mass (adaptive budget) is not available in vLLM serving: the processor must know each "
+            "image's token count before the tower runs; serve a fixed dominant + contextual budget"
+        )
     available = tower_tokens(hf_config)
     if config.tokens > available:
         raise ValueError(
