@@ -134,8 +134,9 @@ class VisionZipQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
 def _scoring_attention(visual: nn.Module) -> nn.Module:
     full = [int(i) for i in visual.fullatt_block_indexes if 0 <= int(i) < len(visual.blocks)]
     if not full:
+        indexes = list(visual.fullatt_block_indexes)
         raise ValueError(
-            f"Qwen2.5-VL tower has no full-attention block (fullatt_block_indexes={list(visual.fullatt_block_indexes)}); "
+            f"Qwen2.5-VL tower has no full-attention block (fullatt_block_indexes={indexes}); "
             "VisionZip needs one to score whole images"
         )
     return visual.blocks[max(full)].attn
