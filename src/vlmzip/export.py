@@ -125,7 +125,9 @@ def export_model(
         if path.is_file() and path.name not in _REWRITTEN and path.suffix not in (".safetensors", ".bin"):
             shutil.copy2(path, out_dir / path.name)
     names: dict[str, str] = {}
-    rename = vllm_weight_name if hf_config.model_type == "llava" else str
+    # vLLM's LLaVA loader wants CLIP under vision_tower.vision_model; other towers keep transformers' names.
+    clip = getattr(hf_config.vision_config, "model_type", None) == "clip_vision_model"
+    rename = vllm_weight_name if hf_config.model_type == "llava" and clip else str
     for shard in shards:
         for name in _rename_shard(shard, out_dir / shard.name, rename):
             names[name] = shard.name
@@ -151,7 +153,12 @@ def _run(args: argparse.Namespace) -> int:
     config = None if budget is None else VisionZipConfig.from_budget(budget, method=args.method or "visionzip")
     if args.plain and (config is not None or args.method is not None):
         raise ValueError("--plain writes vLLM's own LLaVA with every visual token: it takes no budget or --method")
-    config = export_model(args.model, args.output, config, overwrite=args.force, plugin=not args.plain)
+    model = args.model
+    if model is None:  # the embedded default model, assembled on first use (no network)
+        from vlmzip.default_model import default_model_dir
+
+        model = default_model_dir()
+    config = export_model(model, args.output, config, overwrite=args.force, plugin=not args.plain)
     if args.plain:
         print(f"wrote {args.output}: vLLM's own LLaVA, all visual tokens; serve it with: vllm serve {args.output}")
         return 0
@@ -173,7 +180,9 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         "installed where vLLM runs (pip install 'vlmzip[vllm]').",
     )
     sub.add_argument(
-        "--model", required=True, help="transformers LLaVA-1.5 or Qwen2.5-VL model directory (safetensors weights)"
+        "--model",
+        help="transformers LLaVA-1.5 or Qwen2.5-VL model directory (safetensors weights); default: the embedded "
+        "default model (LLaVA with a DINOv2 tower)",
     )
     sub.add_argument("-o", "--output", required=True, help="directory to write (must be new or empty)")
     budget = sub.add_mutually_exclusive_group()

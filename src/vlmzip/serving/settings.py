@@ -40,8 +40,8 @@ PLUGIN_MODULES: dict[str, str] = {
     ARCHITECTURE: "vlmzip.serving.vllm",
     QWEN2_5_VL_ARCHITECTURE: "vlmzip.serving.qwen",
 }
-# LLaVA's tower configs the plugin's LLaVA class builds.
-SERVABLE_TOWERS: tuple[str, ...] = ("clip_vision_model",)
+# LLaVA's tower configs the plugin's LLaVA class builds (vLLM's CLIP; transformers' DINOv2).
+SERVABLE_TOWERS: tuple[str, ...] = ("clip_vision_model", "dinov2")
 
 
 @dataclass(frozen=True)
@@ -153,8 +153,16 @@ def check_architecture(hf_config: Any) -> str:
 
 
 def tower_tokens(hf_config: Any) -> int:
-    """Tokens the vision tower yields per image ([CLS] included) at the model's resolution."""
+    """Tokens the vision tower yields per image ([CLS] included) at the model's resolution.
+
+    DINOv2 interpolates its position embeddings to the processor's crop, which may differ from its
+    `image_size` (the embedded model: 336 px crops, 577 tokens, on a 518 px tower): the LLaVA
+    config's `image_seq_length` (placeholders per image) gives the count there.
+    """
     vision = hf_config.vision_config
+    if getattr(vision, "model_type", None) == "dinov2" and getattr(hf_config, "image_seq_length", None):
+        full = getattr(hf_config, "vision_feature_select_strategy", "default") == "full"
+        return int(hf_config.image_seq_length) + (0 if full else 1)
     side = int(vision.image_size) // int(vision.patch_size)
     return side * side + 1
 
