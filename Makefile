@@ -28,8 +28,8 @@ test-all: $(STAMP)  ## every test, slow ones included
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests recipes
+	$(BIN)/ruff format --check src tests recipes
 
 bench: $(STAMP)  ## tower timing: plain sdpa vs compress_vision vs eager attention maps
 	$(BIN)/python -m vlmzip.bench.tower

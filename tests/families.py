@@ -1,4 +1,5 @@
-"""Tiny random-initialised multi-crop and video models (LLaVA-NeXT, LLaVA-OneVision) and their processors.
+"""Tiny random-initialised multi-crop, tiled and video models (LLaVA-NeXT, LLaVA-OneVision, SmolVLM, Mistral 3)
+and their processors.
 
 Real transformers classes with small widths; crop and grid geometry is kept small too so that the
 unreduced model (needed to check `remove()`) stays cheap on CPU.
@@ -16,16 +17,24 @@ from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionProcessor,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
     SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMProcessor,
 )
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
 )
+from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from conftest import WORDS, clip_vision_config, make_tokenizer
 from vlmzip.bench.arch import NEXT_PINPOINTS
-from vlmzip.synthetic import llava_style_processor, tiny_llama_config
+from vlmzip.pixtral_processor import PixtralPilProcessor
+from vlmzip.synthetic import llava_style_processor, tiny_llama_config, word_level_tokenizer
 
 IMAGE_TOKEN_ID = WORDS.index("<image>")
 VIDEO_TOKEN_ID = len(WORDS)  # "<video>" is added after the shared vocabulary
@@ -161,3 +170,135 @@ def static_video(frames: int = 6, size: int = 120, square: int = 24, seed: int =
         top = size // 2 - square // 2
         video[t, top : top + square, left : left + square] = (255, 40, 40)
     return video
+
+
+# --- SmolVLM --------------------------------------------------------------------------------------
+# 64 px tiles of 8 px patches (8 x 8 = 64 patches), pixel shuffle 2 -> 16 tokens per tile (a 4 x 4 grid).
+# The processor resizes the longest side to 128 px and splits into 64 px tiles: a 300x400 image is a
+# 2 x 2 grid + the global image (5 tiles, 80 placeholders); any image is upscaled to 2 x 2 (no image is
+# a global image only unless do_image_splitting=False).
+SMOL_TILE = 64
+SMOL_PATCH = 8
+SMOL_SCALE = 2
+SMOL_TILE_TOKENS = (SMOL_TILE // SMOL_PATCH // SMOL_SCALE) ** 2
+SMOL_LAYOUT = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] + [
+    f"<row_{row}_col_{col}>" for row in range(1, 4) for col in range(1, 4)
+]
+SMOL_WORDS = [*WORDS, *SMOL_LAYOUT]
+SMOL_IMAGE_TOKEN_ID = SMOL_WORDS.index("<image>")
+
+
+def make_smolvlm(seed: int = 0) -> SmolVLMForConditionalGeneration:
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "image_size": SMOL_TILE,
+        "patch_size": SMOL_PATCH,
+    }
+    config = SmolVLMConfig(
+        vision_config=vision,
+        text_config=tiny_llama_config(len(SMOL_WORDS)).to_dict(),
+        image_token_id=SMOL_IMAGE_TOKEN_ID,
+        scale_factor=SMOL_SCALE,
+    )
+    torch.manual_seed(seed)
+    return SmolVLMForConditionalGeneration(config).eval()
+
+
+class SmolVLMImageOnlyProcessor(SmolVLMProcessor):
+    """The real SmolVLM processor without its video slot, whose video processor needs torchvision."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, image_seq_len=image_seq_len, chat_template=chat_template)
+
+    def check_argument_for_proper_class(self, argument_name: str, argument: object) -> type:
+        if argument_name == "video_processor":
+            return type(argument)
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+def make_smolvlm_processor(padding_side: str = "left", do_image_splitting: bool = True) -> SmolVLMImageOnlyProcessor:
+    tokenizer = word_level_tokenizer(
+        SMOL_WORDS,
+        extra_special_tokens={
+            "image_token": "<image>",
+            "fake_image_token": "<fake_token_around_image>",
+            "global_image_token": "<global-img>",
+            "end_of_utterance_token": "<end_of_utterance>",
+        },
+        padding_side=padding_side,
+    )
+    tokenizer.add_tokens(SMOL_LAYOUT, special_tokens=True)
+    image_processor = SmolVLMImageProcessorPil(
+        size={"longest_edge": 2 * SMOL_TILE},
+        max_image_size={"longest_edge": SMOL_TILE},
+        do_image_splitting=do_image_splitting,
+    )
+    return SmolVLMImageOnlyProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=SMOL_TILE_TOKENS
+    )
+
+
+# --- Mistral 3 ------------------------------------------------------------------------------------
+# Pixtral patches of 8 px, 2x2 patch merger: one language-model token per 16 px. Images are resized to
+# at most 128 px on the longest side (multiples of 16 px): a 300x400 image is 96x128 px = 12x16 patches
+# = 6x8 merged tokens (48 [IMG], 5 [IMG_BREAK], 1 [IMG_END]); 150x200 -> 96x128 too; 40x90 -> 64x128
+# (4x8 = 32 tokens). The largest image (128 px square) has 64 merged tokens.
+MISTRAL_IMAGE_PX = 128
+MISTRAL_PATCH = 8
+MISTRAL_MERGE = 2
+MISTRAL_LAYOUT = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+MISTRAL_WORDS = [*WORDS, *MISTRAL_LAYOUT]
+MISTRAL_IMAGE_TOKEN_ID = MISTRAL_WORDS.index("[IMG]")
+MISTRAL_BREAK_TOKEN_ID = MISTRAL_WORDS.index("[IMG_BREAK]")
+MISTRAL_END_TOKEN_ID = MISTRAL_WORDS.index("[IMG_END]")
+
+
+def make_mistral3(seed: int = 0) -> Mistral3ForConditionalGeneration:
+    vision = {
+        "model_type": "pixtral",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "head_dim": 8,
+        "image_size": MISTRAL_IMAGE_PX,
+        "patch_size": MISTRAL_PATCH,
+    }
+    text = {
+        "model_type": "mistral",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": len(MISTRAL_WORDS),
+        "pad_token_id": 0,
+        "eos_token_id": 2,
+        "bos_token_id": 3,
+        "sliding_window": None,
+    }
+    config = Mistral3Config(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=MISTRAL_IMAGE_TOKEN_ID,
+        spatial_merge_size=MISTRAL_MERGE,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,  # tied, a tiny random model only repeats its last input token
+    )
+    torch.manual_seed(seed)
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def make_mistral3_processor(padding_side: str = "left") -> PixtralPilProcessor:
+    tokenizer = word_level_tokenizer(
+        MISTRAL_WORDS, extra_special_tokens={"image_token": "[IMG]"}, padding_side=padding_side
+    )
+    tokenizer.add_tokens(MISTRAL_LAYOUT, special_tokens=True)
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": MISTRAL_IMAGE_PX}, patch_size=MISTRAL_PATCH)
+    return PixtralPilProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=MISTRAL_PATCH, spatial_merge_size=MISTRAL_MERGE
+    )

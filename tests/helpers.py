@@ -19,12 +19,18 @@ TWO_IMAGE_TURNS = [
 ]
 
 
+def language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder inside a VLM (`language_model`, or SmolVLM's `text_model`)."""
+    inner = model.model
+    return inner.language_model if hasattr(inner, "language_model") else inner.text_model
+
+
 class LanguageModelSpy:
     """Records the `inputs_embeds` of every call into a model's language model; use as a context manager."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.calls: list[torch.Tensor] = []
-        self.handle = model.model.language_model.register_forward_pre_hook(self.record, with_kwargs=True)
+        self.handle = language_model(model).register_forward_pre_hook(self.record, with_kwargs=True)
 
     def record(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self.calls.append(kwargs["inputs_embeds"].detach().clone())
@@ -102,6 +108,60 @@ def assert_batch_equals_singles(
         assert alone == [batched[index]], f"sample {index} differs in the batch"
 
 
+def _generate_with_logits(model: torch.nn.Module, inputs: dict, max_new_tokens: int, **kwargs: object):
+    prepared = vlmzip.prepare(model, inputs)
+    with torch.no_grad():
+        output = model.generate(
+            **prepared,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            output_logits=True,
+            **kwargs,
+        )
+    return prepared["input_ids"].shape[1], output
+
+
+def assert_batch_logits_equal_singles(
+    model: torch.nn.Module,
+    batch: dict,
+    singles: Sequence[dict],
+    max_new_tokens: int = 4,
+    atol: float = 5e-4,
+    **generate_kwargs: object,
+) -> None:
+    """Each sample of `batch` gets, at every generation step, the tokens and logits it gets alone.
+
+    Greedy and beam search: the run alone is compared step by step (every beam of the sample) until
+    the sample's first end-of-sequence. Sampling (`do_sample=True`): the batch's sampled path is
+    replayed alone in one forward pass and its logits compared with the batch's at every step.
+    """
+    beams = int(generate_kwargs.get("num_beams", 1))
+    prompt, batched = _generate_with_logits(model, batch, max_new_tokens, **generate_kwargs)
+    eos = model.config.text_config.eos_token_id
+    assert batched.sequences.shape[0] == len(singles)
+    for index, single in enumerate(singles):
+        new = batched.sequences[index, prompt:].tolist()
+        steps = new.index(eos) + 1 if eos in new else len(new)
+        rows = slice(index * beams, (index + 1) * beams)
+        if generate_kwargs.get("do_sample"):
+            prepared = vlmzip.prepare(model, single)
+            path = torch.tensor([new[: steps - 1]], dtype=prepared["input_ids"].dtype)
+            extended = dict(prepared)
+            extended["input_ids"] = torch.cat([prepared["input_ids"], path], dim=1)
+            extended["attention_mask"] = torch.ones_like(extended["input_ids"])
+            with torch.no_grad():
+                alone = model(**extended).logits[0, prepared["input_ids"].shape[1] - 1 :]
+            for step in range(steps):
+                torch.testing.assert_close(batched.logits[step][index], alone[step], atol=atol, rtol=0)
+            continue
+        alone_prompt, alone = _generate_with_logits(model, single, max_new_tokens, **generate_kwargs)
+        assert alone.sequences[0, alone_prompt:].tolist()[:steps] == new[:steps], f"sample {index} differs"
+        for step in range(steps):
+            difference = (batched.logits[step][rows] - alone.logits[step][:beams]).abs().max()
+            assert difference <= atol, f"sample {index}, step {step}: logits differ by {difference}"
+
+
 def assert_remove_restores_bit_identical_logits(
     build_model: Callable[[], torch.nn.Module], inputs: dict, **config: object
 ) -> None:
@@ -133,3 +193,30 @@ def original_rope_positions(model: torch.nn.Module, inputs: dict) -> torch.Tenso
     extra = {key: inputs[key] for key in _ROPE_INPUTS if key in inputs}
     positions, _ = model.model.get_rope_index(inputs["input_ids"], **extra)
     return positions
+
+
+def reference_visionzip(
+    features: torch.Tensor, scores: Sequence[float], keys: Sequence[torch.Tensor], dominant: int, contextual: int
+) -> torch.Tensor:
+    """The published selection and merge, written out with plain loops over the tokens of one image.
+
+    features (tokens, hidden), one score and one key per token (no [CLS]). Dominant: the `dominant`
+    best-scored tokens, in index order. Contextual: evenly spaced targets among the rest; every other
+    remaining token joins the target of highest cosine similarity (first wins ties); target + mean.
+    """
+    order = sorted(range(len(scores)), key=lambda token: -scores[token])
+    kept = sorted(order[:dominant])
+    remaining = [token for token in range(len(scores)) if token not in kept]
+    step = max(1, len(remaining) // contextual) if contextual else 1
+    targets = remaining[::step][:contextual]
+    members: dict[int, list[int]] = {target: [] for target in targets}
+    for token in remaining:
+        if token in members:
+            continue
+        similarities = [float(torch.nn.functional.cosine_similarity(keys[token], keys[t], dim=0)) for t in targets]
+        members[targets[similarities.index(max(similarities))]].append(token)
+    tokens = [features[token] for token in kept]
+    for target in targets:
+        extra = torch.stack([features[m] for m in members[target]]).mean(dim=0) if members[target] else 0
+        tokens.append(features[target] + extra)
+    return torch.stack(tokens)

@@ -15,6 +15,7 @@ from conftest import (
     qwen_prompt,
     random_images,
 )
+from helpers import language_model
 from vlmzip.conversation import Conversation
 
 LLAVA_TURNS = [
@@ -70,7 +71,7 @@ def run_dialogue(model, processor, turns, images, tower):
     Returns the conversation and how often the vision tower ran during the dialogue (fresh runs excluded).
     """
     chat = Conversation(model, processor)
-    counter = Counter(tower, model.model.language_model)
+    counter = Counter(tower, language_model(model))
     history, given, dialogue_tower_calls = "", [], 0
     try:
         for index, (text, with_image) in enumerate(turns):

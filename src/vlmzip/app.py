@@ -22,12 +22,12 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from vlmzip.adapters import adapter_class_for
+from vlmzip.cli_options import APP_HOST, APP_PORT, DEFAULT_TOKENS
 from vlmzip.config import VisionZipConfig, check_int
 from vlmzip.demo import DemoRun, run_demo
 from vlmzip.loading import MAX_IMAGE_PIXELS, load_image
 from vlmzip.methods import available_methods
 from vlmzip.viz import image_pixel_values, model_adapter, reduced_images_for, token_summary, visualize
-from vlmzip.viz_cli import DEFAULT_BUDGET, DEFAULT_HOST, DEFAULT_PORT
 
 DEFAULT_MAX_NEW_TOKENS = 16  # when the model's generation config does not say
 MAX_QUESTION_CHARS = 500
@@ -77,7 +77,7 @@ def ask(
     processor: Any,
     image: Image.Image | str | Path,
     question: str,
-    budget: int | Sequence[int] = DEFAULT_BUDGET,
+    budget: int | Sequence[int] = DEFAULT_TOKENS,
     method: str = "visionzip",
     *,
     heatmap: bool = True,
@@ -240,7 +240,7 @@ def build_app(
     adapter_class_for(model)
     repeats = check_int("repeats", repeats, 1, 100)
     largest = tokens_per_image(model, processor)  # the page offers budgets up to all tokens
-    default_split = VisionZipConfig.from_budget(min(DEFAULT_BUDGET, largest))
+    default_split = VisionZipConfig.from_budget(min(DEFAULT_TOKENS, largest))
 
     # The events take the components' raw values (preprocess=False), so that a file that is not an
     # image reaches load_image and gets its one-line message instead of a decoding error from gradio.
@@ -360,8 +360,8 @@ def launch(
     model: nn.Module,
     processor: Any,
     *,
-    host: str = DEFAULT_HOST,
-    port: int = DEFAULT_PORT,
+    host: str = APP_HOST,
+    port: int = APP_PORT,
     examples: Sequence[tuple[str | Path, str]] | None = None,
     use_default_examples: bool = False,
     max_new_tokens: int | None = None,

@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in PASSTHROUGH:  # scripts with parsers of their own
         try:
             return PASSTHROUGH[argv[0]][0](argv[1:])
-        except (UserError, ValueError, TypeError, OSError) as error:
+        except (UserError, ValueError, TypeError, OSError, ImportError) as error:
             if os.environ.get("VLMZIP_DEBUG"):
                 raise
             print(f"vlmzip {argv[0]}: error: {error}", file=sys.stderr)
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except (UserError, ValueError, TypeError, OSError) as error:
+    except (UserError, ValueError, TypeError, OSError, ImportError) as error:
         if os.environ.get("VLMZIP_DEBUG"):
             raise
         print(f"vlmzip {args.command}: error: {error}", file=sys.stderr)

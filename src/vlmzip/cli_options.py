@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from vlmzip.bench.variants import Variant
 
 DEFAULT_TOKENS = 64  # the paper's 54 + 10
+APP_HOST = "127.0.0.1"  # the web demo listens on this machine only unless told otherwise
+APP_PORT = 7860
 
 
 def add_budget_options(parser: argparse.ArgumentParser) -> None:

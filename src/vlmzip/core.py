@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmzip.config import MERGE_MODES, check_int
+from vlmzip._validation import MERGE_MODES, check_int
 
 # Values of `Reduction.groups` for tokens that are not merged into a contextual token.
 GROUP_DOMINANT = -1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import types
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +73,7 @@ def load_model(model: str | Path | None = None, *, dtype: torch.dtype = torch.fl
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, ImportError) as error:
-        processor = _load_without_video_slot(path)
+        processor = _load_without_torchvision(path)
         if processor is None:
             raise ValueError(f"cannot load the processor in {path}: {error}") from None
     tokenizer = getattr(processor, "tokenizer", None)
@@ -94,19 +96,39 @@ def image_only_processor_class(processor_class: type) -> type:
     def get_attributes(cls: type) -> list[str]:
         return [name for name in processor_class.get_attributes() if name != "video_processor"]
 
-    return type(processor_class.__name__, (processor_class,), {"get_attributes": classmethod(get_attributes)})
+    namespace: dict[str, Any] = {"get_attributes": classmethod(get_attributes)}
+    init = processor_class.__init__
+    parameters = inspect.signature(init).parameters
+    if "video_processor" in parameters and parameters["video_processor"].default is inspect.Parameter.empty:
+        # Some processors (SmolVLM) require the argument: the same function with None as its default.
+        # (transformers reads the settings it may pass from the function's code, so no wrapper.)
+        positional = [p for p in list(parameters.values())[1:] if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        defaults = tuple(None if p.default is inspect.Parameter.empty else p.default for p in positional)
+        optional = types.FunctionType(init.__code__, init.__globals__, init.__name__, defaults, init.__closure__)
+        optional.__kwdefaults__ = init.__kwdefaults__
+        namespace["__init__"] = optional
+    return type(processor_class.__name__, (processor_class,), namespace)
 
 
-def _load_without_video_slot(path: Path) -> Any | None:
-    """The image-only processor of a model directory whose processor has a video slot; None when that fails."""
+def _load_without_torchvision(path: Path) -> Any | None:
+    """The processor of a model directory built without torchvision; None when that fails.
+
+    Processors with a video slot load without it (`image_only_processor_class`); Mistral 3's
+    `PixtralProcessor`, which cannot be imported without torchvision, loads as `PixtralPilProcessor`.
+    """
     import json
 
     import transformers
 
     try:
         config = json.loads((path / "processor_config.json").read_text(encoding="utf-8"))
-        processor_class = getattr(transformers, config["processor_class"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        name = config["processor_class"]
+        if name == "PixtralProcessor":
+            from vlmzip.pixtral_processor import PixtralPilProcessor
+
+            return PixtralPilProcessor.from_pretrained(path, local_files_only=True)
+        processor_class = getattr(transformers, name)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError):
         return None
     if not isinstance(processor_class, type) or "video_processor" not in processor_class.get_attributes():
         return None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from vlmzip.config import check_fraction
+from vlmzip._validation import check_fraction
 
 # Identical tokens can come out of the cosine a few ulps below 1; a threshold of 1 still means identical.
 COSINE_TOLERANCE = 1e-6

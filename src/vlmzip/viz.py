@@ -603,9 +603,11 @@ def reduced_images_for(
 ) -> list[ReducedImage]:
     """Pair a reduction `model` made of `image` (e.g. `vlmzip.demo.run_demo(...).reduction`) with the
     processor's view of that image, ready for `visualize`."""
-    tower = model_adapter(model).tower_info
+    adapter = model_adapter(model)
     pixel_values, image_processor, labels = image_pixel_values(processor, image)
-    return reduced_images(pixel_values, reduction, tower.patch_size, tower.num_prefix_tokens, image_processor, labels)
+    labels = adapter.unit_labels(pixel_values.shape[0]) or labels
+    prefix = adapter.tower_info.num_prefix_tokens
+    return reduced_images(pixel_values, reduction, adapter.token_pixels, prefix, image_processor, labels)
 
 
 def reduce_image(
@@ -632,5 +634,7 @@ def reduce_image(
     parameter = next(adapter.vision_tower().parameters())
     with torch.no_grad():
         probe, reduction = adapter.reduce(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
-    tower = adapter.tower_info
-    return reduced_images(pixel_values, reduction, tower.patch_size, probe.num_prefix_tokens, image_processor, labels)
+    labels = adapter.unit_labels(pixel_values.shape[0]) or labels
+    return reduced_images(
+        pixel_values, reduction, adapter.token_pixels, probe.num_prefix_tokens, image_processor, labels
+    )

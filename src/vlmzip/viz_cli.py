@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vlmzip.cli_options import DEFAULT_TOKENS, add_budget_options, config_from_args, load_model_for_cli
-
-DEFAULT_BUDGET = DEFAULT_TOKENS  # the web demo's default too
-DEFAULT_HOST = "127.0.0.1"  # the demo listens on this machine only unless told otherwise
-DEFAULT_PORT = 7860
+from vlmzip.cli_options import APP_HOST, APP_PORT, add_budget_options, config_from_args, load_model_for_cli
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -70,8 +66,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     help_text = "Serve the web demo on localhost: answers with all tokens vs VisionZip, timings, visualisation."
     app = subcommands.add_parser("app", help=help_text, description=help_text + " Needs gradio (vlmzip[app]).")
     _add_model_argument(app)
-    app.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
-    app.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    app.add_argument("--host", default=APP_HOST, help=f"address to listen on (default {APP_HOST})")
+    app.add_argument("--port", type=int, default=APP_PORT, help=f"port (default {APP_PORT})")
     app.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the model's generation config)")
     app.add_argument("--repeats", type=int, default=3, help="prefill timing: best of this many runs (default 3)")
     app.set_defaults(run=_app)

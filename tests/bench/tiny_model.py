@@ -13,8 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from conftest import make_llava, make_llava_processor, make_qwen2_5_vl, make_qwen2_vl, make_qwen_processor
-from families import make_llava_next, make_llava_next_processor, make_onevision, make_onevision_processor
+from families import (
+    make_llava_next,
+    make_llava_next_processor,
+    make_mistral3,
+    make_mistral3_processor,
+    make_onevision,
+    make_onevision_processor,
+    make_smolvlm,
+    make_smolvlm_processor,
+)
 from vlmzip.loading import image_only_processor_class
+from vlmzip.pixtral_processor import PixtralPilProcessor
 
 # family -> (model builder, processor builder)
 FAMILIES: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
@@ -23,6 +33,8 @@ FAMILIES: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
     "llava-onevision": (make_onevision, make_onevision_processor),
     "qwen2-vl": (make_qwen2_vl, make_qwen_processor),
     "qwen2.5-vl": (make_qwen2_5_vl, make_qwen_processor),
+    "smolvlm": (make_smolvlm, make_smolvlm_processor),
+    "mistral3": (make_mistral3, make_mistral3_processor),
 }
 
 
@@ -32,6 +44,8 @@ def saveable_processor(processor: Any) -> Any:
     The test processors are subclasses that work without torchvision (no video processor, or a PIL
     one that transformers cannot save); the saved directory names the real class, as a checkpoint does.
     """
+    if isinstance(processor, PixtralPilProcessor):
+        return processor  # saves as a PixtralProcessor
     real = next(cls for cls in type(processor).__mro__ if cls.__module__.startswith("transformers."))
     if "video_processor" not in real.get_attributes() and real is type(processor):
         return processor

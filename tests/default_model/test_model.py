@@ -55,8 +55,8 @@ def test_answers_a_sample_question(default_model_and_processor):
 def test_heldout_accuracy_matches_the_card(default_model_and_processor):
     import json
 
+    from recipes.default_model.evaluation import evaluate_llava
     from vlmzip.default_model import data, files_dir
-    from vlmzip.default_model.train import evaluate_llava
 
     model, processor = default_model_and_processor
     recorded = json.loads((files_dir() / "training_metadata.json").read_text())["test_accuracy"]["overall"]

@@ -8,9 +8,18 @@ from vlmzip.adapters.base import Adapter
 from vlmzip.adapters.llava import LlavaAdapter
 from vlmzip.adapters.llava_next import LlavaNextAdapter
 from vlmzip.adapters.llava_onevision import LlavaOnevisionAdapter
+from vlmzip.adapters.mistral3 import Mistral3Adapter
 from vlmzip.adapters.qwen2_vl import Qwen2VLAdapter
+from vlmzip.adapters.smolvlm import SmolVLMAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaOnevisionAdapter,
+    Qwen2VLAdapter,
+    SmolVLMAdapter,
+    Mistral3Adapter,
+)
 
 
 def supported_families() -> list[str]:

@@ -72,6 +72,15 @@ class Adapter:
         """Tokens the tower yields per image (or crop / frame) at the model's native resolution."""
         raise NotImplementedError
 
+    @property
+    def token_pixels(self) -> int:
+        """Side in pixels of the square one tower token covers (larger where patches are merged into one)."""
+        return self.tower_info.patch_size
+
+    def unit_labels(self, count: int) -> list[str] | None:
+        """Captions of the `count` crops / tiles of one processed image in pixel order; None: the default."""
+        return None
+
     def full_counts(self, inputs: Mapping[str, Any]) -> list[int]:
         """Placeholders the processor emitted per image, computed without running the tower."""
         raise NotImplementedError
@@ -94,6 +103,15 @@ class Adapter:
     def placeholder_token_ids(self) -> tuple[int, ...]:
         """Placeholder token ids whose runs `full_counts` and `encode` cover, in text order."""
         return (self.image_token_id,)
+
+    def placeholder_blocks(
+        self, inputs: Mapping[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor, full_counts: list[int]
+    ) -> list[tuple[int, int, int]]:
+        """(sample, start, length) of each image's placeholder run, in image order (see `find_placeholder_blocks`).
+
+        Families whose runs hold layout tokens between the placeholders (Mistral 3's row breaks) override this.
+        """
+        return find_placeholder_blocks(input_ids, attention_mask, self.placeholder_token_ids, full_counts)
 
     def attach_features(self, prepared: dict[str, Any], encoded: EncodedImages) -> None:
         """Hand the reduced features to the model's precomputed-features path (after shrinking)."""
@@ -167,7 +185,7 @@ class Adapter:
             )
 
         full_counts = self.full_counts(prepared)
-        blocks = find_placeholder_blocks(input_ids, attention_mask, self.placeholder_token_ids, full_counts)
+        blocks = self.placeholder_blocks(prepared, input_ids, attention_mask, full_counts)
         encoded = self.encode(prepared)
         new_counts = [int(f.shape[0]) for f in encoded.features]
         keep = placeholder_keep_mask(attention_mask, blocks, new_counts, encoded.slots)

@@ -153,7 +153,9 @@ def run_bench(args: argparse.Namespace) -> int:
         tokenizer = getattr(processor, "tokenizer", processor)
         tokenizer.padding_side = "left"
         prompt = build_prompt(processor, question)
-        inputs = processor(images=[image] * batch, text=[prompt] * batch, return_tensors="pt", padding=True)
+        # One list per sample: processors of tiled models (SmolVLM) need the nesting with a batch of prompts.
+        images = [[image] for _ in range(batch)]
+        inputs = processor(images=images, text=[prompt] * batch, return_tensors="pt", padding=True)
         inputs = inputs.to(args.device)
         pad_token_id = getattr(tokenizer, "pad_token_id", None)
         bench = PipelineBench(model, inputs, variants, new_tokens=new_tokens, pad_token_id=pad_token_id)

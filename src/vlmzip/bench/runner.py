@@ -36,6 +36,7 @@ from vlmzip.bench.flops import FlopCounter
 from vlmzip.bench.memory import PeakMemory
 from vlmzip.bench.variants import Variant, VariantRunner, unit_tokens
 from vlmzip.config import VisionZipConfig, check_int
+from vlmzip.model_parts import language_model_of
 
 # Per-run quantities; each is reported as median, min and max over the repeats.
 TIMED_METRICS = (
@@ -198,12 +199,12 @@ class PipelineBench:
             raise ValueError("inputs: the first sample holds no image placeholder tokens; nothing to reduce")
         tokens = unit_tokens(model, inputs) if VariantRunner.needs_unit_tokens(variants) else None
         self.runners = {variant: VariantRunner(model, variant, tokens) for variant in variants}
-        language_model = model.model.language_model
+        language_model = language_model_of(model)
         self.language_model = language_model
         self.flops = FlopCounter(
             reference.tower_info.layers,
             language_model.layers,
-            projector=getattr(model.model, "multi_modal_projector", None),
+            projector=getattr(model.model, "multi_modal_projector", None) or getattr(model.model, "connector", None),
             head=model.get_output_embeddings(),
         )
         if pad_token_id is None:

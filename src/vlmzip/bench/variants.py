@@ -22,6 +22,7 @@ from vlmzip.adapters.base import Adapter, prepare_unreduced
 from vlmzip.config import VisionZipConfig, check_int
 from vlmzip.methods import available_methods
 from vlmzip.methods.fastv import DEFAULT_LAYER, FASTV_METHOD, FastV
+from vlmzip.model_parts import language_model_of
 
 FULL = "full"
 DEFAULT_BUDGETS: tuple[int, ...] = (192, 128, 64)
@@ -100,7 +101,7 @@ class VariantRunner:
                 raise ValueError(reason)
             if unit_tokens is None:
                 raise ValueError("unit_tokens is required for FastV (see vlmzip.bench.variants.unit_tokens)")
-            num_layers = len(model.model.language_model.layers)
+            num_layers = len(language_model_of(model).layers)
             layer = max(1, min(fastv_layer, num_layers - 1))
             self.fastv = FastV(model, tokens=variant.budget, layer=layer, image_tokens=unit_tokens)
         elif not variant.is_full:

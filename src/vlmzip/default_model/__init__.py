@@ -37,7 +37,7 @@ def cache_root() -> Path:
     """``$VLMZIP_CACHE`` or ``$XDG_CACHE_HOME/vlmzip`` (``~/.cache/vlmzip``)."""
     if os.environ.get("VLMZIP_CACHE"):
         return Path(os.environ["VLMZIP_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "visionzip"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmzip"
 
 
 def default_model_dir(rebuild: bool = False) -> Path:

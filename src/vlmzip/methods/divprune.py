@@ -7,13 +7,18 @@ works the same on towers with and without [CLS]; [CLS] competes like any other t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from vlmzip.config import VisionZipConfig, check_int
+from vlmzip._validation import check_int
 from vlmzip.core import GROUP_DOMINANT, GROUP_DROPPED, Reduction
 from vlmzip.methods import register_method
 from vlmzip.probe import ProbeOutput
+
+if TYPE_CHECKING:
+    from vlmzip.config import VisionZipConfig
 
 
 def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmzip.config import check_int
+from vlmzip._validation import check_int
+from vlmzip.model_parts import language_model_of
 
 FASTV_METHOD = "fastv"
 DEFAULT_LAYER = 2
@@ -36,14 +37,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _language_model(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "model", None)
-    language_model = getattr(inner, "language_model", None)
-    if language_model is None or not isinstance(getattr(language_model, "layers", None), nn.ModuleList):
+    try:
+        return language_model_of(model)
+    except ValueError:
         raise ValueError(
             f"model: FastV needs a vision-language model with model.model.language_model.layers "
             f"(LLaVA-style), got {type(model).__name__}"
-        )
-    return language_model
+        ) from None
 
 
 def _take_rows(values: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from vlmzip.config import VisionZipConfig, check_int
+from vlmzip._validation import check_int
 from vlmzip.core import GROUP_DROPPED, Reduction
 from vlmzip.methods import register_method
 from vlmzip.probe import ProbeOutput
+
+if TYPE_CHECKING:
+    from vlmzip.config import VisionZipConfig
 
 
 def pooled_grid(tokens: int, rows: int, cols: int) -> tuple[int, int]:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from vlmzip.config import VisionZipConfig, check_int
+from vlmzip._validation import check_int
 from vlmzip.core import GROUP_DOMINANT, GROUP_DROPPED, Reduction
 from vlmzip.methods import register_method
 from vlmzip.probe import ProbeOutput
+
+if TYPE_CHECKING:
+    from vlmzip.config import VisionZipConfig
 
 
 @register_method("random")

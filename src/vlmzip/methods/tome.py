@@ -10,13 +10,17 @@ everything they absorbed (features and keys alike, so later rounds match on merg
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from vlmzip.config import VisionZipConfig, check_int
+from vlmzip._validation import check_int
 from vlmzip.core import Reduction
 from vlmzip.methods import register_method
 from vlmzip.probe import ProbeOutput
+
+if TYPE_CHECKING:
+    from vlmzip.config import VisionZipConfig
 
 
 @dataclass

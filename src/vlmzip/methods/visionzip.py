@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from vlmzip.config import VisionZipConfig
+from typing import TYPE_CHECKING
+
 from vlmzip.core import Reduction, visionzip_reduce
 from vlmzip.methods import register_method
 from vlmzip.probe import ProbeOutput
+
+if TYPE_CHECKING:
+    from vlmzip.config import VisionZipConfig
 
 
 @register_method("visionzip")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import build, data
+from vlmzip.default_model import build, data
 
 # (dominant, contextual) splits of the VisionZip paper for LLaVA-1.5.
 PAPER_BUDGETS = ((162, 30), (108, 20), (54, 10))
@@ -115,14 +115,14 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure the default model at reduced visual-token budgets on the held-out split."""
-    parser = argparse.ArgumentParser(prog="python -m vlmzip.default_model.budgets", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m recipes.default_model.budgets", description=main.__doc__)
     parser.add_argument("--images", type=int, default=data.DEFAULT_TEST_IMAGES, help="test scenes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.images < 1:
         parser.error(f"--images must be >= 1, got {args.images}")
-    from . import load_default_model
+    from vlmzip.default_model import load_default_model
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, processor = load_default_model()

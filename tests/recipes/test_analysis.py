@@ -1,6 +1,6 @@
 import torch
 
-from vlmzip.default_model.analysis import Variant, token_positions
+from recipes.default_model.analysis import Variant, token_positions
 
 
 def test_token_positions_keep_dominant_indices_and_place_contextual_at_group_mean():
@@ -11,8 +11,8 @@ def test_token_positions_keep_dominant_indices_and_place_contextual_at_group_mea
 
 
 def test_first_token_with_all_tokens_equals_generate(default_model_and_processor):
+    from recipes.default_model.analysis import first_token_answers
     from vlmzip.default_model import data
-    from vlmzip.default_model.analysis import first_token_answers
 
     model, processor = default_model_and_processor
     records = [r for r in data.test_split(num_images=2)]
@@ -29,8 +29,8 @@ def test_first_token_with_all_tokens_equals_generate(default_model_and_processor
 
 
 def test_analysis_reports_placement_and_every_variant(default_model_and_processor):
+    from recipes.default_model.analysis import analyse, markdown
     from vlmzip.default_model import data
-    from vlmzip.default_model.analysis import analyse, markdown
 
     model, processor = default_model_and_processor
     variants = [Variant("vz", "visionzip"), Variant("vz-orig", "visionzip", original_positions=True)]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data
+from vlmzip.default_model import data
 
 
 def write_samples(target: str | Path | None = None, seed: int = 0) -> Path:

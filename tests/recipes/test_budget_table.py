@@ -1,4 +1,4 @@
-from vlmzip.default_model.budgets import markdown_table
+from recipes.default_model.budgets import markdown_table
 from vlmzip.default_model.data import QUESTION_TYPES
 
 
@@ -14,9 +14,9 @@ def test_table_reports_retention_against_all_tokens():
 def test_bad_budgets_and_methods_fail_before_any_model_runs():
     import pytest
 
+    from recipes.default_model.analysis import analyse
+    from recipes.default_model.budgets import evaluate_budgets
     from vlmzip.default_model import data
-    from vlmzip.default_model.analysis import analyse
-    from vlmzip.default_model.budgets import evaluate_budgets
 
     records = data.test_split(num_images=1)
     with pytest.raises(ValueError, match="dominant"):

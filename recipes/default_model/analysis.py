@@ -10,7 +10,7 @@ Two measurements on the held-out split, both at one budget (default 64 = 54 + 10
   positions in the 577-token sequence. Every setting is scored the same way: the answer is the argmax of the
   first generated token (all answers are single words of the closed vocabulary).
 
-``python -m vlmzip.default_model.analysis`` prints both tables.
+``python -m recipes.default_model.analysis`` prints both tables.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import build, data
-from .budgets import accuracy_cells
+from recipes.default_model.budgets import accuracy_cells
+from vlmzip.default_model import build, data
 
 # A patch counts as an object patch when its label (``data.patch_labels``) is not background.
 _BACKGROUND = 0
@@ -196,7 +196,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Where VisionZip's tokens fall on the default model's scenes, and which of its choices cost accuracy."""
-    parser = argparse.ArgumentParser(prog="python -m vlmzip.default_model.analysis", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m recipes.default_model.analysis", description=main.__doc__)
     parser.add_argument("--images", type=int, default=data.DEFAULT_TEST_IMAGES, help="test scenes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dominant", type=int, default=54)
@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.images < 1:
         parser.error(f"--images must be >= 1, got {args.images}")
-    from . import load_default_model
+    from vlmzip.default_model import load_default_model
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, processor = load_default_model()

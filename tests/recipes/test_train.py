@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from vlmzip.default_model import build, data, train
+from recipes.default_model import features, modeling, train
+from vlmzip.default_model import build, data
 
 TINY_TEXT = build.TextModelSize(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=1024
@@ -125,8 +126,8 @@ def test_token_subsets_keep_cls_every_object_centre_and_raster_order():
 def tiny_vlm():
     torch.manual_seed(0)
     config = build.build_config(TINY_TEXT)
-    model = train.TrainableVLM(config, torch.zeros(train.FEATURE_DIM), torch.ones(train.FEATURE_DIM)).eval()
-    return model, train.Packer(build.build_tokenizer())
+    model = modeling.TrainableVLM(config, torch.zeros(features.FEATURE_DIM), torch.ones(features.FEATURE_DIM)).eval()
+    return model, modeling.Packer(build.build_tokenizer())
 
 
 def test_packed_questions_compute_exactly_like_stand_alone_prompts(tiny_vlm):
@@ -139,7 +140,7 @@ def test_packed_questions_compute_exactly_like_stand_alone_prompts(tiny_vlm):
     images = [torch.randn(n, TINY_TEXT.hidden_size) for n in lengths]
     packed = packer.pack(batch, lengths)
     with torch.inference_mode():
-        (hidden,) = model(train.pad_images(images), packed.input_ids, packed.mask, packed.position_ids)
+        (hidden,) = model(modeling.pad_images(images), packed.input_ids, packed.mask, packed.position_ids)
         flat = [(b, q) for b, qs in enumerate(batch) for q in qs]
         for (b, q), (row, col) in zip(flat, packed.answer_pos, strict=True):
             ids = torch.tensor([packer.prompt_ids(q.question)])
@@ -228,7 +229,7 @@ def test_precision_float32_everywhere_bfloat16_only_where_native(monkeypatch, na
 
 def _tiny_run(**overrides) -> tuple[np.ndarray, train.TrainSettings]:
     """Random tower features of 6 scenes and settings for a few steps of a tiny language model."""
-    feats = np.random.default_rng(0).normal(size=(6, build.NUM_IMAGE_TOKENS, train.FEATURE_DIM)).astype(np.float16)
+    feats = np.random.default_rng(0).normal(size=(6, build.NUM_IMAGE_TOKENS, features.FEATURE_DIM)).astype(np.float16)
     settings = replace(
         train.TrainSettings(),
         steps=4,
@@ -258,7 +259,7 @@ def test_a_few_training_steps_export_llava_weights(monkeypatch, capsys, native_b
     expected = {k for k in expected if "vision_tower" not in k and not k.endswith("inv_freq")}
     assert set(state) == expected
     assert all(torch.isfinite(v).all() for v in state.values())
-    packer = train.Packer(build.build_tokenizer())
+    packer = modeling.Packer(build.build_tokenizer())
     for keep_tokens in (None, 64):
         acc = train.evaluate_cached(model, packer, feats[:2], "val", 0, keep_tokens=keep_tokens)
         pools = [data.question_pool(data.scene_objects(0, "val", i)) for i in range(2)]
@@ -274,3 +275,37 @@ def test_image_token_head_trains_only_when_weighted_and_is_never_exported(capsys
     assert headed.image_head.weight.grad is not None and headed.image_head.weight.grad.abs().sum() > 0
     assert " image " in capsys.readouterr().out
     assert set(headed.export_state_dict()) == set(plain.export_state_dict())
+
+
+def test_train_main_has_its_own_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--seed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--steps", "-3"], "--steps must be >= 1, got -3"),
+        (["--train-images", "2"], "--train-images must be >= 8 (scenes per training step), got 2"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--precision", "half"], "argument --precision: invalid choice: 'half'"),
+    ],
+)
+def test_train_default_refuses_bad_values_before_any_work(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([str(tmp_path / "out"), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_default_refuses_emulated_bfloat16_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([str(tmp_path / "out"), "--precision", "bfloat16"])
+    assert exit_info.value.code == 2
+    assert "precision='bfloat16' needs a CPU that computes bfloat16 natively" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
