@@ -22,12 +22,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from recipes.default_model.budgets import accuracy_cells
+from recipes.default_model.budgets import accuracy_cells, load_recipe_model, parse_split_arguments
 from vlmzip.default_model import build, data
 
 # A patch counts as an object patch when its label (``data.patch_labels``) is not background.
@@ -213,25 +212,10 @@ def markdown(result: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Where VisionZip's tokens fall on the default model's scenes, and which of its choices cost accuracy."""
     parser = argparse.ArgumentParser(prog="python -m recipes.default_model.analysis", description=main.__doc__)
-    parser.add_argument("--images", type=int, default=data.DEFAULT_TEST_IMAGES, help="test scenes")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dominant", type=int, default=54)
     parser.add_argument("--contextual", type=int, default=10)
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args(argv)
-    if args.images < 1:
-        parser.error(f"--images must be >= 1, got {args.images}")
-    if args.json is not None:
-        from vlmzip.outputs import embedded_model_inputs, refuse_overlap
-
-        try:
-            refuse_overlap(args.json, embedded_model_inputs(), "--json")
-        except ValueError as exc:
-            parser.error(str(exc))
-    from vlmzip.default_model import load_default_model
-
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    model, processor = load_default_model()
+    args = parse_split_arguments(parser, argv)
+    model, processor = load_recipe_model()
     result = analyse(
         model, processor, data.test_split(args.seed, args.images), args.dominant, args.contextual, seed=args.seed
     )
