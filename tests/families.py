@@ -7,6 +7,10 @@ unreduced model (needed to check `remove()`) stays cheap on CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 from transformers import (
@@ -39,7 +43,18 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-from conftest import WORDS, clip_vision_config, make_tokenizer
+from conftest import (
+    QWEN_IMAGE_TOKEN_ID,
+    WORDS,
+    clip_vision_config,
+    make_llava,
+    make_llava_processor,
+    make_qwen2_5_vl,
+    make_qwen2_vl,
+    make_qwen_processor,
+    make_tokenizer,
+    qwen_prompt,
+)
 from vlmzip.bench.arch import NEXT_PINPOINTS
 from vlmzip.loading import image_only_processor_class
 from vlmzip.pixtral_processor import PixtralPilProcessor
@@ -570,3 +585,31 @@ def make_internvl_processor(padding_side: str = "left") -> InternVLProcessor:
     )
     processor_class = image_only_processor_class(InternVLProcessor)
     return processor_class(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=INTERNVL_TILE_TOKENS)
+
+
+# --- the registry of supported families: tests that run on "every family" parametrise over it ---------
+def llava_prompt(images: int, question: str = "what is in the image ?") -> str:
+    return "USER: " + "<image> " * images + f"{question} ASSISTANT:"
+
+
+def qwen_family_prompt(images: int, question: str = "what is in the image ?") -> str:
+    return qwen_prompt(*["<image>"] * images, question=question) if images else f"USER: {question} ASSISTANT:"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A tiny model of one supported family: how to build it, its processor, and its prompts."""
+
+    make_model: Callable[[], Any]
+    make_processor: Callable[..., Any]
+    image_token_id: int
+    prompt: Callable[..., str]  # (number of images, question) -> one sample's text
+
+
+FAMILIES: dict[str, Family] = {
+    "llava-1.5": Family(make_llava, make_llava_processor, IMAGE_TOKEN_ID, llava_prompt),
+    "llava-next": Family(make_llava_next, make_llava_next_processor, IMAGE_TOKEN_ID, llava_prompt),
+    "llava-onevision": Family(make_onevision, make_onevision_processor, IMAGE_TOKEN_ID, llava_prompt),
+    "qwen2-vl": Family(make_qwen2_vl, make_qwen_processor, QWEN_IMAGE_TOKEN_ID, qwen_family_prompt),
+    "qwen2.5-vl": Family(make_qwen2_5_vl, make_qwen_processor, QWEN_IMAGE_TOKEN_ID, qwen_family_prompt),
+}

@@ -11,7 +11,7 @@ from PIL import Image
 
 import vlmzip
 from conftest import make_llava, make_llava_processor, random_images
-from vlmzip import app
+from vlmzip import app, images
 from vlmzip.cli import main
 
 QUESTION = "what is in the image ?"
@@ -106,9 +106,13 @@ def test_ask_refuses_non_images_and_huge_images(tiny, tmp_path, monkeypatch):
     text.write_text("not an image")
     with pytest.raises(ValueError, match="not a readable image"):
         app.ask(model, processor, text, QUESTION)
-    monkeypatch.setattr(app, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ValueError, match="image too large"):
         app.ask(model, processor, Image.new("RGB", (100, 100)), QUESTION)
+    monkeypatch.undo()
+    # 40,000 pixels, but the processor's shortest-edge resize would make 3,360,000 x 336 of them.
+    with pytest.raises(ValueError, match=r"limit 25000000.*aspect ratio"):
+        app.ask(model, processor, Image.new("RGB", (20000, 2)), QUESTION)
     with pytest.raises(ValueError, match="unsupported model family"):
         app.ask(torch.nn.Linear(2, 2), processor, Image.new("RGB", (10, 10)), QUESTION)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -117,6 +118,13 @@ def family(request) -> tuple[str, Family]:
     return request.param, FAMILIES[request.param]
 
 
+def assert_same_answer(cached: torch.Tensor, raw: Any, uncached: torch.Tensor, prepared: Any) -> None:
+    """generate() on raw inputs returns the caller's prompt, then the same new tokens as on prepared inputs."""
+    prompt = raw["input_ids"]
+    assert torch.equal(cached[:, : prompt.shape[1]], prompt)
+    assert torch.equal(cached[:, prompt.shape[1] :], uncached[:, prepared["input_ids"].shape[1] :])
+
+
 def test_hits_skip_the_tower_and_outputs_are_bit_identical(family):
     name, spec = family
     model, processor = spec.make_model(), spec.make_processor()
@@ -139,7 +147,7 @@ def test_hits_skip_the_tower_and_outputs_are_bit_identical(family):
             cached = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
         assert counter.calls == 0
         uncached = model.generate(**reference, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert torch.equal(cached, uncached)
+    assert_same_answer(cached, inputs, uncached, reference)
     assert len(cache) == 2 and 0 < cache.nbytes <= cache.max_bytes
 
 
@@ -405,11 +413,8 @@ def test_embedded_model_hits_skip_the_tower(default_model_and_processor):
     inputs = processor(images=[image], text=[build_prompt(processor, "what color is it?")], return_tensors="pt")
     try:
         with torch.no_grad():
-            reference = model.generate(
-                **vlmzip.prepare(vlmzip.apply(model, dominant=54, contextual=10), inputs),
-                max_new_tokens=6,
-                do_sample=False,
-            )
+            prepared = vlmzip.prepare(vlmzip.apply(model, dominant=54, contextual=10), inputs)
+            reference = model.generate(**prepared, max_new_tokens=6, do_sample=False)
             vlmzip.remove(model)
             vlmzip.apply(model, dominant=54, contextual=10, cache=cache)
             with TowerCounter(model.model.vision_tower) as counter:
@@ -419,7 +424,7 @@ def test_embedded_model_hits_skip_the_tower(default_model_and_processor):
     assert counter.calls == 1
     assert (cache.hits, cache.misses) == (2, 1)
     for output in outputs:
-        assert torch.equal(output, reference)
+        assert_same_answer(output, inputs, reference, prepared)
 
 
 def test_conversation_reuses_an_image_shown_again():
@@ -560,4 +565,50 @@ def test_families_without_units_hit_a_repeated_call_bit_identically(name):
     assert counter.calls == 0 and cache.hits >= 2
     assert_same_prepared(reference, first)
     assert_same_prepared(reference, second)
-    assert torch.equal(cached, uncached)
+    assert_same_answer(cached, inputs, uncached, reference)
+
+
+ADAPTIVE_ORIGINAL = {"attention_mass": 0.4, "max_dominant": 6, "positions": "original"}
+
+
+@pytest.mark.parametrize("name", ["llava", "llava_next", "onevision"])
+@pytest.mark.parametrize("options", [{"positions": "original"}, ADAPTIVE_ORIGINAL])
+def test_original_positions_and_adaptive_budgets_survive_a_hit(name, options, tmp_path):
+    """Hits (memory and disk) give the same tokens and the same original position ids as a miss."""
+    spec = FAMILIES[name]
+    model, processor = spec.make_model(), spec.make_processor()
+    inputs = processor(images=pictures(2), text=[spec.prompt] * 2, return_tensors="pt", padding=True)
+    cache = ImageCache(max_bytes=2**24, directory=tmp_path)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=cache, **options)  # adaptive: at most 6 + 2
+    with torch.no_grad():
+        reference = vlmzip.prepare(model, inputs, cache=None)
+        assert "position_ids" in reference
+        first = vlmzip.prepare(model, inputs)
+        with TowerCounter(spec.tower(model)) as counter:
+            from_memory = vlmzip.prepare(model, inputs)
+            from_disk = vlmzip.prepare(model, inputs, cache=ImageCache(max_bytes=2**24, directory=tmp_path))
+            cached = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert counter.calls == 0
+        uncached = model.generate(**reference, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    for prepared in (first, from_memory, from_disk):
+        assert_same_prepared(reference, prepared)
+    assert_same_answer(cached, inputs, uncached, reference)
+
+
+def test_compact_entries_hold_no_positions():
+    """positions='compact' never reads per-token positions, so its entries do not store them."""
+    model, processor = make_llava(), make_llava_processor()
+    cache = ImageCache(max_bytes=2**24)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    with torch.no_grad():
+        vlmzip.prepare(model, processor(images=pictures(1), text=[LLAVA_PROMPT], return_tensors="pt"))
+    (entry,) = cache._entries.values()
+    assert entry.positions is None and entry.nbytes == entry.features.numel() * entry.features.element_size()
+
+
+def test_a_stored_entry_with_positions_out_of_range_is_not_trusted():
+    features = torch.zeros(3, 8)
+    assert CachedVisual(features, 10, positions=torch.tensor([0, 4, 9])).is_consistent()
+    assert not CachedVisual(features, 10, positions=torch.tensor([0, 4, 10])).is_consistent()
+    assert not CachedVisual(features, 10, positions=torch.tensor([0, 4])).is_consistent()
+    assert not CachedVisual(features, 10, positions=torch.tensor([0.0, 4.0, 5.0])).is_consistent()

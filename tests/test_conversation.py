@@ -159,7 +159,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="text must not be empty"):
         chat.ask("  ")
     with pytest.raises(TypeError, match="images must be"):
-        chat.ask("USER: <image> ASSISTANT:", images="cat.png")
+        chat.ask("USER: <image> ASSISTANT:", images=42)
+    with pytest.raises(FileNotFoundError, match="image not found"):
+        chat.ask("USER: <image> ASSISTANT:", images="missing-cat.png")
     with pytest.raises(ValueError, match="num_beams must be 1"):
         chat.ask("USER: hi ASSISTANT:", num_beams=2)
     with pytest.raises(ValueError, match=r"\['past_key_values'\] are managed"):

@@ -328,3 +328,29 @@ def test_output_over_an_input_is_refused_even_with_overwrite(workspace, tmp_path
     assert main([*args, "--no-progress", "--max-steps", "1"]) == 2
     assert "is the input --model" in capsys.readouterr().err
     assert sorted((p.name, p.stat().st_size) for p in base.iterdir()) == before
+
+
+def test_original_positions_reach_the_language_model_during_training(workspace):
+    root, data = workspace
+    model, seen = make_llava(), []
+
+    def record(module, args, kwargs):
+        seen.append(kwargs.get("position_ids"))
+
+    handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    config = CONFIG.replace(positions="original")
+    try:
+        result = finetune_projector(model, data, config, root / "original", processor=make_llava_processor(), **FAST)
+    finally:
+        handle.remove()
+    assert seen and all(positions is not None for positions in seen)
+    # Text after the image continues after all 576 placeholders, although only 10 tokens reached the model.
+    assert all(int(positions.max()) > 576 for positions in seen)
+    assert json.loads((result.output_dir / SAVED_CONFIG_NAME).read_text())["positions"] == "original"
+
+
+def test_an_adaptive_budget_is_refused(workspace, tmp_path):
+    root, data = workspace
+    config = CONFIG.replace(attention_mass=0.5)
+    with pytest.raises(ValueError, match="projector fine-tuning takes a fixed budget"):
+        finetune_projector(str(root / "base"), data, config, tmp_path / "never", max_steps=1, progress=False)

@@ -7,8 +7,11 @@ Two measurements on the held-out split, both at one budget (default 64 = 54 + 10
   of their own, and the norm of contextual tokens relative to ordinary patch tokens.
 * **Ablations of VisionZip** (language model too): the published merge (target + mean of the group) against
   a plain average, and the renumbered positions that LLaVA gives the kept tokens against their original
-  positions in the 577-token sequence. Every setting is scored the same way: the answer is the argmax of the
-  first generated token (all answers are single words of the closed vocabulary).
+  positions in the 577-token sequence (``VisionZipConfig(positions="original")``: a contextual token at its
+  merge target; also at the mean index of its group, as an earlier version of this analysis placed it), and
+  renumbered image tokens followed by text at its original position (which part of the original scheme
+  matters). Every setting is scored the same way: the answer is the argmax of the first generated token (all
+  answers are single words of the closed vocabulary).
 
 ``python -m recipes.default_model.analysis`` prints both tables.
 """
@@ -19,12 +22,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from recipes.default_model.budgets import accuracy_cells
+from recipes.default_model.budgets import accuracy_cells, load_recipe_model, parse_split_arguments
 from vlmzip.default_model import build, data
 
 # A patch counts as an object patch when its label (``data.patch_labels``) is not background.
@@ -38,18 +40,27 @@ class Variant:
     label: str
     method: str
     merge: str = "target_plus_mean"
-    original_positions: bool = False
+    original_positions: bool = False  # image tokens at their original positions, text at 577
+    contextual_at: str = "target"  # with original positions: a contextual token at its merge target or "group mean"
+    original_text: bool = False  # renumbered image tokens, text at its original position (577)
 
 
 def default_variants(dominant: int, contextual: int) -> list[Variant]:
+    dominant_only = f"dominant only ({dominant + contextual})"
     return [
         Variant("visionzip (target + mean, renumbered)", "visionzip"),
         Variant("visionzip, average merge", "visionzip", merge="average"),
         Variant("visionzip, original positions", "visionzip", original_positions=True),
+        Variant(
+            "visionzip, original positions, contextual at group mean", "visionzip", "target_plus_mean", True, "mean"
+        ),
+        Variant("visionzip, renumbered image, text at 577", "visionzip", original_text=True),
         Variant("visionzip, average merge + original positions", "visionzip", "average", True),
-        Variant(f"dominant only ({dominant + contextual})", "visionzip-dominant"),
+        Variant(dominant_only, "visionzip-dominant"),
+        Variant(f"{dominant_only}, original positions", "visionzip-dominant", original_positions=True),
         Variant("pool", "pool"),
         Variant("random", "random"),
+        Variant("random, original positions", "random", original_positions=True),
     ]
 
 
@@ -100,6 +111,7 @@ def analyse(
     """Placement statistics and per-variant accuracy (see the module docstring) on ``records`` of the test
     split generated with ``seed``."""
     from vlmzip.config import VisionZipConfig, check_int
+    from vlmzip.core import anchor_indices
     from vlmzip.methods import get_method
     from vlmzip.probe import probe_vision_tower
 
@@ -159,9 +171,13 @@ def analyse(
         for v in variants:
             red = reductions[v.method, v.merge]
             tokens = red.features.shape[1]
-            if v.original_positions:
+            if v.original_positions and v.contextual_at == "mean":
                 pos = [token_positions(red.groups[b], red.kept_indices[b], contextual) for b in range(len(chunk))]
                 settings.append((v.label, red.features, pos, num_tokens))
+            elif v.original_positions:  # as VisionZipConfig(positions="original") places them ("full" strategy)
+                settings.append((v.label, red.features, list(anchor_indices(red).unbind(0)), num_tokens))
+            elif v.original_text:
+                settings.append((v.label, red.features, [torch.arange(tokens)] * len(chunk), num_tokens))
             else:
                 settings.append((v.label, red.features, [torch.arange(tokens)] * len(chunk), tokens))
         for label, feats, pos, text_start in settings:
@@ -196,25 +212,10 @@ def markdown(result: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Where VisionZip's tokens fall on the default model's scenes, and which of its choices cost accuracy."""
     parser = argparse.ArgumentParser(prog="python -m recipes.default_model.analysis", description=main.__doc__)
-    parser.add_argument("--images", type=int, default=data.DEFAULT_TEST_IMAGES, help="test scenes")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dominant", type=int, default=54)
     parser.add_argument("--contextual", type=int, default=10)
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args(argv)
-    if args.images < 1:
-        parser.error(f"--images must be >= 1, got {args.images}")
-    if args.json is not None:
-        from vlmzip.outputs import embedded_model_inputs, refuse_overlap
-
-        try:
-            refuse_overlap(args.json, embedded_model_inputs(), "--json")
-        except ValueError as exc:
-            parser.error(str(exc))
-    from vlmzip.default_model import load_default_model
-
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    model, processor = load_default_model()
+    args = parse_split_arguments(parser, argv)
+    model, processor = load_recipe_model()
     result = analyse(
         model, processor, data.test_split(args.seed, args.images), args.dominant, args.contextual, seed=args.seed
     )

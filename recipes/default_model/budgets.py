@@ -112,9 +112,8 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Measure the default model at reduced visual-token budgets on the held-out split."""
-    parser = argparse.ArgumentParser(prog="python -m recipes.default_model.budgets", description=main.__doc__)
+def parse_split_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Add and check the options of a run on the held-out split: --images, --seed, --json."""
     parser.add_argument("--images", type=int, default=data.DEFAULT_TEST_IMAGES, help="test scenes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -128,10 +127,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             refuse_overlap(args.json, embedded_model_inputs(), "--json")
         except ValueError as exc:
             parser.error(str(exc))
+    return args
+
+
+def load_recipe_model():  # noqa: ANN201 - (LlavaForConditionalGeneration, processor)
+    """The embedded default model, on at most two threads (the recorded figures' setting)."""
     from vlmzip.default_model import load_default_model
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    model, processor = load_default_model()
+    return load_default_model()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Measure the default model at reduced visual-token budgets on the held-out split."""
+    parser = argparse.ArgumentParser(prog="python -m recipes.default_model.budgets", description=main.__doc__)
+    args = parse_split_arguments(parser, argv)
+    model, processor = load_recipe_model()
     results = evaluate_budgets(model, processor, data.test_split(args.seed, args.images))
     print(markdown_table(results))
     if args.json is not None:

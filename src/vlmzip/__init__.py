@@ -5,6 +5,7 @@ from vlmzip.cache import ImageCache
 from vlmzip.config import VisionZipConfig, split_budget
 from vlmzip.conversation import Conversation
 from vlmzip.core import Reduction
+from vlmzip.images import load_image
 from vlmzip.viz import visualize
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "apply",
     "compress_vision",
     "is_applied",
+    "load_image",
     "prepare",
     "remove",
     "split_budget",

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vlmzip.adapters import adapter_class_for
-from vlmzip.adapters.base import _APPLIED, Adapter, PaddingSide
+from vlmzip.adapters.base import _APPLIED, Adapter, PaddingSide, model_directory
 from vlmzip.cache import ImageCache, check_cache
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
@@ -86,6 +86,7 @@ def apply(
     model: nn.Module,
     config: VisionZipConfig | None = None,
     *,
+    processor: Any = None,
     cache: ImageCache | None = None,
     **config_fields: Any,
 ) -> nn.Module:
@@ -98,8 +99,14 @@ def apply(
     With no config and no fields, a model loaded from a directory holding `visionzip_config.json`
     (written by `vlmzip finetune`) gets the budget it was fine-tuned for; others get the defaults.
     Applying to a model that already has VisionZip raises: call `remove(model)` first.
+    A budget that can never fit is refused here: the limit is the tower's token count at the input
+    size of `processor` (the model's processor, optional), else of the processor saved in the
+    directory the model was loaded from, else of the tower config's `image_size`.
     After apply, `model.generate(**inputs)` and `model(**inputs)` prepare raw processor inputs
-    themselves; `prepare(model, inputs)` does the same explicitly. Returns `model`.
+    themselves; `prepare(model, inputs)` does the same explicitly. `model.generate(**inputs)` then
+    returns `inputs["input_ids"]` followed by the new tokens (as without VisionZip), while
+    `model.generate(**prepare(model, inputs))` returns the reduced prompt followed by the new tokens.
+    Returns `model`.
     """
     check_cache(cache)
     if config is not None and config_fields:
@@ -111,14 +118,14 @@ def apply(
     adapter_class = adapter_class_for(model)
     if is_applied(model):
         raise ValueError("model already has VisionZip applied; call vlmzip.remove(model) before applying again")
-    adapter = adapter_class(model, config)  # validates everything before the model is touched
+    adapter = adapter_class(model, config, processor)  # validates everything before the model is touched
 
     adapter.cache = cache
     state = VisionZipState(adapter=adapter, config=config, cache=cache)
     for name in _WRAPPED_METHODS:
         state.previous[name] = model.__dict__.get(name, _MISSING)
     model.forward = _auto_prepare(model, model.forward, adapter)
-    model.generate = _auto_prepare(model, model.generate, adapter)
+    model.generate = _auto_prepare(model, model.generate, adapter, restore_prompt=True)
     model.__dict__[STATE_ATTRIBUTE] = state
     return model
 
@@ -136,17 +143,19 @@ def load_saved_config(directory: str | Path) -> VisionZipConfig | None:
 
 def saved_config(model: nn.Module) -> VisionZipConfig | None:
     """The config saved in the directory `model` was loaded from (`name_or_path`), if any."""
-    sources = (getattr(model, "name_or_path", None), getattr(getattr(model, "config", None), "_name_or_path", None))
-    for source in sources:
-        if isinstance(source, (str, Path)) and str(source) and Path(source).is_dir():
-            config = load_saved_config(source)
-            if config is not None:
-                return config
-    return None
+    directory = model_directory(model)
+    return load_saved_config(directory) if directory is not None else None
 
 
-def _auto_prepare(model: nn.Module, method: Callable[..., Any], adapter: Adapter) -> Callable[..., Any]:
-    """Wrap a bound method so that raw image inputs are prepared before it runs."""
+def _auto_prepare(
+    model: nn.Module, method: Callable[..., Any], adapter: Adapter, *, restore_prompt: bool = False
+) -> Callable[..., Any]:
+    """Wrap a bound method so that raw image inputs are prepared before it runs.
+
+    restore_prompt (generate): the returned sequences start with the caller's own `input_ids`
+    (not the reduced prompt the model actually read), so `out[:, inputs["input_ids"].shape[1]:]`
+    is the new tokens, as without VisionZip.
+    """
     signature = inspect.signature(method)
 
     @functools.wraps(method)
@@ -155,11 +164,36 @@ def _auto_prepare(model: nn.Module, method: Callable[..., Any], adapter: Adapter
             bound = signature.bind_partial(*args, **kwargs)
             kwargs = dict(bound.arguments)
             kwargs.update(kwargs.pop("kwargs", None) or {})
-        if any(kwargs.get(key) is not None for key in adapter.image_input_keys):
-            kwargs = adapter.prepare(kwargs)
-        return method(**kwargs)
+        if not any(kwargs.get(key) is not None for key in adapter.image_input_keys):
+            return method(**kwargs)
+        caller_ids = kwargs.get("input_ids")
+        kwargs = adapter.prepare(kwargs)
+        output = method(**kwargs)
+        if restore_prompt and isinstance(caller_ids, torch.Tensor):
+            output = with_caller_prompt(output, caller_ids, kwargs["input_ids"].shape[1])
+        return output
 
     return wrapper
+
+
+def with_caller_prompt(output: Any, caller_ids: torch.Tensor, reduced_length: int) -> Any:
+    """generate()'s output with the reduced prompt (first `reduced_length` columns) replaced by `caller_ids`.
+
+    Rows of a beam search or of `num_return_sequences > 1` follow their sample (`repeat_interleave`,
+    as generate expands its inputs). Works on a tensor and on a `GenerateOutput` (its `sequences`).
+    """
+    sequences = output if isinstance(output, torch.Tensor) else getattr(output, "sequences", None)
+    if not isinstance(sequences, torch.Tensor) or sequences.ndim != 2 or caller_ids.ndim != 2:
+        return output
+    rows, batch = sequences.shape[0], caller_ids.shape[0]
+    if batch == 0 or rows % batch or sequences.shape[1] < reduced_length:
+        return output
+    prompt = caller_ids.to(device=sequences.device, dtype=sequences.dtype).repeat_interleave(rows // batch, dim=0)
+    restored = torch.cat([prompt, sequences[:, reduced_length:]], dim=1)
+    if isinstance(output, torch.Tensor):
+        return restored
+    output.sequences = restored
+    return output
 
 
 def prepare(
@@ -177,6 +211,8 @@ def prepare(
     `model.generate(**...)` or `model(**...)`. Text-only inputs come back unchanged.
     Images found in the cache given to `apply` are not encoded again; `cache` (an ImageCache, or
     None for none) overrides that cache for this call.
+    `model.generate(**prepared)` returns the reduced prompt followed by the new tokens: slice the
+    answer with `out[:, prepared["input_ids"].shape[1]:]`.
     """
     state = get_state(model)
     if state is None:

@@ -28,7 +28,7 @@ from vlmzip.cache import ImageCache, check_cache
 from vlmzip.cli_options import APP_HOST, APP_PORT, DEFAULT_TOKENS
 from vlmzip.config import VisionZipConfig, check_int
 from vlmzip.demo import DemoRun, answer_from_cache, run_demo
-from vlmzip.loading import MAX_IMAGE_PIXELS, load_image
+from vlmzip.images import load_image
 from vlmzip.methods import available_methods
 from vlmzip.viz import image_pixel_values, model_adapter, reduced_images_for, token_summary, visualize
 
@@ -42,17 +42,6 @@ FALLBACK_QUESTIONS = ("what shape is in the image ?", "how many shapes are there
 
 
 # --- the computation -------------------------------------------------------------------------
-
-
-def _check_image(image: Image.Image | str | Path) -> Image.Image:
-    if isinstance(image, (str, Path)):
-        return load_image(image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL image or a path to one, got {type(image).__name__}")
-    width, height = image.size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"image too large: {width}x{height} pixels (limit {MAX_IMAGE_PIXELS})")
-    return image.convert("RGB")
 
 
 def _check_question(question: str) -> str:
@@ -88,12 +77,13 @@ def ask(
     max_new_tokens: int | None = None,
     repeats: int = 1,
     cache: ImageCache | None = None,
+    positions: str = "compact",
 ) -> dict[str, Any]:
     """Answer `question` about `image` with all visual tokens and with the reduction, and time both.
 
     budget: total visual tokens per image (64 = 54 + 10, split as the paper does) or (dominant, contextual).
-    method: one of `vlmzip.methods.available_methods()`. Decoding is greedy; timings are the
-    medians of `repeats` interleaved rounds (see `vlmzip.demo.run_demo`).
+    method: one of `vlmzip.methods.available_methods()`; positions: `VisionZipConfig.positions`.
+    Decoding is greedy; timings are the medians of `repeats` interleaved rounds (see `vlmzip.demo.run_demo`).
 
     Returns a dict: "question", "method", "dominant", "contextual", "summary" (token counts, as in
     the visualisation's title), "full" and "reduced" (each: "answer", "visual_tokens" reaching the
@@ -107,9 +97,9 @@ def ask(
     already reduced by an earlier question, so this answer skipped the vision tower too).
     """
     adapter_class_for(model)
-    image = _check_image(image)
+    image = load_image(image, processor)
     question = _check_question(question)
-    config = VisionZipConfig.from_budget(budget, method=method)
+    config = VisionZipConfig.from_budget(budget, method=method, positions=positions)
     repeats = check_int("repeats", repeats, 1, 100)
     if not isinstance(heatmap, bool):
         raise TypeError(f"heatmap must be True or False, got {heatmap!r}")
@@ -308,12 +298,16 @@ def build_app(
     examples: Sequence[tuple[str | Path, str]] = (),
     max_new_tokens: int | None = None,
     repeats: int = 3,
+    positions: str = "compact",
 ) -> Any:
-    """The Gradio Blocks page around `ask`. Components have stable `elem_id`s ("vz-image", "vz-ask", ...)."""
+    """The Gradio Blocks page around `ask` (`positions` for every reduction).
+
+    Components have stable `elem_id`s ("vz-image", "vz-ask", ...)."""
     gr = _gradio()
     adapter_class_for(model)
     repeats = check_int("repeats", repeats, 1, 100)
     cache = ImageCache(max_bytes=APP_CACHE_BYTES)  # the same upload asked again skips the tower
+    VisionZipConfig(positions=positions)  # a bad scheme fails before the page is built
     largest = tokens_per_image(model, processor)  # the page offers budgets up to all tokens
     default_split = VisionZipConfig.from_budget(min(DEFAULT_TOKENS, largest))
 
@@ -345,6 +339,7 @@ def build_app(
                 max_new_tokens=max_new_tokens,
                 repeats=repeats,
                 cache=cache,
+                positions=positions,
             )
         except (ValueError, TypeError, OSError) as error:
             raise gr.Error(public_message(error, image_path, uploaded_name(image))) from None
@@ -410,7 +405,7 @@ def build_app(
             try:
                 image_path = uploaded_path(image)
                 if image_path is not None:
-                    load_image(image_path)
+                    load_image(image_path, processor)
             except (ValueError, OSError) as error:
                 raise gr.Error(public_message(error, image_path, uploaded_name(image))) from None
 
@@ -444,6 +439,7 @@ def launch(
     use_default_examples: bool = False,
     max_new_tokens: int | None = None,
     repeats: int = 3,
+    positions: str = "compact",
 ) -> None:
     """Serve the demo on http://host:port until interrupted (localhost only by default)."""
     if not isinstance(host, str) or not host:
@@ -453,7 +449,9 @@ def launch(
         example_dir = folder / "examples"
         if examples is None:
             examples = default_examples(use_default_examples, example_dir)
-        page = build_app(model, processor, examples=examples, max_new_tokens=max_new_tokens, repeats=repeats)
+        page = build_app(
+            model, processor, examples=examples, max_new_tokens=max_new_tokens, repeats=repeats, positions=positions
+        )
         allowed = sorted({str(Path(path).resolve().parent) for path, _ in examples} | {str(example_dir)})
         print(f"VisionZip demo on http://{host}:{port} (Ctrl+C to stop)", flush=True)
         page.queue(default_concurrency_limit=1).launch(

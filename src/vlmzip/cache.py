@@ -67,39 +67,47 @@ class CachedVisual:
 
     slots: positions (within the item's placeholder run, ascending) its tokens take, or None for
     the first `features.shape[0]` positions.
+    positions: under `positions="original"`, the placeholder (within the item's run) whose position
+    id each token takes (see `EncodedImages.positions`); None otherwise.
     """
 
     features: torch.Tensor
     full_count: int
     slots: torch.Tensor | None = None
     modality: str = "image"
+    positions: torch.Tensor | None = None
+
+    def _indices(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.slots, self.positions) if t is not None)
 
     @property
     def nbytes(self) -> int:
-        slots = self.slots.numel() * self.slots.element_size() if self.slots is not None else 0
-        return self.features.numel() * self.features.element_size() + slots
+        return sum(t.numel() * t.element_size() for t in (self.features, *self._indices()))
+
+    def _with(self, convert: Any) -> CachedVisual:
+        optional = [convert(t) if t is not None else None for t in (self.slots, self.positions)]
+        return CachedVisual(convert(self.features), self.full_count, optional[0], self.modality, optional[1])
 
     def detached(self) -> CachedVisual:
         """A copy that owns its memory (not a view into a batch) and carries no autograd history."""
-        slots = self.slots.detach().clone() if self.slots is not None else None
-        return CachedVisual(self.features.detach().clone(), self.full_count, slots, self.modality)
+        return self._with(lambda t: t.detach().clone())
 
     def to(self, device: torch.device) -> CachedVisual:
-        slots = self.slots.to(device) if self.slots is not None else None
-        return CachedVisual(self.features.to(device), self.full_count, slots, self.modality)
+        return self._with(lambda t: t.to(device))
 
     def is_consistent(self) -> bool:
         """Shapes and values a valid entry has (used before trusting anything read from disk)."""
         features, slots = self.features, self.slots
         if features.ndim != 2 or not features.is_floating_point() or not 0 < features.shape[0] <= self.full_count:
             return False
-        if slots is None:
-            return True
-        if slots.ndim != 1 or slots.dtype != torch.int64 or slots.numel() != features.shape[0]:
+        for indices in self._indices():
+            if indices.ndim != 1 or indices.dtype != torch.int64 or indices.numel() != features.shape[0]:
+                return False
+            if not (0 <= int(indices.min()) and int(indices.max()) < self.full_count):
+                return False
+        if slots is not None and slots.numel() > 1 and not bool((slots[1:] > slots[:-1]).all()):
             return False
-        if slots.numel() > 1 and not bool((slots[1:] > slots[:-1]).all()):
-            return False
-        return 0 <= int(slots.min()) and int(slots.max()) < self.full_count
+        return True
 
 
 def hash_tensors(digest: Any, tensors: Iterable[torch.Tensor]) -> None:
@@ -277,8 +285,9 @@ class ImageCache:
         from safetensors.torch import save_file
 
         tensors = {"features": entry.features.detach().cpu().contiguous()}
-        if entry.slots is not None:
-            tensors["slots"] = entry.slots.detach().cpu().contiguous()
+        for name, value in (("slots", entry.slots), ("positions", entry.positions)):
+            if value is not None:
+                tensors[name] = value.detach().cpu().contiguous()
         metadata = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -309,7 +318,7 @@ class ImageCache:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
                 names = set(handle.keys())
-                if not names <= {"features", "slots"} or "features" not in names:
+                if not names <= {"features", "slots", "positions"} or "features" not in names:
                     return None
                 tensors = {name: handle.get_tensor(name) for name in names}
             if (metadata.get("format"), metadata.get("version"), metadata.get("key")) != (FORMAT, FORMAT_VERSION, key):
@@ -321,6 +330,7 @@ class ImageCache:
                 full_count=int(metadata["full_count"]),
                 slots=tensors.get("slots"),
                 modality=str(metadata["modality"]),
+                positions=tensors.get("positions"),
             )
         except Exception:  # a truncated, corrupt or foreign file is a miss, never an error
             return None

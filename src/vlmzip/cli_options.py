@@ -33,6 +33,48 @@ def add_budget_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dominant", type=int, metavar="D", help="dominant tokens ([CLS] included); with --contextual")
     parser.add_argument("--contextual", type=int, metavar="C", help="contextual (merged) tokens; with --dominant")
     parser.add_argument("--method", default="visionzip", help="reduction method ('vlmzip info'; default visionzip)")
+    add_position_options(parser)
+    add_adaptive_options(parser, several=False)
+
+
+def add_position_options(parser: argparse.ArgumentParser) -> None:
+    """Add --positions (VisionZipConfig.positions) to `parser`."""
+    from vlmzip.config import POSITION_SCHEMES
+
+    parser.add_argument(
+        "--positions",
+        choices=POSITION_SCHEMES,
+        default="compact",
+        help="position ids of the reduced tokens: compact (renumbered, the paper's; default) or original (as in "
+        "the unreduced prompt; 1-D position models; M-RoPE models always keep the original ones)",
+    )
+
+
+def add_adaptive_options(parser: argparse.ArgumentParser, *, several: bool) -> None:
+    """Add --attention-mass (one value, or several with `several`), --min-dominant and --max-dominant."""
+    parser.add_argument(
+        "--attention-mass",
+        type=float,
+        nargs="+" if several else None,
+        metavar="P",
+        help="adaptive budget: each image (crop, frame) keeps dominant tokens until they hold this share of its "
+        "attention, in (0, 1]; the budget's contextual count stays"
+        + ("; several values give one adaptive variant each, besides the fixed budgets" if several else ""),
+    )
+    parser.add_argument("--min-dominant", type=int, default=1, help="adaptive budget: fewest dominant tokens (1)")
+    parser.add_argument("--max-dominant", type=int, help="adaptive budget: most dominant tokens (default: no limit)")
+
+
+def adaptive_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """VisionZipConfig fields of --positions and the adaptive options (empty of those not given)."""
+    fields: dict[str, Any] = {"positions": getattr(args, "positions", "compact")}
+    mass = getattr(args, "attention_mass", None)
+    minimum, maximum = getattr(args, "min_dominant", 1), getattr(args, "max_dominant", None)
+    if mass is not None:
+        fields.update(attention_mass=mass, min_dominant=minimum, max_dominant=maximum)
+    elif minimum != 1 or maximum is not None:
+        raise ValueError("--min-dominant and --max-dominant apply to adaptive budgets: give --attention-mass too")
+    return fields
 
 
 def budget_from_args(args: argparse.Namespace, default: int | None = DEFAULT_TOKENS) -> int | tuple[int, int] | None:
@@ -57,7 +99,7 @@ def budget_from_args(args: argparse.Namespace, default: int | None = DEFAULT_TOK
 
 def config_from_args(args: argparse.Namespace) -> VisionZipConfig:
     """VisionZipConfig of the budget options and --method (bad values fail here, before any loading)."""
-    return VisionZipConfig.from_budget(budget_from_args(args), method=args.method)
+    return VisionZipConfig.from_budget(budget_from_args(args), method=args.method, **adaptive_from_args(args))
 
 
 def add_variant_options(parser: argparse.ArgumentParser, *, methods_help: str, tokens_help: str) -> None:
@@ -66,6 +108,8 @@ def add_variant_options(parser: argparse.ArgumentParser, *, methods_help: str, t
 
     parser.add_argument("--methods", nargs="+", help=f"{methods_help}, of {all_methods()}")
     parser.add_argument("--tokens", nargs="+", type=int, metavar="N", help=tokens_help)
+    add_position_options(parser)
+    add_adaptive_options(parser, several=True)
 
 
 def variants_from_args(
@@ -79,9 +123,16 @@ def variants_from_args(
     from vlmzip.bench.variants import all_methods, build_variants
 
     budgets = args.tokens or default_budgets
+    fields = adaptive_from_args(args)
+    options = {
+        "positions": fields["positions"],
+        "attention_masses": fields.get("attention_mass") or (),
+        "min_dominant": fields.get("min_dominant", 1),
+        "max_dominant": fields.get("max_dominant"),
+    }
     if model is None:
-        return build_variants(args.methods or all_methods(), budgets)
-    return build_variants(methods_for(model, args.methods, console), budgets)
+        return build_variants(args.methods or all_methods(), budgets, **options)
+    return build_variants(methods_for(model, args.methods, console), budgets, **options)
 
 
 def methods_for(model: Any, requested: Sequence[str] | None, console: Any = None) -> list[str]:

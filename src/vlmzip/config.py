@@ -12,6 +12,10 @@ from vlmzip._validation import MERGE_MODES, MergeMode, check_fraction, check_int
 
 BudgetScope = Literal["per_crop", "per_image"]
 BUDGET_SCOPES: tuple[str, ...] = ("per_crop", "per_image")
+# Methods whose token count must tile the patch grid: an adaptive budget's free count does not fit them.
+FIXED_COUNT_METHODS: tuple[str, ...] = ("pool",)
+PositionScheme = Literal["compact", "original"]
+POSITION_SCHEMES: tuple[str, ...] = ("compact", "original")
 
 # The paper's (dominant, contextual) splits per image.
 PAPER_SPLITS: dict[int, tuple[int, int]] = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
@@ -50,6 +54,19 @@ class VisionZipConfig:
         temporal_threshold: videos only; None (default) is off. Otherwise a dominant token of a frame
             is dropped when its cosine similarity with the token at the same position of the previous
             frame is >= this value, in (0, 1] (see `vlmzip.video`).
+        positions: position ids of the reduced sequence on models with 1-D positions. "compact"
+            (default, the paper's): the reduced sequence is numbered as if the dropped tokens had never
+            been there. "original": every kept token keeps the position id it had in the unreduced
+            prompt, a contextual (merged) token takes the position of the token it was merged onto,
+            and the text keeps its unreduced positions (so decoding continues where it would with all
+            tokens). M-RoPE models (Qwen2-VL family) always keep original positions, whatever the value.
+        attention_mass: None (default): every image (crop, frame) keeps `dominant` tokens. A number in
+            (0, 1]: adaptive budget; each image (crop, frame) keeps its highest-scoring tokens until
+            they hold this share of its [CLS] (or received) attention, clamped to
+            [min_dominant, max_dominant]; `dominant` is then unused and `contextual` applies as given.
+        min_dominant: adaptive budget only: fewest dominant tokens per unit ([CLS]'s slot included), >= 1.
+        max_dominant: adaptive budget only: most dominant tokens per unit, >= min_dominant; None: as many
+            as the unit has (minus `contextual`).
     """
 
     dominant: int = 54
@@ -60,6 +77,10 @@ class VisionZipConfig:
     seed: int = 0
     budget_scope: BudgetScope = "per_crop"
     temporal_threshold: float | None = None
+    positions: PositionScheme = "compact"
+    attention_mass: float | None = None
+    min_dominant: int = 1
+    max_dominant: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dominant", check_int("dominant", self.dominant, 1))
@@ -76,15 +97,47 @@ class VisionZipConfig:
         if self.temporal_threshold is not None:
             threshold = check_fraction("temporal_threshold", self.temporal_threshold)
             object.__setattr__(self, "temporal_threshold", threshold)
+        if self.positions not in POSITION_SCHEMES:
+            raise ValueError(f"positions must be one of {POSITION_SCHEMES}, got {self.positions!r}")
+        if self.attention_mass is not None:
+            object.__setattr__(self, "attention_mass", check_fraction("attention_mass", self.attention_mass))
+        object.__setattr__(self, "min_dominant", check_int("min_dominant", self.min_dominant, 1))
+        if self.max_dominant is not None:
+            maximum = check_int("max_dominant", self.max_dominant, self.min_dominant)
+            object.__setattr__(self, "max_dominant", maximum)
+        if self.attention_mass is not None and self.temporal_threshold is not None:
+            raise ValueError(
+                "attention_mass (adaptive budget) and temporal_threshold cannot be combined; set one of them to None"
+            )
+        if self.attention_mass is not None and self.budget_scope != "per_crop":
+            raise ValueError(
+                "attention_mass (adaptive budget) chooses the budget of every crop / frame itself; it needs "
+                f"budget_scope='per_crop', got {self.budget_scope!r}"
+            )
         from vlmzip.methods import available_methods
 
         if self.method not in available_methods():
             raise ValueError(f"method must be one of {available_methods()}, got {self.method!r}")
+        if self.attention_mass is not None and self.method in FIXED_COUNT_METHODS:
+            raise ValueError(
+                f"attention_mass (adaptive budget) does not apply to method {self.method!r}, whose token count must "
+                "tile the patch grid; use a fixed budget or another method"
+            )
 
     @property
     def tokens(self) -> int:
-        """Visual tokens per image (or crop / frame) that reach the language model."""
+        """Visual tokens per image (or crop / frame) that reach the language model (fixed budget)."""
         return self.dominant + self.contextual
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether each image (crop, frame) chooses its dominant count (`attention_mass` is set)."""
+        return self.attention_mass is not None
+
+    @property
+    def fewest_tokens(self) -> int:
+        """The smallest budget any unit can get: `tokens`, or `min_dominant + contextual` when adaptive."""
+        return self.min_dominant + self.contextual if self.adaptive else self.tokens
 
     @classmethod
     def from_tokens(cls, tokens: int, **kwargs: Any) -> VisionZipConfig:

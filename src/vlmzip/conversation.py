@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from vlmzip.adapters.qwen2_vl import mrope_positions
 from vlmzip.api import get_state, is_applied, prepare
 from vlmzip.cache import ImageCache, check_cache
 from vlmzip.compat import CACHE_ARGUMENT, CACHE_ARGUMENTS, output_cache
+from vlmzip.images import load_image
 
 # Arguments the conversation sets itself on every generate() call.
 RESERVED_GENERATE_ARGUMENTS = (
@@ -58,14 +60,15 @@ class Turn:
     answer_ids: torch.Tensor
 
 
-def _check_images(images: object) -> list[Image.Image]:
+def _check_images(images: object, processor: Any) -> list[Image.Image]:
+    """The turn's images as RGB (`vlmzip.load_image`: any mode, EXIF orientation, size limits)."""
     if images is None:
         return []
-    if isinstance(images, Image.Image):
-        return [images]
-    if isinstance(images, Sequence) and not isinstance(images, str) and all(isinstance(i, Image.Image) for i in images):
-        return list(images)
-    raise TypeError(f"images must be None, a PIL image or a list of PIL images, got {type(images).__name__}")
+    if isinstance(images, (Image.Image, str, Path)):
+        images = [images]
+    if isinstance(images, Sequence) and all(isinstance(i, (Image.Image, str, Path)) for i in images):
+        return [load_image(image, processor) for image in images]
+    raise TypeError(f"images must be None, a PIL image or path, or a list of them, got {type(images).__name__}")
 
 
 def _check_generate_arguments(kwargs: dict[str, Any]) -> None:
@@ -141,7 +144,7 @@ class Conversation:
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         if not text.strip():
             raise ValueError("text must not be empty")
-        image_list = _check_images(images)
+        image_list = _check_images(images, self.processor)
         _check_generate_arguments(generate_kwargs)
 
         suppress = sorted(set(generate_kwargs.pop("suppress_tokens", None) or []) | set(self.suppressed_token_ids))
@@ -173,6 +176,8 @@ class Conversation:
             inputs = prepare(self.model, inputs, cache=self.image_cache)  # the tower runs for new images only
         if self.uses_mrope and inputs.get("position_ids") is None:
             inputs["position_ids"] = mrope_positions(self.model, inputs)
+        elif self._original_positions() and inputs.get("position_ids") is None:  # a turn without images
+            inputs["position_ids"] = torch.arange(inputs["input_ids"].shape[1]).unsqueeze(0)
         turn_ids = inputs.pop("input_ids")
         inputs.pop("attention_mask", None)
         return turn_ids, inputs
@@ -191,6 +196,11 @@ class Conversation:
             self._own_cache = ImageCache(max_bytes=DEFAULT_CACHE_BYTES)
         return self._own_cache
 
+    def _original_positions(self) -> bool:
+        """Whether turns carry 1-D positions of their own (VisionZip applied with positions="original")."""
+        state = get_state(self.model)
+        return state is not None and state.config.positions == "original"
+
     def _with_history(self, turn_ids: torch.Tensor, turn_inputs: dict[str, Any]) -> dict[str, Any]:
         """generate() inputs for the whole dialogue; the cache makes the model run only the uncached tail."""
         history = self.input_ids
@@ -203,12 +213,17 @@ class Conversation:
             before = self._per_token.get(key, torch.zeros(1, length, dtype=torch.long))
             after = turn_inputs.get(key, torch.zeros_like(turn_ids))
             model_inputs[key] = torch.cat([before, after.to(before.dtype)], dim=1)
-        if self.uses_mrope:
-            # The new turn continues from the largest position so far, as get_rope_index does over a whole prompt.
-            offset = int(self._positions.max()) + 1 if self._positions is not None else 0
-            turn_positions = turn_inputs["position_ids"] + offset
-            history_positions = self._positions if self._positions is not None else turn_positions[..., :0]
-            model_inputs["position_ids"] = torch.cat([history_positions, turn_positions], dim=-1)
+        if turn_inputs.get("position_ids") is not None:
+            # The new turn continues from the largest position so far, as get_rope_index does over a whole prompt
+            # (and as the unreduced prompt's 1-D positions do: text after an image continues after all its tokens).
+            turn_positions = turn_inputs["position_ids"]
+            history_positions = self._positions
+            if history_positions is None:  # earlier turns numbered by generate(): 0, 1, ...
+                history_positions = torch.arange(length, dtype=turn_positions.dtype)
+                history_positions = history_positions.view(*[1] * (turn_positions.dim() - 1), -1)
+                history_positions = history_positions.expand(*turn_positions.shape[:-1], -1)
+            offset = int(history_positions.max()) + 1 if length else 0
+            model_inputs["position_ids"] = torch.cat([history_positions, turn_positions + offset], dim=-1)
         return model_inputs
 
     def _record(self, model_inputs: dict[str, Any], output: Any) -> torch.Tensor:
@@ -224,11 +239,13 @@ class Conversation:
             if key not in ("input_ids", "attention_mask", "position_ids")
             and _is_per_token(value, sequences[:, :prompt_length])
         }
-        if self.uses_mrope:
+        positions = model_inputs.get("position_ids")
+        if positions is not None:
             # Generated tokens continue every axis by one per token, as generate() extends position_ids.
-            positions = model_inputs["position_ids"]
-            steps = torch.arange(1, generated + 1, dtype=positions.dtype).view(1, 1, -1)
+            steps = torch.arange(1, generated + 1, dtype=positions.dtype).view(*[1] * (positions.dim() - 1), -1)
             self._positions = torch.cat([positions, positions[..., -1:] + steps], dim=-1)
+        else:
+            self._positions = None
         self._cache = output_cache(output)
         return answer_ids
 

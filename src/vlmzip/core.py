@@ -171,3 +171,60 @@ def visionzip_reduce(
         groups=groups,
         scores=scores,
     )
+
+
+def adaptive_dominant(
+    scores: torch.Tensor,
+    attention_mass: float,
+    *,
+    has_cls: bool = True,
+    minimum: int = 1,
+    maximum: int | None = None,
+) -> torch.Tensor:
+    """Dominant tokens (B,) each row needs for its top-scoring tokens to hold `attention_mass` of its scores.
+
+    Tokens are taken in descending score order until their share of the row's total reaches
+    `attention_mass`; with [CLS] (`scores` (B, N - 1) over the patches) its own slot is added, as
+    `select_dominant` counts it. The count is clamped to [minimum, maximum] (maximum None: N).
+    """
+    scores = _check_tensor("scores", scores, 2)
+    num_tokens = scores.shape[1] + (1 if has_cls else 0)
+    minimum = check_int("min_dominant", minimum, 1, num_tokens)
+    maximum = num_tokens if maximum is None else min(check_int("max_dominant", maximum, minimum), num_tokens)
+    ranked = scores.float().clamp(min=0).sort(dim=1, descending=True).values
+    total = ranked.sum(dim=1, keepdim=True)
+    share = ranked.cumsum(dim=1) / total.clamp(min=torch.finfo(torch.float32).tiny)
+    needed = (share < attention_mass).sum(dim=1) + 1  # tokens until the share is reached
+    needed = torch.where(total.squeeze(1) > 0, needed, torch.ones_like(needed))
+    return (needed + (1 if has_cls else 0)).clamp(min=minimum, max=maximum)
+
+
+def anchor_indices(reduction: Reduction) -> torch.Tensor:
+    """(B, tokens) int64: for each reduced token, the input token whose place it takes.
+
+    A dominant (kept) token takes its own index. Contextual token j takes the token it was merged
+    onto: VisionZip's evenly spaced target (`contextual_targets` over the tokens not kept); for
+    methods whose groups have no target (pooling, ToMe), the group's first token in index order.
+    Position schemes use it: the reduced token sits where its anchor sat in the unreduced sequence.
+    """
+    kept = reduction.kept_indices
+    num_contextual = reduction.features.shape[1] - kept.shape[1]
+    if num_contextual == 0:
+        return kept
+    rows = []
+    for row in range(kept.shape[0]):
+        groups = reduction.groups[row]
+        remaining = (groups != GROUP_DOMINANT).nonzero().squeeze(1)
+        targets = remaining[contextual_targets(remaining.numel(), num_contextual).to(remaining.device)]
+        anchors = []
+        for group in range(num_contextual):
+            target = targets[group] if group < targets.numel() else None
+            if target is not None and int(groups[target]) == group:
+                anchors.append(target)
+                continue
+            members = (groups == group).nonzero()
+            if members.numel() == 0:
+                raise RuntimeError(f"contextual token {group} has no merged token to take its position from")
+            anchors.append(members[0, 0])
+        rows.append(torch.cat([kept[row], torch.stack(anchors).to(kept.dtype)]))
+    return torch.stack(rows)

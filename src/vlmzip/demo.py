@@ -29,6 +29,7 @@ from vlmzip.cli_options import add_budget_options, config_from_args
 from vlmzip.compat import output_cache
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
+from vlmzip.images import load_image
 
 DEFAULT_FOLLOW_UP = "how many objects are there?"
 
@@ -118,7 +119,9 @@ def run_demo(
         raise ValueError("follow_up must be None or a non-empty string")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    adapter: Adapter = adapter_class_for(model)(model, config)  # validates the budget; the model stays unpatched
+    # Validates the budget against the processor's geometry; the model stays unpatched.
+    adapter: Adapter = adapter_class_for(model)(model, config, processor)
+    image = load_image(image, processor)  # any mode as RGB; refused if the processor would blow it up
     device = next(model.parameters()).device
     inputs = processor(images=[image], text=[build_prompt(processor, question)], return_tensors="pt").to(device)
 
@@ -251,7 +254,7 @@ def render_follow_up(result: DemoResult) -> str:
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from vlmzip.loading import load_image, load_model
+    from vlmzip.loading import load_model
 
     console = Console()
     config = config_from_args(args)

@@ -2,12 +2,14 @@
 
 The output holds everything the input has (tokenizer, processor, chat template, generation config),
 plus:
-- config.json naming the plugin's architecture (`VisionZipLlavaForConditionalGeneration`);
+- config.json naming the plugin's architecture (`VisionZipLlavaForConditionalGeneration` for
+  LLaVA-1.5, `VisionZipQwen2_5_VLForConditionalGeneration` for Qwen2.5-VL);
 - visionzip_config.json with the budget (`VisionZipConfig.to_dict()`; --hf-overrides can change it);
-- the weights in the classic LLaVA-1.5 layout that vLLM's loader reads (and transformers still
+- LLaVA: the weights in the classic LLaVA-1.5 layout that vLLM's loader reads (and transformers still
   loads): `vision_tower.vision_model.*`, `language_model.model.*`, `language_model.lm_head.*`,
   `multi_modal_projector.*`. transformers 5 saves the tower as `vision_tower.*` and newer
-  checkpoints use `model.*` prefixes; both are renamed here, shard by shard.
+  checkpoints use `model.*` prefixes; both are renamed here, shard by shard. Qwen2.5-VL: the
+  weights as they are (vLLM maps transformers' names itself).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from vlmzip.api import load_saved_config
 from vlmzip.config import VisionZipConfig
 from vlmzip.outputs import refuse_overlap, replacing_directory
 from vlmzip.serving.settings import (
-    ARCHITECTURE,
     CONFIG_FILENAME,
+    PLUGIN_ARCHITECTURES,
     SERVABLE_ARCHITECTURES,
     check_servable,
 )
@@ -112,7 +115,7 @@ def export_model(
         raise TypeError(f"config must be a VisionZipConfig, got {type(config).__name__}")
     hf_config = _load_hf_config(model_dir)
     architectures = list(getattr(hf_config, "architectures", None) or [])
-    if not set(architectures) & (set(SERVABLE_ARCHITECTURES) | {ARCHITECTURE}):
+    if not set(architectures) & (set(SERVABLE_ARCHITECTURES) | set(PLUGIN_ARCHITECTURES.values())):
         raise ValueError(
             f"--model {model_dir}: unsupported architecture {architectures}; export supports "
             f"{sorted(SERVABLE_ARCHITECTURES)}"
@@ -122,24 +125,30 @@ def export_model(
     # Written beside out_dir and swapped in at the end: nothing of a previous export remains (stale
     # shards, index), and an interrupted export leaves the previous output as it was.
     with replacing_directory(out_dir) as staging:
-        _write_export(model_dir, staging, shards, config, plugin)
+        _write_export(model_dir, staging, shards, hf_config, config, plugin)
     return config
 
 
-def _write_export(model_dir: Path, out_dir: Path, shards: list[Path], config: VisionZipConfig, plugin: bool) -> None:
+def _write_export(
+    model_dir: Path, out_dir: Path, shards: list[Path], hf_config: Any, config: VisionZipConfig, plugin: bool
+) -> None:
     for path in sorted(model_dir.iterdir()):
         if path.is_file() and path.name not in _REWRITTEN and path.suffix not in (".safetensors", ".bin"):
             shutil.copy2(path, out_dir / path.name)
     names: dict[str, str] = {}
+    # vLLM's LLaVA loader wants CLIP under vision_tower.vision_model; other towers keep transformers' names.
+    clip = getattr(hf_config.vision_config, "model_type", None) == "clip_vision_model"
+    rename = vllm_weight_name if hf_config.model_type == "llava" and clip else str
     for shard in shards:
-        for name in _rename_shard(shard, out_dir / shard.name, vllm_weight_name):
+        for name in _rename_shard(shard, out_dir / shard.name, rename):
             names[name] = shard.name
     if len(shards) > 1 or (model_dir / WEIGHTS_INDEX).is_file():
         index = {"metadata": {}, "weight_map": dict(sorted(names.items()))}
         (out_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
     raw_config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    raw_config["architectures"] = [ARCHITECTURE if plugin else SERVABLE_ARCHITECTURE_OF[raw_config["model_type"]]]
+    model_type = raw_config["model_type"]
+    raw_config["architectures"] = [PLUGIN_ARCHITECTURES[model_type] if plugin else SERVABLE_ARCHITECTURE_OF[model_type]]
     (out_dir / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n", encoding="utf-8")
     if plugin:
         (out_dir / CONFIG_FILENAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -154,19 +163,25 @@ def _run(args: argparse.Namespace) -> int:
     config = None if budget is None else VisionZipConfig.from_budget(budget, method=args.method or "visionzip")
     if args.plain and (config is not None or args.method is not None):
         raise ValueError("--plain writes vLLM's own LLaVA with every visual token: it takes no budget or --method")
-    config = export_model(args.model, args.output, config, overwrite=args.force, plugin=not args.plain)
+    model = args.model
+    if model is None:  # the embedded default model, assembled on first use (no network)
+        from vlmzip.default_model import default_model_dir
+
+        model = default_model_dir()
+    config = export_model(model, args.output, config, overwrite=args.force, plugin=not args.plain)
     if args.plain:
         print(f"wrote {args.output}: vLLM's own LLaVA, all visual tokens; serve it with: vllm serve {args.output}")
         return 0
+    architecture = json.loads((Path(args.output) / "config.json").read_text(encoding="utf-8"))["architectures"][0]
     print(
-        f"wrote {args.output}: {ARCHITECTURE}, {config.dominant} + {config.contextual} = {config.tokens} "
+        f"wrote {args.output}: {architecture}, {config.dominant} + {config.contextual} = {config.tokens} "
         f"tokens per image ({config.method}); serve it with: vllm serve {args.output}"
     )
     return 0
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
-    help_text = "Write a model directory that `vllm serve` runs with VisionZip (LLaVA-1.5 with a CLIP tower)."
+    help_text = "Write a model directory that `vllm serve` runs with VisionZip (LLaVA-1.5, Qwen2.5-VL)."
     sub = subcommands.add_parser(
         "export",
         help=help_text,
@@ -174,7 +189,11 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         '\'{"visionzip": {"dominant": D, "contextual": C}}\' changes it. Needs the visionzip vLLM plugin '
         "installed where vLLM runs (pip install 'vlmzip[vllm]').",
     )
-    sub.add_argument("--model", required=True, help="transformers LLaVA-1.5 model directory (safetensors weights)")
+    sub.add_argument(
+        "--model",
+        help="transformers LLaVA-1.5 or Qwen2.5-VL model directory (safetensors weights); default: the embedded "
+        "default model (LLaVA with a DINOv2 tower)",
+    )
     sub.add_argument("-o", "--output", required=True, help="directory to write (new or empty; outside --model)")
     budget = sub.add_mutually_exclusive_group()
     budget.add_argument("--dominant", type=int, help="dominant tokens per image, [CLS] included (with --contextual)")

@@ -398,7 +398,7 @@ def _prepare_examples(
     )
     for path, group in by_image.items():
         try:
-            image = load_image(path)
+            image = load_image(path, processor)
             pixels, pairs = encode_image_examples(
                 processor, image, [(r.question, r.answers[0]) for r in group], options.prompt_template
             )
@@ -708,6 +708,8 @@ def finetune_projector(
     _require_trainer()
     if not isinstance(config, VisionZipConfig):
         raise TypeError(f"config must be a VisionZipConfig, got {type(config).__name__}")
+    if config.attention_mass is not None:
+        raise ValueError("config.attention_mass: projector fine-tuning takes a fixed budget; set attention_mass=None")
     if not isinstance(output_dir, (str, Path)) or not str(output_dir):
         raise TypeError(f"output_dir must be a directory path, got {output_dir!r}")
     for name, flag in (("resume", resume), ("overwrite", overwrite), ("adapter_only", adapter_only)):
@@ -847,7 +849,7 @@ def _image_loader(processor: Any, images: Sequence[Path]) -> Callable[[list[int]
     """pixel_values for image keys, loaded and processed again for every batch (no cache)."""
 
     def pixels(keys: list[int]) -> torch.Tensor:
-        loaded = [load_image(images[key]) for key in keys]
+        loaded = [load_image(images[key], processor) for key in keys]
         return processor.image_processor(images=loaded, return_tensors="pt")["pixel_values"]
 
     return pixels
@@ -940,6 +942,9 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     budget.add_argument("--dominant", type=int, help="tokens kept by attention ([CLS] included)")
     budget.add_argument("--contextual", type=int, help="merged contextual tokens")
     budget.add_argument("--method", default="visionzip", help="reduction method (default: visionzip)")
+    from vlmzip.cli_options import add_position_options
+
+    add_position_options(budget)
     defaults = FinetuneOptions()
     train = sub.add_argument_group("training")
     train.add_argument(

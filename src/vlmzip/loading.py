@@ -8,33 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
-# Larger images are refused before decoding: they are almost always a mistake and can exhaust memory.
-MAX_IMAGE_PIXELS = 50_000_000
+from vlmzip.images import MAX_IMAGE_PIXELS, load_image
 
-
-def load_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open an image file as RGB, or raise a one-line error naming the problem."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"image not found: {path}")
-    if not path.is_file():
-        raise ValueError(f"image path is not a file: {path}")
-    try:
-        with Image.open(path) as probe:
-            width, height = probe.size
-            if width * height > max_pixels:
-                raise ValueError(
-                    f"image too large: {width}x{height} = {width * height} pixels (limit {max_pixels}): {path}"
-                )
-            probe.verify()
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError):
-        raise ValueError(f"not a readable image file: {path}") from None
-    except OSError as error:
-        raise ValueError(f"cannot read image {path}: {error}") from None
+__all__ = ["MAX_IMAGE_PIXELS", "image_only_processor_class", "load_image", "load_model"]
 
 
 def load_model(model: str | Path | None = None, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:

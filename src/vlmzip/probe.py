@@ -154,6 +154,15 @@ def square_size(value: Any, name: str) -> int:
     return int(value)
 
 
+def check_finite(name: str, values: torch.Tensor) -> torch.Tensor:
+    """Raise when a floating-point tensor holds NaN or infinity (one vectorised check, no Python loop)."""
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        raise ValueError(
+            f"{name} holds NaN or infinite values; they would make every feature NaN and the kept tokens meaningless"
+        )
+    return values
+
+
 def check_pixel_values(pixel_values: object, tower: TowerInfo) -> torch.Tensor:
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
@@ -172,7 +181,7 @@ def check_pixel_values(pixel_values: object, tower: TowerInfo) -> torch.Tensor:
         raise ValueError(
             f"pixel_values images must be at least {tower.patch_size}x{tower.patch_size} pixels, got {height}x{width}"
         )
-    return pixel_values
+    return check_finite("pixel_values", pixel_values)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from torch import nn
 
 from vlmzip.config import VisionZipConfig, check_int
 from vlmzip.core import GROUP_DOMINANT, GROUP_DROPPED, Reduction
+from vlmzip.images import load_image, to_rgb
 
 PANEL_SIZE = 336  # default long side of one panel in pixels (LLaVA-1.5's input size)
 MIN_CELL = 4  # pixels per patch at least, so that outlines never cover a patch's centre
@@ -273,7 +274,7 @@ def _text_width(draw: ImageDraw.ImageDraw, text: str, font: Any) -> int:
 def _fit(image: Image.Image, grid: tuple[int, int], cell: int) -> np.ndarray:
     """The image scaled to cover the grid at `cell` pixels per patch and centre-cropped, as float RGB."""
     rows, cols = grid
-    fitted = ImageOps.fit(image.convert("RGB"), (cols * cell, rows * cell), method=Image.Resampling.BICUBIC)
+    fitted = ImageOps.fit(to_rgb(image), (cols * cell, rows * cell), method=Image.Resampling.BICUBIC)
     return np.asarray(fitted, dtype=np.float64)
 
 
@@ -560,7 +561,7 @@ def _crop_labels(count: int) -> list[str]:
     return ["base image"] + [f"crop {index}" for index in range(1, count)]
 
 
-def model_adapter(model: nn.Module, config: VisionZipConfig | None = None) -> Any:
+def model_adapter(model: nn.Module, config: VisionZipConfig | None = None, processor: Any = None) -> Any:
     """The family adapter for `model`, without patching it.
 
     With `config` None: the applied VisionZip's adapter when there is one, else an adapter with the
@@ -575,27 +576,17 @@ def model_adapter(model: nn.Module, config: VisionZipConfig | None = None) -> An
         return state.adapter if state is not None else adapter_class(model, VisionZipConfig(dominant=1, contextual=0))
     if not isinstance(config, VisionZipConfig):
         raise TypeError(f"config must be a VisionZipConfig or None, got {type(config).__name__}")
-    return adapter_class(model, config)
-
-
-def _as_image(image: Image.Image | str | Path) -> Image.Image:
-    from vlmzip.loading import load_image
-
-    if isinstance(image, (str, Path)):
-        image = load_image(image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL image or a path to one, got {type(image).__name__}")
-    return image
+    return adapter_class(model, config, processor)  # the budget is checked at the processor's input size
 
 
 def image_pixel_values(processor: Any, image: Image.Image | str | Path) -> tuple[torch.Tensor, Any, list[str] | None]:
     """(pixel_values (crops, C, H, W), image processor, crop labels or None) for one image, as the
     model's processor makes them."""
-    image = _as_image(image)
     image_processor = getattr(processor, "image_processor", processor)
     if not callable(image_processor):
         raise TypeError(f"processor must be the model's processor (or image processor), got {type(processor).__name__}")
-    pixel_values = image_processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]
+    image = load_image(image, image_processor)
+    pixel_values = image_processor(images=[image], return_tensors="pt")["pixel_values"]
     labels = None
     if pixel_values.ndim == 5:  # (images, crops, C, H, W): each crop is reduced on its own
         pixel_values = pixel_values.flatten(0, 1)
@@ -636,10 +627,10 @@ def reduce_image(
     adapter_class_for(model)  # unsupported models get that error first
     if config is None and not is_applied(model):
         config = VisionZipConfig()
-    adapter = model_adapter(model, config)
+    adapter = model_adapter(model, config, processor)
     if hasattr(adapter, "reduce_for_view"):  # towers fed flattened patches (Qwen): the adapter rebuilds the view
         image_processor = getattr(processor, "image_processor", processor)
-        processed = image_processor(images=[_as_image(image).convert("RGB")], return_tensors="pt")
+        processed = image_processor(images=[load_image(image, image_processor)], return_tensors="pt")
         with torch.no_grad():
             pixel_values, reduction, unit = adapter.reduce_for_view(processed)
         return reduced_images(pixel_values, reduction, unit, 0, image_processor)
@@ -647,6 +638,10 @@ def reduce_image(
     parameter = next(adapter.vision_tower().parameters())
     with torch.no_grad():
         probe, reduction = adapter.reduce(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
+    if isinstance(reduction, list):  # an adaptive budget: one reduction per image or crop, of its own length
+        if len(reduction) != 1:
+            raise ValueError(f"drawing an adaptive budget covers single-crop images, got {len(reduction)} crops")
+        reduction = reduction[0]
     labels = adapter.unit_labels(pixel_values.shape[0]) or labels
     return reduced_images(
         pixel_values, reduction, adapter.token_pixels, probe.num_prefix_tokens, image_processor, labels

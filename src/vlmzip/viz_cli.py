@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from vlmzip.cli_options import APP_HOST, APP_PORT, add_budget_options, config_from_args, load_model_for_cli
+from vlmzip.cli_options import (
+    APP_HOST,
+    APP_PORT,
+    add_budget_options,
+    add_position_options,
+    config_from_args,
+    load_model_for_cli,
+)
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -32,9 +39,10 @@ def _show(args: argparse.Namespace) -> int:
 
 def _app(args: argparse.Namespace) -> int:
     from vlmzip.app import launch
-    from vlmzip.config import check_int
+    from vlmzip.config import VisionZipConfig, check_int
 
     port = check_int("--port", args.port, 1, 65535)
+    VisionZipConfig(positions=args.positions)
     model, processor = load_model_for_cli(args.model)
     launch(
         model,
@@ -44,6 +52,7 @@ def _app(args: argparse.Namespace) -> int:
         use_default_examples=args.model is None,
         max_new_tokens=args.max_new_tokens,
         repeats=args.repeats,
+        positions=args.positions,
     )
     return 0
 
@@ -71,4 +80,5 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     app.add_argument("--port", type=int, default=APP_PORT, help=f"port (default {APP_PORT})")
     app.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the model's generation config)")
     app.add_argument("--repeats", type=int, default=3, help="prefill timing: best of this many runs (default 3)")
+    add_position_options(app)
     app.set_defaults(run=_app)

@@ -116,9 +116,12 @@ def test_two_images_in_one_prompt(patched, llava_processor, images):
 
 def test_generate_prepares_raw_inputs_itself(patched, llava_processor, images):
     inputs = processor_inputs(llava_processor, images[:2], PROMPTS[:2])
-    explicit = generate(patched, vlmzip.prepare(patched, inputs))
-    implicit = generate(patched, inputs)
-    assert torch.equal(explicit, implicit)
+    prepared = vlmzip.prepare(patched, inputs)
+    explicit = generate(patched, prepared)
+    implicit = generate(patched, inputs)  # the caller's prompt, then the same new tokens
+    length = inputs["input_ids"].shape[1]
+    assert torch.equal(implicit[:, :length], inputs["input_ids"])
+    assert torch.equal(implicit[:, length:], explicit[:, prepared["input_ids"].shape[1] :])
 
 
 def test_forward_with_labels_shrinks_labels(patched, llava_processor, images):

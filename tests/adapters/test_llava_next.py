@@ -142,7 +142,10 @@ def test_two_images_across_turns(model, processor, images):
     assert ids[first : first + 3 * 36] == [IMAGE_TOKEN_ID] * (3 * 36)  # first image's run, then text
     assert ids[first + 3 * 36] != IMAGE_TOKEN_ID
     explicit = generate(model, prepared)
-    assert torch.equal(generate(model, inputs), explicit)  # generate() prepares raw inputs itself
+    implicit = generate(model, inputs)  # generate() prepares raw inputs itself, returns the caller's prompt
+    length = inputs["input_ids"].shape[1]
+    assert torch.equal(implicit[:, :length], inputs["input_ids"])
+    assert torch.equal(implicit[:, length:], explicit[:, prepared["input_ids"].shape[1] :])
 
 
 def test_remove_restores_bit_identical_logits(processor, images):

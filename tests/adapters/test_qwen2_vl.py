@@ -203,8 +203,12 @@ def test_video_budget_scope_and_temporal_step(family, processor):
 
 def test_forward_and_generate_prepare_raw_inputs(patched, processor, qwen_images):
     inputs = batch_inputs(processor, qwen_images)
+    reduced_length = vlmzip.prepare(patched, inputs)["input_ids"].shape[1]
     explicit = generate(patched, vlmzip.prepare(patched, inputs))
-    assert torch.equal(generate(patched, inputs), explicit)
+    implicit = generate(patched, inputs)  # the caller's prompt, then the same new tokens
+    length = inputs["input_ids"].shape[1]
+    assert torch.equal(implicit[:, :length], inputs["input_ids"])
+    assert torch.equal(implicit[:, length:], explicit[:, reduced_length:])
     with torch.no_grad():
         raw = patched(**inputs).logits
         prepared = patched(**vlmzip.prepare(patched, inputs)).logits

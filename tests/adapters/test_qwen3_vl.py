@@ -450,4 +450,5 @@ def test_show_panels_are_the_merge_units(family, processor, qwen_images, tmp_pat
     assert main([*argv, "--heatmap", "-o", str(tmp_path / "show.png")]) == 0
     assert "12 of 48 tokens" in capsys.readouterr().out
     assert main([*argv[:-1], "60", "-o", str(tmp_path / "show.png")]) == 2
-    assert "must be <= 48" in capsys.readouterr().err
+    # Refused at apply(): no image under the processor's max_pixels yields more than 49 merged tokens.
+    assert "must be <= 49" in capsys.readouterr().err

@@ -283,3 +283,22 @@ def test_visionzip_overrides_on_a_model_the_plugin_does_not_serve_are_refused(ti
     assert requested_from_argv(["vllm", "serve", str(plain), "--hf-overrides", budget]) == (str(plain), budget)
     assert requested_from_argv(["vllm", "serve", "--model", "m", f"--hf-overrides={budget}"]) == ("m", budget)
     assert requested_from_argv(["python", "script.py"]) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"positions": "original"}, r"positions='original' is not available in vLLM serving"),
+        ({"attention_mass": 0.5}, r"attention_mass \(adaptive budget\) is not available in vLLM serving"),
+    ],
+)
+def test_fields_the_runner_does_not_implement_are_refused(exported, fields, match):
+    with pytest.raises(ValueError, match=match):
+        check_servable(hf_config(exported), VisionZipConfig(**fields))
+
+
+def test_a_bad_position_scheme_in_the_overrides_is_named(exported):
+    config = hf_config(exported)
+    config.visionzip = {"positions": "sparse"}
+    with pytest.raises(ValueError, match=r"positions must be one of \('compact', 'original'\)"):
+        resolve_config(exported, config)

@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +21,7 @@ from PIL import Image
 
 pytest.importorskip("vllm")
 
+from serve_helpers import VLLM_ENV, free_port, run_vllm, stop, wait_until_healthy  # noqa: E402
 from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
 
 import vlmzip  # noqa: E402
@@ -34,18 +30,10 @@ from vlmzip.export import export_model  # noqa: E402
 from vlmzip.serving.bench_vllm import PROMPT  # noqa: E402
 from vlmzip.serving.tiny import build_tiny_llava  # noqa: E402
 
-RUNNER = Path(__file__).with_name("vllm_runner.py")
 PROMPT_WORDS = PROMPT.split()  # the benchmark's prompt, one token per word
 MAX_NEW_TOKENS = 8  # vllm_runner.MAX_NEW_TOKENS
 EOS_TOKEN_ID = 2
 IMAGE_TOKEN_ID = 4
-VLLM_ENV = {
-    **os.environ,
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 BUDGET = VisionZipConfig(dominant=54, contextual=10)
 REQUESTS = [
     ("USER: <image> what is in the image ? ASSISTANT:", [0]),
@@ -70,21 +58,6 @@ def workdir(tmp_path_factory):
 
 def image_paths(workdir, indices):
     return [str(workdir / f"image{i}.png") for i in indices]
-
-
-def run_vllm(workdir, runs):
-    spec, result = workdir / "spec.json", workdir / "result.json"
-    spec.write_text(json.dumps({"runs": runs}))
-    completed = subprocess.run(
-        [sys.executable, str(RUNNER), str(spec), str(result)],
-        env=VLLM_ENV,
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return json.loads(result.read_text())["runs"]
 
 
 def hf_generate(model_dir, config, prompt, images):
@@ -164,38 +137,6 @@ def test_bad_configuration_fails_at_load(vllm_results, run, message):
     # These engines were built with no request at all: the error comes from loading.
     assert "error" in vllm_results[run], vllm_results[run]
     assert re.search(message, vllm_results[run]["error"]), vllm_results[run]["error"]
-
-
-# --- the OpenAI-compatible server ------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_healthy(process, url, log, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"vllm serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(2)
-    pytest.fail(f"vllm serve not healthy after {timeout} s:\n{log.read_text()[-4000:]}")
-
-
-def stop(process):
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
 
 
 def test_vllm_serve_answers_an_image_question(workdir):

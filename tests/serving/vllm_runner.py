@@ -2,11 +2,15 @@
 
     python vllm_runner.py SPEC.json RESULT.json
 
-SPEC: {"runs": [{"model": DIR, "hf_overrides": {...} | null,
+SPEC: {"runs": [{"model": DIR, "hf_overrides": {...} | null, "llm_options": {...} | null,
+                 "image_prompt": "USER: <image> what ? ASSISTANT:" | null, "repeat": 0,
                  "requests": [{"prompt": "USER: <image> ... ASSISTANT:", "images": [PNG paths]}]}]}
 RESULT: {"runs": [{"error": "..."} | {"outputs": [{"prompt_token_ids", "token_ids", "text"}],
-                                      "max_image_tokens", "hf_processor_image_tokens"}]}
+                                      "max_image_tokens", "hf_processor_image_tokens",
+                                      "repeats": [...], "prefix_cache": {"queries", "hits"}}]}
 Each run builds its own engine; a run whose engine fails to start records the error and the next run goes on.
+`repeat` > 0 sends the first request that many more times, one after the other, and records vLLM's
+prefix-cache counters afterwards.
 """
 
 from __future__ import annotations
@@ -23,18 +27,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MAX_NEW_TOKENS = 8
 
 
-def processor_checks(llm, image) -> dict:
+def processor_checks(llm, image, prompt) -> dict:
     """What vLLM's multimodal processor for this model declares and what its HF processor emits."""
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
     processor = MULTIMODAL_REGISTRY.create_processor(llm.llm_engine.model_config)
     info = processor.info
     hf_processor = info.get_hf_processor()
-    encoded = hf_processor(images=[image], text=["USER: <image> what ? ASSISTANT:"], return_tensors="pt")
-    image_token_id = info.get_hf_config().image_token_index
+    encoded = hf_processor(images=[image], text=[prompt], return_tensors="pt")
+    config = info.get_hf_config()
+    image_token_id = getattr(config, "image_token_index", None) or config.image_token_id
     return {
         "max_image_tokens": info.get_max_image_tokens(),
         "hf_processor_image_tokens": int((encoded["input_ids"] == image_token_id).sum()),
+    }
+
+
+def record(output) -> dict:
+    return {
+        "prompt_token_ids": list(output.prompt_token_ids),
+        "token_ids": list(output.outputs[0].token_ids),
+        "text": output.outputs[0].text,
     }
 
 
@@ -43,15 +56,17 @@ def run_one(run: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     try:
-        llm = LLM(
-            model=run["model"],
-            hf_overrides=run.get("hf_overrides") or {},
-            enforce_eager=True,
-            max_model_len=1024,
-            dtype="float32",
-            seed=0,
-            limit_mm_per_prompt={"image": 2},
-        )
+        options = {
+            "hf_overrides": run.get("hf_overrides") or {},
+            "enforce_eager": True,
+            "max_model_len": 1024,
+            "dtype": "float32",
+            "seed": 0,
+            "limit_mm_per_prompt": {"image": 2},
+            "disable_log_stats": False,
+            **(run.get("llm_options") or {}),
+        }
+        llm = LLM(model=run["model"], **options)
     except Exception as error:  # noqa: BLE001 - the test asserts on the message
         return {"error": f"{type(error).__name__}: {error}"}
     requests = []
@@ -63,19 +78,20 @@ def run_one(run: dict) -> dict:
         if images:
             item["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
         requests.append(item)
-    outputs = llm.generate(requests, SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS), use_tqdm=False)
-    result = {
-        "outputs": [
-            {
-                "prompt_token_ids": list(o.prompt_token_ids),
-                "token_ids": list(o.outputs[0].token_ids),
-                "text": o.outputs[0].text,
-            }
-            for o in outputs
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS)
+    result = {"outputs": [record(o) for o in llm.generate(requests, params, use_tqdm=False)]}
+    if run.get("repeat"):
+        result["repeats"] = [
+            record(llm.generate(requests[:1], params, use_tqdm=False)[0]) for _ in range(run["repeat"])
         ]
-    }
+        counters = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
+        result["prefix_cache"] = {
+            "queries": counters.get("vllm:prefix_cache_queries"),
+            "hits": counters.get("vllm:prefix_cache_hits"),
+        }
     if first_image is not None:
-        result.update(processor_checks(llm, first_image))
+        prompt = run.get("image_prompt") or "USER: <image> what ? ASSISTANT:"
+        result.update(processor_checks(llm, first_image, prompt))
     del llm
     gc.collect()
     return result

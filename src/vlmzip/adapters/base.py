@@ -13,6 +13,7 @@ import hashlib
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -21,9 +22,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmzip.cache import CachedVisual, ImageCache, VisualUnit, hash_tensors
 from vlmzip.config import VisionZipConfig
-from vlmzip.core import Reduction
+from vlmzip.core import Reduction, adaptive_dominant
+from vlmzip.images import processor_input_size
 from vlmzip.methods import get_method
-from vlmzip.probe import ProbeOutput, TowerInfo, probe_vision_tower, resolve_tower
+from vlmzip.probe import ProbeOutput, TowerInfo, check_finite, probe_vision_tower, resolve_tower
 
 PaddingSide = Literal["left", "right"]
 # Per-token text inputs: they never change an image's tokens.
@@ -43,13 +45,37 @@ class EncodedImages:
     slots: for each image, which placeholder positions (within its run, ascending) the reduced
         tokens occupy; None keeps the first `tokens_i` positions. Families whose position ids
         depend on the slot (M-RoPE) set it.
-    reductions: the core's per-batch results, for visualisation and inspection.
+    reductions: the core's per-batch results (per unit with an adaptive budget), for visualisation
+        and inspection.
+    positions: for each image, the placeholder (within its run, 0-based) whose position id every
+        reduced token takes under `positions="original"` (see `Adapter.position_ids`); None when
+        the family does not provide it.
     """
 
     features: list[torch.Tensor]
     full_counts: list[int]
     slots: list[torch.Tensor] | None = None
     reductions: list[Reduction] = field(default_factory=list)
+    positions: list[torch.Tensor] | None = None
+
+
+def split_rows(reduction: Reduction) -> list[Reduction]:
+    """One single-row Reduction per row of a batched one (views, no copies)."""
+    return [
+        Reduction(
+            features=reduction.features[row : row + 1],
+            kept_indices=reduction.kept_indices[row : row + 1],
+            groups=reduction.groups[row : row + 1],
+            scores=reduction.scores[row : row + 1] if reduction.scores is not None else None,
+        )
+        for row in range(reduction.features.shape[0])
+    ]
+
+
+def original_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) position ids of a prompt as `generate()` numbers it: real tokens 0, 1, ...; padding 0."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
 
 
 class Adapter:
@@ -58,10 +84,26 @@ class Adapter:
     families: ClassVar[tuple[str, ...]] = ()  # model class names this adapter handles
     image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)  # consumed by prepare()
     modality: ClassVar[str] = "image"
+    # Families with 1-D position ids whose encode() fills `EncodedImages.positions` set this (see position_ids).
+    supports_original_positions: ClassVar[bool] = False
+    # Families that always keep the unreduced prompt's positions (M-RoPE) and build them in their own prepare().
+    keeps_original_positions: ClassVar[bool] = False
+    # Families whose encode() reduces through run_method() and takes its per-unit lists (adaptive budgets).
+    supports_adaptive: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module, config: VisionZipConfig) -> None:
+    def __init__(self, model: nn.Module, config: VisionZipConfig, processor: Any = None) -> None:
         self.model = model
         self.config = config
+        # Where the input geometry comes from: the model's processor, else the directory it was loaded from.
+        self.processor_source = processor if processor is not None else model_directory(model)
+        if config.positions == "original" and not (self.supports_original_positions or self.keeps_original_positions):
+            raise ValueError(
+                f"positions='original' is not supported for {type(model).__name__}; use positions='compact'"
+            )
+        if config.adaptive and not self.supports_adaptive:
+            raise ValueError(
+                f"attention_mass (adaptive budget) is not supported for {type(model).__name__}; use a fixed budget"
+            )
         self.tower_info: TowerInfo = self.resolve_tower_info()
         self.feature_layer = self._resolve_feature_layer()
         self.method = get_method(config.method)
@@ -203,6 +245,7 @@ class Adapter:
             full_counts=[visual.full_count for visual in visuals],
             slots=slots,
             reductions=reductions,
+            positions=cached_positions(visuals),
         )
 
     def encode_visuals(self, inputs: Mapping[str, Any], cache: ImageCache | None) -> EncodedImages:
@@ -232,8 +275,14 @@ class Adapter:
                 raise RuntimeError(f"{type(self).__name__} encoded {len(encoded.features)} items, not {len(fresh)}")
             for position, index in enumerate(fresh):
                 slots = encoded.slots[position] if encoded.slots is not None else None
+                original = encoded.positions is not None and self.config.positions == "original"
+                positions = encoded.positions[position] if original else None  # only read for "original"
                 visual = CachedVisual(
-                    self.cached_features(encoded, position), encoded.full_counts[position], slots, units[index].modality
+                    self.cached_features(encoded, position),
+                    encoded.full_counts[position],
+                    slots,
+                    units[index].modality,
+                    positions,
                 )
                 if known[keys[index]] is None:
                     cache.put(keys[index], visual)
@@ -271,24 +320,118 @@ class Adapter:
         self.tower_info.feature_layer_index(layer)  # raises when out of range
         return layer
 
+    def input_size(self) -> tuple[int, int] | None:
+        """(height, width) of the images the processor hands the tower, where known."""
+        return processor_input_size(self.processor_source)
+
+    def geometry_note(self) -> str:
+        """Where tokens_per_unit's count comes from, for error messages."""
+        size = self.input_size()
+        if size is not None:
+            return f"at the processor's {size[0]}x{size[1]} input"
+        image_size = getattr(getattr(self.model.config, "vision_config", None), "image_size", None)
+        return f"at the tower config's image_size {image_size}" if image_size else "per image"
+
     def check_budget(self) -> None:
         available = self.tokens_per_unit()
-        if self.config.tokens > available:
+        self.check_adaptive(available)
+        if self.config.fewest_tokens > available:
             raise ValueError(
-                f"dominant + contextual must be <= {available} (the tokens this model's tower yields per "
-                f"image), got {self.config.dominant} + {self.config.contextual} = {self.config.tokens}"
+                f"dominant + contextual must be <= {available} (the tokens this model's tower yields per image "
+                f"{self.geometry_note()}), got {self.config.dominant} + {self.config.contextual} = {self.config.tokens}"
             )
 
-    def reduce(self, pixel_values: torch.Tensor, **tower_kwargs: Any) -> tuple[ProbeOutput, Reduction]:
-        """Probe the tower at the feature layer and apply the configured method."""
+    def check_adaptive(self, available: int) -> None:
+        """With an adaptive budget: the fewest tokens per unit must fit the `available` tokens of one unit."""
+        config = self.config
+        if not config.adaptive:
+            return
+        if config.fewest_tokens > available:
+            raise ValueError(
+                f"min_dominant + contextual must be <= {available} (the tokens this model's tower yields per "
+                f"image / crop), got {config.min_dominant} + {config.contextual} = {config.fewest_tokens}"
+            )
+
+    def run_method(self, probe: ProbeOutput, config: VisionZipConfig | None = None) -> Reduction | list[Reduction]:
+        """Apply the method to every unit (image, crop, frame) of `probe`.
+
+        A fixed budget gives one batched Reduction. An adaptive budget (`config.attention_mass`) gives
+        one single-row Reduction per unit: each unit's dominant count is chosen from its scores
+        (`core.adaptive_dominant`, at most the unit's tokens minus `contextual`), and units that chose the
+        same count are reduced together.
+        """
+        config = self.config if config is None else config
+        if not config.adaptive:
+            return self.method(probe, config)
+        num_tokens = probe.features.shape[1]
+        if config.fewest_tokens > num_tokens:
+            raise ValueError(
+                f"min_dominant + contextual must be <= {num_tokens} (the tokens of one unit here), "
+                f"got {config.fewest_tokens}"
+            )
+        ceiling = num_tokens - config.contextual
+        maximum = ceiling if config.max_dominant is None else min(config.max_dominant, ceiling)
+        counts = adaptive_dominant(
+            probe.scores, config.attention_mass, has_cls=probe.has_cls, minimum=config.min_dominant, maximum=maximum
+        ).tolist()
+        units: list[Reduction | None] = [None] * len(counts)
+        for count in sorted(set(counts)):
+            rows = [row for row, value in enumerate(counts) if value == count]
+            fixed = config.replace(dominant=count, attention_mass=None, max_dominant=None, min_dominant=1)
+            for row, reduction in zip(rows, split_rows(self.method(take_rows(probe, rows), fixed)), strict=True):
+                units[row] = reduction
+        return [unit for unit in units if unit is not None]
+
+    def reduce(
+        self, pixel_values: torch.Tensor, **tower_kwargs: Any
+    ) -> tuple[ProbeOutput, Reduction | list[Reduction]]:
+        """Probe the tower at the feature layer and apply the configured method (see `run_method`)."""
         probe = probe_vision_tower(self.vision_tower(), pixel_values, self.feature_layer, **tower_kwargs)
         num_tokens = probe.features.shape[1]
-        if self.config.tokens > num_tokens:
+        if self.config.fewest_tokens > num_tokens:
             raise ValueError(
                 f"dominant + contextual must be <= {num_tokens} (the tokens the tower yields for these "
-                f"pixel_values), got {self.config.tokens}"
+                f"pixel_values), got {self.config.fewest_tokens}"
             )
-        return probe, self.method(probe, self.config)
+        return probe, self.run_method(probe)
+
+    # --- positions -------------------------------------------------------------------------------
+    def position_ids(
+        self, attention_mask: torch.Tensor, blocks: Sequence[tuple[int, int, int]], encoded: EncodedImages
+    ) -> torch.Tensor | None:
+        """The position-ids hook: (B, L) position ids laid over the *unreduced* input, or None.
+
+        `prepare()` calls it after `encode()` with the unreduced `attention_mask`, every image's
+        placeholder run `(sample, start, length)` and the encoded images, then keeps the columns that
+        survive the reduction (each image's reduced tokens fill the first slots of its run, or
+        `encoded.slots`) and hands the result to the model as `position_ids`, which `generate()`
+        carries through the KV cache, beam expansion and decoding (it continues from the last column).
+
+        None (the default, `positions="compact"`) lets the model number the reduced sequence itself.
+        For `positions="original"` this base implementation numbers the unreduced prompt as `generate()`
+        does (`original_positions`: real tokens 0, 1, ... per sample, padding excluded), so text keeps the
+        position it has with all tokens, and gives the reduced tokens of image i, in order, the positions of
+        the placeholders `encoded.positions[i]` names (offsets within its run): a kept token its own, a
+        contextual token that of the token it was merged onto (`core.anchor_indices`).
+
+        A family with 1-D positions plugs in by setting `supports_original_positions = True` and filling
+        `EncodedImages.positions` in its `encode()`, mapping each reduced token's anchor (an index into the
+        tower's tokens, e.g. from `anchor_indices`) to the placeholder that token had in the unreduced prompt.
+        A family with other positions (M-RoPE) sets `keeps_original_positions` and builds them itself.
+        """
+        if self.config.positions != "original" or self.keeps_original_positions:
+            return None
+        if encoded.positions is None or len(encoded.positions) != len(blocks):
+            raise RuntimeError(f"{type(self).__name__}.encode did not give the reduced tokens' positions")
+        positions = original_positions(attention_mask)
+        out = positions.clone()
+        for image, (sample, start, size) in enumerate(blocks):
+            offsets = encoded.positions[image].to(positions.device)
+            if offsets.numel() and not 0 <= int(offsets.min()) <= int(offsets.max()) < size:
+                raise RuntimeError(f"image {image}: reduced-token positions fall outside its {size} placeholders")
+            first = slots_of(encoded, image, offsets.numel()).to(positions.device) + start
+            out[sample, first] = positions[sample, start + offsets]
+        return out
 
     def pad_token_id(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
         config = self.model.config
@@ -318,6 +461,9 @@ class Adapter:
             raise ValueError("inputs['position_ids'] is not supported: leave it out, the model derives positions")
         if padding_side not in (None, "left", "right"):
             raise ValueError(f"padding_side must be 'left', 'right' or None, got {padding_side!r}")
+        for key in self.image_input_keys:
+            if isinstance(prepared.get(key), torch.Tensor):
+                check_finite(f"inputs[{key!r}]", prepared[key])
         attention_mask = prepared.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -332,6 +478,7 @@ class Adapter:
         encoded = self.encode_visuals(prepared, self.cache if cache is _APPLIED else cache)
         new_counts = [int(f.shape[0]) for f in encoded.features]
         keep = placeholder_keep_mask(attention_mask, blocks, new_counts, encoded.slots)
+        position_ids = self.position_ids(attention_mask, blocks, encoded)
 
         if padding_side is None:
             right_padded = bool((attention_mask[:, -1] == 0).any())
@@ -341,11 +488,19 @@ class Adapter:
             if isinstance(value, torch.Tensor) and value.shape == input_ids.shape and key != "attention_mask":
                 prepared[key] = compact_and_pad(value, keep, pad_values.get(key, 0), padding_side)
         prepared["attention_mask"] = compact_and_pad(torch.ones_like(attention_mask), keep, 0, padding_side)
+        if position_ids is not None:
+            prepared["position_ids"] = compact_and_pad(position_ids, keep, 0, padding_side)
         for key in self.image_input_keys:
             prepared.pop(key, None)
         self.attach_features(prepared, encoded)
         self.last_encoded = encoded
         return prepared
+
+
+def cached_positions(visuals: Sequence[CachedVisual]) -> list[torch.Tensor] | None:
+    """`EncodedImages.positions` of cached items: None unless every item has its positions."""
+    positions = [visual.positions for visual in visuals]
+    return None if any(p is None for p in positions) else positions  # type: ignore[return-value]
 
 
 def units_input_ids(units: Sequence[VisualUnit]) -> torch.Tensor:
@@ -362,6 +517,35 @@ def check_square_batch(pixel_values: object, side: int, items: str) -> torch.Ten
             f"it, got {getattr(pixel_values, 'shape', type(pixel_values).__name__)}"
         )
     return pixel_values
+
+
+def model_directory(model: nn.Module) -> Path | None:
+    """The local directory `model` was loaded from (`name_or_path`), if it is one."""
+    sources = (getattr(model, "name_or_path", None), getattr(getattr(model, "config", None), "_name_or_path", None))
+    for source in sources:
+        if isinstance(source, (str, Path)) and str(source) and Path(source).is_dir():
+            return Path(source)
+    return None
+
+
+def slots_of(encoded: EncodedImages, image: int, count: int) -> torch.Tensor:
+    """The placeholders (within its run) that image `image`'s `count` reduced tokens occupy, in token order."""
+    if encoded.slots is not None:
+        return encoded.slots[image]
+    return torch.arange(count)
+
+
+def take_rows(probe: ProbeOutput, rows: Sequence[int]) -> ProbeOutput:
+    """The probe of the units `rows` of a batch."""
+    index = torch.tensor(list(rows), device=probe.features.device)
+    return ProbeOutput(
+        features=probe.features[index],
+        scores=probe.scores[index],
+        keys=probe.keys[index],
+        has_cls=probe.has_cls,
+        num_prefix_tokens=probe.num_prefix_tokens,
+        grid=probe.grid,
+    )
 
 
 def prepare_unreduced(model: nn.Module, inputs: Mapping[str, Any], modality: str = "image") -> dict[str, Any]:

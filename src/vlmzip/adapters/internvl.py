@@ -64,7 +64,7 @@ class InternVLAdapter(Adapter):
     families = ("InternVLForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
 
-    def __init__(self, model: nn.Module, config: VisionZipConfig) -> None:
+    def __init__(self, model: nn.Module, config: VisionZipConfig, processor: Any = None) -> None:
         strategy = getattr(model.config, "vision_feature_select_strategy", None)
         if strategy != "default":
             raise ValueError(
@@ -81,7 +81,7 @@ class InternVLAdapter(Adapter):
                 f"temporal_threshold applies to videos; {type(model).__name__} reduces video frames as separate "
                 "images (leave it None)"
             )
-        super().__init__(model, config)
+        super().__init__(model, config, processor)
 
     # --- model parts ---------------------------------------------------------------------
     def vision_tower(self) -> nn.Module:

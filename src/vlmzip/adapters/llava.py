@@ -1,4 +1,8 @@
-"""LLaVA-1.5 (`LlavaForConditionalGeneration`): one tower pass per image, one projector."""
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`): one tower pass per image, one projector.
+
+Original positions: tower token i held placeholder i of its image's run (i - 1 under the "default"
+feature strategy, which drops [CLS]; a kept [CLS] then takes the first placeholder's position).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmzip.adapters.base import Adapter, EncodedImages
+from vlmzip.adapters.base import Adapter, EncodedImages, split_rows
 from vlmzip.cache import VisualUnit
+from vlmzip.core import Reduction, anchor_indices
 
 
 class LlavaAdapter(Adapter):
     families = ("LlavaForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
+    supports_original_positions = True
+    supports_adaptive = True
 
     def vision_tower(self) -> nn.Module:
         return self.model.model.vision_tower
@@ -27,6 +34,11 @@ class LlavaAdapter(Adapter):
         return getattr(self.model.config, "vision_feature_select_strategy", "default") == "default"
 
     def tokens_per_unit(self) -> int:
+        """At the processor's input size where known (the embedded DINOv2 model: 336 px, though its
+        tower config says 518), else at the tower config's image_size."""
+        size = self.input_size()
+        if size is not None:
+            return self.tower_info.num_tokens(*size)
         vision_config = self.model.config.vision_config
         side = int(vision_config.image_size) // self.tower_info.patch_size
         return self.tower_info.num_prefix_tokens + side * side
@@ -42,14 +54,24 @@ class LlavaAdapter(Adapter):
         per_image = self.tower_info.num_tokens(height, width) - (1 if self._drops_cls() else 0)
         return [per_image] * pixel_values.shape[0]
 
+    def placeholder_of(self, anchors: torch.Tensor) -> torch.Tensor:
+        """The placeholder (within the image's run) of each tower token index in `anchors`."""
+        return (anchors - (1 if self._drops_cls() else 0)).clamp(min=0)
+
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         pixel_values = inputs["pixel_values"]
-        _, reduction = self.reduce(pixel_values)
-        projected = self.projector()(reduction.features)
+        _, reduced = self.reduce(pixel_values)
+        if isinstance(reduced, Reduction):
+            features = list(self.projector()(reduced.features).unbind(0))
+            reductions, units = [reduced], split_rows(reduced)
+        else:  # adaptive budget: one reduction per image, of its own length
+            features = [self.projector()(unit.features)[0] for unit in reduced]
+            reductions = units = reduced
         return EncodedImages(
-            features=list(projected.unbind(0)),
+            features=features,
             full_counts=self.full_counts(inputs),
-            reductions=[reduction],
+            reductions=reductions,
+            positions=[self.placeholder_of(anchor_indices(unit)[0]) for unit in units],
         )
 
     def visual_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit]:

@@ -24,54 +24,63 @@ import torch
 from torch import nn
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
-from vlmzip.adapters.base import CROP_COUNTS_KEY, Adapter, EncodedImages
+from vlmzip.adapters.base import CROP_COUNTS_KEY, Adapter, EncodedImages, split_rows
 from vlmzip.cache import VisualUnit
 from vlmzip.config import VisionZipConfig
-from vlmzip.core import Reduction
+from vlmzip.core import Reduction, anchor_indices
 from vlmzip.probe import ProbeOutput, probe_vision_tower
 
 
 def anyres_layout(
-    features: torch.Tensor,
-    kept_indices: torch.Tensor,
+    features: torch.Tensor | Sequence[torch.Tensor],
+    kept_indices: torch.Tensor | Sequence[torch.Tensor],
     crop_grid: tuple[int, int],
     patch_grid: tuple[int, int],
     num_prefix_tokens: int,
 ) -> torch.Tensor:
-    """One image's reduced crops in the reference AnyRes order, as (tokens, hidden).
+    """One image's reduced crops in the reference AnyRes order, as (tokens, ...).
 
-    features: (crops, dominant + contextual, hidden), the base crop first, then the grid crops
-        row-major over `crop_grid` (rows, cols); each row holds its dominant tokens first (as many
-        as `kept_indices` has columns), then its contextual tokens.
-    kept_indices: (crops, dominant) ascending token indices of the dominant tokens in their crop.
+    features: per crop (a (crops, tokens, ...) tensor or a list of (tokens_k, ...) tensors), the base
+        crop first, then the grid crops row-major over `crop_grid` (rows, cols); each crop holds its
+        dominant tokens first (as many as its `kept_indices` row has), then its contextual tokens.
+        Crops may differ in length (adaptive budgets); any dtype works (the order is pure indexing).
+    kept_indices: per crop, the ascending token indices of its dominant tokens ((crops, dominant) or a list).
     patch_grid: (rows, cols) of patches in one crop; patches follow `num_prefix_tokens` tokens.
     """
-    if features.shape[0] == 1:
+    features, kept_indices = list(features), list(kept_indices)
+    if len(features) == 1:
         return features[0]
-    grid_crops = features[1:]
-    kept = kept_indices[1:]
-    dominant = kept.shape[1]
     crop_rows, crop_cols = crop_grid
     patch_rows, patch_cols = patch_grid
-    if grid_crops.shape[0] != crop_rows * crop_cols:
-        raise ValueError(f"got {grid_crops.shape[0]} grid crops for a {crop_rows}x{crop_cols} crop grid")
-    is_prefix = kept < num_prefix_tokens
-    # Position of every dominant patch in the stitched (crop_rows * patch_rows) x (crop_cols * patch_cols) grid.
-    patch = (kept - num_prefix_tokens).clamp(min=0)
-    crop = torch.arange(kept.shape[0], device=kept.device).unsqueeze(1)
+    if len(features) - 1 != crop_rows * crop_cols:
+        raise ValueError(f"got {len(features) - 1} grid crops for a {crop_rows}x{crop_cols} crop grid")
+    patch_tokens, stitched, prefix_tokens, contextual = [], [], [], []
+    for crop, (tokens, kept) in enumerate(zip(features[1:], kept_indices[1:], strict=True)):
+        dominant = tokens[: kept.shape[0]]
+        is_prefix = kept < num_prefix_tokens
+        # Position of every dominant patch in the stitched (crop_rows * patch_rows) x (crop_cols * patch_cols) grid.
+        patch = kept[~is_prefix] - num_prefix_tokens
+        row = (crop // crop_cols) * patch_rows + patch // patch_cols
+        col = (crop % crop_cols) * patch_cols + patch % patch_cols
+        stitched.append(row * (crop_cols * patch_cols) + col)
+        patch_tokens.append(dominant[~is_prefix])
+        prefix_tokens.append(dominant[is_prefix])
+        contextual.append(tokens[kept.shape[0] :])
+    order = torch.cat(stitched).argsort(stable=True)
+    return torch.cat([features[0], torch.cat(patch_tokens)[order], *prefix_tokens, *contextual])
+
+
+def stitched_coordinates(
+    crop: torch.Tensor, index: torch.Tensor, crop_grid: tuple[int, int], patch_grid: tuple[int, int], prefix: int
+) -> torch.Tensor:
+    """(n, 2) float (row, col) in the stitched grid of all grid crops of tower token `index` of grid crop `crop`
+    (0-based among the grid crops); a prefix token ([CLS]) takes its crop's first patch."""
+    patch_rows, patch_cols = patch_grid
+    _, crop_cols = crop_grid
+    patch = (index - prefix).clamp(min=0)
     row = (crop // crop_cols) * patch_rows + patch // patch_cols
     col = (crop % crop_cols) * patch_cols + patch % patch_cols
-    stitched_index = row * (crop_cols * patch_cols) + col
-    patch_tokens = grid_crops[:, :dominant][~is_prefix]
-    order = stitched_index[~is_prefix].argsort(stable=True)
-    return torch.cat(
-        [
-            features[0],
-            patch_tokens[order],
-            grid_crops[:, :dominant][is_prefix],  # boolean indexing keeps crop order
-            grid_crops[:, dominant:].flatten(0, 1),
-        ]
-    )
+    return torch.stack([row, col], dim=1).float()
 
 
 def slice_probe(probe: ProbeOutput, start: int, end: int) -> ProbeOutput:
@@ -104,8 +113,10 @@ class LlavaNextAdapter(Adapter):
     # The model's packing only lines up for this strategy (with "full", the [CLS] row breaks its grid view).
     feature_select_strategy = "default"
     takes_videos = False
+    supports_original_positions = True
+    supports_adaptive = True
 
-    def __init__(self, model: nn.Module, config: VisionZipConfig) -> None:
+    def __init__(self, model: nn.Module, config: VisionZipConfig, processor: Any = None) -> None:
         strategy = getattr(model.config, "vision_feature_select_strategy", None)
         if strategy != self.feature_select_strategy:
             raise ValueError(
@@ -114,7 +125,7 @@ class LlavaNextAdapter(Adapter):
             )
         if config.temporal_threshold is not None and not self.takes_videos:
             raise ValueError(f"temporal_threshold applies to videos; {type(model).__name__} takes none (leave it None)")
-        super().__init__(model, config)
+        super().__init__(model, config, processor)
 
     # --- model parts ---------------------------------------------------------------------
     def vision_tower(self) -> nn.Module:
@@ -144,8 +155,9 @@ class LlavaNextAdapter(Adapter):
 
     def check_budget(self) -> None:
         available = self.tokens_per_unit()
+        self.check_adaptive(available)
         if self.config.budget_scope == "per_crop":
-            if self.config.tokens > available:
+            if self.config.fewest_tokens > available:
                 raise ValueError(
                     f"dominant + contextual must be <= {available} (the tokens this model's tower yields per crop) "
                     f"with budget_scope='per_crop', got {self.config.dominant} + {self.config.contextual} = "
@@ -219,43 +231,99 @@ class LlavaNextAdapter(Adapter):
         )
         return int(rows), int(cols)
 
-    def reduce_units(self, probe: ProbeOutput, units: int) -> Reduction:
+    def reduce_units(self, probe: ProbeOutput, units: int) -> Reduction | list[Reduction]:
         """Apply the method to the crops (or frames) of one image (or video) with its per-unit budget."""
         config = self.config.per_unit(units)
         num_tokens = probe.features.shape[1]
-        if config.tokens > num_tokens:
+        if config.fewest_tokens > num_tokens:
             raise ValueError(
-                f"dominant + contextual must be <= {num_tokens} per crop for these inputs, got {config.tokens}"
+                f"dominant + contextual must be <= {num_tokens} per crop for these inputs, got {config.fewest_tokens}"
             )
-        return self.method(probe, config)
+        return self.run_method(probe, config)
+
+    # --- original positions ------------------------------------------------------------------
+    def packed_coordinates(self, crops: int, image_size: tuple[int, int]) -> torch.Tensor:
+        """(placeholders, 2): for each placeholder of the image, the stitched-grid (row, col) + 1 of the grid
+        feature it holds, as the model's own packing (unpadding, any downscaling) places it; 0 for the base
+        crop's placeholders and newlines."""
+        rows, cols = self.patch_grid
+        crop_grid = self.crop_grid(crops, image_size)
+        dummy = torch.zeros(crops, rows * cols, 2)
+        if crops > 1:
+            index = torch.arange(rows * cols)  # the dummy holds patches only (the model's features drop [CLS])
+            for crop in range(crops - 1):
+                crop_index = torch.full_like(index, crop)
+                dummy[crop + 1] = stitched_coordinates(crop_index, index, crop_grid, self.patch_grid, 0) + 1
+        return self.pack_dummy(dummy, image_size)
+
+    def pack_dummy(self, dummy: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        packed, _ = self.model.model.pack_image_features(
+            [dummy], [list(image_size)], self.feature_select_strategy, image_newline=torch.zeros(dummy.shape[-1])
+        )
+        return packed[0] if isinstance(packed, (list, tuple)) else packed  # one image: its packed features
+
+    def original_placeholders(self, tags: torch.Tensor, crops: int, image_size: tuple[int, int]) -> torch.Tensor:
+        """Placeholder offsets (within the image's run) whose positions the reduced tokens take.
+
+        tags: (tokens, 2) [crop, tower token index of the anchor] in the order the tokens reach the model.
+        The base crop fills the first placeholders (a [CLS] anchor takes its crop's first patch). A grid
+        crop's token takes the placeholder that holds its stitched-grid cell in the model's packing, or the
+        nearest cell there when unpadding (or OneVision's downscaling) removed its own.
+        """
+        crop, index = tags[:, 0], tags[:, 1]
+        prefix = self.tower_info.num_prefix_tokens
+        out = (index - prefix).clamp(min=0)
+        grid = crop > 0
+        if grid.any():
+            packed = self.packed_coordinates(crops, image_size)
+            rows, cols = self.patch_grid
+            candidates = (packed.abs().sum(dim=1) > 0).nonzero().squeeze(1)
+            candidates = candidates[candidates >= rows * cols]
+            crop_grid = self.crop_grid(crops, image_size)
+            wanted = stitched_coordinates(crop[grid] - 1, index[grid], crop_grid, self.patch_grid, prefix) + 1
+            out[grid] = candidates[torch.cdist(wanted, packed[candidates].float()).argmin(dim=1)]
+        return out
 
     def encode_images(self, inputs: Mapping[str, Any]) -> EncodedImages:
         sizes = _as_size_list(inputs.get("image_sizes"), "image_sizes")
         crop_counts = self.image_crop_counts(inputs)
         full_counts = self.image_counts(inputs)
         probe = probe_vision_tower(self.vision_tower(), self.image_crops(inputs, crop_counts), self.feature_layer)
-        features, reductions = [], []
+        features, reductions, positions = [], [], []
         start = 0
         for image, (crops, size) in enumerate(zip(crop_counts, sizes, strict=True)):
-            reduction = self.reduce_units(slice_probe(probe, start, start + crops), crops)
+            reduced = self.reduce_units(slice_probe(probe, start, start + crops), crops)
             start += crops
-            projected = self.projector()(reduction.features)
-            laid_out = anyres_layout(
-                projected,
-                reduction.kept_indices,
-                self.crop_grid(crops, size),
-                self.patch_grid,
-                probe.num_prefix_tokens,
-            )
+            if isinstance(reduced, Reduction):
+                units = split_rows(reduced)
+                projected, kept = self.projector()(reduced.features), reduced.kept_indices
+                reductions.append(reduced)
+            else:  # adaptive budget: crops of different lengths
+                units = reduced
+                projected = [self.projector()(unit.features)[0] for unit in units]
+                kept = [unit.kept_indices[0] for unit in units]
+                reductions.extend(units)
+            layout = (self.crop_grid(crops, size), self.patch_grid, probe.num_prefix_tokens)
+            laid_out = anyres_layout(projected, kept, *layout)
             if laid_out.shape[0] > full_counts[image]:
                 raise ValueError(
-                    f"image {image}: the budget gives {laid_out.shape[0]} tokens ({crops} crops x "
-                    f"{reduction.features.shape[1]}) but the image has only {full_counts[image]} placeholders; "
-                    "lower dominant / contextual or use budget_scope='per_image'"
+                    f"image {image}: the budget gives {laid_out.shape[0]} tokens ({crops} crops) but the image "
+                    f"has only {full_counts[image]} placeholders; lower dominant / contextual or use "
+                    "budget_scope='per_image'"
                 )
             features.append(laid_out)
-            reductions.append(reduction)
-        return EncodedImages(features=features, full_counts=full_counts, reductions=reductions)
+            if self.config.positions == "original":
+                tags = [
+                    torch.stack([torch.full_like(anchors, crop), anchors], dim=1)
+                    for crop, anchors in enumerate(anchor_indices(unit)[0] for unit in units)
+                ]
+                positions.append(self.original_placeholders(anyres_layout(tags, kept, *layout), crops, size))
+        return EncodedImages(
+            features=features,
+            full_counts=full_counts,
+            reductions=reductions,
+            positions=positions if self.config.positions == "original" else None,
+        )
 
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         return self.encode_images(inputs)

@@ -30,10 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmzip.adapters.base import EncodedImages, placeholder_order, units_input_ids
+from vlmzip.adapters.base import EncodedImages, placeholder_order, split_rows, units_input_ids
 from vlmzip.adapters.llava_next import LlavaNextAdapter
 from vlmzip.cache import VisualUnit
 from vlmzip.config import VisionZipConfig
+from vlmzip.core import Reduction, anchor_indices
 from vlmzip.probe import ProbeOutput, probe_vision_tower, resolve_tower
 from vlmzip.video import temporal_keep_mask
 
@@ -46,14 +47,14 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     feature_select_strategy = "full"
     takes_videos = True
 
-    def __init__(self, model: nn.Module, config: VisionZipConfig) -> None:
+    def __init__(self, model: nn.Module, config: VisionZipConfig, processor: Any = None) -> None:
         tower = model.model.vision_tower
         if resolve_tower(tower).num_prefix_tokens:  # the model's video pooling assumes a square patch grid
             raise ValueError(
                 f"model: LLaVA-OneVision needs a vision tower without [CLS] or register tokens (SigLIP), "
                 f"got {type(tower).__name__}"
             )
-        super().__init__(model, config)
+        super().__init__(model, config, processor)
 
     @property
     def video_token_id(self) -> int:
@@ -89,14 +90,16 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def packed_length(self, crops: int, image_size: tuple[int, int]) -> int:
         rows, cols = self.patch_grid
-        dummy = torch.zeros(crops, rows * cols, 1)
-        _, lengths = self.model.model.pack_image_features(
+        return int(self.pack_dummy(torch.zeros(crops, rows * cols, 1), image_size).shape[0])
+
+    def pack_dummy(self, dummy: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        packed, _ = self.model.model.pack_image_features(
             [dummy],
             [list(image_size)],
-            image_newline=torch.zeros(1),
+            image_newline=torch.zeros(dummy.shape[-1]),
             vision_aspect_ratio=self.model.config.vision_aspect_ratio,
         )
-        return int(lengths[0])
+        return packed[0] if isinstance(packed, (list, tuple)) else packed  # one image: its packed features
 
     # --- videos ----------------------------------------------------------------------------
     def video_frames(self, inputs: Mapping[str, Any]) -> torch.Tensor:
@@ -131,28 +134,40 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         num_videos, frames = videos.shape[:2]
         rows, cols = self.pooled_grid
         config = self.config.per_unit(frames)
-        if config.tokens > rows * cols:
+        if config.fewest_tokens > rows * cols:
             raise ValueError(
                 f"dominant + contextual must be <= {rows * cols} per video frame (the pooled tokens the model "
                 f"gives each frame), got {config.dominant} + {config.contextual} = {config.tokens}"
             )
         probe = self.pooled_probe(videos)
-        reduction = self.method(probe, config)
-        per_frame = reduction.features.shape[1]
-        newline = self.model.model.image_newline.to(reduction.features).unsqueeze(0)
-        features = []
+        reduced = self.run_method(probe, config)
+        units = split_rows(reduced) if isinstance(reduced, Reduction) else reduced
+        newline = self.model.model.image_newline.to(probe.features).unsqueeze(0)
+        full_counts = self.video_counts(inputs)
+        features, positions = [], []
         for video in range(num_videos):
             span = slice(video * frames, (video + 1) * frames)
-            tokens = reduction.features[span]
+            # Placeholder of each token: frame f's pooled token i is placeholder f * rows * cols + i.
+            slots = [anchor_indices(unit)[0] + frame * rows * cols for frame, unit in enumerate(units[span])]
             if self.config.temporal_threshold is None:
-                kept = tokens.flatten(0, 1)
-            else:
+                kept = torch.cat([unit.features[0] for unit in units[span]])
+                kept_slots = torch.cat(slots)
+            else:  # a fixed budget (adaptive budgets refuse temporal_threshold): frames are alike
+                tokens = reduced.features[span]
                 keep = temporal_keep_mask(
-                    probe.features[span], reduction.kept_indices[span], per_frame, self.config.temporal_threshold
+                    probe.features[span], reduced.kept_indices[span], tokens.shape[1], self.config.temporal_threshold
                 )
-                kept = tokens[keep]
+                kept, kept_slots = tokens[keep], torch.stack(slots)[keep]
             features.append(torch.cat([kept, newline]))
-        return EncodedImages(features=features, full_counts=self.video_counts(inputs), reductions=[reduction])
+            newline_slot = torch.tensor([full_counts[video] - 1], dtype=kept_slots.dtype, device=kept_slots.device)
+            positions.append(torch.cat([kept_slots, newline_slot]))
+        reductions = [reduced] if isinstance(reduced, Reduction) else units
+        return EncodedImages(
+            features=features,
+            full_counts=full_counts,
+            reductions=reductions,
+            positions=positions if self.config.positions == "original" else None,
+        )
 
     # --- both, in text order ---------------------------------------------------------------------
     def counts_by_kind(self, inputs: Mapping[str, Any]) -> dict[str, list[int]]:
@@ -185,6 +200,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             features=[encoded[kind].features[index] for kind, index in order],
             full_counts=[counts[kind][index] for kind, index in order],
             reductions=[r for part in encoded.values() if part is not None for r in part.reductions],
+            positions=None
+            if self.config.positions != "original"
+            else [encoded[kind].positions[index] for kind, index in order],
         )
 
     def visual_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit]:

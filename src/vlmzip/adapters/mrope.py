@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmzip.core import GROUP_DOMINANT, Reduction, contextual_targets
+from vlmzip.core import Reduction, anchor_indices
 
 # mm_token_type_ids values of Qwen's processors (0 is text).
 MODALITY_TYPE_IDS: dict[str, int] = {"image": 1, "video": 2}
@@ -86,28 +86,10 @@ def mrope_positions(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor
 def reduced_slots(reduction: Reduction) -> torch.Tensor:
     """For each reduced token (in `reduction.features` order), the merge unit whose slot it takes.
 
-    Dominant tokens take their own unit. Contextual token j takes the unit it was merged onto: for
-    VisionZip's merging, its evenly spaced target (`core.contextual_targets` over the remaining
-    units); for methods whose groups have no target (e.g. pooling), the group's first unit.
+    Dominant tokens take their own unit; contextual token j the unit it was merged onto
+    (`core.anchor_indices`, of the first row of `reduction`).
     """
-    kept = reduction.kept_indices[0]
-    groups = reduction.groups[0]
-    num_contextual = reduction.features.shape[1] - kept.numel()
-    if num_contextual == 0:
-        return kept
-    remaining = (groups != GROUP_DOMINANT).nonzero().squeeze(1)
-    targets = remaining[contextual_targets(remaining.numel(), num_contextual).to(remaining.device)]
-    slots = []
-    for group in range(num_contextual):
-        target = targets[group] if group < targets.numel() else None
-        if target is not None and int(groups[target]) == group:
-            slots.append(target)
-        else:
-            members = (groups == group).nonzero()
-            if members.numel() == 0:
-                raise RuntimeError(f"contextual token {group} has no merge unit to take its position from")
-            slots.append(members[0, 0])
-    return torch.cat([kept, torch.stack(slots)])
+    return anchor_indices(reduction)[0]
 
 
 def prepare_with_positions(

@@ -46,11 +46,13 @@ from vlmzip.adapters.mrope import (
 from vlmzip.cache import CachedVisual, VisualUnit
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
+from vlmzip.images import processor_max_units
 from vlmzip.probe import (
     DEFAULT_QUERY_CHUNK,
     ProbeOutput,
     TowerInfo,
     TowerLayout,
+    check_finite,
     received_attention,
     resolve_tower,
 )
@@ -143,7 +145,7 @@ def _check_patches(name: str, pixel_values: object, grid_thw: torch.Tensor) -> t
             f"{name} must be the processor's flattened (patches, features) float tensor with {expected} rows "
             f"for grid {grid_thw.tolist()}, got {tuple(pixel_values.shape)} {pixel_values.dtype}"
         )
-    return pixel_values
+    return check_finite(name, pixel_values)
 
 
 def probe_qwen_tower(
@@ -286,6 +288,9 @@ class Qwen2VLAdapter(Adapter):
     deepstack: ClassVar[bool] = False
     # Each temporal slice of a video is its own placeholder run, with text (timestamps) between (Qwen3-VL, Qwen3.5).
     video_slice_runs: ClassVar[bool] = False
+    # M-RoPE: the unreduced prompt's 3-D positions, always (positions="compact" and "original" alike).
+    keeps_original_positions = True
+    supports_adaptive = True
 
     def vision_tower(self) -> nn.Module:
         return self.model.model.visual
@@ -314,8 +319,14 @@ class Qwen2VLAdapter(Adapter):
 
     def check_budget(self) -> None:
         # Qwen's resolution is dynamic: the budget is checked against each image's and frame's merged
-        # token count in prepare(), where the error can name the image.
-        return None
+        # token count in prepare(), where the error can name the image. A budget above what the
+        # processor's max_pixels allows for any image can never fit: refused here.
+        most = processor_max_units(self.processor_source)
+        if most is not None and self.config.budget_scope == "per_crop" and self.config.tokens > most:
+            raise ValueError(
+                f"dominant + contextual must be <= {most} (the most merged tokens one image can yield under the "
+                f"processor's max_pixels), got {self.config.dominant} + {self.config.contextual} = {self.config.tokens}"
+            )
 
     def token_id(self, modality: str) -> int:
         value = getattr(self.model.config, f"{modality}_token_id", None)
@@ -367,14 +378,15 @@ class Qwen2VLAdapter(Adapter):
     # --- encoding -------------------------------------------------------------------------------
     def _reduce_frame(self, probe: ProbeOutput, config: VisionZipConfig, modality: str, index: int) -> Reduction:
         units = probe.features.shape[1]
-        if config.tokens > units:
+        if config.fewest_tokens > units:
             rows, cols = probe.grid
             raise ValueError(
                 f"dominant + contextual must be <= {units} (the merged tokens {modality} {index} yields per "
                 f"{'temporal slice' if modality == 'video' else 'image'}: a {rows}x{cols} grid), got "
                 f"{config.dominant} + {config.contextual} = {config.tokens}"
             )
-        return self.method(probe, config)
+        reduced = self.run_method(probe, config)
+        return reduced if isinstance(reduced, Reduction) else reduced[0]
 
     def _reduce_visual(self, probes: list[ProbeOutput], modality: str, index: int) -> _ReducedVisual:
         """Reduce an image (one probe) or a video (one probe per temporal slice) and order it by slot."""

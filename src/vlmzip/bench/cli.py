@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from vlmzip.bench.report import row_label, tokens_cell
 from vlmzip.bench.variants import DEFAULT_BUDGETS
 from vlmzip.cli_options import add_variant_options, check_device, load_model_for_cli, variants_from_args
 
@@ -73,7 +74,7 @@ def load_subject(args: argparse.Namespace) -> tuple[Any, Any, str, list[int], An
     if args.image is not None:
         from vlmzip.loading import load_image
 
-        image = load_image(args.image)
+        image = load_image(args.image, processor)
     if image is None:
         image = synthetic_image(image_size)
     model = model.to(args.device)
@@ -113,8 +114,8 @@ def render_table(rows: list[dict[str, Any]], title: str) -> Any:
                 _times(row.get("ttft_later_over_prefill")),
             ]
         table.add_row(
-            row["method"],
-            str(row["tokens"]),
+            row_label(row),
+            tokens_cell(row),
             f"{row['llm_tokens']:.0f}",
             f"{row['tower_ms']:.1f}",
             f"{row['select_ms']:.2f}",
@@ -142,10 +143,11 @@ def plot_bench(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     for row in rows[1:]:
         for key in keys:
             if row[key] is not None:
-                points = series.setdefault(
-                    f"{row['method']}|{key}", [(full["tokens"], full[key])]
-                )  # lines end at all tokens
+                name = row["method"] + (" (adaptive)" if row.get("attention_mass") is not None else "")
+                points = series.setdefault(f"{name}|{key}", [(full["tokens"], full[key])])  # lines end at all tokens
                 points.append((row["tokens"], row[key]))
+    for points in series.values():
+        points.sort()
     panels = [
         ("speedup_llm_prefill", "LLM prefill speedup vs all tokens (x)"),
         ("speedup_ttft", "time-to-first-token speedup (x)"),

@@ -73,3 +73,15 @@ def plot_lines(
     finally:
         plt.close(figure)
     return path
+
+
+def row_label(row: dict[str, Any]) -> str:
+    mass = row.get("attention_mass")
+    return row["method"] + (f" p={mass:g}" if mass is not None else "")
+
+
+def tokens_cell(row: dict[str, Any]) -> str:
+    """Visual tokens per image: the count, or mean ± standard deviation [min-max] when images differ."""
+    if row.get("tokens_min", row["tokens"]) == row.get("tokens_max", row["tokens"]):
+        return str(row["tokens"])
+    return f"{row['tokens']:.1f}±{row['tokens_std']:.1f} [{row['tokens_min']}-{row['tokens_max']}]"

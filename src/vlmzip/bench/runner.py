@@ -57,7 +57,17 @@ TIMED_METRICS = (
 # With follow-up questions on the same images (`followups`): medians over the later questions of a run.
 LATER_METRICS = ("ttft_later_ms", "llm_prefill_later_ms", "tower_later_ms")
 # Quantities that do not vary between runs (taken from the last one).
-FIXED_METRICS = ("tokens", "prompt_tokens", "llm_tokens", "kv_cache_mb", "tower_gflops", "llm_prefill_gflops")
+FIXED_METRICS = (
+    "tokens",
+    "tokens_std",
+    "tokens_min",
+    "tokens_max",
+    "prompt_tokens",
+    "llm_tokens",
+    "kv_cache_mb",
+    "tower_gflops",
+    "llm_prefill_gflops",
+)
 
 
 @dataclass
@@ -74,7 +84,10 @@ class RunMeasurement:
     decode_tok_s: float
     peak_mem_mb: float
     peak_mem_delta_mb: float
-    tokens: int  # visual tokens per sample that the language model keeps (after layer K for FastV)
+    tokens: float  # visual tokens per sample that the language model keeps (after layer K for FastV), batch mean
+    tokens_std: float  # their spread over the batch (adaptive budgets give images different counts)
+    tokens_min: int
+    tokens_max: int
     prompt_tokens: float  # sequence length entering the language model, mean over the batch
     llm_tokens: float  # sequence length averaged over the decoder layers (differs from prompt_tokens for FastV)
     kv_cache_mb: float | None  # KV cache after the prefill, whole batch
@@ -95,7 +108,9 @@ class VariantResult:
         return statistics.median(getattr(run, metric) for run in self.runs)
 
     def summary(self) -> dict[str, Any]:
-        row: dict[str, Any] = {"method": self.variant.method, "budget": self.variant.budget}
+        variant = self.variant
+        row: dict[str, Any] = {"method": variant.method, "budget": variant.budget, "positions": variant.positions}
+        row["attention_mass"] = variant.attention_mass
         last = self.runs[-1]
         for metric in FIXED_METRICS:
             row[metric] = getattr(last, metric)
@@ -242,9 +257,10 @@ class PipelineBench:
             pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
         self.pad_token_id = pad_token_id
 
-    def _count_visual(self, input_ids: torch.Tensor) -> int:
+    def _count_visual(self, input_ids: torch.Tensor) -> list[int]:
+        """Visual tokens of every sample."""
         ids = torch.tensor(self.image_token_ids, device=input_ids.device)
-        return int(torch.isin(input_ids[0], ids).sum())
+        return torch.isin(input_ids, ids).sum(dim=1).tolist()
 
     def run_once(self, variant: Variant) -> RunMeasurement:
         runner = self.runners[variant]
@@ -323,6 +339,7 @@ class PipelineBench:
             tokens = self._count_visual(prepared["input_ids"])
         kv_bytes = kv_cache_bytes_after_prefill(output_cache(output), self.new_tokens)
         lengths = counter.count.llm_layer_lengths
+        spread = torch.tensor(tokens, dtype=torch.float64)
         return RunMeasurement(
             tower_ms=span(stamps, "start", tower_end),
             select_ms=span(stamps, "select_start", "select_end") if "select_end" in stamps else 0.0,
@@ -336,7 +353,10 @@ class PipelineBench:
             decode_tok_s=batch * (self.new_tokens - 1) / decode_seconds if self.new_tokens > 1 else 0.0,
             peak_mem_mb=memory.peak_mb,
             peak_mem_delta_mb=memory.delta_mb,
-            tokens=tokens,
+            tokens=tokens[0] if min(tokens) == max(tokens) else float(spread.mean()),
+            tokens_std=float(spread.std(unbiased=False)),
+            tokens_min=min(tokens),
+            tokens_max=max(tokens),
             prompt_tokens=float(prepared["attention_mask"].sum(dim=1).float().mean()),
             llm_tokens=sum(lengths) / len(lengths) if lengths else 0.0,
             kv_cache_mb=kv_bytes / 2**20 if kv_bytes is not None else None,

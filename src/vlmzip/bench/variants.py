@@ -19,7 +19,7 @@ from torch import nn
 from vlmzip.adapters import adapter_class_for
 from vlmzip.adapters.base import Adapter, prepare_unreduced
 from vlmzip.cache import ImageCache
-from vlmzip.config import VisionZipConfig, check_int
+from vlmzip.config import FIXED_COUNT_METHODS, VisionZipConfig, check_int
 from vlmzip.methods import available_methods
 from vlmzip.methods.fastv import DEFAULT_LAYER, FASTV_METHOD, FastV
 from vlmzip.model_parts import language_model_of
@@ -35,22 +35,61 @@ def all_methods() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Variant:
-    """One configuration to measure: `method` at `budget` visual tokens per image (None: all of them)."""
+    """One configuration to measure: `method` at `budget` visual tokens per image (None: all of them).
+
+    positions: the `VisionZipConfig.positions` scheme of pre-LLM methods. attention_mass (with
+    min_dominant, max_dominant): an adaptive budget (`VisionZipConfig.attention_mass`); `budget` then
+    gives the contextual count only (its paper split, e.g. 10 of 64) and each image chooses its dominant count.
+    """
 
     method: str
     budget: int | None = None
+    positions: str = "compact"
+    attention_mass: float | None = None
+    min_dominant: int = 1
+    max_dominant: int | None = None
 
     @property
     def is_full(self) -> bool:
         return self.method == FULL
 
     @property
+    def key(self) -> tuple[str, int | None, float | None]:
+        """What tells results apart within one run: method, budget and attention mass."""
+        return self.method, self.budget, self.attention_mass
+
+    @property
     def label(self) -> str:
-        return FULL if self.is_full else f"{self.method}@{self.budget}"
+        if self.is_full:
+            return FULL
+        adaptive = f" p={self.attention_mass:g}" if self.attention_mass is not None else ""
+        return f"{self.method}@{self.budget}{adaptive}"
+
+    def config(self) -> VisionZipConfig:
+        """The VisionZipConfig of a pre-LLM variant (validates every field)."""
+        extra: dict[str, Any] = {"method": self.method, "positions": self.positions}
+        if self.attention_mass is not None:
+            extra.update(
+                attention_mass=self.attention_mass, min_dominant=self.min_dominant, max_dominant=self.max_dominant
+            )
+        return VisionZipConfig.from_tokens(self.budget, **extra)
 
 
-def build_variants(methods: Sequence[str], budgets: Sequence[int], *, include_full: bool = True) -> list[Variant]:
-    """The full-token baseline first (when included), then every method at every budget, in the given order."""
+def build_variants(
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    *,
+    include_full: bool = True,
+    positions: str = "compact",
+    attention_masses: Sequence[float] = (),
+    min_dominant: int = 1,
+    max_dominant: int | None = None,
+) -> list[Variant]:
+    """The full-token baseline first (when included), then every method at every budget, in the given order.
+
+    With `attention_masses`, every pre-LLM method at every budget also runs adaptively at each mass (after
+    the fixed budgets); `positions` applies to every pre-LLM variant. Bad values raise before anything runs.
+    """
     known = all_methods()
     methods = list(dict.fromkeys(methods))
     for method in methods:
@@ -59,8 +98,25 @@ def build_variants(methods: Sequence[str], budgets: Sequence[int], *, include_fu
     budgets = [check_int("budget", budget, 1) for budget in dict.fromkeys(budgets)]
     if not methods or not budgets:
         raise ValueError("methods and budgets must not be empty")
+    masses = list(dict.fromkeys(attention_masses))
+    adaptive_methods = [m for m in methods if m != FASTV_METHOD and m not in FIXED_COUNT_METHODS]
+    if masses and not adaptive_methods:
+        raise ValueError(
+            f"attention_mass (adaptive budget) applies to the pre-LLM methods other than {FIXED_COUNT_METHODS}, "
+            f"got methods {methods}"
+        )
     variants = [Variant(FULL)] if include_full else []
-    return variants + [Variant(method, budget) for method in methods for budget in budgets]
+    variants += [Variant(method, budget, positions) for method in methods for budget in budgets]
+    variants += [
+        Variant(method, budget, positions, mass, min_dominant, max_dominant)
+        for method in adaptive_methods
+        for budget in budgets
+        for mass in masses
+    ]
+    for variant in variants:
+        if not variant.is_full and variant.method != FASTV_METHOD:
+            variant.config()  # every field checked now, with its name in the error
+    return variants
 
 
 def unit_tokens(model: nn.Module, inputs: Mapping[str, Any]) -> int:
@@ -102,8 +158,7 @@ class VariantRunner:
             layer = max(1, min(fastv_layer, num_layers - 1))
             self.fastv = FastV(model, tokens=variant.budget, layer=layer, image_tokens=unit_tokens)
         elif not variant.is_full:
-            config = VisionZipConfig.from_tokens(variant.budget, method=variant.method)
-            self.adapter = adapter_class_for(model)(model, config)  # validates; the model stays unpatched
+            self.adapter = adapter_class_for(model)(model, variant.config())  # validates; the model stays unpatched
 
     @staticmethod
     def needs_unit_tokens(variants: Sequence[Variant]) -> bool:

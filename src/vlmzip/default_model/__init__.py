@@ -77,15 +77,14 @@ def sample_inputs() -> list[dict]:
 
     The scenes are held-out ones (their own seed stream), with the question type under ``"type"``.
     """
-    from PIL import Image
+    from vlmzip.images import load_image
 
     sample_dir = _PACKAGE_DIR / "samples"
     items = json.loads((sample_dir / "samples.json").read_text())
     out = []
     for item in items:
         path = sample_dir / item["image"]
-        with Image.open(path) as img:
-            image = img.convert("RGB")
+        image = load_image(path)
         out.append(
             {
                 "image": image,

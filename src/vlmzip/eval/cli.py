@@ -48,8 +48,8 @@ class ResultsFile:
             )
         self.rows = rows
 
-    def done(self, method: str, budget: int | None) -> bool:
-        return any(row["method"] == method and row["budget"] == budget for row in self.rows)
+    def done(self, method: str, budget: int | None, attention_mass: float | None = None) -> bool:
+        return any(row_key(row) == (method, budget, attention_mass) for row in self.rows)
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -60,8 +60,15 @@ class ResultsFile:
             write_json(self.path, {"settings": self.settings, "results": self.rows})
 
 
+def row_key(row: dict[str, Any]) -> tuple[str, int | None, float | None]:
+    """(method, budget, attention mass) of a results row, as `Variant.key` gives it."""
+    return row["method"], row["budget"], row.get("attention_mass")
+
+
 def render_table(rows: list[dict[str, Any]], title: str) -> Any:
     from rich.table import Table
+
+    from vlmzip.bench.report import row_label, tokens_cell
 
     types = sorted({kind for row in rows for kind in row["per_type"]})
     table = Table(title=title, title_justify="left")
@@ -71,7 +78,7 @@ def render_table(rows: list[dict[str, Any]], title: str) -> Any:
         retention = f"{row['retention'] * 100:.1f}%" if row["retention"] is not None else "-"
         per_type = [f"{row['per_type'][kind] * 100:.1f}" if kind in row["per_type"] else "-" for kind in types]
         table.add_row(
-            row["method"], str(row["tokens"]), f"{row['accuracy'] * 100:.1f}%", retention, str(row["n"]), *per_type
+            row_label(row), tokens_cell(row), f"{row['accuracy'] * 100:.1f}%", retention, str(row["n"]), *per_type
         )
     return table
 
@@ -84,13 +91,17 @@ def plot_eval(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     for row in rows:
         if row["method"] == "full":
             continue
-        accuracy = series.setdefault(f"{row['method']}|accuracy", [])
+        # Adaptive rows of a method form a line of their own, at their mean tokens per image.
+        name = row["method"] + (" (adaptive)" if row.get("attention_mass") is not None else "")
+        accuracy = series.setdefault(f"{name}|accuracy", [])
         if full is not None and not accuracy:  # every line ends at the full-token point
             accuracy.append((full["tokens"], full["accuracy"] * 100))
-            series[f"{row['method']}|retention"] = [(full["tokens"], 100.0)]
+            series[f"{name}|retention"] = [(full["tokens"], 100.0)]
         accuracy.append((row["tokens"], row["accuracy"] * 100))
         if row["retention"] is not None:
-            series.setdefault(f"{row['method']}|retention", []).append((row["tokens"], row["retention"] * 100))
+            series.setdefault(f"{name}|retention", []).append((row["tokens"], row["retention"] * 100))
+    for points in series.values():
+        points.sort()
     reference = {"accuracy": full["accuracy"] * 100, "retention": 100.0} if full else None
     panels = [("accuracy", "accuracy (%)"), ("retention", "retention vs all tokens (%)")]
     return plot_lines(series, panels, path, title=title, reference=reference)
@@ -181,8 +192,10 @@ def run_eval(args: argparse.Namespace) -> int:
     }
     if args.quantize != "none":  # earlier results files have no such entry: they stay resumable
         settings["quantize"] = args.quantize
+    if args.positions != "compact":  # files of the default scheme stay resumable as they were written
+        settings["positions"] = args.positions
     results = ResultsFile(json_path, settings, overwrite=args.overwrite)
-    todo = [variant for variant in variants if not results.done(variant.method, variant.budget)]
+    todo = [variant for variant in variants if not results.done(*variant.key)]
     if len(todo) < len(variants):
         console.print(f"resuming {json_path}: {len(variants) - len(todo)} of {len(variants)} already done")
 
@@ -194,19 +207,21 @@ def run_eval(args: argparse.Namespace) -> int:
             accuracy = evaluator.evaluate(variant, progress=lambda done: progress.update(task, advance=done))
             results.add(accuracy.row())
 
-    order = {(variant.method, variant.budget): index for index, variant in enumerate(variants)}
-    rows = sorted(
-        (row for row in results.rows if (row["method"], row["budget"]) in order),
-        key=lambda row: order[row["method"], row["budget"]],
-    )
+    order = {variant.key: index for index, variant in enumerate(variants)}
+    rows = sorted((row for row in results.rows if row_key(row) in order), key=lambda row: order[row_key(row)])
     rows = with_retention(rows)
     title = f"{settings['model']} on {data.source}: exact-match accuracy, greedy, {max_new_tokens} new tokens"
+    if args.positions != "compact":
+        title += f", positions {args.positions}"
     output = table_console(width=160)
     output.print(render_table(rows, title))
     if json_path is not None:
         console.print(f"results: {json_path}")
-    if plot_path is not None:
-        plot_eval(rows, plot_path, title="accuracy and retention vs visual tokens")
+    from vlmzip.bench.report import row_label
+
+    if plot_path is not None:  # every result of the file: runs resumed into one file draw one picture
+        everything = with_retention(sorted(results.rows, key=lambda row: (row_label(row), row["tokens"])))
+        plot_eval(everything, plot_path, title="accuracy and retention vs visual tokens")
         console.print(f"plot: {plot_path}")
     return 0
 

@@ -21,12 +21,13 @@ from vlmzip.cache import ImageCache, check_cache
 from vlmzip.config import VisionZipConfig, check_int
 from vlmzip.data import is_correct
 from vlmzip.eval.items import EvalItem, EvalSet
+from vlmzip.images import load_image
 
 
 @dataclass
 class VariantAccuracy:
     variant: Variant
-    tokens: int  # visual tokens per image reaching the language model (after layer K for FastV)
+    token_counts: list[int] = field(default_factory=list)  # visual tokens of each sample (after layer K: FastV)
     correct: int = 0
     n: int = 0
     per_type: dict[str, list[int]] = field(default_factory=dict)  # type -> [correct, n]
@@ -46,11 +47,25 @@ class VariantAccuracy:
     def accuracy(self) -> float:
         return self.correct / self.n if self.n else 0.0
 
+    @property
+    def tokens(self) -> float:
+        """Mean visual tokens per sample (an int when every sample got the same number)."""
+        counts = self.token_counts
+        if not counts:
+            return 0
+        return counts[0] if min(counts) == max(counts) else sum(counts) / len(counts)
+
     def row(self) -> dict[str, Any]:
+        counts = torch.tensor(self.token_counts or [0], dtype=torch.float64)
         return {
             "method": self.variant.method,
             "budget": self.variant.budget,
+            "positions": self.variant.positions,
+            "attention_mass": self.variant.attention_mass,
             "tokens": self.tokens,
+            "tokens_std": float(counts.std(unbiased=False)),
+            "tokens_min": int(counts.min()),
+            "tokens_max": int(counts.max()),
             "accuracy": self.accuracy,
             "n": self.n,
             "correct": self.correct,
@@ -94,7 +109,7 @@ class Evaluator:
     def _processed(self, batch: Sequence[EvalItem]) -> dict[str, Any]:
         texts = [self.prompt(item.question) for item in batch]
         # One list per sample: processors of tiled models (SmolVLM) need the nesting with a batch of prompts.
-        images = [[self.data.load_image(item.image_key)] for item in batch]
+        images = [[load_image(self.data.load_image(item.image_key), self.processor)] for item in batch]
         return dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device))
 
     def _prepare(self, runner: VariantRunner, batch: Sequence[EvalItem]) -> dict[str, Any]:
@@ -121,7 +136,8 @@ class Evaluator:
                         pad_token_id=self.tokenizer.pad_token_id,
                     )
             if result is None:
-                result = VariantAccuracy(variant, self._visual_tokens(runner, prepared))
+                result = VariantAccuracy(variant)
+            result.token_counts.extend(self._visual_tokens(runner, prepared))
             answers = self.tokenizer.batch_decode(output[:, prepared["input_ids"].shape[1] :], skip_special_tokens=True)
             for item, answer in zip(batch, answers, strict=True):
                 result.add(item, answer.strip().split("\n")[0])
@@ -130,9 +146,10 @@ class Evaluator:
         assert result is not None  # an EvalSet always holds items
         return result
 
-    def _visual_tokens(self, runner: VariantRunner, prepared: dict[str, Any]) -> int:
+    def _visual_tokens(self, runner: VariantRunner, prepared: dict[str, Any]) -> list[int]:
+        """Visual tokens of every sample of a prepared batch (one image per item)."""
         ids = torch.tensor(self.reference.placeholder_token_ids, device=self.device)
         input_ids = prepared["input_ids"]
         if runner.fastv is not None and runner.fastv.last_kept is not None:
             input_ids = input_ids.gather(1, runner.fastv.last_kept.to(self.device))  # what layers >= K keep
-        return int(torch.isin(input_ids[0], ids).sum())
+        return torch.isin(input_ids, ids).sum(dim=1).tolist()

@@ -131,7 +131,9 @@ class VisionZipLlava(lmms):
     def _visuals(self, request: Instance) -> list[Any]:
         doc_to_visual, doc_id, task, split = request.args[2:6]
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
-        return [visual.convert("RGB") for visual in (visuals or [])]
+        from vlmzip.images import load_image
+
+        return [load_image(visual, self.processor) for visual in (visuals or [])]
 
     def _encode(self, texts: list[str], images: list[Any]) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}

@@ -1,9 +1,12 @@
 """Serving VisionZip with vLLM.
 
 `register()` is the `vllm.general_plugins` entry point: vLLM calls it in every process it starts,
-and it registers `VisionZipLlavaForConditionalGeneration` lazily (by import path), so that the model
-module, and vLLM's model code with it, is imported only when a model directory names that
-architecture. `vlmzip export` writes such directories.
+and it registers the plugin's model classes lazily (by import path), so that a model module, and
+vLLM's model code with it, is imported only when a model directory names that architecture.
+`vlmzip export` writes such directories:
+
+- `VisionZipLlavaForConditionalGeneration` (`vlmzip.serving.vllm`): LLaVA-1.5 with a CLIP tower;
+- `VisionZipQwen2_5_VLForConditionalGeneration` (`vlmzip.serving.qwen`): Qwen2.5-VL, images and videos.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from vlmzip.serving.settings import ARCHITECTURE, check_overrides_target, requested_from_argv
+from vlmzip.serving.settings import ARCHITECTURE, PLUGIN_MODULES, check_overrides_target, requested_from_argv
 
-MODEL_PATH = f"vlmzip.serving.vllm:{ARCHITECTURE}"
+MODEL_PATH = f"{PLUGIN_MODULES[ARCHITECTURE]}:{ARCHITECTURE}"
+MODEL_PATHS = {architecture: f"{module}:{architecture}" for architecture, module in PLUGIN_MODULES.items()}
 
 
 def _engine_arguments() -> Any:
@@ -37,12 +41,14 @@ def register() -> None:
     """
     from vllm import ModelRegistry
 
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, MODEL_PATH)
+    supported = ModelRegistry.get_supported_archs()
+    for architecture, path in MODEL_PATHS.items():
+        if architecture not in supported:
+            ModelRegistry.register_model(architecture, path)
     check_overrides_target(*requested_from_argv(sys.argv))
     engine = _engine_arguments()
     if engine is not None:
         check_overrides_target(getattr(engine, "model", None), getattr(engine, "hf_overrides", None))
 
 
-__all__ = ["ARCHITECTURE", "MODEL_PATH", "register"]
+__all__ = ["ARCHITECTURE", "MODEL_PATH", "MODEL_PATHS", "register"]

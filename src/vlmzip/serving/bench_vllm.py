@@ -1,6 +1,7 @@
 """vLLM with and without the VisionZip plugin, side by side in one run: throughput and time to first token.
 
-    python -m vlmzip.serving.bench_vllm [--model LLAVA_DIR] [--requests 16] [--dominant 54 --contextual 10]
+    python -m vlmzip.serving.bench_vllm [--family llava-1.5|qwen2.5-vl|default] [--model DIR] [--requests 16]
+                                         [--dominant 54 --contextual 10]
 
 The same LLaVA-1.5 weights are exported twice (`vlmzip export` and `vlmzip export --plain`):
 vLLM's own LLaVA with every visual token (576 per image) and the plugin with `dominant + contextual`.
@@ -9,9 +10,12 @@ images (no multimodal cache hits):
 - batch: all requests submitted at once: requests/s, prompt tokens/s, output tokens/s, mean TTFT,
   and requests per CPU-second (the engine runs in the worker process, so its CPU time is its compute);
 - single: requests one at a time, one token each: median TTFT (latency without queueing) and its CPU time.
-Without --model, a random LLaVA-1.5-shaped model is built (CLIP 336/14 tower); its language model is
-tiny next to a real 7B one, so the gains measured on it understate what a real model shows: say so
-when quoting them.
+Without --model, `--family` picks the model: a random LLaVA-1.5-shaped model (CLIP 336/14 tower,
+the default), a random tiny Qwen2.5-VL (336 x 336 images: 144 merged tokens each), or the embedded
+default model (`default`: LLaVA with a DINOv2 tower, 577 tokens per image; vLLM has no DINOv2 tower
+of its own, so its baseline is the plugin keeping all 577 tokens). The random models'
+language models are tiny next to a real 7B one, so the gains measured on them understate what a
+real model shows: say so when quoting them.
 """
 
 from __future__ import annotations
@@ -37,6 +41,29 @@ BENCH_MODEL = {"text_hidden": 512, "text_layers": 8, "vision_hidden": 256, "visi
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
 
 
+# family -> the prompt of one image request.
+FAMILY_PROMPTS = {
+    "llava-1.5": PROMPT,
+    "qwen2.5-vl": "USER: <|vision_start|> <|image_pad|> <|vision_end|> what is in the image ? ASSISTANT:",
+    "default": "<image>\nQuestion: what shape is the rightmost object? Answer:",
+}
+
+
+def family_model(family: str, work: Path) -> Path:
+    """The model directory `--family` benchmarks when no --model is given."""
+    if family == "qwen2.5-vl":
+        from vlmzip.serving.tiny import build_tiny_qwen2_5_vl
+
+        return build_tiny_qwen2_5_vl(work / "tiny", max_pixels=448 * 448)
+    if family == "default":
+        from vlmzip.default_model import default_model_dir
+
+        return default_model_dir()
+    from vlmzip.serving.tiny import build_tiny_llava
+
+    return build_tiny_llava(work / "tiny", **BENCH_MODEL)
+
+
 def make_images(count: int, seed: int) -> list[Any]:
     import numpy as np
     from PIL import Image
@@ -53,7 +80,7 @@ def run_worker(model_dir: str, spec: dict[str, Any]) -> dict[str, Any]:
     llm = LLM(
         model=model_dir,
         enforce_eager=True,
-        max_model_len=2048,
+        max_model_len=spec.get("max_model_len", 2048),
         dtype=spec["dtype"],
         seed=0,
         disable_log_stats=False,  # per-request first-token latency
@@ -63,7 +90,7 @@ def run_worker(model_dir: str, spec: dict[str, Any]) -> dict[str, Any]:
     images = make_images(spec["requests"] + spec["single"] + 2, seed=spec["seed"])
 
     def requests(batch: list[Any]) -> list[dict[str, Any]]:
-        return [{"prompt": PROMPT, "multi_modal_data": {"image": image}} for image in batch]
+        return [{"prompt": spec.get("prompt", PROMPT), "multi_modal_data": {"image": image}} for image in batch]
 
     llm.generate(requests(images[-2:]), params, use_tqdm=False)  # warm-up, not timed
     batch_images = images[: spec["requests"]]
@@ -149,7 +176,6 @@ def format_table(results: dict[str, dict[str, Any]], config: VisionZipConfig) ->
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from vlmzip.export import export_model
-    from vlmzip.serving.tiny import build_tiny_llava
 
     config = VisionZipConfig(dominant=args.dominant, contextual=args.contextual)
     requests = check_int("--requests", args.requests, 1)
@@ -162,15 +188,25 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         refuse_overlap(args.logs, inputs, "--logs")
     with tempfile.TemporaryDirectory(prefix="vlmzip-bench-vllm-") as scratch:
         work = Path(scratch)
-        source = Path(args.model) if args.model else build_tiny_llava(work / "tiny", **BENCH_MODEL)
-        export_model(source, work / VARIANTS[0], plugin=False)
+        source = Path(args.model) if args.model else family_model(args.family, work)
+        if json.loads((source / "config.json").read_text())["vision_config"].get("model_type") == "dinov2":
+            # vLLM's own LLaVA has no DINOv2 tower: the baseline is the plugin keeping all 577 tokens.
+            export_model(source, work / VARIANTS[0], VisionZipConfig(dominant=577, contextual=0))
+        else:
+            export_model(source, work / VARIANTS[0], plugin=False)
         export_model(source, work / VARIANTS[1], config)
         spec = {"requests": requests, "single": single, "max_tokens": max_tokens, "dtype": args.dtype, "seed": 0}
+        spec["prompt"] = FAMILY_PROMPTS[args.family]
+        positions = (
+            json.loads((source / "config.json").read_text()).get("text_config", {}).get("max_position_embeddings")
+        )
+        spec["max_model_len"] = min(2048, int(positions or 2048))
         logs = Path(args.logs) if args.logs else work
         logs.mkdir(parents=True, exist_ok=True)
         results = {variant: run_variant(work / variant, spec, logs / f"{variant}.log") for variant in VARIANTS}
     report = {
-        "model": args.model or {"tiny": BENCH_MODEL},
+        "family": args.family,
+        "model": args.model or ({"tiny": BENCH_MODEL} if args.family == "llava-1.5" else args.family),
         "visionzip": config.to_dict(),
         **spec,
         "results": results,
@@ -183,7 +219,13 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vlmzip.serving.bench_vllm", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="transformers LLaVA-1.5 directory (default: a random tiny one)")
+    parser.add_argument(
+        "--family",
+        choices=sorted(FAMILY_PROMPTS),
+        default="llava-1.5",
+        help="model family: sets the prompt, and the model when --model is not given (default llava-1.5)",
+    )
+    parser.add_argument("--model", help="transformers model directory of --family (default: the family's own)")
     parser.add_argument("--requests", type=int, default=16, help="image requests in the timed batch (default 16)")
     parser.add_argument("--single", type=int, default=4, help="requests timed one at a time (default 4)")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request (default 16)")

@@ -4,26 +4,79 @@ Kept free of vLLM imports so that `vlmzip export` and its checks run without vLL
 
 The budget comes from `visionzip_config.json` in the model directory (the file `vlmzip export`
 and `vlmzip finetune` write: `VisionZipConfig.to_dict()`), with the fields of the HF config's
-`vlmzip` attribute on top. vLLM sets that attribute from `--hf-overrides`:
+`visionzip` attribute on top. vLLM sets that attribute from `--hf-overrides`:
 
     vllm serve OUT --hf-overrides '{"visionzip": {"dominant": 108, "contextual": 20}}'
+
+Every `VisionZipConfig` field is accepted and validated as the library validates it. Two are refused by
+`check_servable` because the plugin's model runner does not implement them: `positions="original"`
+(vLLM numbers the reduced placeholders consecutively, i.e. "compact") and an adaptive budget
+(`attention_mass`: the processor must know each image's token count before the tower runs).
+
+    vllm serve OUT --hf-overrides '{"visionzip": {"retention": 0.25}}'
+
+`retention` (in (0, 1]) replaces the fixed count by a share of each image's (or video frame's)
+merged tokens, `max(1, round(retention * tokens))`, split into dominant and contextual as
+`VisionZipConfig.from_tokens` does; it suits Qwen, whose images differ in size.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from vlmzip.api import SAVED_CONFIG_NAME as CONFIG_FILENAME
 from vlmzip.api import load_saved_config
-from vlmzip.config import VisionZipConfig
+from vlmzip.config import VisionZipConfig, check_fraction, split_budget
 
 ARCHITECTURE = "VisionZipLlavaForConditionalGeneration"  # the name vLLM's registry knows the plugin by
+QWEN2_5_VL_ARCHITECTURE = "VisionZipQwen2_5_VLForConditionalGeneration"
 OVERRIDES_KEY = "visionzip"  # --hf-overrides '{"visionzip": {...}}' sets hf_config.visionzip
-# HF architectures the plugin can serve, with the tower configs their vLLM implementation builds.
-SERVABLE_ARCHITECTURES: dict[str, str] = {"LlavaForConditionalGeneration": "llava"}
-SERVABLE_TOWERS: tuple[str, ...] = ("clip_vision_model",)
+RETENTION_KEY = "retention"  # {"visionzip": {"retention": 0.25}}: a share of each image's tokens
+# HF architectures the plugin can serve -> their model_type.
+SERVABLE_ARCHITECTURES: dict[str, str] = {
+    "LlavaForConditionalGeneration": "llava",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+}
+# model_type -> the plugin architecture that serves it (module:class registered with vLLM).
+PLUGIN_ARCHITECTURES: dict[str, str] = {"llava": ARCHITECTURE, "qwen2_5_vl": QWEN2_5_VL_ARCHITECTURE}
+PLUGIN_MODULES: dict[str, str] = {
+    ARCHITECTURE: "vlmzip.serving.vllm",
+    QWEN2_5_VL_ARCHITECTURE: "vlmzip.serving.qwen",
+}
+# LLaVA's tower configs the plugin's LLaVA class builds (vLLM's CLIP; transformers' DINOv2).
+SERVABLE_TOWERS: tuple[str, ...] = ("clip_vision_model", "dinov2")
+
+
+@dataclass(frozen=True)
+class ServingBudget:
+    """A served model's budget: a fixed `config`, or `retention` of each image's merged tokens.
+
+    For models of variable resolution (Qwen), an image or video frame whose merged token count is
+    no more than its budget is sent whole; `item_tokens` is what vLLM schedules for it.
+    """
+
+    config: VisionZipConfig
+    retention: float | None = None
+
+    def frame_config(self, units: int, frames: int = 1) -> VisionZipConfig | None:
+        """The config one image (or one of a video's `frames` temporal slices) of `units` tokens gets.
+
+        None when it is sent whole (the budget is not smaller than its token count).
+        """
+        if self.retention is not None:
+            dominant, contextual = split_budget(max(1, round(self.retention * units)))
+            config = self.config.replace(dominant=dominant, contextual=contextual, budget_scope="per_crop")
+        else:
+            config = self.config.per_unit(frames)
+        return None if config.tokens >= units else config
+
+    def item_tokens(self, units: int, frames: int = 1) -> int:
+        """Placeholder tokens of an image (frames=1) or a video of `frames` slices of `units` tokens each."""
+        config = self.frame_config(units, frames)
+        return frames * (units if config is None else config.tokens)
 
 
 def _overrides(hf_config: Any) -> dict[str, Any] | None:
@@ -38,14 +91,47 @@ def _overrides(hf_config: Any) -> dict[str, Any] | None:
     return dict(overrides)
 
 
-def resolve_config(model_dir: str | os.PathLike[str], hf_config: Any) -> VisionZipConfig:
+def resolve_budget(model_dir: str | os.PathLike[str], hf_config: Any) -> ServingBudget:
     """The budget to serve `model_dir` with: its visionzip_config.json, then the hf_overrides on top.
 
     Raises ValueError when neither exists, when a field is unknown or invalid, or when the model
     cannot be served with this budget (see `check_servable`).
     """
-    stored = load_saved_config(model_dir)
     overrides = _overrides(hf_config)
+    retention = None
+    if overrides is not None and RETENTION_KEY in overrides:
+        clash = sorted({"dominant", "contextual"} & set(overrides))
+        if clash:
+            raise ValueError(
+                f"{model_dir}: hf_overrides {OVERRIDES_KEY!r} gives both {RETENTION_KEY!r} and {clash}: "
+                f"pass either a share of each image's tokens or a fixed count"
+            )
+        try:
+            retention = check_fraction(RETENTION_KEY, overrides.pop(RETENTION_KEY))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{model_dir}: invalid VisionZip serving config: {error}") from None
+    config = _resolve_fixed(model_dir, overrides, need_budget=retention is None)
+    check_servable(hf_config, config)
+    if retention is not None and check_architecture(hf_config) == "LlavaForConditionalGeneration":
+        # LLaVA-1.5's images all yield the same count: the share is one fixed budget.
+        dominant, contextual = split_budget(max(1, round(retention * tower_tokens(hf_config))))
+        config = config.replace(dominant=dominant, contextual=contextual)
+        retention = None
+        check_servable(hf_config, config)
+    return ServingBudget(config, retention)
+
+
+def resolve_config(model_dir: str | os.PathLike[str], hf_config: Any) -> VisionZipConfig:
+    """The fixed budget of a LLaVA-1.5 model (see `resolve_budget`)."""
+    return resolve_budget(model_dir, hf_config).config
+
+
+def _resolve_fixed(
+    model_dir: str | os.PathLike[str], overrides: dict[str, Any] | None, *, need_budget: bool
+) -> VisionZipConfig:
+    stored = load_saved_config(model_dir)
+    if stored is None and overrides is None and not need_budget:
+        overrides = {}
     if stored is None and overrides is None:
         raise ValueError(
             f"{model_dir}: no {CONFIG_FILENAME}; create the directory with `vlmzip export --model DIR -o OUT "
@@ -56,7 +142,6 @@ def resolve_config(model_dir: str | os.PathLike[str], hf_config: Any) -> VisionZ
         config = VisionZipConfig.from_dict({**(stored.to_dict() if stored else {}), **(overrides or {})})
     except (TypeError, ValueError) as error:
         raise ValueError(f"{model_dir}: invalid VisionZip serving config: {error}") from None
-    check_servable(hf_config, config)
     return config
 
 
@@ -69,13 +154,21 @@ def check_architecture(hf_config: Any) -> str:
     raise ValueError(
         f"unsupported architecture: model_type {model_type!r} "
         f"(architectures {getattr(hf_config, 'architectures', None)}); VisionZip serving supports "
-        f"{sorted(SERVABLE_ARCHITECTURES)} with a CLIP vision tower"
+        f"{sorted(SERVABLE_ARCHITECTURES)} (LLaVA with a CLIP vision tower)"
     )
 
 
 def tower_tokens(hf_config: Any) -> int:
-    """Tokens the vision tower yields per image ([CLS] included) at the model's resolution."""
+    """Tokens the vision tower yields per image ([CLS] included) at the model's resolution.
+
+    DINOv2 interpolates its position embeddings to the processor's crop, which may differ from its
+    `image_size` (the embedded model: 336 px crops, 577 tokens, on a 518 px tower): the LLaVA
+    config's `image_seq_length` (placeholders per image) gives the count there.
+    """
     vision = hf_config.vision_config
+    if getattr(vision, "model_type", None) == "dinov2" and getattr(hf_config, "image_seq_length", None):
+        full = getattr(hf_config, "vision_feature_select_strategy", "default") == "full"
+        return int(hf_config.image_seq_length) + (0 if full else 1)
     side = int(vision.image_size) // int(vision.patch_size)
     return side * side + 1
 
@@ -104,13 +197,27 @@ def absolute_feature_layer(hf_config: Any, config: VisionZipConfig) -> int:
 
 
 def check_servable(hf_config: Any, config: VisionZipConfig) -> int:
-    """Raise ValueError unless the plugin can serve `hf_config` with `config`; return tokens per image."""
-    check_architecture(hf_config)
+    """Raise ValueError unless the plugin can serve `hf_config` with `config`; return tokens per image.
+
+    For Qwen2.5-VL (variable resolution) the count is per image at most: smaller images are sent whole.
+    """
+    if check_architecture(hf_config) == "Qwen2_5_VLForConditionalGeneration":
+        return _check_qwen(config)
     vision = getattr(hf_config, "vision_config", None)
     tower = getattr(vision, "model_type", None)
     if tower not in SERVABLE_TOWERS:
         raise ValueError(f"unsupported vision tower {tower!r}; VisionZip serving supports {list(SERVABLE_TOWERS)}")
     absolute_feature_layer(hf_config, config)
+    if config.positions != "compact":
+        raise ValueError(
+            f"positions={config.positions!r} is not available in vLLM serving: the engine numbers the reduced "
+            "image tokens consecutively; serve with positions='compact' (or use transformers for original positions)"
+        )
+    if config.attention_mass is not None:
+        raise ValueError(
+            "attention_mass (adaptive budget) is not available in vLLM serving: the processor must know each "
+            "image's token count before the tower runs; serve a fixed dominant + contextual budget"
+        )
     available = tower_tokens(hf_config)
     if config.tokens > available:
         raise ValueError(
@@ -148,12 +255,12 @@ def check_overrides_target(model: str | os.PathLike[str] | None, hf_overrides: A
     if architectures is None:
         warnings.warn(
             f"--hf-overrides sets {OVERRIDES_KEY!r} but the architecture of {model} is not known here: the budget "
-            f"applies only if it is {ARCHITECTURE} (a `vlmzip export` directory); otherwise every visual token is "
-            "served",
+            f"applies only if it is one of {sorted(PLUGIN_MODULES)} (a `vlmzip export` directory); otherwise "
+            "every visual token is served",
             stacklevel=2,
         )
         return
-    if ARCHITECTURE not in list(architectures):
+    if not set(architectures) & set(PLUGIN_MODULES):
         raise ValueError(
             f"--hf-overrides sets {OVERRIDES_KEY!r}, but {model} is {list(architectures)}, which the VisionZip "
             f"plugin does not serve: the budget would be ignored and every visual token served. Serve a directory "
@@ -177,3 +284,17 @@ def requested_from_argv(argv: list[str]) -> tuple[str | None, str | None]:
             else:
                 overrides = value
     return model, overrides
+
+
+def _check_qwen(config: VisionZipConfig) -> int:
+    if config.feature_layer not in (None, -1):
+        raise ValueError(
+            "feature_layer: Qwen2.5-VL's visual tokens are the merger output of the tower's final block; "
+            f"leave feature_layer unset (or -1), got {config.feature_layer}"
+        )
+    if config.temporal_threshold is not None:
+        raise ValueError(
+            "temporal_threshold is not supported when serving: vLLM must know each video's token count "
+            f"before the encoder runs, got {config.temporal_threshold}"
+        )
+    return config.tokens

@@ -101,3 +101,91 @@ def build_tiny_llava(
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+# --- Qwen2.5-VL ----------------------------------------------------------------------------------
+QWEN_VOCABULARY = [*VOCABULARY, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image> ", "<|vision_start|> <|image_pad|> <|vision_end|> ").replace(
+    "{% elif part['type'] == 'text' %}",
+    "{% elif part['type'] == 'video' %}<|vision_start|> <|video_pad|> <|vision_end|> {% elif part['type'] == 'text' %}",
+)
+
+
+def build_tiny_qwen2_5_vl(
+    out_dir: str | os.PathLike[str],
+    *,
+    init_range: float = 0.2,
+    seed: int = 0,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 224 * 224,
+) -> Path:
+    """Save a random Qwen2.5-VL (3-block windowed tower, 2-layer Qwen2 LM) with tokenizer and processor.
+
+    The language model's head size is 32 (vLLM's CPU attention needs 32 or more) and its
+    `mrope_section` sums to 16. The processor names the PIL image processor; its video processor is
+    saved where torchvision is importable (vLLM's environment), which Qwen's video input needs.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if not isinstance(init_range, (int, float)) or not init_range > 0:
+        raise ValueError(f"init_range must be a positive number, got {init_range!r}")
+    ids = {word: QWEN_VOCABULARY.index(word) for word in QWEN_VOCABULARY}
+    text_config = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": len(QWEN_VOCABULARY),
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+        "pad_token_id": 0,
+        "eos_token_id": 2,
+        "bos_token_id": 3,
+        "initializer_range": init_range,
+    }
+    vision_config = {
+        "depth": 3,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": 64,
+        "num_heads": 4,
+        "patch_size": 14,
+        "window_size": 56,
+        "fullatt_block_indexes": [1],
+        "initializer_range": init_range,
+    }
+    config = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        initializer_range=init_range,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    tokenizer = word_level_tokenizer(
+        QWEN_VOCABULARY,
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    try:
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+        video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    except ImportError:  # no torchvision: images only
+        video_processor = None
+    processor_kwargs = {"image_processor": image_processor, "tokenizer": tokenizer, "chat_template": QWEN_CHAT_TEMPLATE}
+    if video_processor is not None:
+        processor_kwargs["video_processor"] = video_processor
+    processor = Qwen2_5_VLProcessor(**processor_kwargs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -1,0 +1,96 @@
+"""Running vLLM for the serving tests: the offline runner in a subprocess and `vllm serve` with its health check."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+RUNNER = Path(__file__).with_name("vllm_runner.py")
+VLLM_ENV = {
+    **os.environ,
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def run_vllm(workdir, runs):
+    spec, result = workdir / "spec.json", workdir / "result.json"
+    spec.write_text(json.dumps({"runs": runs}))
+    completed = subprocess.run(
+        [sys.executable, str(RUNNER), str(spec), str(result)],
+        env=VLLM_ENV,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads(result.read_text())["runs"]
+
+
+# --- the OpenAI-compatible server ------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(process, url, log, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"vllm serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(2)
+    pytest.fail(f"vllm serve not healthy after {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def stop(process):
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def serve_command(model, port, *options):
+    """`vllm serve` on 127.0.0.1 for the tiny float32 models (eager, 1024-token context)."""
+    command = [str(Path(sys.executable).with_name("vllm")), "serve", str(model), "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--enforce-eager", "--dtype", "float32", "--max-model-len", "1024"]
+    return command + [str(option) for option in options]
+
+
+def start_server(command, log, cwd):
+    with log.open("w") as log_file:
+        return subprocess.Popen(command, env=VLLM_ENV, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd)
+
+
+def prometheus_counter(port, name):
+    """The value of counter `name` (summed over its label sets) from the server's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    ]
+    assert values, f"{name} not in /metrics"
+    return sum(values)
