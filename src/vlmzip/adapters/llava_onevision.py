@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmzip.adapters.base import EncodedImages, placeholder_order, split_rows, units_input_ids
+from vlmzip.adapters.base import EncodedImages, placeholder_order, split_rows
+from vlmzip.adapters.cached import units_input_ids
 from vlmzip.adapters.llava_next import LlavaNextAdapter
 from vlmzip.cache import VisualUnit
 from vlmzip.config import VisionZipConfig

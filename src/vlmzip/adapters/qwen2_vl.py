@@ -34,7 +34,8 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import get_vision_window_index
 
-from vlmzip.adapters.base import _APPLIED, Adapter, EncodedImages, PaddingSide, placeholder_order, units_input_ids
+from vlmzip.adapters.base import _APPLIED, Adapter, EncodedImages, PaddingSide, placeholder_order
+from vlmzip.adapters.cached import units_input_ids
 from vlmzip.adapters.mrope import (
     MODALITY_INPUTS,
     UNREDUCED_LAYOUT_KEYS,
