@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests recipes
 
 bench: $(STAMP)  ## tower timing: plain sdpa vs compress_vision vs eager attention maps
-	$(BIN)/python -m vlmzip.bench.tower
+	$(BIN)/vlmzip bench-tower
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -40,11 +41,23 @@ def test_unknown_command_is_one_line_error():
     assert "Traceback" not in result.stderr
 
 
-def test_export_split_is_listed(capsys):
+def test_every_command_is_listed(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    assert "export-split" in out and "train-default" not in out  # the training recipe is not a command
+    listed = set(re.findall(r"^ {4}(\S+)", out, flags=re.MULTILINE))
+    commands = {"info", "demo", "export-split", "show", "app", "finetune", "export", "bench", "bench-tower"}
+    assert commands | {"bench-vllm", "eval"} <= listed
+    assert "train-default" not in out  # the training recipe is not a command
+
+
+def test_export_split_has_its_own_help(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["export-split", "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: vlmzip export-split ")
+    assert all(option in out for option in ("--split", "--images", "--per-type", "--seed", "--overwrite"))
 
 
 def test_missing_default_model_extra_is_a_one_line_error(tmp_path, monkeypatch, capsys):

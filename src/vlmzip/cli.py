@@ -45,8 +45,10 @@ def _add_info(subcommands: argparse._SubParsersAction) -> None:
 
 
 # Modules that add commands: each has `register(subcommands)`, which adds one or more sub-parsers
-# with `set_defaults(run=function)`; `function(args) -> int` is the exit status. Imported lazily in
-# `register` bodies so that `vlmzip --help` stays fast.
+# with `set_defaults(run=function)`; `function(args) -> int` is the exit status. This is the one way
+# a command is exposed (a module's own `python -m` entry point, where kept, hands its arguments to
+# `main` under the command's name). Imported lazily in `register` bodies so that `vlmzip --help`
+# stays fast.
 COMMAND_MODULES: tuple[str, ...] = (
     "vlmzip.demo",
     "vlmzip.default_model.commands",
@@ -54,6 +56,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vlmzip.finetune",
     "vlmzip.export",
     "vlmzip.bench.cli",
+    "vlmzip.bench.tower",
+    "vlmzip.serving.bench_vllm",
     "vlmzip.eval.cli",
 )
 
@@ -79,19 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vlmzip.default_model.commands import PASSTHROUGH
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in PASSTHROUGH:  # scripts with parsers of their own
-        try:
-            return PASSTHROUGH[argv[0]][0](argv[1:])
-        except (UserError, ValueError, TypeError, OSError, ImportError) as error:
-            if os.environ.get("VLMZIP_DEBUG"):
-                raise
-            print(f"vlmzip {argv[0]}: error: {error}", file=sys.stderr)
-            return 2
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2

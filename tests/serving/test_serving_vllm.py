@@ -203,7 +203,7 @@ def test_vllm_serve_answers_an_image_question(workdir):
 @pytest.mark.slow
 def test_benchmark_runs_both_engines(workdir, tmp_path):
     report_path = tmp_path / "bench.json"
-    command = [sys.executable, "-m", "vlmzip.serving.bench_vllm", "--model", str(workdir / "tiny")]
+    command = [sys.executable, "-m", "vlmzip.cli", "bench-vllm", "--model", str(workdir / "tiny")]
     command += ["--requests", "2", "--single", "1", "--max-tokens", "2", "--output", str(report_path)]
     completed = subprocess.run(command, env=VLLM_ENV, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]

@@ -5,22 +5,24 @@ Three ways to get what the projector needs, timed interleaved on the same inputs
   visionzip  compress_vision: hooks at the feature layer, stops after it, reduces
   eager      the reference route: eager attention with output_attentions=True, then reduce
 
-    python -m vlmzip.bench.tower                 # tiny CLIP tower of the test suite
-    python -m vlmzip.bench.tower --tower clip-l-336 --batch 1 --repeats 3
+    vlmzip bench-tower                                   # tiny CLIP tower of the test suite
+    vlmzip bench-tower --tower clip-l-336 --batch 1 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from vlmzip.api import compress_vision
-from vlmzip.core import visionzip_reduce
+if TYPE_CHECKING:
+    from transformers import CLIPVisionModel
 
 TOWERS: dict[str, dict[str, int]] = {
     # The tiny tower of the test suite: LLaVA-1.5 geometry (336 px, patch 14), small widths.
@@ -36,6 +38,8 @@ TOWERS: dict[str, dict[str, int]] = {
 
 
 def build_tower(name: str, dtype: torch.dtype) -> CLIPVisionModel:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
     config = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, **TOWERS[name])
     torch.manual_seed(0)
     return CLIPVisionModel(config).to(dtype).eval()
@@ -43,6 +47,8 @@ def build_tower(name: str, dtype: torch.dtype) -> CLIPVisionModel:
 
 def eager_route(tower: CLIPVisionModel, pixel_values: torch.Tensor, dominant: int, contextual: int) -> torch.Tensor:
     """VisionZip computed from full attention maps, as implementations without a probe do it."""
+    from vlmzip.core import visionzip_reduce
+
     out = tower(pixel_values=pixel_values, output_attentions=True, output_hidden_states=True)
     layer = tower.encoder.layers[-2]
     keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[-3]))
@@ -70,18 +76,32 @@ def time_interleaved(
     return times
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tower", choices=sorted(TOWERS), default="tiny")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--dominant", type=int, default=54)
-    parser.add_argument("--contextual", type=int, default=10)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+def register(subcommands: argparse._SubParsersAction) -> None:
+    help_text = "Time the vision tower alone: plain sdpa vs compress_vision vs eager attention maps, interleaved."
+    parser = subcommands.add_parser(
+        "bench-tower",
+        help=help_text,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--tower", choices=sorted(TOWERS), default="tiny", help="default: %(default)s")
+    parser.add_argument("--batch", type=int, default=4, help="images per pass (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=10, help="measured rounds (default: %(default)s)")
+    parser.add_argument("--dominant", type=int, default=54, help="default: %(default)s")
+    parser.add_argument("--contextual", type=int, default=10, help="default: %(default)s")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="default: %(default)s")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args(argv)
+    parser.set_defaults(run=functools.partial(run_tower_bench, parser=parser))
+
+
+def run_tower_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Time the three routes as `args` asks and print the table."""
+    from vlmzip.api import compress_vision
+    from vlmzip.config import VisionZipConfig
+
     if args.batch < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be >= 1")
+    VisionZipConfig(dominant=args.dominant, contextual=args.contextual)  # bad budgets fail before the tower is built
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -121,6 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"eager / visionzip = {medians['eager'] / medians['visionzip']:.2f}"
     )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m vlmzip.bench.tower ARGS`, the same as `vlmzip bench-tower ARGS`."""
+    from vlmzip.cli import main as cli_main
+
+    return cli_main(["bench-tower", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ QUESTION_TYPES = ("count", "position", "size", "shape", "exist")
 POSITION_MARGIN = 16
 POSITION_ANSWERS = ("left", "right", "above", "below")
 _SPLIT_IDS = {"train": 0, "test": 1, "val": 2, "sample": 3}
+SPLITS = tuple(sorted(_SPLIT_IDS))  # the split names export_split takes
 DEFAULT_TEST_IMAGES = 250
 
 
@@ -539,35 +540,3 @@ def export_split(
     if existing and not overwrite:
         raise FileExistsError(f"output exists: {', '.join(existing)}; pass --overwrite to replace it")
     return export_jsonl(list(iter_split(split, num_images, seed=seed, per_type=per_type)), path)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Write a split of the default model's data as JSONL + PNG files."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m vlmzip.default_model.data", description=main.__doc__)
-    parser.add_argument("output", type=Path, help="JSONL file to write")
-    parser.add_argument("--split", default="test", choices=sorted(_SPLIT_IDS))
-    parser.add_argument("--images", type=int, default=DEFAULT_TEST_IMAGES, help="number of scenes")
-    parser.add_argument("--per-type", type=int, default=1, help="questions of each type per scene")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing file and its image folder")
-    args = parser.parse_args(argv)
-    for option, value, least in (
-        ("--images", args.images, 1),
-        ("--per-type", args.per_type, 1),
-        ("--seed", args.seed, 0),
-    ):
-        if value < least:
-            parser.error(f"{option} must be an integer >= {least}, got {value}")
-    from vlmzip.outputs import embedded_model_inputs, refuse_overlap
-
-    for output in (args.output, args.output.parent / (args.output.stem + "_images")):
-        refuse_overlap(output, embedded_model_inputs(), "OUTPUT")
-    path = export_split(args.output, args.split, args.images, args.seed, args.per_type, overwrite=args.overwrite)
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """vLLM with and without the VisionZip plugin, side by side in one run: throughput and time to first token.
 
-    python -m vlmzip.serving.bench_vllm [--family llava-1.5|qwen2.5-vl|default] [--model DIR] [--requests 16]
-                                         [--dominant 54 --contextual 10]
+    vlmzip bench-vllm [--family llava-1.5|qwen2.5-vl|default] [--model DIR] [--requests 16]
+                      [--dominant 54 --contextual 10]
 
 The same LLaVA-1.5 weights are exported twice (`vlmzip export` and `vlmzip export --plain`):
 vLLM's own LLaVA with every visual token (576 per image) and the plugin with `dominant + contextual`.
@@ -217,8 +217,14 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vlmzip.serving.bench_vllm", description=__doc__.split("\n")[0])
+def register(subcommands: argparse._SubParsersAction) -> None:
+    help_text = __doc__.split("\n")[0]
+    parser = subcommands.add_parser(
+        "bench-vllm",
+        help=help_text,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--family",
         choices=sorted(FAMILY_PROMPTS),
@@ -234,22 +240,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"))
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("--logs", help="keep the engines' logs in this directory")
-    return parser
+    parser.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from vlmzip.cli import UserError
+
+    try:
+        benchmark(args)
+    except RuntimeError as error:  # an engine that failed: its log says why
+        raise UserError(str(error)) from None
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m vlmzip.serving.bench_vllm ARGS`, the same as `vlmzip bench-vllm ARGS`.
+
+    `--worker MODEL_DIR SPEC RESULT` runs one engine in this process (the benchmark starts one per variant).
+    """
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         _, model_dir, spec, result_path = argv
         Path(result_path).write_text(json.dumps(run_worker(model_dir, json.loads(spec))), encoding="utf-8")
         return 0
-    args = build_parser().parse_args(argv)
-    try:
-        benchmark(args)
-    except (ValueError, TypeError, RuntimeError) as error:
-        print(f"bench_vllm: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    from vlmzip.cli import main as cli_main
+
+    return cli_main(["bench-vllm", *argv])
 
 
 if __name__ == "__main__":
