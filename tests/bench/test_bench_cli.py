@@ -117,9 +117,29 @@ def test_questions_per_image_and_int8(model_dir, tmp_path, capsys):
     assert "later" in capsys.readouterr().out
 
 
+def test_unquantized_and_int8_side_by_side_in_one_run(model_dir, tmp_path, capsys):
+    out = tmp_path / "both.json"
+    argv = ["bench", "--model", str(model_dir), "--methods", "visionzip", "--tokens", "64", *FAST]
+    assert main([*argv, "--quantize", "none", "int8", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(row["method"], row["quantize"]) for row in rows] == [
+        ("full", "none"), ("visionzip", "none"), ("full", "int8"), ("visionzip", "int8")
+    ]  # fmt: skip
+    base = rows[0]
+    for row in rows:  # every ratio is to all tokens in the model's own dtype
+        assert row["speedup_ttft"] == pytest.approx(base["ttft_ms"] / row["ttft_ms"])
+        assert row["mem_ratio"] == pytest.approx(row["peak_mem_mb"] / base["peak_mem_mb"])
+    assert rows[0]["speedup_ttft"] == 1.0 and rows[2]["speedup_ttft"] != 1.0
+    assert "visionzip int8" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--questions-per-image", "0"], "--questions-per-image"), (["--quantize", "int4"], "invalid choice")],
+    [
+        (["--questions-per-image", "0"], "--questions-per-image"),
+        (["--quantize", "int4"], "invalid choice"),
+        (["--quantize", "int8", "none"], "give 'none' before 'int8'"),
+    ],
 )
 def test_bad_questions_and_quantize(model_dir, capsys, extra, message):
     code = None

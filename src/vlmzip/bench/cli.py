@@ -150,6 +150,7 @@ def plot_bench(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         for key in keys:
             if row[key] is not None:
                 name = row["method"] + (" (adaptive)" if row.get("attention_mass") is not None else "")
+                name += f" {row['quantize']}" if row.get("quantize", "none") != "none" else ""
                 points = series.setdefault(f"{name}|{key}", [(full["tokens"], full[key])])  # lines end at all tokens
                 points.append((row["tokens"], row[key]))
     for points in series.values():
@@ -161,6 +162,14 @@ def plot_bench(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     ]
     reference = {"speedup_llm_prefill": 1.0, "speedup_ttft": 1.0, "peak_mem_delta_mb": full["peak_mem_delta_mb"]}
     return plot_lines(series, panels, path, title=title, reference=reference)
+
+
+def quantize_schemes(values: str | list[str]) -> list[str]:
+    """The `--quantize` schemes in the order they run: the model's own dtype ("none") before int8."""
+    schemes = list(dict.fromkeys([values] if isinstance(values, str) else values))
+    if schemes and schemes[0] != "none" and "none" in schemes:
+        raise ValueError("--quantize: give 'none' before 'int8' (quantizing is done in place and cannot be undone)")
+    return schemes or ["none"]
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -186,8 +195,9 @@ def run_bench(args: argparse.Namespace) -> int:
     warmup = check_int("--warmup", args.warmup, 0)
     new_tokens = check_int("--new-tokens", args.new_tokens if args.new_tokens else (4 if args.arch else 16), 2)
     questions_per_image = check_int("--questions-per-image", args.questions_per_image, 1)
-    if args.quantize != "none" and args.device != "cpu":
-        raise ValueError(f"--quantize {args.quantize} runs on CPU only; leave --device at cpu")
+    schemes = quantize_schemes(args.quantize)
+    if schemes != ["none"] and args.device != "cpu":
+        raise ValueError(f"--quantize {' '.join(schemes)} runs on CPU only; leave --device at cpu")
     check_device(args.device)
     variants_from_args(args, DEFAULT_BUDGETS)  # bad names and budgets fail before loading
     if args.threads:
@@ -196,10 +206,7 @@ def run_bench(args: argparse.Namespace) -> int:
     console = Console(stderr=True, soft_wrap=True)  # status lines hold paths: never break them
     with console.status("loading model"):
         model, processor, name, budgets, image, question = load_subject(args)
-        if args.quantize != "none":
-            from vlmzip.bench.quantize import quantize_language_model
-
-            quantize_language_model(model, args.quantize)
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         variants = variants_from_args(args, budgets, model, console)
         tokenizer = getattr(processor, "tokenizer", processor)
         tokenizer.padding_side = "left"
@@ -211,34 +218,41 @@ def run_bench(args: argparse.Namespace) -> int:
             encoded = processor(images=images, text=[prompt] * batch, return_tensors="pt", padding=True)
             batches.append(encoded.to(args.device))
         pad_token_id = getattr(tokenizer, "pad_token_id", None)
-        bench = PipelineBench(
-            model, batches[0], variants, new_tokens=new_tokens, pad_token_id=pad_token_id, followups=batches[1:]
-        )
 
-    total = len(variants) * (warmup + repeats)
+    total = len(schemes) * len(variants) * (warmup + repeats)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    rows: list[dict[str, Any]] = []
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("measuring", total=total)
+        for scheme in schemes:  # "none" first: quantizing is done in place and cannot be undone
+            if scheme != "none":
+                from vlmzip.bench.quantize import quantize_language_model
 
-        def advance(variant: Any) -> None:
-            progress.update(task, advance=1, description=f"measuring (last: {variant.label})")
+                progress.update(task, description=f"quantizing the language model ({scheme})")
+                quantize_language_model(model, scheme)
+            bench = PipelineBench(
+                model, batches[0], variants, new_tokens=new_tokens, pad_token_id=pad_token_id, followups=batches[1:]
+            )
 
-        results = bench.run(repeats=repeats, warmup=warmup, progress=advance)
-    rows = with_ratios([result.summary() for result in results])
+            def advance(variant: Any, scheme: str = scheme) -> None:
+                progress.update(task, advance=1, description=f"measuring (last: {variant.label}, {scheme})")
+
+            for result in bench.run(repeats=repeats, warmup=warmup, progress=advance):
+                rows.append({**result.summary(), "quantize": scheme})
+    rows = with_ratios(rows)  # every ratio is to the first row: all tokens, unquantized when "none" was given
     settings = {
         "model": name,
         "device": str(bench.device),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": dtype,
         "batch": batch,
         "new_tokens": new_tokens,
         "threads": torch.get_num_threads(),
-        "quantize": args.quantize,
         "questions_per_image": questions_per_image,
         "shared_layer_weights": bool(args.shared_layer_weights),
     }
     for row in rows:
         row.update(settings)
-    quantized = ", language model int8" if args.quantize == "int8" else ""
+    quantized = "" if schemes == ["none"] else f", language model {' then '.join(schemes)}"
     title = (
         f"{name} on {settings['device']} ({settings['dtype']}{quantized}, {settings['threads']} threads), "
         f"batch {batch}, "
@@ -296,9 +310,11 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--quantize",
+        nargs="+",
         choices=["none", "int8"],
-        default="none",
-        help="int8: the language model's linear layers get int8 weights (PyTorch dynamic quantization, CPU)",
+        default=["none"],
+        help="int8: the language model's linear layers get int8 weights (PyTorch dynamic quantization, CPU); "
+        "'none int8' measures every variant in the model's dtype, then quantizes and measures again, in one run",
     )
     parser.add_argument("--json", help="write one object per method x budget to this .json file")
     parser.add_argument("--plot", help="draw speedups and memory vs tokens to this .png file")
