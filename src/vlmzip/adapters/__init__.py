@@ -47,6 +47,11 @@ def adapter_class_for(model: nn.Module) -> type[Adapter]:
     raise ValueError(f"model: unsupported model family {name}; supported: {supported_families()}")
 
 
+def check_supported(model: nn.Module) -> None:
+    """Raise the error `adapter_class_for` raises for a model no family handles (TypeError, ValueError)."""
+    adapter_class_for(model)
+
+
 def geometry_of(model: nn.Module, processor: Any = None) -> FamilyGeometry:
     """The config-free description of `model`'s family: vision tower, projector, feature layer, placeholder
     ids, token counts per image / crop (at `processor`'s input size where given, else at the model's own
@@ -58,4 +63,12 @@ def geometry_of(model: nn.Module, processor: Any = None) -> FamilyGeometry:
     return adapter_class_for(model).geometry(model, processor)
 
 
-__all__ = ["ADAPTERS", "Adapter", "FamilyGeometry", "adapter_class_for", "geometry_of", "supported_families"]
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "FamilyGeometry",
+    "adapter_class_for",
+    "check_supported",
+    "geometry_of",
+    "supported_families",
+]
