@@ -28,7 +28,7 @@ def build_prompt(processor: Any, question: str, template: str | None = None) -> 
     """
     if template is not None:
         return template.replace("{question}", question)
-    from vlmzip.demo import build_prompt as chat_prompt
+    from vlmzip.prompts import build_prompt as chat_prompt
 
     return chat_prompt(processor, question)
 
