@@ -45,3 +45,21 @@ def test_none_and_bad_scheme():
     assert any(isinstance(m, torch.nn.Linear) for m in model.model.language_model.modules())
     with pytest.raises(ValueError, match="quantize"):
         quantize_language_model(model, "int4")
+
+
+def test_replaced_float_weights_are_freed_and_shared_or_tied_ones_kept():
+    """The float linear layers swapped out hold no memory afterwards (the swap itself keeps them referenced)."""
+    model, processor = make_llava(), make_llava_processor()
+    layers = model.model.language_model.layers
+    # Share one layer's projection with another (as --shared-layer-weights does) and tie the head to the embeddings.
+    layers[1].mlp.up_proj.weight = layers[0].mlp.up_proj.weight
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    old = [m for m in model.model.language_model.modules() if isinstance(m, torch.nn.Linear)]
+    old_head = model.lm_head
+    quantize_language_model(model, "int8")
+    assert old and all(m.weight.numel() == 0 for m in old)  # shared weights freed once no layer uses them
+    embeddings = model.model.language_model.embed_tokens.weight
+    assert old_head.weight is embeddings and embeddings.numel() > 0  # tied to a live parameter: kept
+    inputs = processor(images=random_images(1), text=[PROMPT], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()

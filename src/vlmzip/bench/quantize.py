@@ -53,8 +53,10 @@ def quantize_language_model(model: nn.Module, scheme: str = "int8") -> nn.Module
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
         for child in _units(language_model):
+            replaced = [module for module in child.modules() if isinstance(module, nn.Linear)]
             child.float()
             quantize_dynamic(child, spec, dtype=torch.qint8, inplace=True)
+            _release(model, replaced)
         language_model.float()  # what is left: embeddings, norms, rotary buffers
     if hasattr(model, "get_output_embeddings") and isinstance(model.get_output_embeddings(), nn.Linear):
         head = model.get_output_embeddings()
@@ -62,7 +64,23 @@ def quantize_language_model(model: nn.Module, scheme: str = "int8") -> nn.Module
             warnings.simplefilter("ignore")
             quantized = quantize_dynamic(nn.Sequential(head.float()), spec, dtype=torch.qint8)[0]
         model.set_output_embeddings(quantized)
+        _release(model, [head])
     return model
+
+
+def _release(model: nn.Module, replaced: list[nn.Module]) -> None:
+    """Free the float weights of linear layers the quantized ones replaced.
+
+    torch.ao's module swap leaves references to the old modules behind (a closure keeps them), so
+    their float32 copies would stay allocated: about 0.8 GB per decoder layer of a 7B model, enough to
+    exhaust a 24 GB machine halfway through. A parameter the model still uses (tied or shared weights)
+    is kept.
+    """
+    live = {id(parameter) for parameter in model.parameters()}
+    for module in replaced:
+        for parameter in module.parameters(recurse=False):
+            if id(parameter) not in live:
+                parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
 
 
 def _units(part: nn.Module) -> list[nn.Module]:
