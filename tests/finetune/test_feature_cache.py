@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vlmzip
-from conftest import make_llava
+from conftest import make_llava, make_llava_processor, random_images
 from vlmzip.api import get_state
 from vlmzip.core import Reduction
 from vlmzip.finetune.cache import ReducedFeatureCache, reducing_from_cache
@@ -29,24 +29,39 @@ def test_rows_come_back_in_the_order_asked():
     stand_in = cache.stand_in_pixels([3, 0])
     assert stand_in.shape == (2, 3, 8, 8)
     with cache.serving([3, 0]):
-        probe, served = cache.reduce(stand_in)
-    assert probe is None
+        served = cache.reduction_for(stand_in)
     assert torch.equal(served.features[0], reduction(2, 100.0).features[1])
     assert torch.equal(served.features[1], reduction(2, 0.0).features[0])
     with pytest.raises(RuntimeError, match="not told about"):
-        cache.reduce(stand_in)  # outside serving()
+        cache.reduction_for(stand_in)  # outside serving()
 
 
 def test_the_adapter_reduces_from_the_cache_only_inside_the_block():
-    model = make_llava()
+    """finetune serves cached reductions through the library's reductions_from seam: no method is reassigned."""
+    model, processor = make_llava(), make_llava_processor()
     vlmzip.apply(model, dominant=8, contextual=2)
     adapter = get_state(model).adapter
+    pixels = processor(images=random_images(2), text=["<image>"] * 2, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        _, fresh = adapter.reduce(pixels)
     cache = ReducedFeatureCache()
-    assert "reduce" not in vars(adapter)
-    with reducing_from_cache(adapter, cache):
-        assert adapter.reduce == cache.reduce
-    assert "reduce" not in vars(adapter) and adapter.reduce != cache.reduce
+    keys = cache.add(fresh, pixels)
+    calls = []
+    hook = model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    with reducing_from_cache(adapter, cache), cache.serving(keys[::-1]):
+        probe, served = adapter.reduce(cache.stand_in_pixels(keys[::-1]))
+    hook.remove()
+    assert probe is None and not calls and "reduce" not in vars(adapter)
+    assert torch.equal(served.features, fresh.features.flip(0))
+    assert torch.equal(served.kept_indices, fresh.kept_indices.flip(0))
+    with torch.no_grad():
+        assert adapter.reduce(pixels)[0] is not None  # outside the block the tower runs again
     with pytest.raises(KeyError), reducing_from_cache(adapter, cache):
         raise KeyError("an error inside the block")
-    assert "reduce" not in vars(adapter)
+    assert adapter._reduction_source is None
+    with reducing_from_cache(adapter, cache), pytest.raises(ValueError, match="already active"):
+        with reducing_from_cache(adapter, cache):
+            pass
+    with pytest.raises(TypeError, match="callable"), adapter.reductions_from("not a function"):
+        pass
     vlmzip.remove(model)

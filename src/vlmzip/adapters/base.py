@@ -268,8 +268,14 @@ class Adapter(FamilyGeometry, ProbeSourcing, CachedEncoding):
 
     def reduce(
         self, pixel_values: torch.Tensor, **tower_kwargs: Any
-    ) -> tuple[ProbeOutput, Reduction | list[Reduction]]:
-        """Probe the tower at the feature layer (`probe_tower`) and apply the configured method (see `run_method`)."""
+    ) -> tuple[ProbeOutput | None, Reduction | list[Reduction]]:
+        """Probe the tower at the feature layer (`probe_tower`) and apply the configured method (see `run_method`).
+
+        Inside `reductions_from(source)` the source answers instead (no probe: the first item is None).
+        """
+        given = self.reduction_from_source(pixel_values)
+        if given is not None:
+            return None, given
         probe = self.probe_tower(pixel_values, **tower_kwargs)
         num_tokens = probe.features.shape[1]
         if self.config.fewest_tokens > num_tokens:

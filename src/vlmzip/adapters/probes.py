@@ -1,10 +1,13 @@
-"""The adapter's "reduce from these probe outputs" seam: `adapter.probes_from(source)`.
+"""The adapter's "reduce from these probe outputs" seams: `adapter.probes_from(source)` and
+`adapter.reductions_from(source)`.
 
 Inside the context, every place the adapter would run the vision tower up to its feature layer
 (`probe_tower`) takes the probe from `source` instead, so `prepare()` (and everything built on it)
 reduces, projects and rewrites the sequence exactly as with the tower, without running it: a tool
 that cached the probes of its images (a fine-tuning run over many epochs) serves them back here.
-The state lives on the adapter instance and is cleared on exit; nothing is patched.
+`reductions_from` goes one step further for tools that cached the method's output itself: `reduce()`
+returns the source's reduction (and no probe), so only projection and sequence rewriting run. The
+state lives on the adapter instance and is cleared on exit; nothing is patched.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from vlmzip.core import Reduction
 from vlmzip.probe import ProbeOutput, probe_vision_tower
 
 ProbeSource = ProbeOutput | Callable[[torch.Tensor], ProbeOutput]
+ReductionSource = Callable[[torch.Tensor], Reduction]
 
 
 class ProbeSourcing:
@@ -28,6 +33,36 @@ class ProbeSourcing:
     serves_probes: ClassVar[bool] = True
     _probe_source: ProbeSource | None = None
     _probe_cursor: int = 0
+    _reduction_source: ReductionSource | None = None
+
+    @contextmanager
+    def reductions_from(self, source: ReductionSource) -> Iterator[None]:
+        """Inside the context, `reduce(pixel_values)` returns `(None, source(pixel_values))`: no tower, no method.
+
+        source: a callable answering each call with the `Reduction` of those tower inputs (one row per
+            row of pixel_values), e.g. a cache a tool filled from earlier `reduce()` results. Families
+            whose `encode()` needs the probe too (multi-crop layouts, per-image probes) refuse it with
+            an error when it is used; compare `prepare()` with and without the source before relying on it.
+        """
+        if not callable(source):
+            raise TypeError(f"source must be a callable pixel_values -> Reduction, got {type(source).__name__}")
+        if self._reduction_source is not None:
+            raise ValueError("reductions_from is already active on this adapter")
+        self._reduction_source = source
+        try:
+            yield
+        finally:
+            self._reduction_source = None
+
+    def reduction_from_source(self, pixel_values: torch.Tensor) -> Reduction | None:
+        """The active `reductions_from` source's answer for these tower inputs, or None without one."""
+        source = self._reduction_source
+        if source is None:
+            return None
+        reduction = source(pixel_values)
+        if not isinstance(reduction, Reduction) or reduction.features.shape[0] != pixel_values.shape[0]:
+            raise ValueError(f"reductions_from: the source must return a Reduction of {pixel_values.shape[0]} rows")
+        return reduction
 
     @contextmanager
     def probes_from(self, source: ProbeSource) -> Iterator[None]:

@@ -20,7 +20,7 @@ from vlmzip.finetune.examples import Example
 class ReducedFeatureCache:
     """Each image's reduction, computed once by the adapter's own `reduce` and served in its place.
 
-    Set as the adapter instance's `reduce`, it answers for the images named by `serving(keys)`: the
+    Given to the adapter's `reductions_from`, it answers for the images named by `serving(keys)`: the
     pixel_values of those batches are shape-only stand-ins (`stand_in_pixels`).
     """
 
@@ -64,7 +64,8 @@ class ReducedFeatureCache:
         finally:
             self._serving = None
 
-    def reduce(self, pixel_values: torch.Tensor, **tower_kwargs: Any) -> tuple[None, Reduction]:
+    def reduction_for(self, pixel_values: torch.Tensor) -> Reduction:
+        """The cached reduction of the images `serving(keys)` names (`pixel_values`: their shape-only stand-in)."""
         keys = self._serving
         if keys is None or len(keys) != pixel_values.shape[0]:
             raise RuntimeError(
@@ -74,34 +75,18 @@ class ReducedFeatureCache:
         rows = [self._rows[key] for key in keys]
         device = pixel_values.device
         scores = [row.scores for row in rows]
-        reduction = Reduction(
+        return Reduction(
             features=torch.stack([row.features for row in rows]).to(device),
             kept_indices=torch.stack([row.kept_indices for row in rows]).to(device),
             groups=torch.stack([row.groups for row in rows]).to(device),
             scores=torch.stack(scores).to(device) if all(s is not None for s in scores) else None,
         )
-        return None, reduction  # no probe: the tower did not run
 
 
-_UNSET = object()
-
-
-@contextmanager
-def reducing_from_cache(adapter: Any, cache: ReducedFeatureCache) -> Iterator[None]:
-    """The adapter reduces from the cache instead of running the tower, until the block ends.
-
-    The one place where fine-tuning swaps the adapter's reduction: an instance attribute over the
-    class's method, put back as it was on exit.
-    """
-    previous = vars(adapter).get("reduce", _UNSET)
-    adapter.reduce = cache.reduce
-    try:
-        yield
-    finally:
-        if previous is _UNSET:
-            del adapter.reduce
-        else:
-            adapter.reduce = previous
+def reducing_from_cache(adapter: Any, cache: ReducedFeatureCache) -> Any:
+    """The adapter reduces from the cache instead of running the tower, until the block ends (the library's
+    `reductions_from` seam: state on the adapter instance, nothing reassigned)."""
+    return adapter.reductions_from(cache.reduction_for)
 
 
 def cache_serves_like_tower(adapter: Any, cache: ReducedFeatureCache, example: Example, pixels: torch.Tensor) -> bool:
@@ -116,7 +101,7 @@ def cache_serves_like_tower(adapter: Any, cache: ReducedFeatureCache, example: E
         try:
             with reducing_from_cache(adapter, cache), cache.serving([example.image]):
                 served = adapter.prepare({**inputs, "pixel_values": cache.stand_in_pixels([example.image])})
-        except (RuntimeError, ValueError, TypeError, AttributeError):
+        except (RuntimeError, ValueError, TypeError, AttributeError):  # e.g. an encode() that needs the probe
             return False
     if expected.keys() != served.keys():
         return False
