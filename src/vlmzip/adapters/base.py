@@ -246,7 +246,7 @@ class Adapter(FamilyGeometry, ProbeSourcing, CachedEncoding):
         """
         config = self.config if config is None else config
         if not config.adaptive:
-            return self.method(probe, config)
+            return self.call_method(probe, config)
         num_tokens = probe.features.shape[1]
         if config.fewest_tokens > num_tokens:
             raise ValueError(
@@ -262,7 +262,7 @@ class Adapter(FamilyGeometry, ProbeSourcing, CachedEncoding):
         for count in sorted(set(counts)):
             rows = [row for row, value in enumerate(counts) if value == count]
             fixed = config.replace(dominant=count, attention_mass=None, max_dominant=None, min_dominant=1)
-            for row, reduction in zip(rows, self.method(probe[rows], fixed).split(), strict=True):
+            for row, reduction in zip(rows, self.call_method(probe[rows], fixed).split(), strict=True):
                 units[row] = reduction
         return [unit for unit in units if unit is not None]
 

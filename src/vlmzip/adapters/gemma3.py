@@ -127,7 +127,7 @@ class Gemma3Adapter(Adapter):
     def reduce(self, pixel_values: torch.Tensor, **tower_kwargs: Any) -> tuple[ProbeOutput, Reduction]:
         """The pooled probe of a batch of images and the method's reduction of it (soft-token grid)."""
         probe = self.pooled_probe(pixel_values)
-        return probe, self.method(probe, self.config)
+        return probe, self.call_method(probe, self.config)
 
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         full_counts = self.full_counts(inputs)

@@ -192,7 +192,7 @@ class InternVLAdapter(Adapter):
     def reduce(self, pixel_values: torch.Tensor, **tower_kwargs: Any) -> tuple[ProbeOutput, Reduction]:
         """The shuffled probe of the tiles of one image and the method's reduction of it (each tile alike)."""
         probe = self.shuffled_probe(pixel_values)
-        return probe, self.method(probe, self.tile_config(pixel_values.shape[0], 0))
+        return probe, self.call_method(probe, self.tile_config(pixel_values.shape[0], 0))
 
     @property
     def token_pixels(self) -> int:
@@ -209,7 +209,7 @@ class InternVLAdapter(Adapter):
         features, reductions = [], []
         start = 0
         for count, config in zip(tiles, configs, strict=True):
-            reduction = self.method(probe[start : start + count], config)
+            reduction = self.call_method(probe[start : start + count], config)
             start += count
             features.append(self.projector()(reduction.features).flatten(0, 1))
             reductions.append(reduction)

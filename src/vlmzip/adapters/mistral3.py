@@ -270,7 +270,7 @@ class Mistral3Adapter(Adapter):
                 f"at {size[0]}x{size[1]} px), got {self.config.dominant} + {self.config.contextual} = "
                 f"{self.config.tokens}"
             )
-        return self.method(probe, self.config)
+        return self.call_method(probe, self.config)
 
     def reduce(self, pixel_values: torch.Tensor, **tower_kwargs: Any) -> tuple[ProbeOutput, Reduction]:
         """Reduce whole images of one size (`pixel_values` (images, C, H, W)), as `encode` reduces each image."""

@@ -214,7 +214,7 @@ class SmolVLMAdapter(Adapter):
                 f"dominant + contextual must be <= {units} per tile (the {rows}x{cols} shuffled tokens of a "
                 f"SmolVLM tile), got {config.dominant} + {config.contextual} = {config.tokens}"
             )
-        return self.method(probe, config)
+        return self.call_method(probe, config)
 
     @property
     def token_pixels(self) -> int:

@@ -24,6 +24,7 @@ import ctypes.util
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ from vlmzip.adapters import geometry_of
 from vlmzip.bench.flops import FlopCounter, projector_modules
 from vlmzip.cache import ImageCache
 from vlmzip.compat import output_cache
-from vlmzip.config import VisionZipConfig, check_int
+from vlmzip.config import check_int
 from vlmzip.measure import PeakMemory, kv_cache_bytes_after_prefill
 from vlmzip.model_parts import language_model_of
 from vlmzip.variants import Variant, VariantRunner, unit_tokens
@@ -264,20 +265,16 @@ class PipelineBench:
             self.language_model.register_forward_pre_hook(lambda *args: stamp("llm_start")),
         ]
         adapter = runner.adapter
-        if adapter is not None:
-            method = adapter.method
-
-            def timed_method(probe: Any, config: VisionZipConfig) -> Any:
-                stamp("select_start")
-                reduction = method(probe, config)
-                stamp("select_end")
-                return reduction
-
-            adapter.method = timed_method
+        watching = adapter.watching_method(lambda stage: stamp(f"select_{stage}")) if adapter else nullcontext()
         if self.device.type == "cpu":
             _trim_heap()
         try:
-            with torch.inference_mode(), PeakMemory(self.device, interval=0.005) as memory, self.flops as counter:
+            with (
+                watching,
+                torch.inference_mode(),
+                PeakMemory(self.device, interval=0.005) as memory,
+                self.flops as counter,
+            ):
                 stamp("start")
                 prepared = runner.prepare(inputs, cache=cache)
                 with runner.generating():
@@ -295,8 +292,6 @@ class PipelineBench:
         finally:
             for handle in handles:
                 handle.remove()
-            if adapter is not None:
-                adapter.method = method
 
         # The probe stops inside the tower (its forward hook never fires): the method starting marks the end.
         tower_end = "select_start" if "select_start" in stamps else "tower_end" if "tower_end" in stamps else "start"
