@@ -39,6 +39,11 @@ REQUESTS = [  # the first is longer than a KV block (32 tokens on CPU): its repe
     (f"USER: {IMAGE} {IMAGE} what is left of the circle ? ASSISTANT:", [2, 0]),
     ("USER: describe a big red circle ASSISTANT:", []),
 ]
+VIDEO = "<|vision_start|> <|video_pad|> <|vision_end|>"
+VIDEO_PROMPT = f"USER: {VIDEO} what is in the image ? ASSISTANT:"
+VIDEO_FRAMES = (4, 112, 168)  # two temporal slices of 8 x 12 patches: 24 merged tokens each
+VIDEO_FPS = 2.0
+VIDEO_TOKEN_ID = QWEN_VOCABULARY.index("<|video_pad|>")
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +54,7 @@ def workdir(tmp_path_factory):
     rng = np.random.default_rng(1)
     for i, (height, width) in enumerate(SIZES):
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / f"image{i}.png")
+    np.save(root / "video.npy", rng.integers(0, 256, (*VIDEO_FRAMES, 3), dtype=np.uint8))
     return root
 
 
@@ -66,12 +72,23 @@ def merged_tokens(workdir, index):
     return int(grid.prod()) // 4
 
 
-def hf_generate(model_dir, config, prompt, images):
-    """Greedy tokens and reduced prompt length from transformers + vlmzip (the reference)."""
+def hf_generate(model_dir, config, prompt, images, video=None):
+    """Greedy tokens and reduced prompt length from transformers + vlmzip (the reference).
+
+    `video`: (frames array, fps), every frame kept, as the runner gives it to vLLM.
+    """
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
-    if config is not None and images:
+    extra = {}
+    if video is not None:
+        from transformers.video_utils import VideoMetadata
+
+        frames, fps = video
+        count = len(frames)
+        metadata = VideoMetadata(total_num_frames=count, fps=fps, duration=count / fps, frames_indices=list(range(count)))
+        extra = {"videos": [frames], "video_metadata": [metadata], "do_sample_frames": False}
+    inputs = processor(images=images or None, text=[prompt], return_tensors="pt", **extra)
+    if config is not None and (images or video is not None):
         vlmzip.apply(model, config)
         inputs = vlmzip.prepare(model, inputs)
     with torch.no_grad():
@@ -102,6 +119,8 @@ BAD_BUDGETS = [
 def vllm_results(workdir):
     served = str(workdir / "served")
     requests = [{"prompt": p, "images": image_paths(workdir, i)} for p, i in REQUESTS]
+    # A video last: its temporal slices are reduced one by one, split over 16-token prefill chunks.
+    requests.append({"prompt": VIDEO_PROMPT, "images": [], "video": str(workdir / "video.npy"), "fps": VIDEO_FPS})
     runs = [
         # Chunks of 16 tokens: images are split across prefill steps; the repeats hit the prefix cache.
         {
@@ -114,6 +133,7 @@ def vllm_results(workdir):
                 "enable_chunked_prefill": True,
                 "max_num_batched_tokens": 16,
                 "block_size": 32,
+                "limit_mm_per_prompt": {"image": 2, "video": 1},
             },
         },
         {
@@ -134,7 +154,7 @@ def expected_length(prompt, indices, per_image):
 def test_greedy_tokens_equal_transformers_with_vlmzip(workdir, vllm_results):
     served = vllm_results[0]
     assert "error" not in served, served
-    for (prompt, indices), output in zip(REQUESTS, served["outputs"], strict=True):
+    for (prompt, indices), output in zip(REQUESTS, served["outputs"][: len(REQUESTS)], strict=True):
         expected, hf_length = hf_generate(workdir / "tiny", BUDGET, prompt, load_images(workdir, indices))
         assert output["token_ids"] == expected, prompt
         assert (
@@ -143,6 +163,19 @@ def test_greedy_tokens_equal_transformers_with_vlmzip(workdir, vllm_results):
             == expected_length(prompt, indices, [BUDGET.tokens] * len(indices))
         )
         assert output["prompt_token_ids"].count(IMAGE_TOKEN_ID) == BUDGET.tokens * len(indices)
+
+
+def test_video_slices_are_reduced_as_transformers_with_vlmzip_does(workdir, vllm_results):
+    output = vllm_results[0]["outputs"][len(REQUESTS)]
+    video = (np.load(workdir / "video.npy"), VIDEO_FPS)
+    expected, hf_length = hf_generate(workdir / "tiny", BUDGET, VIDEO_PROMPT, [], video)
+    slices = VIDEO_FRAMES[0] // 2
+    assert output["prompt_token_ids"].count(VIDEO_TOKEN_ID) == slices * BUDGET.tokens
+    assert len(output["prompt_token_ids"]) == hf_length == len(VIDEO_PROMPT.split()) - 1 + slices * BUDGET.tokens
+    assert output["token_ids"] == expected
+    # Without VisionZip the video has 24 merged tokens per slice.
+    _, full_length = hf_generate(workdir / "tiny", None, VIDEO_PROMPT, [], video)
+    assert full_length == len(VIDEO_PROMPT.split()) - 1 + slices * 24
 
 
 def test_reduction_changes_the_answer_inputs(workdir, vllm_results):
