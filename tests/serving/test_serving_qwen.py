@@ -12,21 +12,27 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("vllm")
 
-from serve_helpers import free_port, prometheus_counter, run_vllm, serve_command, start_server, stop, wait_until_healthy  # noqa: E402
+from serve_helpers import (  # noqa: E402
+    free_port,
+    prometheus_counter,
+    reference_generate,
+    run_vllm,
+    serve_command,
+    start_server,
+    stop,
+    wait_until_healthy,
+)
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
-import vlmzip  # noqa: E402
 from vlmzip.config import VisionZipConfig, split_budget  # noqa: E402
 from vlmzip.export import export_model  # noqa: E402
 from vlmzip.serving.tiny import QWEN_VOCABULARY, build_tiny_qwen2_5_vl  # noqa: E402
 
 MAX_NEW_TOKENS = 8  # vllm_runner.MAX_NEW_TOKENS
-EOS_TOKEN_ID = 2
 IMAGE = "<|vision_start|> <|image_pad|> <|vision_end|>"
 IMAGE_TOKEN_ID = QWEN_VOCABULARY.index("<|image_pad|>")
 BUDGET = VisionZipConfig(dominant=8, contextual=2)
@@ -73,31 +79,8 @@ def merged_tokens(workdir, index):
 
 
 def hf_generate(model_dir, config, prompt, images, video=None):
-    """Greedy tokens and reduced prompt length from transformers + vlmzip (the reference).
-
-    `video`: (frames array, fps), every frame kept, as the runner gives it to vLLM.
-    """
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    extra = {}
-    if video is not None:
-        from transformers.video_utils import VideoMetadata
-
-        frames, fps = video
-        count = len(frames)
-        metadata = VideoMetadata(total_num_frames=count, fps=fps, duration=count / fps, frames_indices=list(range(count)))
-        extra = {"videos": [frames], "video_metadata": [metadata], "do_sample_frames": False}
-    inputs = processor(images=images or None, text=[prompt], return_tensors="pt", **extra)
-    if config is not None and (images or video is not None):
-        vlmzip.apply(model, config)
-        inputs = vlmzip.prepare(model, inputs)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=0)
-    prompt_length = inputs["input_ids"].shape[1]
-    tokens = out[0, prompt_length:].tolist()
-    if EOS_TOKEN_ID in tokens:
-        tokens = tokens[: tokens.index(EOS_TOKEN_ID) + 1]
-    return tokens, prompt_length
+    """Greedy tokens and reduced prompt length from transformers + vlmzip (the reference)."""
+    return reference_generate(Qwen2_5_VLForConditionalGeneration, model_dir, config, prompt, images, video)
 
 
 def retention_config(units, retention=0.25):

@@ -116,6 +116,8 @@ class BudgetedInfoMixin:
 
     def _get_vision_info(self, *, num_frames: int = 1, **kwargs: Any) -> tuple[Any, int]:
         size, full = super()._get_vision_info(num_frames=num_frames, **kwargs)  # type: ignore[misc]
+        if self.__dict__.get("_visionzip_unreduced"):
+            return size, full
         temporal = int(self.get_hf_config().vision_config.temporal_patch_size)
         frames = max((num_frames + (-num_frames % temporal)) // temporal, 1)
         return size, self.visionzip_budget().item_tokens(full // frames, frames)

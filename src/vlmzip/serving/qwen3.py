@@ -58,10 +58,22 @@ class VisionZipQwen3VLProcessingInfo(BudgetedInfoMixin, Qwen3VLProcessingInfo):
 
     budgeted_processor = _BudgetedQwen3Processor
 
+    def get_max_video_tokens(self, seq_len: int, mm_counts: Mapping[str, int]) -> int:
+        """An upper bound of a video's tokens: the unreduced one.
 
-def shrink_video_runs(
-    input_ids: list[int], video_token_id: int, grids: torch.Tensor, reduced: list[int]
-) -> list[int]:
+        vLLM bounds a Qwen3-VL video by one temporal slice at the whole video pixel budget, which
+        holds for unreduced tokens (a video's slices share that budget) but not for a reduced count
+        per slice (`slices x budget`). The unreduced bound holds for both, since a slice never gets
+        more than its merged tokens; it sizes the encoder cache, not the prompt.
+        """
+        self.__dict__["_visionzip_unreduced"] = True
+        try:
+            return super().get_max_video_tokens(seq_len, mm_counts)
+        finally:
+            del self.__dict__["_visionzip_unreduced"]
+
+
+def shrink_video_runs(input_ids: list[int], video_token_id: int, grids: torch.Tensor, reduced: list[int]) -> list[int]:
     """`input_ids` with every video slice's run of `video_token_id` cut to its video's `reduced` count.
 
     Runs appear in video order, `grids[v][0]` runs for video v; everything else (timestamps, vision

@@ -208,6 +208,7 @@ def build_tiny_qwen3_vl(
     """
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.utils import is_torchvision_available
 
     if not isinstance(init_range, (int, float)) or not init_range > 0:
         raise ValueError(f"init_range must be a positive number, got {init_range!r}")
@@ -268,14 +269,14 @@ def build_tiny_qwen3_vl(
     half = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "patch_size": 16, "merge_size": 2}
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, **half)
     processor_kwargs: dict = {"image_processor": image_processor, "tokenizer": tokenizer}
-    try:
+    if is_torchvision_available():
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
         processor_kwargs["video_processor"] = Qwen3VLVideoProcessor(
             size={"shortest_edge": min_pixels, "longest_edge": max_pixels * 2}, **half
         )
         processor_class = Qwen3VLProcessor
-    except ImportError:  # no torchvision: images only
+    else:  # images only: the video processor needs torchvision
         from vlmzip.loading import image_only_processor_class
 
         processor_class = image_only_processor_class(Qwen3VLProcessor)
