@@ -31,6 +31,7 @@ import base64
 import io
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -199,7 +200,7 @@ def run_variant(model_dir: Path, spec: dict[str, Any], log: Path, urls: list[str
         timed = _concurrent(client, str(model_dir), urls[WARMUP_REQUESTS:], spec)
         load_after = os.getloadavg()[0]
     finally:
-        process.terminate()
+        process.send_signal(signal.SIGINT)  # vllm serve shuts its engine down on Ctrl-C
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
