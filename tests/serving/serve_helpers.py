@@ -94,3 +94,44 @@ def prometheus_counter(port, name):
     ]
     assert values, f"{name} not in /metrics"
     return sum(values)
+
+
+# --- the reference: transformers + vlmzip ----------------------------------------------------------
+MAX_NEW_TOKENS = 8  # vllm_runner.MAX_NEW_TOKENS
+EOS_TOKEN_ID = 2
+
+
+def reference_generate(model_class, model_dir, config, prompt, images, video=None):
+    """Greedy tokens (up to and including EOS) and the prompt length from transformers + vlmzip.
+
+    `config` None: the unreduced model. `video`: (frames array, fps), every frame kept, as
+    `vllm_runner` gives it to vLLM.
+    """
+    import torch
+    from transformers import AutoProcessor
+
+    import vlmzip
+
+    model = model_class.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    extra = {}
+    if video is not None:
+        from transformers.video_utils import VideoMetadata
+
+        frames, fps = video
+        count = len(frames)
+        metadata = VideoMetadata(
+            total_num_frames=count, fps=fps, duration=count / fps, frames_indices=list(range(count))
+        )
+        extra = {"videos": [frames], "video_metadata": [metadata], "do_sample_frames": False}
+    inputs = processor(images=images or None, text=[prompt], return_tensors="pt", **extra)
+    if config is not None and (images or video is not None):
+        vlmzip.apply(model, config)
+        inputs = vlmzip.prepare(model, inputs)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=0)
+    prompt_length = inputs["input_ids"].shape[1]
+    tokens = out[0, prompt_length:].tolist()
+    if EOS_TOKEN_ID in tokens:
+        tokens = tokens[: tokens.index(EOS_TOKEN_ID) + 1]
+    return tokens, prompt_length

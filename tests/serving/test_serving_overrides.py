@@ -56,3 +56,26 @@ def test_engine_arguments_with_a_budget_for_a_plain_export_are_refused(exports, 
         set_up(EngineArgs(model=str(plain), hf_overrides=BUDGET))
     set_up(EngineArgs(model=str(zipped), hf_overrides=BUDGET))
     set_up(EngineArgs(model=str(plain)))
+
+
+def test_register_names_every_plugin_class_and_the_entry_point_calls_it():
+    import importlib
+    from importlib.metadata import entry_points
+
+    from vllm import ModelRegistry
+
+    from vlmzip.serving import MODEL_PATHS
+    from vlmzip.serving.settings import PLUGIN_ARCHITECTURES
+
+    assert set(MODEL_PATHS) == set(PLUGIN_ARCHITECTURES.values())
+    assert {"VisionZipQwen2_5_VLForConditionalGeneration", "VisionZipQwen3VLForConditionalGeneration"} <= set(
+        MODEL_PATHS
+    )
+    plugins = {point.value for point in entry_points(group="vllm.general_plugins")}
+    assert "vlmzip.serving:register" in plugins
+    register()
+    supported = ModelRegistry.get_supported_archs()
+    for architecture, path in MODEL_PATHS.items():
+        assert architecture in supported
+        module, name = path.split(":")
+        assert getattr(importlib.import_module(module), name).__name__ == architecture

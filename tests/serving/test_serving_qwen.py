@@ -12,21 +12,27 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("vllm")
 
-from serve_helpers import free_port, prometheus_counter, run_vllm, serve_command, start_server, stop, wait_until_healthy  # noqa: E402
+from serve_helpers import (  # noqa: E402
+    free_port,
+    prometheus_counter,
+    reference_generate,
+    run_vllm,
+    serve_command,
+    start_server,
+    stop,
+    wait_until_healthy,
+)
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
-import vlmzip  # noqa: E402
 from vlmzip.config import VisionZipConfig, split_budget  # noqa: E402
 from vlmzip.export import export_model  # noqa: E402
 from vlmzip.serving.tiny import QWEN_VOCABULARY, build_tiny_qwen2_5_vl  # noqa: E402
 
 MAX_NEW_TOKENS = 8  # vllm_runner.MAX_NEW_TOKENS
-EOS_TOKEN_ID = 2
 IMAGE = "<|vision_start|> <|image_pad|> <|vision_end|>"
 IMAGE_TOKEN_ID = QWEN_VOCABULARY.index("<|image_pad|>")
 BUDGET = VisionZipConfig(dominant=8, contextual=2)
@@ -39,6 +45,11 @@ REQUESTS = [  # the first is longer than a KV block (32 tokens on CPU): its repe
     (f"USER: {IMAGE} {IMAGE} what is left of the circle ? ASSISTANT:", [2, 0]),
     ("USER: describe a big red circle ASSISTANT:", []),
 ]
+VIDEO = "<|vision_start|> <|video_pad|> <|vision_end|>"
+VIDEO_PROMPT = f"USER: {VIDEO} what is in the image ? ASSISTANT:"
+VIDEO_FRAMES = (4, 112, 168)  # two temporal slices of 8 x 12 patches: 24 merged tokens each
+VIDEO_FPS = 2.0
+VIDEO_TOKEN_ID = QWEN_VOCABULARY.index("<|video_pad|>")
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +60,7 @@ def workdir(tmp_path_factory):
     rng = np.random.default_rng(1)
     for i, (height, width) in enumerate(SIZES):
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / f"image{i}.png")
+    np.save(root / "video.npy", rng.integers(0, 256, (*VIDEO_FRAMES, 3), dtype=np.uint8))
     return root
 
 
@@ -66,21 +78,9 @@ def merged_tokens(workdir, index):
     return int(grid.prod()) // 4
 
 
-def hf_generate(model_dir, config, prompt, images):
+def hf_generate(model_dir, config, prompt, images, video=None):
     """Greedy tokens and reduced prompt length from transformers + vlmzip (the reference)."""
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
-    if config is not None and images:
-        vlmzip.apply(model, config)
-        inputs = vlmzip.prepare(model, inputs)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=0)
-    prompt_length = inputs["input_ids"].shape[1]
-    tokens = out[0, prompt_length:].tolist()
-    if EOS_TOKEN_ID in tokens:
-        tokens = tokens[: tokens.index(EOS_TOKEN_ID) + 1]
-    return tokens, prompt_length
+    return reference_generate(Qwen2_5_VLForConditionalGeneration, model_dir, config, prompt, images, video)
 
 
 def retention_config(units, retention=0.25):
@@ -102,6 +102,8 @@ BAD_BUDGETS = [
 def vllm_results(workdir):
     served = str(workdir / "served")
     requests = [{"prompt": p, "images": image_paths(workdir, i)} for p, i in REQUESTS]
+    # A video last: its temporal slices are reduced one by one, split over 16-token prefill chunks.
+    requests.append({"prompt": VIDEO_PROMPT, "images": [], "video": str(workdir / "video.npy"), "fps": VIDEO_FPS})
     runs = [
         # Chunks of 16 tokens: images are split across prefill steps; the repeats hit the prefix cache.
         {
@@ -114,6 +116,7 @@ def vllm_results(workdir):
                 "enable_chunked_prefill": True,
                 "max_num_batched_tokens": 16,
                 "block_size": 32,
+                "limit_mm_per_prompt": {"image": 2, "video": 1},
             },
         },
         {
@@ -134,7 +137,7 @@ def expected_length(prompt, indices, per_image):
 def test_greedy_tokens_equal_transformers_with_vlmzip(workdir, vllm_results):
     served = vllm_results[0]
     assert "error" not in served, served
-    for (prompt, indices), output in zip(REQUESTS, served["outputs"], strict=True):
+    for (prompt, indices), output in zip(REQUESTS, served["outputs"][: len(REQUESTS)], strict=True):
         expected, hf_length = hf_generate(workdir / "tiny", BUDGET, prompt, load_images(workdir, indices))
         assert output["token_ids"] == expected, prompt
         assert (
@@ -143,6 +146,19 @@ def test_greedy_tokens_equal_transformers_with_vlmzip(workdir, vllm_results):
             == expected_length(prompt, indices, [BUDGET.tokens] * len(indices))
         )
         assert output["prompt_token_ids"].count(IMAGE_TOKEN_ID) == BUDGET.tokens * len(indices)
+
+
+def test_video_slices_are_reduced_as_transformers_with_vlmzip_does(workdir, vllm_results):
+    output = vllm_results[0]["outputs"][len(REQUESTS)]
+    video = (np.load(workdir / "video.npy"), VIDEO_FPS)
+    expected, hf_length = hf_generate(workdir / "tiny", BUDGET, VIDEO_PROMPT, [], video)
+    slices = VIDEO_FRAMES[0] // 2
+    assert output["prompt_token_ids"].count(VIDEO_TOKEN_ID) == slices * BUDGET.tokens
+    assert len(output["prompt_token_ids"]) == hf_length == len(VIDEO_PROMPT.split()) - 1 + slices * BUDGET.tokens
+    assert output["token_ids"] == expected
+    # Without VisionZip the video has 24 merged tokens per slice.
+    _, full_length = hf_generate(workdir / "tiny", None, VIDEO_PROMPT, [], video)
+    assert full_length == len(VIDEO_PROMPT.split()) - 1 + slices * 24
 
 
 def test_reduction_changes_the_answer_inputs(workdir, vllm_results):

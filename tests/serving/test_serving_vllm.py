@@ -204,12 +204,14 @@ def test_vllm_serve_answers_an_image_question(workdir):
 def test_benchmark_runs_both_engines(workdir, tmp_path):
     report_path = tmp_path / "bench.json"
     command = [sys.executable, "-m", "vlmzip.cli", "bench-vllm", "--model", str(workdir / "tiny")]
-    command += ["--requests", "2", "--single", "1", "--max-tokens", "2", "--output", str(report_path)]
-    completed = subprocess.run(command, env=VLLM_ENV, capture_output=True, text=True, timeout=900)
+    command += ["--requests", "2", "--max-tokens", "3", "--max-model-len", "1024", "--output", str(report_path)]
+    completed = subprocess.run(command, env=VLLM_ENV, capture_output=True, text=True, timeout=1200)
     assert completed.returncode == 0, completed.stderr[-4000:]
-    assert "requests / s (batch)" in completed.stdout
+    assert "requests / s" in completed.stdout
     results = json.loads(report_path.read_text())["results"]
     text_tokens = len(PROMPT_WORDS) - 1
     assert results["vllm"]["prompt_tokens_per_request"] == text_tokens + 576
     assert results["vllm+visionzip"]["prompt_tokens_per_request"] == text_tokens + BUDGET.tokens
     assert all(result["requests_per_s"] > 0 for result in results.values())
+    assert all(result["completion_tokens_per_request"] == 3 for result in results.values())
+    assert all(0 < result["ttft_mean_s"] <= result["batch_s"] for result in results.values())

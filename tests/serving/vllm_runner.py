@@ -4,7 +4,8 @@
 
 SPEC: {"runs": [{"model": DIR, "hf_overrides": {...} | null, "llm_options": {...} | null,
                  "image_prompt": "USER: <image> what ? ASSISTANT:" | null, "repeat": 0,
-                 "requests": [{"prompt": "USER: <image> ... ASSISTANT:", "images": [PNG paths]}]}]}
+                 "requests": [{"prompt": "USER: <image> ... ASSISTANT:", "images": [PNG paths],
+                               "video": NPY path (frames, height, width, 3) uint8 | absent, "fps": 2.0}]}]}
 RESULT: {"runs": [{"error": "..."} | {"outputs": [{"prompt_token_ids", "token_ids", "text"}],
                                       "max_image_tokens", "hf_processor_image_tokens",
                                       "repeats": [...], "prefix_cache": {"queries", "hits"}}]}
@@ -43,6 +44,23 @@ def processor_checks(llm, image, prompt) -> dict:
     }
 
 
+def video_input(path: str, fps: float) -> tuple:
+    """A decoded video as vLLM takes it: (frames array, metadata), every frame kept (no sampling)."""
+    import numpy as np
+
+    frames = np.load(path)
+    count = int(frames.shape[0])
+    metadata = {
+        "fps": fps,
+        "total_num_frames": count,
+        "duration": count / fps,
+        "frames_indices": list(range(count)),
+        "video_backend": "opencv",
+        "do_sample_frames": False,
+    }
+    return frames, metadata
+
+
 def record(output) -> dict:
     return {
         "prompt_token_ids": list(output.prompt_token_ids),
@@ -77,6 +95,8 @@ def run_one(run: dict) -> dict:
         item = {"prompt": request["prompt"]}
         if images:
             item["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+        if request.get("video"):
+            item.setdefault("multi_modal_data", {})["video"] = video_input(request["video"], request.get("fps", 2.0))
         requests.append(item)
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS)
     result = {"outputs": [record(o) for o in llm.generate(requests, params, use_tqdm=False)]}

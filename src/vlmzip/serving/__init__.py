@@ -6,7 +6,8 @@ vLLM's model code with it, is imported only when a model directory names that ar
 `vlmzip export` writes such directories:
 
 - `VisionZipLlavaForConditionalGeneration` (`vlmzip.serving.vllm`): LLaVA-1.5 with a CLIP tower;
-- `VisionZipQwen2_5_VLForConditionalGeneration` (`vlmzip.serving.qwen`): Qwen2.5-VL, images and videos.
+- `VisionZipQwen2_5_VLForConditionalGeneration` (`vlmzip.serving.qwen`): Qwen2.5-VL, images and videos;
+- `VisionZipQwen3VLForConditionalGeneration` (`vlmzip.serving.qwen3`): Qwen3-VL, images and videos.
 """
 
 from __future__ import annotations

@@ -1,33 +1,44 @@
-"""vLLM with and without the VisionZip plugin, side by side in one run: throughput and time to first token.
+"""`vllm serve` with and without the VisionZip plugin, side by side in one run: requests/s and time to first token.
 
-    vlmzip bench-vllm [--family llava-1.5|qwen2.5-vl|default] [--model DIR] [--requests 16]
-                      [--dominant 54 --contextual 10]
+    vlmzip bench-vllm [--family llava-1.5|qwen2.5-vl|qwen3-vl|default] [--model DIR] [--requests 16]
+                      [--max-tokens 16] [--dominant 54 --contextual 10]
 
-The same LLaVA-1.5 weights are exported twice (`vlmzip export` and `vlmzip export --plain`):
-vLLM's own LLaVA with every visual token (576 per image) and the plugin with `dominant + contextual`.
-Each variant runs in a fresh process (offline engine, in-process core), in turn, on the same distinct
-images (no multimodal cache hits):
-- batch: all requests submitted at once: requests/s, prompt tokens/s, output tokens/s, mean TTFT,
-  and requests per CPU-second (the engine runs in the worker process, so its CPU time is its compute);
-- single: requests one at a time, one token each: median TTFT (latency without queueing) and its CPU time.
-Without --model, `--family` picks the model: a random LLaVA-1.5-shaped model (CLIP 336/14 tower,
-the default), a random tiny Qwen2.5-VL (336 x 336 images: 144 merged tokens each), or the embedded
-default model (`default`: LLaVA with a DINOv2 tower, 577 tokens per image; vLLM has no DINOv2 tower
-of its own, so its baseline is the plugin keeping all 577 tokens). The random models'
-language models are tiny next to a real 7B one, so the gains measured on them understate what a
-real model shows: say so when quoting them.
+The same weights are exported twice: `vlmzip export --plain` (vLLM's own architecture, every visual
+token) and `vlmzip export` (the plugin, `dominant + contextual` tokens per image or per Qwen image).
+Each is served in turn by a fresh `vllm serve` with the same options (`--max-model-len`, dtype,
+`--max-num-seqs`, `VLLM_CPU_KVCACHE_SPACE`, eager mode) and gets the same requests through the OpenAI
+chat API:
+- warm-up: two requests with their own images, not timed;
+- timed: `--requests` requests, one thread each, released together, each with its own distinct
+  image (no cache hits) and streamed. Every request generates exactly `--max-tokens` tokens
+  (`ignore_eos` and `min_tokens`), so both sides decode the same amount; a run where a completion
+  has another length is an error. The batch time runs from the first request sent to the last
+  token received; time to first token is from a request's send to its first streamed chunk.
+Prompt tokens per request (vLLM's `usage.prompt_tokens`) are printed for both sides, so the speed-up
+can be set against the token reduction.
+
+Without --model, `--family` picks the model: random LLaVA-1.5 (CLIP 336/14, the default), random
+Qwen2.5-VL, random Qwen3-VL with deepstack, or the embedded default model (`default`: LLaVA with a
+DINOv2 tower; vLLM has no DINOv2 tower of its own, so its baseline is the plugin keeping all 577
+tokens). Images are 336 x 336. The random models' language models are tiny next to a real 7B one, so
+the gains measured on them understate what a real model shows: say so when quoting them.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +49,16 @@ VARIANTS = ("vllm", "vllm+visionzip")
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
 # The default model: a language model a few times the tower's size, as in LLaVA (7B LM, 0.3B tower).
 BENCH_MODEL = {"text_hidden": 512, "text_layers": 8, "vision_hidden": 256, "vision_layers": 6}
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
+ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+WARMUP_REQUESTS = 2
+IMAGE_SIDE = 336
 
-
-# family -> the prompt of one image request.
-FAMILY_PROMPTS = {
-    "llava-1.5": PROMPT,
-    "qwen2.5-vl": "USER: <|vision_start|> <|image_pad|> <|vision_end|> what is in the image ? ASSISTANT:",
-    "default": "<image>\nQuestion: what shape is the rightmost object? Answer:",
+# family -> the question asked about each image (in the random models' vocabulary).
+FAMILY_QUESTIONS = {
+    "llava-1.5": "what is in the image ?",
+    "qwen2.5-vl": "what is in the image ?",
+    "qwen3-vl": "what is in the image ?",
+    "default": "what shape is the rightmost object?",
 }
 
 
@@ -55,6 +68,10 @@ def family_model(family: str, work: Path) -> Path:
         from vlmzip.serving.tiny import build_tiny_qwen2_5_vl
 
         return build_tiny_qwen2_5_vl(work / "tiny", max_pixels=448 * 448)
+    if family == "qwen3-vl":
+        from vlmzip.serving.tiny import build_tiny_qwen3_vl
+
+        return build_tiny_qwen3_vl(work / "tiny", max_pixels=448 * 448)
     if family == "default":
         from vlmzip.default_model import default_model_dir
 
@@ -64,112 +81,182 @@ def family_model(family: str, work: Path) -> Path:
     return build_tiny_llava(work / "tiny", **BENCH_MODEL)
 
 
-def make_images(count: int, seed: int) -> list[Any]:
+def make_image_urls(count: int, seed: int) -> list[str]:
+    """`count` distinct random 336 x 336 PNG images as data URLs."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (336, 336, 3), dtype=np.uint8)) for _ in range(count)]
+    urls = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)).save(buffer, "PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
+    return urls
 
 
-def run_worker(model_dir: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Inside a fresh process: start one engine, warm it up, time the batch and the single requests."""
-    from vllm import LLM, SamplingParams
+# --- one server ----------------------------------------------------------------------------------
+def _wait_until_healthy(process: subprocess.Popen, port: int, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {process.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"vllm serve not healthy after {timeout:.0f} s; see {log}")
 
-    started = time.perf_counter()
-    llm = LLM(
-        model=model_dir,
-        enforce_eager=True,
-        max_model_len=spec.get("max_model_len", 2048),
-        dtype=spec["dtype"],
-        seed=0,
-        disable_log_stats=False,  # per-request first-token latency
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stream_one(client: Any, model: str, url: str, spec: dict[str, Any]) -> dict[str, Any]:
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": spec["question"]}],
+        }
+    ]
+    sent = time.perf_counter()
+    first = None
+    usage = None
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        temperature=0,
+        max_tokens=spec["max_tokens"],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True, "min_tokens": spec["max_tokens"]},
     )
-    startup_s = time.perf_counter() - started
-    params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)
-    images = make_images(spec["requests"] + spec["single"] + 2, seed=spec["seed"])
-
-    def requests(batch: list[Any]) -> list[dict[str, Any]]:
-        return [{"prompt": spec.get("prompt", PROMPT), "multi_modal_data": {"image": image}} for image in batch]
-
-    llm.generate(requests(images[-2:]), params, use_tqdm=False)  # warm-up, not timed
-    batch_images = images[: spec["requests"]]
-    # The engine runs in this process: process CPU time is its compute, whatever else the machine runs.
-    started, cpu_started = time.perf_counter(), time.process_time()
-    outputs = llm.generate(requests(batch_images), params, use_tqdm=False)
-    batch_s, batch_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
-    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
-    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    batch_ttft = [o.metrics.first_token_latency for o in outputs if o.metrics is not None]
-
-    # One request at a time, one token each: the time to first token without queueing.
-    first_token = SamplingParams(temperature=0, max_tokens=1)
-    single_s, single_cpu_s = [], []
-    for image in images[spec["requests"] : spec["requests"] + spec["single"]]:
-        started, cpu_started = time.perf_counter(), time.process_time()
-        llm.generate(requests([image]), first_token, use_tqdm=False)
-        single_s.append(time.perf_counter() - started)
-        single_cpu_s.append(time.process_time() - cpu_started)
+    for chunk in stream:
+        if first is None and chunk.choices:
+            first = time.perf_counter()
+        if chunk.usage is not None:
+            usage = chunk.usage
+    done = time.perf_counter()
+    if usage is None or first is None:
+        raise RuntimeError("the server's stream had no tokens or no usage")
     return {
-        "startup_s": startup_s,
-        "requests": len(outputs),
-        "prompt_tokens_per_request": prompt_tokens / len(outputs),
-        "batch_s": batch_s,
-        "batch_cpu_s": batch_cpu_s,
-        "requests_per_s": len(outputs) / batch_s,
-        "requests_per_cpu_s": len(outputs) / batch_cpu_s,
-        "prompt_tokens_per_s": prompt_tokens / batch_s,
-        "output_tokens_per_s": output_tokens / batch_s,
-        "batch_ttft_mean_s": statistics.fmean(batch_ttft) if batch_ttft else float("nan"),
-        "single_ttft_median_s": statistics.median(single_s) if single_s else float("nan"),
-        "single_ttft_cpu_median_s": statistics.median(single_cpu_s) if single_cpu_s else float("nan"),
-        "load_average": os.getloadavg()[0],
+        "sent": sent,
+        "first": first,
+        "done": done,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
     }
 
 
-def run_variant(model_dir: Path, spec: dict[str, Any], log: Path) -> dict[str, Any]:
-    result_path = log.with_suffix(".json")
-    command = [sys.executable, "-m", "vlmzip.serving.bench_vllm", "--worker", str(model_dir), json.dumps(spec)]
+def _concurrent(client: Any, model: str, urls: list[str], spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """One thread per request, all released together; results in request order."""
+    results: list[Any] = [None] * len(urls)
+    barrier = threading.Barrier(len(urls))
+
+    def work(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = _stream_one(client, model, urls[index], spec)
+        except Exception as error:  # noqa: BLE001 - reported below with the request's index
+            results[index] = error
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(urls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    errors = [f"request {i}: {r}" for i, r in enumerate(results) if isinstance(r, Exception)]
+    if errors:
+        raise RuntimeError("; ".join(errors[:3]))
+    return results
+
+
+def run_variant(model_dir: Path, spec: dict[str, Any], log: Path, urls: list[str]) -> dict[str, Any]:
+    """Serve `model_dir`, warm it up, time the concurrent batch, stop the server."""
+    from openai import OpenAI
+
+    port = _free_port()
+    vllm = str(Path(sys.executable).with_name("vllm"))
+    command = [vllm, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--enforce-eager"]
+    command += ["--dtype", spec["dtype"], "--max-model-len", str(spec["max_model_len"])]
+    command += ["--max-num-seqs", str(spec["requests"])]
+    env = {**os.environ, **ENGINE_ENV, "VLLM_CPU_KVCACHE_SPACE": str(spec["kv_cache_gib"])}
+    started = time.perf_counter()
     with log.open("w") as log_file:
-        completed = subprocess.run(
-            [*command, str(result_path)], env={**os.environ, **ENGINE_ENV}, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    if completed.returncode != 0:
-        raise RuntimeError(f"the {model_dir.name} engine failed (exit {completed.returncode}); see {log}")
-    return json.loads(result_path.read_text())
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        _wait_until_healthy(process, port, log, timeout=900)
+        startup_s = time.perf_counter() - started
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=1800, max_retries=0)
+        _concurrent(client, str(model_dir), urls[:WARMUP_REQUESTS], spec)  # warm-up, not timed
+        load_before = os.getloadavg()[0]
+        timed = _concurrent(client, str(model_dir), urls[WARMUP_REQUESTS:], spec)
+        load_after = os.getloadavg()[0]
+    finally:
+        process.send_signal(signal.SIGINT)  # vllm serve shuts its engine down on Ctrl-C
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=60)
+    lengths = {r["completion_tokens"] for r in timed}
+    if lengths != {spec["max_tokens"]}:
+        raise RuntimeError(f"completions of {sorted(lengths)} tokens, expected {spec['max_tokens']} each")
+    batch_s = max(r["done"] for r in timed) - min(r["sent"] for r in timed)
+    ttft = [r["first"] - r["sent"] for r in timed]
+    prompt_tokens = [r["prompt_tokens"] for r in timed]
+    return {
+        "startup_s": startup_s,
+        "requests": len(timed),
+        "prompt_tokens_per_request": statistics.fmean(prompt_tokens),
+        "prompt_tokens_min_max": [min(prompt_tokens), max(prompt_tokens)],
+        "completion_tokens_per_request": spec["max_tokens"],
+        "batch_s": batch_s,
+        "requests_per_s": len(timed) / batch_s,
+        "output_tokens_per_s": len(timed) * spec["max_tokens"] / batch_s,
+        "ttft_mean_s": statistics.fmean(ttft),
+        "ttft_median_s": statistics.median(ttft),
+        "load_average": [load_before, load_after],
+    }
 
 
 # How each row compares the plugin with plain vLLM: "faster" (a throughput: plugin / plain; a time:
-# plain / plugin), "fewer" (a count: plain / plugin), or "of plain" (plugin / plain, not a speed).
+# plain / plugin) or "fewer" (a count: plain / plugin).
 _ROWS = (
     ("prompt tokens / request", "prompt_tokens_per_request", "{:.0f}", "fewer"),
-    ("requests / s (batch)", "requests_per_s", "{:.3f}", "faster"),
-    ("prompt tokens / s (batch)", "prompt_tokens_per_s", "{:.1f}", "of plain"),
-    ("output tokens / s (batch)", "output_tokens_per_s", "{:.1f}", "faster"),
-    ("requests / CPU-s (batch)", "requests_per_cpu_s", "{:.3f}", "faster"),
-    ("TTFT mean, batch (s)", "batch_ttft_mean_s", "{:.3f}", "faster, time"),
-    ("TTFT median, one at a time (s)", "single_ttft_median_s", "{:.3f}", "faster, time"),
-    ("  CPU-s of it", "single_ttft_cpu_median_s", "{:.3f}", "faster, time"),
-    ("engine start-up (s)", "startup_s", "{:.1f}", "faster, time"),
+    ("generated tokens / request", "completion_tokens_per_request", "{:.0f}", "same"),
+    ("requests / s", "requests_per_s", "{:.3f}", "faster"),
+    ("output tokens / s", "output_tokens_per_s", "{:.1f}", "faster"),
+    ("TTFT mean (s)", "ttft_mean_s", "{:.3f}", "faster, time"),
+    ("TTFT median (s)", "ttft_median_s", "{:.3f}", "faster, time"),
+    ("batch time (s)", "batch_s", "{:.2f}", "faster, time"),
+    ("server start-up (s)", "startup_s", "{:.1f}", "faster, time"),
 )
 
 
 def format_table(results: dict[str, dict[str, Any]], config: VisionZipConfig) -> str:
     base, zipped = results[VARIANTS[0]], results[VARIANTS[1]]
-    lines = [f"{'':32} {VARIANTS[0]:>12} {VARIANTS[1]:>16}  plugin vs plain"]
+    lines = [f"{'':28} {VARIANTS[0]:>12} {VARIANTS[1]:>16}  plugin vs plain"]
     for label, key, fmt, kind in _ROWS:
-        if kind in ("faster", "of plain"):
-            ratio = zipped[key] / base[key]
-        else:  # a time or a count: smaller is the plugin's gain
-            ratio = base[key] / zipped[key]
-        comparison = f"{ratio:.2f}x {kind.split(',')[0]}"
-        lines.append(f"{label:32} {fmt.format(base[key]):>12} {fmt.format(zipped[key]):>16}  {comparison}")
+        if kind == "same":
+            comparison = "same on both"
+        else:
+            ratio = zipped[key] / base[key] if kind == "faster" else base[key] / zipped[key]
+            comparison = f"{ratio:.2f}x {kind.split(',')[0]}"
+        lines.append(f"{label:28} {fmt.format(base[key]):>12} {fmt.format(zipped[key]):>16}  {comparison}")
+    loads = ", ".join(f"{a:.1f}-{b:.1f}" for a, b in (base["load_average"], zipped["load_average"]))
     lines.append(
-        f"VisionZip {config.dominant} + {config.contextual} = {config.tokens} tokens per image. 'faster': the "
-        "plugin's speed-up (throughput plugin / plain, time plain / plugin); 'fewer': plain / plugin; prompt "
-        "tokens / s is not a speed: each plugin request has fewer prompt tokens, so compare requests / s. "
-        f"Load average during the runs: {base['load_average']:.1f}, {zipped['load_average']:.1f} (wall times "
-        "need a quiet machine, CPU-s less so)"
+        f"{base['requests']} concurrent requests with distinct images through `vllm serve`; VisionZip "
+        f"{config.dominant} + {config.contextual} = {config.tokens} tokens per image. 'faster': throughput "
+        f"plugin / plain, time plain / plugin; 'fewer': plain / plugin. 1-minute load average before-after "
+        f"each timed batch: {loads} (wall times need a quiet machine)"
     )
     return "\n".join(lines)
 
@@ -179,8 +266,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     config = VisionZipConfig(dominant=args.dominant, contextual=args.contextual)
     requests = check_int("--requests", args.requests, 1)
-    single = check_int("--single", args.single, 0)
     max_tokens = check_int("--max-tokens", args.max_tokens, 1)
+    max_model_len = check_int("--max-model-len", args.max_model_len, 64)
+    kv_cache_gib = check_int("--kv-cache-gib", args.kv_cache_gib, 1)
     inputs = [("--model", args.model)]
     if args.output:
         refuse_overlap(args.output, inputs, "--output")
@@ -195,20 +283,26 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         else:
             export_model(source, work / VARIANTS[0], plugin=False)
         export_model(source, work / VARIANTS[1], config)
-        spec = {"requests": requests, "single": single, "max_tokens": max_tokens, "dtype": args.dtype, "seed": 0}
-        spec["prompt"] = FAMILY_PROMPTS[args.family]
         positions = (
             json.loads((source / "config.json").read_text()).get("text_config", {}).get("max_position_embeddings")
         )
-        spec["max_model_len"] = min(2048, int(positions or 2048))
+        spec = {
+            "requests": requests,
+            "max_tokens": max_tokens,
+            "dtype": args.dtype,
+            "max_model_len": min(max_model_len, int(positions or max_model_len)),
+            "kv_cache_gib": kv_cache_gib,
+            "question": FAMILY_QUESTIONS[args.family],
+        }
+        urls = make_image_urls(WARMUP_REQUESTS + requests, seed=0)
         logs = Path(args.logs) if args.logs else work
         logs.mkdir(parents=True, exist_ok=True)
-        results = {variant: run_variant(work / variant, spec, logs / f"{variant}.log") for variant in VARIANTS}
+        results = {variant: run_variant(work / variant, spec, logs / f"{variant}.log", urls) for variant in VARIANTS}
     report = {
         "family": args.family,
         "model": args.model or ({"tiny": BENCH_MODEL} if args.family == "llava-1.5" else args.family),
         "visionzip": config.to_dict(),
-        **spec,
+        **{key: value for key, value in spec.items() if key != "question"},
         "results": results,
     }
     print(format_table(results, config))
@@ -227,19 +321,20 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--family",
-        choices=sorted(FAMILY_PROMPTS),
+        choices=sorted(FAMILY_QUESTIONS),
         default="llava-1.5",
-        help="model family: sets the prompt, and the model when --model is not given (default llava-1.5)",
+        help="model family: sets the question, and the model when --model is not given (default llava-1.5)",
     )
     parser.add_argument("--model", help="transformers model directory of --family (default: the family's own)")
-    parser.add_argument("--requests", type=int, default=16, help="image requests in the timed batch (default 16)")
-    parser.add_argument("--single", type=int, default=4, help="requests timed one at a time (default 4)")
+    parser.add_argument("--requests", type=int, default=16, help="concurrent image requests timed (default 16)")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request (default 16)")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="vllm serve --max-model-len, both sides")
+    parser.add_argument("--kv-cache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE, both sides (default 2)")
     parser.add_argument("--dominant", type=int, default=54)
     parser.add_argument("--contextual", type=int, default=10)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"))
     parser.add_argument("--output", help="write the results as JSON here")
-    parser.add_argument("--logs", help="keep the engines' logs in this directory")
+    parser.add_argument("--logs", help="keep the servers' logs in this directory")
     parser.set_defaults(run=_run)
 
 
@@ -254,18 +349,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m vlmzip.serving.bench_vllm ARGS`, the same as `vlmzip bench-vllm ARGS`.
-
-    `--worker MODEL_DIR SPEC RESULT` runs one engine in this process (the benchmark starts one per variant).
-    """
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:
-        _, model_dir, spec, result_path = argv
-        Path(result_path).write_text(json.dumps(run_worker(model_dir, json.loads(spec))), encoding="utf-8")
-        return 0
+    """`python -m vlmzip.serving.bench_vllm ARGS`, the same as `vlmzip bench-vllm ARGS`."""
     from vlmzip.cli import main as cli_main
 
-    return cli_main(["bench-vllm", *argv])
+    return cli_main(["bench-vllm", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

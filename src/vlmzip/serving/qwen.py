@@ -2,7 +2,9 @@
 language model as its reduced tokens, at the 3-D M-RoPE positions they have in the unreduced prompt.
 
 Registered with vLLM by `vlmzip.serving.register` as `VisionZipQwen2_5_VLForConditionalGeneration`;
-`vlmzip export` writes model directories that name it. Importing this module imports vLLM.
+`vlmzip export` writes model directories that name it. Importing this module imports vLLM. The
+mixins here (processor, processing info, model) are shared with the Qwen3-VL class
+(`vlmzip.serving.qwen3`), which differs in its tower (no windows, deepstack) and video layout.
 
 What differs from vLLM's own `Qwen2_5_VLForConditionalGeneration`:
 - Placeholders: the processor (vLLM's prompt updates, the HF processor's own expansion and the
@@ -29,9 +31,9 @@ What differs from vLLM's own `Qwen2_5_VLForConditionalGeneration`:
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -61,10 +63,12 @@ POSITION_COLUMNS = 8
 
 
 # --- placeholder counts -------------------------------------------------------------------------
-class _BudgetedQwenProcessor(Qwen2_5_VLProcessor):
-    """transformers' Qwen2.5-VL processor expanding each image / video into its reduced token count."""
+class BudgetedProcessorMixin:
+    """A transformers Qwen processor expanding each image into its reduced token count."""
 
     visionzip_budget: ServingBudget
+    image_token: str
+    image_processor: Any
 
     def _reduced(self, grid: Any, processor: Any) -> int:
         frames, height, width = (int(v) for v in grid)
@@ -73,18 +77,25 @@ class _BudgetedQwenProcessor(Qwen2_5_VLProcessor):
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         return self.image_token * self._reduced(image_inputs["image_grid_thw"][image_idx], self.image_processor)
 
-    def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
-        return self.video_token * self._reduced(video_inputs["video_grid_thw"][video_idx], self.video_processor)
-
     def _get_num_multimodal_tokens(self, image_sizes: Any = None, video_sizes: Any = None, **kwargs: Any) -> Any:
-        data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, video_sizes=video_sizes, **kwargs)
+        data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, video_sizes=video_sizes, **kwargs)  # type: ignore[misc]
         if image_sizes is not None:
             data["num_image_tokens"] = [self.visionzip_budget.item_tokens(n) for n in data["num_image_tokens"]]
         return data
 
 
-class VisionZipQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
-    """Qwen2.5-VL processing info whose images and videos take their reduced token counts."""
+class _BudgetedQwenProcessor(BudgetedProcessorMixin, Qwen2_5_VLProcessor):
+    """transformers' Qwen2.5-VL processor expanding each image / video into its reduced token count."""
+
+    def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
+        return self.video_token * self._reduced(video_inputs["video_grid_thw"][video_idx], self.video_processor)
+
+
+class BudgetedInfoMixin:
+    """Processing info whose images and videos take their reduced token counts (`ServingBudget.item_tokens`)."""
+
+    budgeted_processor: type
+    ctx: Any
 
     def visionzip_budget(self) -> ServingBudget:
         budget = self.__dict__.get("_visionzip_budget")
@@ -95,19 +106,27 @@ class VisionZipQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
 
     def get_hf_config(self) -> Any:
         check_architecture(self.ctx.model_config.hf_config)
-        return super().get_hf_config()
+        return super().get_hf_config()  # type: ignore[misc]
 
-    def get_hf_processor(self, **kwargs: object) -> Qwen2_5_VLProcessor:
-        processor = copy.copy(super().get_hf_processor(**kwargs))  # vLLM caches the original: leave it alone
-        processor.__class__ = _BudgetedQwenProcessor
+    def get_hf_processor(self, **kwargs: object) -> Any:
+        processor = copy.copy(super().get_hf_processor(**kwargs))  # type: ignore[misc]  # vLLM caches the original
+        processor.__class__ = self.budgeted_processor
         processor.visionzip_budget = self.visionzip_budget()
         return processor
 
     def _get_vision_info(self, *, num_frames: int = 1, **kwargs: Any) -> tuple[Any, int]:
-        size, full = super()._get_vision_info(num_frames=num_frames, **kwargs)
+        size, full = super()._get_vision_info(num_frames=num_frames, **kwargs)  # type: ignore[misc]
+        if self.__dict__.get("_visionzip_unreduced"):
+            return size, full
         temporal = int(self.get_hf_config().vision_config.temporal_patch_size)
         frames = max((num_frames + (-num_frames % temporal)) // temporal, 1)
         return size, self.visionzip_budget().item_tokens(full // frames, frames)
+
+
+class VisionZipQwen2_5_VLProcessingInfo(BudgetedInfoMixin, Qwen2_5_VLProcessingInfo):
+    """Qwen2.5-VL processing info whose images and videos take their reduced token counts."""
+
+    budgeted_processor = _BudgetedQwenProcessor
 
 
 class VisionZipQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
@@ -131,7 +150,8 @@ class VisionZipQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
 
 
 # --- the encoder --------------------------------------------------------------------------------
-def _scoring_attention(visual: nn.Module) -> nn.Module:
+def last_full_attention(visual: nn.Module) -> nn.Module:
+    """Qwen2.5-VL's scoring attention: its last full-attention (not windowed) block."""
     full = [int(i) for i in visual.fullatt_block_indexes if 0 <= int(i) < len(visual.blocks)]
     if not full:
         indexes = list(visual.fullatt_block_indexes)
@@ -142,16 +162,27 @@ def _scoring_attention(visual: nn.Module) -> nn.Module:
     return visual.blocks[max(full)].attn
 
 
-def probe_tower(
-    visual: nn.Module, pixel_values: torch.Tensor, grid_thw: Sequence[Sequence[int]]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run vLLM's Qwen2.5-VL tower: (merged tokens, unit scores, unit keys), all in merge-unit raster order.
+def window_order(visual: nn.Module, grid_thw: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Qwen2.5-VL's `window_index`: merge unit i of the permuted sequence is unit window_index[i]."""
+    return visual.prepare_encoder_metadata([list(g) for g in grid_thw])["window_index"]
 
-    A unit's score is the attention its patches receive in the last full-attention block (averaged
-    over the queries of its image or frame, summed over heads and patches); its key is that block's
-    keys (bias included, before rotary) averaged over heads and patches.
+
+def probe_tower(
+    visual: nn.Module,
+    pixel_values: torch.Tensor,
+    grid_thw: Sequence[Sequence[int]],
+    attention: nn.Module,
+    unit_order: Callable[[nn.Module, Sequence[Sequence[int]]], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run a vLLM Qwen tower: (merged tokens, unit scores, unit keys), all in merge-unit raster order.
+
+    A unit's score is the attention its patches receive in the block of `attention` (averaged over
+    the queries of its image or frame, summed over heads and patches); its key is that block's keys
+    (bias included, before rotary) averaged over heads and patches. `unit_order` gives the tower's
+    permutation of merge units (Qwen2.5-VL's windows), undone here. The merged tokens are the
+    tower's output as it is: for Qwen3-VL, the merger's output followed by the deepstack mergers'
+    along the channels, so that one reduction selects and merges them all alike.
     """
-    attention = _scoring_attention(visual)
     captured: dict[str, Any] = {}
 
     def keep_arguments(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
@@ -190,9 +221,10 @@ def probe_tower(
     unit = int(visual.spatial_merge_size) ** 2  # a merge unit's patches are consecutive
     unit_scores = scores.view(-1, unit).sum(dim=1)
     unit_keys = keys.float().mean(dim=1).view(-1, unit, head_dim).mean(dim=1)
-    window_index = visual.prepare_encoder_metadata([list(g) for g in grid_thw])["window_index"]
-    restore = torch.argsort(window_index.to(unit_scores.device))
-    return merged, unit_scores[restore], unit_keys[restore]
+    if unit_order is not None:
+        restore = torch.argsort(unit_order(visual, grid_thw).to(unit_scores.device))
+        unit_scores, unit_keys = unit_scores[restore], unit_keys[restore]
+    return merged, unit_scores, unit_keys
 
 
 def encode_position_columns(offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -208,18 +240,25 @@ def decode_position_columns(columns: torch.Tensor) -> torch.Tensor:
     return (values[:, :4] * POSITION_BASE + values[:, 4:]).T
 
 
-# --- the model ----------------------------------------------------------------------------------
-@MULTIMODAL_REGISTRY.register_processor(
-    VisionZipQwen2_5_VLMultiModalProcessor,
-    info=VisionZipQwen2_5_VLProcessingInfo,
-    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
-)
-class VisionZipQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
-    """vLLM's Qwen2.5-VL with VisionZip in the image and video path."""
+# (placeholder offset, temporal slices, merged rows, merged cols, t_factor, placeholder length) of a run
+PositionItem = tuple[int, int, int, int, float, int]
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+
+# --- the model ----------------------------------------------------------------------------------
+class VisionZipQwenMixin:
+    """VisionZip in a vLLM Qwen model's encoder path, with the M-RoPE positions of the unreduced prompt.
+
+    A family class names its scoring attention (`scoring_attention`, `unit_order`), the time axis of
+    its videos (`video_t_factors`) and its placeholder runs (`position_items`).
+    """
+
+    visual: nn.Module
+    config: Any
+    unit_order: ClassVar[Callable[[nn.Module, Sequence[Sequence[int]]], torch.Tensor] | None] = None
+
+    def _init_visionzip(self, vllm_config: VllmConfig) -> ServingBudget:
+        """The budget, after checking it and the engine options (before any weight is allocated)."""
         model_config = vllm_config.model_config
-        # Checked before any weight is allocated: a bad budget fails at load, not at a request.
         budget = resolve_budget(model_config.model, model_config.hf_config)
         if model_config.get_multimodal_config().is_multimodal_pruning_enabled():
             raise ValueError("--video-pruning-rate: VisionZip reduces the visual tokens itself; leave EVS off")
@@ -228,10 +267,21 @@ class VisionZipQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
                 "pipeline parallelism is not supported by VisionZip serving: the reduced tokens' positions are set "
                 "where the embeddings are merged (first stage only); use tensor parallelism"
             )
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        return budget
+
+    def _finish_init(self, budget: ServingBudget) -> None:
         self.visionzip_budget = budget
-        self.visionzip_method = get_method(budget.config.method)
+        self.visionzip_method = get_method(self.visionzip_budget.config.method)
         self._visionzip_offsets: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def scoring_attention(self) -> nn.Module:
+        raise NotImplementedError
+
+    def video_t_factors(self, inputs: Mapping[str, Any], count: int) -> list[float]:
+        raise NotImplementedError
+
+    def position_items(self, input_tokens: list[int], mm_features: list[Any]) -> list[PositionItem]:
+        raise NotImplementedError
 
     # --- encoder ---------------------------------------------------------------------------------
     def _reduce_item(
@@ -271,7 +321,9 @@ class VisionZipQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
         self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, t_factors: list[float]
     ) -> list[torch.Tensor]:
         grids = grid_thw.tolist()
-        merged, scores, keys = probe_tower(self.visual, pixel_values, grids)
+        merged, scores, keys = probe_tower(
+            self.visual, pixel_values, grids, self.scoring_attention(), type(self).unit_order
+        )
         merge = int(self.visual.spatial_merge_size)
         items, start = [], 0
         for grid, t_factor in zip(grids, t_factors, strict=True):
@@ -283,8 +335,9 @@ class VisionZipQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
 
     def embed_multimodal(self, **kwargs: object) -> list[torch.Tensor]:
         items: list[torch.Tensor] = []
-        tokens_per_second = float(getattr(self.config.vision_config, "tokens_per_second", 1.0))
-        for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+        for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():  # type: ignore[attr-defined]
+            if inputs is None:
+                continue
             if inputs["type"] not in ("pixel_values", "pixel_values_videos"):
                 raise ValueError(
                     f"VisionZip serving reduces {modality}s from pixels; precomputed {modality} embeddings "
@@ -295,13 +348,7 @@ class VisionZipQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
                 items += self._embed_items(inputs["pixel_values"], grid, [1.0] * len(grid))
             else:
                 grid = inputs["video_grid_thw"]
-                seconds = inputs.get("second_per_grid_ts")
-                seconds = (
-                    [1.0] * len(grid) if seconds is None else [float(s) for s in torch.as_tensor(seconds).flatten()]
-                )
-                items += self._embed_items(
-                    inputs["pixel_values_videos"], grid, [s * tokens_per_second for s in seconds]
-                )
+                items += self._embed_items(inputs["pixel_values_videos"], grid, self.video_t_factors(inputs, len(grid)))
         return items
 
     # --- M-RoPE ----------------------------------------------------------------------------------
@@ -309,7 +356,7 @@ class VisionZipQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
         """Exact text positions and provisional image positions (see the module docstring)."""
         parts: list[np.ndarray] = []
         start, next_position = 0, 0
-        for offset, frames, rows, cols, t_factor, length in self._items(mm_features):
+        for offset, frames, rows, cols, t_factor, length in self.position_items(input_tokens, mm_features):
             text = offset - start
             parts.append(np.broadcast_to(np.arange(text), (3, text)) + next_position)
             first = next_position + text
@@ -324,13 +371,6 @@ class VisionZipQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
             next_position += text
         positions = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), dtype=np.int64)
         return torch.from_numpy(np.ascontiguousarray(positions)), next_position - len(input_tokens)
-
-    def _items(self, mm_features: list[Any]) -> list[tuple[int, int, int, int, float, int]]:
-        lengths = {f.mm_position.offset: f.mm_position.length for f in mm_features}
-        return [
-            (offset, frames, rows, cols, t_factor, lengths[offset])
-            for offset, frames, rows, cols, t_factor in self.iter_mm_grid_thw(mm_features)
-        ]
 
     def embed_input_ids(
         self,
@@ -349,7 +389,7 @@ class VisionZipQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
             columns = torch.cat([e[:, -POSITION_COLUMNS:] for e in multimodal_embeddings])
             self._visionzip_offsets = (is_multimodal, decode_position_columns(columns))
             multimodal_embeddings = [e[:, :-POSITION_COLUMNS] for e in multimodal_embeddings]
-        return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
+        return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)  # type: ignore[misc]
 
     def forward(
         self,
@@ -359,7 +399,7 @@ class VisionZipQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: object,
     ) -> Any:
-        """Qwen2.5-VL's forward with each reduced token at its image start + its own (t, h, w) offset.
+        """The family's forward with each reduced token at its image start + its own (t, h, w) offset.
 
         The provisional position of every image token holds the image's start on its first axis.
         """
@@ -369,4 +409,37 @@ class VisionZipQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
             tokens = is_multimodal.to(positions.device).nonzero().squeeze(1)
             positions = positions.clone()
             positions[:, tokens] = positions[0, tokens][None] + offsets[:3].to(positions.device)
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)  # type: ignore[misc]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VisionZipQwen2_5_VLMultiModalProcessor,
+    info=VisionZipQwen2_5_VLProcessingInfo,
+    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
+)
+class VisionZipQwen2_5_VLForConditionalGeneration(VisionZipQwenMixin, Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL with VisionZip in the image and video path."""
+
+    unit_order = staticmethod(window_order)
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        budget = self._init_visionzip(vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._finish_init(budget)
+
+    def scoring_attention(self) -> nn.Module:
+        return last_full_attention(self.visual)
+
+    def video_t_factors(self, inputs: Mapping[str, Any], count: int) -> list[float]:
+        """A temporal slice's time step in M-RoPE positions: seconds per slice x tokens per second."""
+        tokens_per_second = float(getattr(self.config.vision_config, "tokens_per_second", 1.0))
+        seconds = inputs.get("second_per_grid_ts")
+        seconds = [1.0] * count if seconds is None else [float(s) for s in torch.as_tensor(seconds).flatten()]
+        return [s * tokens_per_second for s in seconds]
+
+    def position_items(self, input_tokens: list[int], mm_features: list[Any]) -> list[PositionItem]:
+        lengths = {f.mm_position.offset: f.mm_position.length for f in mm_features}
+        return [
+            (offset, frames, rows, cols, t_factor, lengths[offset])
+            for offset, frames, rows, cols, t_factor in self.iter_mm_grid_thw(mm_features)
+        ]

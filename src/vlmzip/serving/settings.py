@@ -33,18 +33,27 @@ from vlmzip.config import VisionZipConfig, check_fraction, split_budget
 
 ARCHITECTURE = "VisionZipLlavaForConditionalGeneration"  # the name vLLM's registry knows the plugin by
 QWEN2_5_VL_ARCHITECTURE = "VisionZipQwen2_5_VLForConditionalGeneration"
+QWEN3_VL_ARCHITECTURE = "VisionZipQwen3VLForConditionalGeneration"
 OVERRIDES_KEY = "visionzip"  # --hf-overrides '{"visionzip": {...}}' sets hf_config.visionzip
 RETENTION_KEY = "retention"  # {"visionzip": {"retention": 0.25}}: a share of each image's tokens
 # HF architectures the plugin can serve -> their model_type.
 SERVABLE_ARCHITECTURES: dict[str, str] = {
     "LlavaForConditionalGeneration": "llava",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "Qwen3VLForConditionalGeneration": "qwen3_vl",
 }
+# Variable-resolution families (M-RoPE, merge units): model_type -> the family's name in messages.
+QWEN_FAMILIES: dict[str, str] = {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
 # model_type -> the plugin architecture that serves it (module:class registered with vLLM).
-PLUGIN_ARCHITECTURES: dict[str, str] = {"llava": ARCHITECTURE, "qwen2_5_vl": QWEN2_5_VL_ARCHITECTURE}
+PLUGIN_ARCHITECTURES: dict[str, str] = {
+    "llava": ARCHITECTURE,
+    "qwen2_5_vl": QWEN2_5_VL_ARCHITECTURE,
+    "qwen3_vl": QWEN3_VL_ARCHITECTURE,
+}
 PLUGIN_MODULES: dict[str, str] = {
     ARCHITECTURE: "vlmzip.serving.vllm",
     QWEN2_5_VL_ARCHITECTURE: "vlmzip.serving.qwen",
+    QWEN3_VL_ARCHITECTURE: "vlmzip.serving.qwen3",
 }
 # LLaVA's tower configs the plugin's LLaVA class builds (vLLM's CLIP; transformers' DINOv2).
 SERVABLE_TOWERS: tuple[str, ...] = ("clip_vision_model", "dinov2")
@@ -154,7 +163,7 @@ def check_architecture(hf_config: Any) -> str:
     raise ValueError(
         f"unsupported architecture: model_type {model_type!r} "
         f"(architectures {getattr(hf_config, 'architectures', None)}); VisionZip serving supports "
-        f"{sorted(SERVABLE_ARCHITECTURES)} (LLaVA with a CLIP vision tower)"
+        f"{sorted(SERVABLE_ARCHITECTURES)} (LLaVA with a CLIP or DINOv2 vision tower)"
     )
 
 
@@ -199,10 +208,12 @@ def absolute_feature_layer(hf_config: Any, config: VisionZipConfig) -> int:
 def check_servable(hf_config: Any, config: VisionZipConfig) -> int:
     """Raise ValueError unless the plugin can serve `hf_config` with `config`; return tokens per image.
 
-    For Qwen2.5-VL (variable resolution) the count is per image at most: smaller images are sent whole.
+    For Qwen2.5-VL and Qwen3-VL (variable resolution) the count is per image at most: smaller images
+    are sent whole.
     """
-    if check_architecture(hf_config) == "Qwen2_5_VLForConditionalGeneration":
-        return _check_qwen(config)
+    check_architecture(hf_config)
+    if hf_config.model_type in QWEN_FAMILIES:
+        return _check_qwen(QWEN_FAMILIES[hf_config.model_type], config)
     vision = getattr(hf_config, "vision_config", None)
     tower = getattr(vision, "model_type", None)
     if tower not in SERVABLE_TOWERS:
@@ -286,10 +297,10 @@ def requested_from_argv(argv: list[str]) -> tuple[str | None, str | None]:
     return model, overrides
 
 
-def _check_qwen(config: VisionZipConfig) -> int:
+def _check_qwen(family: str, config: VisionZipConfig) -> int:
     if config.feature_layer not in (None, -1):
         raise ValueError(
-            "feature_layer: Qwen2.5-VL's visual tokens are the merger output of the tower's final block; "
+            f"feature_layer: {family}'s visual tokens are the merger output of the tower's final block; "
             f"leave feature_layer unset (or -1), got {config.feature_layer}"
         )
     if config.temporal_threshold is not None:

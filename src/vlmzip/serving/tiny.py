@@ -189,3 +189,100 @@ def build_tiny_qwen2_5_vl(
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+# --- Qwen3-VL ------------------------------------------------------------------------------------
+def build_tiny_qwen3_vl(
+    out_dir: str | os.PathLike[str],
+    *,
+    init_range: float = 0.2,
+    seed: int = 0,
+    min_pixels: int = 64 * 64,
+    max_pixels: int = 224 * 224,
+) -> Path:
+    """Save a random Qwen3-VL (3-block tower, patch 16, deepstack after blocks 0 and 1; 2-layer Qwen3 LM).
+
+    The language model's head size is 32 (vLLM's CPU attention) and its interleaved `mrope_section`
+    sums to 16; the deepstack features are added to its two layers. The processor names the PIL
+    image processor; its video processor is saved where torchvision is importable (vLLM's environment).
+    """
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.utils import is_torchvision_available
+
+    if not isinstance(init_range, (int, float)) or not init_range > 0:
+        raise ValueError(f"init_range must be a positive number, got {init_range!r}")
+    ids = {word: QWEN_VOCABULARY.index(word) for word in QWEN_VOCABULARY}
+    text_config = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "vocab_size": len(QWEN_VOCABULARY),
+        "max_position_embeddings": 4096,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [6, 5, 5],
+            "mrope_interleaved": True,
+        },
+        "pad_token_id": 0,
+        "eos_token_id": 2,
+        "bos_token_id": 3,
+        "initializer_range": init_range,
+        "tie_word_embeddings": False,
+    }
+    vision_config = {
+        "depth": 3,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 4,
+        "out_hidden_size": 64,
+        "patch_size": 16,
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": [0, 1],
+        "initializer_range": init_range,
+    }
+    config = Qwen3VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    tokenizer = word_level_tokenizer(
+        QWEN_VOCABULARY,
+        extra_special_tokens={
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_start_token": "<|vision_start|>",
+            "vision_end_token": "<|vision_end|>",
+        },
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    half = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "patch_size": 16, "merge_size": 2}
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, **half)
+    processor_kwargs: dict = {"image_processor": image_processor, "tokenizer": tokenizer}
+    if is_torchvision_available():
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        processor_kwargs["video_processor"] = Qwen3VLVideoProcessor(
+            size={"shortest_edge": min_pixels, "longest_edge": max_pixels * 2}, **half
+        )
+        processor_class = Qwen3VLProcessor
+    else:  # images only: the video processor needs torchvision
+        from vlmzip.loading import image_only_processor_class
+
+        processor_class = image_only_processor_class(Qwen3VLProcessor)
+    processor = processor_class(chat_template=QWEN_CHAT_TEMPLATE, **processor_kwargs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
