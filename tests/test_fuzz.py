@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -35,6 +35,7 @@ sizes = st.one_of(
     st.sampled_from([(1, 1), (2, 2000), (2000, 2), (3, 700), (500, 20), (20, 500), (337, 1), (28, 28)]),
 )
 budgets = st.one_of(
+    st.tuples(st.integers(1, 12), st.integers(0, 4)),  # within every family's smallest unit (16 tokens a tile)
     st.tuples(st.integers(1, 80), st.integers(0, 40)),  # mostly valid
     st.tuples(st.integers(-2, 700), st.integers(-2, 300)),  # anything, out of range included
     st.tuples(st.sampled_from([1.5, True, "8", None]), st.integers(0, 4)),  # wrong types
@@ -50,6 +51,19 @@ cases = st.fixed_dictionaries(
 )
 
 
+# Drawn first in every run: valid budgets on a batch every family's processor takes (a text-only row, two
+# images of different shapes in one prompt, reduced precision), so each family prepares at least these.
+VALID_CASES = (
+    {
+        "budget": (10, 5),
+        "scope": "per_image",
+        "rows": [[(300, 200)], [], [(90, 400), (150, 150)]],
+        "dtype": torch.float32,
+    },
+    {"budget": (3, 1), "scope": "per_crop", "rows": [[(420, 30)], [(40, 40), (28, 300)]], "dtype": torch.bfloat16},
+)
+
+
 def picture(size: tuple[int, int], seed: int) -> Image.Image:
     width, height = size
     rng = np.random.default_rng(seed)
@@ -58,37 +72,70 @@ def picture(size: tuple[int, int], seed: int) -> Image.Image:
 
 def processed(
     family: Any, processor: Any, rows: list[list[tuple[int, int]]], seed: int, first_row: int = 0
-) -> dict[str, Any]:
-    """Processor inputs for `rows` (image sizes per sample); row r asks question r + first_row."""
+) -> tuple[dict[str, Any], list[Image.Image]]:
+    """Processor inputs for `rows` (image sizes per sample), and the images; row r asks question r + first_row."""
     images = [vlmzip.load_image(picture(size, seed + i), processor) for i, size in enumerate(sum(rows, []))]
     texts = [family.prompt(len(row), PROMPTS[(first_row + r) % len(PROMPTS)]) for r, row in enumerate(rows)]
-    return dict(processor(images=images or None, text=texts, return_tensors="pt", padding=True))
+    remaining = iter(images)
+    given = family.images([[next(remaining) for _ in row] for row in rows])
+    return dict(processor(images=given, text=texts, return_tensors="pt", padding=True)), images
 
 
-def promised_tokens(model: Any, rows: list[list[tuple[int, int]]], inputs: dict, config: Any) -> list[int]:
-    """Visual tokens each sample must send: (dominant + contextual) per crop, crops counted as transformers does."""
-    sizes = inputs.get("image_sizes")
-    # OneVision splits an image into crops only when the processor marks it as its sample's only image.
-    per_sample = inputs.get("batch_num_images")
-    single = [int(n) == 1 for n in per_sample for _ in range(int(n))] if per_sample is not None else None
+def units_per_image(model: Any, processor: Any, images: list[Image.Image], rows: list, inputs: dict) -> list[int]:
+    """How many units (crops, tiles) the budget applies to in each image, read from the processor's outputs.
+
+    Counted as transformers counts them, never through the library's geometry: AnyRes crops from
+    `image_sizes` and the grid pinpoints; InternVL tiles from the image processor's `num_patches`
+    (thumbnail included); SmolVLM tiles from its rows x cols (+ the global image); every other family
+    reduces each image as one unit.
+    """
+    kind = model.config.model_type
+    if not images:
+        return []
+    if kind in ("llava_next", "llava_onevision"):
+        sizes = inputs["image_sizes"]
+        # OneVision splits an image into crops only when the processor marks it as its sample's only image.
+        per_sample = inputs.get("batch_num_images")
+        single = [int(n) == 1 for n in per_sample for _ in range(int(n))] if per_sample is not None else None
+        return [
+            image_size_to_num_patches(
+                list(sizes[i].tolist()), model.config.image_grid_pinpoints, model.config.vision_config.image_size
+            )
+            if single is None or single[i]
+            else 1
+            for i in range(len(images))
+        ]
+    if kind == "internvl":
+        tiles = processor.image_processor(images, return_tensors="pt")["num_patches"].tolist()
+        assert sum(tiles) == inputs["pixel_values"].shape[0]
+        return tiles
+    if kind == "smolvlm":
+        nested = [images[sum(map(len, rows[:r])) :][: len(row)] for r, row in enumerate(rows) if row]
+        grid = processor.image_processor(nested, return_tensors="pt", return_row_col_info=True)
+        return [
+            r * c + 1 if r * c else 1
+            for rs, cs in zip(grid["rows"], grid["cols"], strict=True)
+            for r, c in zip(rs, cs, strict=True)
+        ]
+    return [1] * len(images)
+
+
+def promised_tokens(budget: tuple[int, int], scope: str, rows: list, units: list[int]) -> list[int]:
+    """Visual tokens each sample must send: (dominant + contextual) per unit ("per_crop"), or the
+    budget split evenly over an image's units ("per_image": dominant // n + contextual // n each)."""
+    dominant, contextual = budget
     per_row, image = [], 0
     for row in rows:
         total = 0
         for _ in row:
-            crops = 1
-            if sizes is not None and (single is None or single[image]):  # AnyRes: base crop + grid crops
-                crops = image_size_to_num_patches(
-                    list(sizes[image].tolist()),
-                    model.config.image_grid_pinpoints,
-                    model.config.vision_config.image_size,
-                )
-            total += crops * config.per_unit(crops).tokens
+            n = units[image]
+            total += n * (dominant + contextual if scope == "per_crop" else dominant // n + contextual // n)
             image += 1
         per_row.append(total)
     return per_row
 
 
-def visual_counts(model: Any, family: Any, prepared: dict) -> list[int]:
+def visual_counts(family: Any, prepared: dict) -> list[int]:
     ids = prepared["input_ids"]
     mask = prepared.get("attention_mask", torch.ones_like(ids)).bool()
     return ((ids == family.image_token_id) & mask).sum(dim=1).tolist()
@@ -110,14 +157,17 @@ def with_dtype(inputs: dict, dtype: torch.dtype) -> dict:
     return inputs
 
 
-def check_case(family: Any, model: Any, processor: Any, reference: dict, baseline: torch.Tensor, case: dict) -> None:
+def check_case(family: Any, model: Any, processor: Any, reference: dict, baseline: torch.Tensor, case: dict) -> str:
+    """Run one drawn case; returns "prepared" or "refused"."""
     dominant, contextual = case["budget"]
     rows, seed = case["rows"], case["seed"]
     attributes = set(model.__dict__)
+    outcome = "refused"
     try:
         prepared = None
         try:
-            inputs = with_dtype(processed(family, processor, rows, seed), case["dtype"])
+            inputs, images = processed(family, processor, rows, seed)
+            inputs = with_dtype(inputs, case["dtype"])
             try:
                 vlmzip.apply(model, dominant=dominant, contextual=contextual, budget_scope=case["scope"])
             except (ValueError, TypeError):
@@ -128,47 +178,71 @@ def check_case(family: Any, model: Any, processor: Any, reference: dict, baselin
             event(f"refused: {type(error).__name__}")
         if prepared is not None:
             event("prepared")
-            check_prepared(family, model, processor, case, inputs, prepared)
+            outcome = "prepared"
+            check_prepared(family, model, processor, case, inputs, images, prepared)
     finally:
         if vlmzip.is_applied(model):
             vlmzip.remove(model)
     assert set(model.__dict__) == attributes
     assert torch.equal(reference_logits(model, reference), baseline)
+    return outcome
 
 
-def check_prepared(family: Any, model: Any, processor: Any, case: dict, inputs: dict, prepared: dict) -> None:
+def check_prepared(
+    family: Any, model: Any, processor: Any, case: dict, inputs: dict, images: list, prepared: dict
+) -> None:
     """A case that prepared without error: exact counts, text untouched, batched == each sample alone."""
     rows, seed = case["rows"], case["seed"]
-    config = vlmzip.api.get_state(model).config
-    assert visual_counts(model, family, prepared) == promised_tokens(model, rows, inputs, config)
+    promised = promised_tokens(
+        case["budget"], case["scope"], rows, units_per_image(model, processor, images, rows, inputs)
+    )
+    assert visual_counts(family, prepared) == promised
+    ids, mask = prepared["input_ids"], prepared["attention_mask"].bool()
+    for key in ("token_type_ids", "mm_token_type_ids"):  # where the processor marks image tokens, so must prepare
+        marks_images = (inputs["input_ids"] == family.image_token_id) & inputs["attention_mask"].bool()
+        if key in inputs and torch.equal((inputs[key] == 1) & inputs["attention_mask"].bool(), marks_images):
+            assert torch.equal((prepared[key] == 1) & mask, (ids == family.image_token_id) & mask)
     features = _features(prepared)
-    assert len(features) == sum(len(row) for row in rows)
+    assert all(len(layer) == sum(promised) for layer in features)  # one feature per placeholder
+    layout = {family.image_token_id, *family.dropped_tokens}
     first = 0
     for row, row_sizes in enumerate(rows):
         before = real_tokens(inputs["input_ids"][row], inputs["attention_mask"][row])
-        after = real_tokens(prepared["input_ids"][row], prepared["attention_mask"][row])
-        assert [t for t in before if t != family.image_token_id] == [t for t in after if t != family.image_token_id]
+        after = real_tokens(ids[row], mask[row])
+        assert [t for t in before if t not in layout] == [t for t in after if t not in layout]
         # The sample alone (its images drawn from the same seeds) prepares to the same tokens and features.
-        alone_inputs = processed(family, processor, [row_sizes], seed + first, first_row=row)
+        alone_inputs, _ = processed(family, processor, [row_sizes], seed + first, first_row=row)
         alone = vlmzip.prepare(model, with_dtype(alone_inputs, case["dtype"]))
         assert real_tokens(alone["input_ids"][0], alone["attention_mask"][0]) == after
-        for mine, batched in zip(_features(alone), features[first : first + len(row_sizes)], strict=True):
-            assert mine.shape == batched.shape
-            torch.testing.assert_close(mine, batched, rtol=1e-3, atol=1e-3)
+        start = sum(promised[:row])
+        for mine, batched in zip(_features(alone), features, strict=True) if promised[row] else ():
+            assert mine.shape[0] == promised[row]
+            torch.testing.assert_close(mine, batched[start : start + promised[row]], rtol=1e-3, atol=1e-3)
         first += len(row_sizes)
 
 
+def _flat(features: Any) -> torch.Tensor:
+    """Per-image (or per-tile) feature tensors, or one tensor of them, as (tokens, hidden) in text order."""
+    if isinstance(features, torch.Tensor):
+        return features.reshape(-1, features.shape[-1])
+    return torch.cat([f.reshape(-1, f.shape[-1]) for f in features]) if len(features) else torch.zeros(0, 0)
+
+
 def _features(prepared: dict) -> list[torch.Tensor]:
-    outputs = prepared.get("mm_encoder_outputs") or {}
-    image = outputs.get("image")
-    return list(image.pooler_output) if image is not None else []
+    """The image features prepare() hands the model, then each deepstack layer's, as (tokens, hidden)."""
+    image = (prepared.get("mm_encoder_outputs") or {}).get("image")
+    if image is None:
+        return [torch.zeros(0, 0)]
+    return [_flat(image.pooler_output), *(_flat(layer) for layer in getattr(image, "deepstack_features", None) or [])]
 
 
-def fuzz(family_name: str, examples: int, derandomize: bool) -> None:
+def fuzz(family_name: str, examples: int, derandomize: bool) -> list[str]:
+    """Draw `examples` cases on the family's tiny model; returns each case's outcome."""
     family = FAMILIES[family_name]
     model, processor = family.make_model(), family.make_processor()
-    reference = processed(family, processor, [[(120, 90)]], seed=7)
+    reference, _ = processed(family, processor, [[(120, 90)]], seed=7)
     baseline = reference_logits(model, reference)
+    outcomes: list[str] = []
 
     @settings(
         max_examples=examples,
@@ -180,15 +254,20 @@ def fuzz(family_name: str, examples: int, derandomize: bool) -> None:
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(case=cases)
+    @example(case={**VALID_CASES[0], "seed": 1})
+    @example(case={**VALID_CASES[1], "seed": 2})
     def run(case: dict) -> None:
-        check_case(family, model, processor, reference, baseline, case)
+        outcomes.append(check_case(family, model, processor, reference, baseline, case))
 
     run()
+    return outcomes
 
 
 @pytest.mark.parametrize("family_name", list(FAMILIES))
 def test_fuzz_inputs(family_name):
-    fuzz(family_name, FUZZ_EXAMPLES, derandomize=True)
+    outcomes = fuzz(family_name, FUZZ_EXAMPLES, derandomize=True)
+    assert outcomes[: len(VALID_CASES)] == ["prepared"] * len(VALID_CASES)  # valid input is never refused
+    print(family_name, {outcome: outcomes.count(outcome) for outcome in sorted(set(outcomes))})
 
 
 @pytest.mark.slow
