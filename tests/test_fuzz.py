@@ -4,9 +4,14 @@ Hypothesis draws budgets (valid, out of range, wrong types) x image sizes and as
 ones included) x pixel dtypes x batch mixes (text-only rows, several images per prompt). Each case
 either yields exactly the promised visual token count per sample, with the batch prepared as each
 sample alone is, or raises ValueError / TypeError; afterwards the model is unpatched (apply() that
-failed leaves no trace) and gives bit-identical logits. Families come from the registry in
-tests/families.py, so a family added there is fuzzed too. The default run draws FUZZ_EXAMPLES cases
-per family; the slow run (`pytest -m slow`) draws SLOW_FUZZ_EXAMPLES.
+failed leaves no trace) and gives bit-identical logits. The promise is counted here, not by the
+library: (dominant + contextual) per unit, the unit being an image, or a crop / tile (thumbnail and
+global image included) read from the processor's outputs as transformers counts them; with
+budget_scope="per_image", dominant // n + contextual // n per unit of an n-unit image. A refusal is
+itself checked: input whose budget fits every unit of the batch must prepare.
+Families come from the registry in tests/families.py, so a family added there is fuzzed too. The
+default run draws FUZZ_EXAMPLES cases per family (after VALID_CASES); the slow run (`pytest -m slow`)
+draws SLOW_FUZZ_EXAMPLES.
 """
 
 from __future__ import annotations
@@ -248,47 +253,45 @@ def with_dtype(inputs: dict, dtype: torch.dtype) -> dict:
 
 
 def check_case(family: Any, model: Any, processor: Any, reference: dict, baseline: torch.Tensor, case: dict) -> str:
-    """Run one drawn case; returns "prepared" or "refused"."""
-    dominant, contextual = case["budget"]
-    rows, seed = case["rows"], case["seed"]
+    """Run one drawn case; returns its outcome: "prepared", or which step refused it with which error."""
     attributes = set(model.__dict__)
-    outcome = "refused"
     try:
-        prepared = None
+        inputs, images = processed(family, processor, case["rows"], case["seed"])
+    except (ValueError, TypeError) as error:  # the image loader or the processor refuses an image
+        outcome = f"refused by the processor: {type(error).__name__}"
+    else:
         try:
-            inputs, images = processed(family, processor, rows, seed)  # the processor may refuse an image
-        except (ValueError, TypeError) as error:
-            event(f"refused by the processor: {type(error).__name__}")
-            return outcome
-        inputs = with_dtype(inputs, case["dtype"])
-        units = units_per_image(model, processor, images, rows, inputs)
-        try:
-            try:
-                vlmzip.apply(model, dominant=dominant, contextual=contextual, budget_scope=case["scope"])
-            except (ValueError, TypeError) as error:
-                assert not vlmzip.is_applied(model) and set(model.__dict__) == attributes  # no trace left
-                assert not valid_budget(model, case), f"valid budget refused by apply(): {error}"
-                raise
-            try:
-                prepared = vlmzip.prepare(model, inputs)
-            except (ValueError, TypeError) as error:
-                capacity = unit_capacity(model, inputs, len(images))
-                placeholders = anyres_placeholders(family, processor, model, images, units)
-                valid = fits(case, units, capacity, placeholders)
-                assert not valid, f"valid input refused ({units} units, {capacity} tokens per unit): {error}"
-                raise
-        except (ValueError, TypeError) as error:
-            event(f"refused: {type(error).__name__}")
-        if prepared is not None:
-            event("prepared")
-            outcome = "prepared"
-            check_prepared(family, model, processor, case, inputs, units, prepared)
-    finally:
-        if vlmzip.is_applied(model):
-            vlmzip.remove(model)
+            outcome = reduce_case(family, model, processor, case, with_dtype(inputs, case["dtype"]), images)
+        finally:
+            if vlmzip.is_applied(model):
+                vlmzip.remove(model)
+    event(outcome)
     assert set(model.__dict__) == attributes
     assert torch.equal(reference_logits(model, reference), baseline)
     return outcome
+
+
+def reduce_case(family: Any, model: Any, processor: Any, case: dict, inputs: dict, images: list) -> str:
+    """apply() then prepare(): a refusal must be of input that is not valid, a success exact."""
+    dominant, contextual = case["budget"]
+    attributes = set(model.__dict__)
+    units = units_per_image(model, processor, images, case["rows"], inputs)
+    try:
+        vlmzip.apply(model, dominant=dominant, contextual=contextual, budget_scope=case["scope"])
+    except (ValueError, TypeError) as error:
+        assert not vlmzip.is_applied(model) and set(model.__dict__) == attributes  # no trace left
+        assert not valid_budget(model, case), f"valid budget refused by apply(): {error}"
+        return f"refused by apply(): {type(error).__name__}"
+    try:
+        prepared = vlmzip.prepare(model, inputs)
+    except (ValueError, TypeError) as error:
+        capacity = unit_capacity(model, inputs, len(images))
+        placeholders = anyres_placeholders(family, processor, model, images, units)
+        valid = fits(case, units, capacity, placeholders)
+        assert not valid, f"valid input refused ({units} units, {capacity} tokens per unit): {error}"
+        return f"refused by prepare(): {type(error).__name__}"
+    check_prepared(family, model, processor, case, inputs, units, prepared)
+    return "prepared"
 
 
 def check_prepared(
@@ -368,7 +371,7 @@ def fuzz(family_name: str, examples: int, derandomize: bool) -> list[str]:
 def test_fuzz_inputs(family_name):
     outcomes = fuzz(family_name, FUZZ_EXAMPLES, derandomize=True)
     assert outcomes[: len(VALID_CASES)] == ["prepared"] * len(VALID_CASES)  # valid input is never refused
-    print(family_name, {outcome: outcomes.count(outcome) for outcome in sorted(set(outcomes))})
+    print(family_name, len(outcomes), "cases:", {outcome: outcomes.count(outcome) for outcome in sorted(set(outcomes))})
 
 
 @pytest.mark.slow
@@ -376,4 +379,4 @@ def test_fuzz_inputs(family_name):
 def test_fuzz_inputs_slow(family_name):
     outcomes = fuzz(family_name, SLOW_FUZZ_EXAMPLES, derandomize=False)
     assert outcomes[: len(VALID_CASES)] == ["prepared"] * len(VALID_CASES)
-    print(family_name, {outcome: outcomes.count(outcome) for outcome in sorted(set(outcomes))})
+    print(family_name, len(outcomes), "cases:", {outcome: outcomes.count(outcome) for outcome in sorted(set(outcomes))})
