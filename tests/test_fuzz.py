@@ -51,6 +51,7 @@ cases = st.fixed_dictionaries(
         "scope": st.sampled_from(["per_crop", "per_image"]),
         "rows": st.lists(st.lists(sizes, min_size=0, max_size=2), min_size=1, max_size=3),
         "dtype": st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64]),
+        "padding": st.sampled_from(["left", "right"]),
         "seed": st.integers(0, 2**16),
     }
 )
@@ -64,8 +65,15 @@ VALID_CASES = (
         "scope": "per_image",
         "rows": [[(300, 200)], [], [(90, 400), (150, 150)]],
         "dtype": torch.float32,
+        "padding": "left",
     },
-    {"budget": (3, 1), "scope": "per_crop", "rows": [[(420, 30)], [(40, 40), (28, 300)]], "dtype": torch.bfloat16},
+    {
+        "budget": (3, 1),
+        "scope": "per_crop",
+        "rows": [[(420, 30)], [(40, 40), (28, 300)]],
+        "dtype": torch.bfloat16,
+        "padding": "right",
+    },
 )
 
 
@@ -302,6 +310,11 @@ def check_prepared(
     promised = promised_tokens(case["budget"], case["scope"], rows, units)
     assert visual_counts(family, prepared) == promised
     ids, mask = prepared["input_ids"], prepared["attention_mask"].bool()
+    # Re-padded on the side the input was padded (left when the input shows none), and no wider than needed.
+    side = "right" if bool((inputs["attention_mask"][:, -1] == 0).any()) else "left"
+    flags = mask.int()
+    monotone = flags.cummin(dim=1).values if side == "right" else flags.cummax(dim=1).values
+    assert torch.equal(flags, monotone) and bool(flags[:, -1 if side == "right" else 0].any())
     for key in ("token_type_ids", "mm_token_type_ids"):  # where the processor marks image tokens, so must prepare
         marks_images = (inputs["input_ids"] == family.image_token_id) & inputs["attention_mask"].bool()
         if key in inputs and torch.equal((inputs[key] == 1) & inputs["attention_mask"].bool(), marks_images):
@@ -318,6 +331,10 @@ def check_prepared(
         alone_inputs, _ = processed(family, processor, [row_sizes], seed + first, first_row=row)
         alone = vlmzip.prepare(model, with_dtype(alone_inputs, case["dtype"]))
         assert real_tokens(alone["input_ids"][0], alone["attention_mask"][0]) == after
+        if "position_ids" in prepared and "position_ids" in alone:  # (batch, length) or (3, batch, length)
+            mine, batched = alone["position_ids"], prepared["position_ids"]
+            mine = mine[..., 0, :][..., alone["attention_mask"][0].bool()]
+            assert torch.equal(mine, batched[..., row, :][..., mask[row]])
         start = sum(promised[:row])
         for mine, batched in zip(_features(alone), features, strict=True) if promised[row] else ():
             assert mine.shape[0] == promised[row]
@@ -343,7 +360,9 @@ def _features(prepared: dict) -> list[torch.Tensor]:
 def fuzz(family_name: str, examples: int, derandomize: bool) -> list[str]:
     """Draw `examples` cases on the family's tiny model; returns each case's outcome."""
     family = FAMILIES[family_name]
-    model, processor = family.make_model(), family.make_processor()
+    model = family.make_model()
+    processors = {side: family.make_processor(padding_side=side) for side in ("left", "right")}
+    processor = processors["left"]
     reference, _ = processed(family, processor, [[(120, 90)]], seed=7)
     baseline = reference_logits(model, reference)
     outcomes: list[str] = []
@@ -361,7 +380,7 @@ def fuzz(family_name: str, examples: int, derandomize: bool) -> list[str]:
     @example(case={**VALID_CASES[0], "seed": 1})
     @example(case={**VALID_CASES[1], "seed": 2})
     def run(case: dict) -> None:
-        outcomes.append(check_case(family, model, processor, reference, baseline, case))
+        outcomes.append(check_case(family, model, processors[case["padding"]], reference, baseline, case))
 
     run()
     return outcomes
