@@ -150,7 +150,9 @@ def tokens_at(model: Any, height: int, width: int) -> int:
     if kind == "mistral3":
         step = vision.patch_size * config.spatial_merge_size
         return (height // step) * (width // step)
-    patches = (height // vision.patch_size) * (width // vision.patch_size)
+    patch = vision.patch_size
+    patch_height, patch_width = (patch, patch) if isinstance(patch, int) else patch  # InternViT: (14, 14)
+    patches = (height // patch_height) * (width // patch_width)
     if kind == "internvl":
         return round(patches * config.downsample_ratio**2)
     if kind == "smolvlm":
