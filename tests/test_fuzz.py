@@ -31,7 +31,7 @@ import vlmzip
 from families import FAMILIES
 
 # Cases per family; VLMZIP_FUZZ_EXAMPLES overrides the slow run's count.
-FUZZ_EXAMPLES = 8
+FUZZ_EXAMPLES = 6
 SLOW_FUZZ_EXAMPLES = int(os.environ.get("VLMZIP_FUZZ_EXAMPLES", "120"))
 PROMPTS = ("what is in the image ?", "how many are there ?", "a big red circle left of a small blue square ?")
 
