@@ -13,7 +13,7 @@ from PIL import Image
 
 import vlmzip
 from conftest import make_llava_processor, make_qwen_processor
-from families import make_llava_next_processor, make_onevision_processor
+from families import make_llava_next_processor, make_mistral3_processor, make_onevision_processor
 from vlmzip import images
 from vlmzip.images import load_image, processed_sizes
 from vlmzip.viz import image_pixel_values
@@ -159,6 +159,18 @@ def test_processed_sizes_are_bounded_for_every_family(size):
         pinpoints = processor.image_processor.image_grid_pinpoints
         largest = max(h * w for h, w in pinpoints)
         assert all(h * w <= max(largest, max(size) ** 2) for h, w in sizes)
+
+
+def test_pixtral_size_matches_the_processor_and_a_sliver_is_refused_by_name():
+    processor = make_mistral3_processor()  # longest side 128 px, 8 px patches
+    for width, height in [(300, 400), (100, 60), (40, 90), (1, 1), (200, 2), (2, 128), (500, 20)]:
+        image = Image.new("RGB", (width, height), (10, 200, 30))
+        pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        assert processed_sizes(processor, height, width) == [tuple(pixels.shape[-2:])], (width, height)
+    # Scaled to 128 px, a 2 px side rounds to 0: the processor fails on a zero size without naming the image.
+    for width, height in [(2, 2000), (2000, 2), (337, 1)]:
+        with pytest.raises(ValueError, match=rf"image {width}x{height} has an aspect ratio of \d+:1.*at most 128:1"):
+            load_image(Image.new("RGB", (width, height)), processor)
 
 
 def test_qwen_size_matches_the_processor():

@@ -36,9 +36,9 @@ def model(family):
 
 def batch(family, processor):
     """Two samples of different lengths (left-padded): one image, and a longer question with one image."""
-    images = random_images(1, seed=1, size=(150, 200)) + random_images(1, seed=2, size=(200, 170))
+    images = [random_images(1, seed=1, size=(150, 200)), random_images(1, seed=2, size=(200, 170))]
     texts = [family.prompt(1), family.prompt(1, "a big red circle left of a small blue square ? what shape ?")]
-    return processor(images=images, text=texts, return_tensors="pt", padding=True)
+    return processor(images=family.images(images), text=texts, return_tensors="pt", padding=True)
 
 
 def generate(model, inputs, **kwargs):

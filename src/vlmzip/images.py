@@ -156,8 +156,9 @@ def processed_sizes(processor: Any, height: int, width: int) -> list[tuple[int, 
     Knows the resize rules of the supported families' image processors: Qwen2-VL's `smart_resize`
     (min/max pixels, aspect ratio at most 200), LLaVA-NeXT / OneVision AnyRes (best grid pinpoint,
     base crop, OneVision's square padding of images in multi-image prompts) and the generic size
-    rules (shortest edge keeping the aspect ratio, with or without a longest edge; fixed height and
-    width; max height and width). Raises ValueError when the processor would refuse the image.
+    rules (shortest edge keeping the aspect ratio, with or without a longest edge; Pixtral's longest
+    edge rounded up to whole patches; fixed height and width; max height and width). Raises
+    ValueError when the processor would refuse the image.
     """
     image_processor = getattr(processor, "image_processor", processor)
     size = getattr(image_processor, "size", None)
@@ -178,6 +179,8 @@ def processed_sizes(processor: Any, height: int, width: int) -> list[tuple[int, 
     if pinpoints:
         side = shortest or fixed_h or 0
         sizes.append((fixed_h or side, fixed_w or side))  # the base crop
+    elif longest and not shortest and getattr(image_processor, "patch_size", None) is not None:
+        sizes.append(_pixtral_size(image_processor.patch_size, longest, height, width))
     elif shortest:
         scale = shortest / min(height, width)
         if longest and max(height, width) * scale > longest:
@@ -211,6 +214,22 @@ def _qwen_size(image_processor: Any, height: int, width: int) -> tuple[int, int]
         beta = math.sqrt(min_pixels / (height * width))
         h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
     return max(h_bar, factor), max(w_bar, factor)
+
+
+def _pixtral_size(patch: Any, longest: int, height: int, width: int) -> tuple[int, int]:
+    """Pixtral's resize: the longest side down to `longest` px (rounded down), then up to whole patches."""
+    patch_h, patch_w = (
+        (patch, patch) if isinstance(patch, int) else (_size_value(patch, "height"), _size_value(patch, "width"))
+    )
+    ratio = max(height, width) / longest
+    new_h, new_w = (math.floor(height / ratio), math.floor(width / ratio)) if ratio > 1 else (height, width)
+    if not new_h or not new_w:
+        raise ValueError(
+            f"image {width}x{height} has an aspect ratio of {max(height, width) / min(height, width):.0f}:1; this "
+            f"model's processor scales its longest side to {longest} px, which leaves its shortest side under 1 px "
+            f"(at most {longest}:1); crop or pad the image closer to square"
+        )
+    return math.ceil(new_h / (patch_h or 1)) * (patch_h or 1), math.ceil(new_w / (patch_w or 1)) * (patch_w or 1)
 
 
 def processed_pixels(processor: Any, height: int, width: int) -> int:
