@@ -46,6 +46,22 @@ def test_ask_reports_answers_tokens_and_timings(result, tiny):
     assert not vlmzip.is_applied(tiny[0])
 
 
+def test_the_same_upload_asked_again_comes_from_the_image_cache(tiny):
+    from vlmzip.cache import ImageCache
+
+    model, processor, image = tiny[0], tiny[1], random_images(1)[0]
+    cache = ImageCache(max_bytes=2**24)
+    first = app.ask(model, processor, image, "what is in the image ?", 24, cache=cache, heatmap=False)
+    assert first["cached"]["seen_before"] is False
+    assert first["cached"]["answer"] == first["reduced"]["answer"]
+    second = app.ask(model, processor, image, "how many are there ?", 24, cache=cache, heatmap=False)
+    assert second["cached"]["seen_before"] is True and cache.misses == 1
+    assert "Asked again" in app.format_stats(second) and "already reduced" in app.format_stats(second)
+    assert "cached" not in app.ask(model, processor, image, "how many are there ?", 24, heatmap=False)
+    with pytest.raises(TypeError, match="cache"):
+        app.ask(model, processor, image, "how many are there ?", 24, cache="yes")
+
+
 def test_format_stats_shows_the_numbers(result):
     text = app.format_stats(result)
     assert "64 of 577 tokens: 54 dominant + 10 contextual" in text

@@ -10,7 +10,7 @@ import vlmzip
 from conftest import make_llava, make_llava_processor, random_images
 from vlmzip.bench.memory import PeakMemory, current_rss_bytes
 from vlmzip.cli import main
-from vlmzip.demo import build_prompt, render_table, run_demo
+from vlmzip.demo import build_prompt, render_follow_up, render_table, run_demo
 
 
 def test_run_demo_on_tiny_llava():
@@ -31,6 +31,46 @@ def test_run_demo_on_tiny_llava():
     assert result.full.kv_cache_mb / per_token - 576 == pytest.approx(text_tokens)
     table = render_table(result, "q")
     assert table.row_count == 7
+
+
+def test_follow_up_is_answered_from_the_image_cache():
+    model, processor = make_llava(), make_llava_processor()
+    config = vlmzip.VisionZipConfig(dominant=20, contextual=4)
+    image = random_images(1)[0]
+    calls = []
+    handle = model.model.vision_tower.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        result = run_demo(
+            model,
+            processor,
+            image,
+            "what is in the image ?",
+            config,
+            repeats=1,
+            max_new_tokens=3,
+            follow_up="how many ?",
+        )
+        before = len(calls)
+        assert result.follow_up is not None and result.follow_up.cache_hits == 1
+        again = run_demo(model, processor, image, "what is in the image ?", config, repeats=1, max_new_tokens=3)
+    finally:
+        handle.remove()
+    assert again.follow_up is None and len(calls) > before  # no follow-up: nothing extra
+    assert result.follow_up.prefill_ms > 0 and result.follow_up.vision_ms >= 0
+    # The follow-up's answer is what the model answers to that question with the same reduction.
+    vlmzip.apply(model, config)
+    try:
+        inputs = vlmzip.prepare(
+            model, processor(images=[image], text=[build_prompt(processor, "how many ?")], return_tensors="pt")
+        )
+        output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    finally:
+        vlmzip.remove(model)
+    expected = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+    assert result.follow_up.answer == expected
+    assert "from the image cache" in render_follow_up(result)
+    with pytest.raises(ValueError, match="follow_up"):
+        run_demo(model, processor, image, "q", config, repeats=1, follow_up=" ")
 
 
 def test_prompt_without_chat_template():
@@ -59,6 +99,7 @@ def test_peak_memory_sees_an_allocation():
         (["demo", "--question", "  "], "--question must not be empty"),
         (["demo", "--model", "/nonexistent-dir", "--image", "x.png"], "image not found"),
         (["demo", "--method", "nope"], "method must be one of"),
+        (["demo", "--follow-up", " "], "--follow-up must not be empty"),
     ],
 )
 def test_demo_errors_are_one_line(argv, message, capsys):

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from vlmzip.adapters import adapter_class_for
-from vlmzip.adapters.base import Adapter, PaddingSide, model_directory
+from vlmzip.adapters.base import _APPLIED, Adapter, PaddingSide, model_directory
+from vlmzip.cache import ImageCache, check_cache
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
 from vlmzip.methods import get_method
@@ -69,6 +70,7 @@ class VisionZipState:
 
     adapter: Adapter
     config: VisionZipConfig
+    cache: ImageCache | None = None
     previous: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,11 +83,18 @@ def is_applied(model: nn.Module) -> bool:
 
 
 def apply(
-    model: nn.Module, config: VisionZipConfig | None = None, *, processor: Any = None, **config_fields: Any
+    model: nn.Module,
+    config: VisionZipConfig | None = None,
+    *,
+    processor: Any = None,
+    cache: ImageCache | None = None,
+    **config_fields: Any,
 ) -> nn.Module:
     """Make `model` send `dominant + contextual` visual tokens per image to its language model.
 
     `apply(model, VisionZipConfig(dominant=54, contextual=10))` or `apply(model, dominant=54, contextual=10)`.
+    `cache`: an optional `vlmzip.ImageCache`; images found in it skip the vision tower and the
+    selection (their reduced, projected tokens are reused), the others are stored in it.
     State lives on this instance only (no class or global patch); `remove(model)` undoes it.
     With no config and no fields, a model loaded from a directory holding `visionzip_config.json`
     (written by `vlmzip finetune`) gets the budget it was fine-tuned for; others get the defaults.
@@ -99,6 +108,7 @@ def apply(
     `model.generate(**prepare(model, inputs))` returns the reduced prompt followed by the new tokens.
     Returns `model`.
     """
+    check_cache(cache)
     if config is not None and config_fields:
         raise TypeError("apply() takes either a VisionZipConfig or config fields as keywords, not both")
     if config is None:
@@ -110,7 +120,8 @@ def apply(
         raise ValueError("model already has VisionZip applied; call vlmzip.remove(model) before applying again")
     adapter = adapter_class(model, config, processor)  # validates everything before the model is touched
 
-    state = VisionZipState(adapter=adapter, config=config)
+    adapter.cache = cache
+    state = VisionZipState(adapter=adapter, config=config, cache=cache)
     for name in _WRAPPED_METHODS:
         state.previous[name] = model.__dict__.get(name, _MISSING)
     model.forward = _auto_prepare(model, model.forward, adapter)
@@ -185,13 +196,21 @@ def with_caller_prompt(output: Any, caller_ids: torch.Tensor, reduced_length: in
     return output
 
 
-def prepare(model: nn.Module, inputs: Mapping[str, Any], *, padding_side: PaddingSide | None = None) -> dict[str, Any]:
+def prepare(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    *,
+    padding_side: PaddingSide | None = None,
+    cache: ImageCache | None | object = _APPLIED,
+) -> dict[str, Any]:
     """Turn a processor's output into inputs that carry `dominant + contextual` tokens per image.
 
     Runs the vision tower once, reduces, projects, shrinks each image's placeholder run in
     `input_ids` (and `attention_mask`, `labels`, `token_type_ids`, ...), re-pads the batch (left
     unless the input was right-padded, or as `padding_side` says) and returns a dict for
     `model.generate(**...)` or `model(**...)`. Text-only inputs come back unchanged.
+    Images found in the cache given to `apply` are not encoded again; `cache` (an ImageCache, or
+    None for none) overrides that cache for this call.
     `model.generate(**prepared)` returns the reduced prompt followed by the new tokens: slice the
     answer with `out[:, prepared["input_ids"].shape[1]:]`.
     """
@@ -199,7 +218,9 @@ def prepare(model: nn.Module, inputs: Mapping[str, Any], *, padding_side: Paddin
     if state is None:
         adapter_class_for(model)  # unsupported families get that error first
         raise ValueError("model has no VisionZip applied; call vlmzip.apply(model, config) first")
-    return state.adapter.prepare(inputs, padding_side=padding_side)
+    if cache is not _APPLIED:
+        check_cache(cache)
+    return state.adapter.prepare(inputs, padding_side=padding_side, cache=cache)
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -212,5 +233,6 @@ def remove(model: nn.Module) -> nn.Module:
             model.__dict__.pop(name, None)
         else:
             model.__dict__[name] = previous
+    state.adapter.cache = None  # the cache is detached: nothing that kept the adapter can still fill it
     del model.__dict__[STATE_ATTRIBUTE]
     return model

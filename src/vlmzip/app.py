@@ -24,15 +24,17 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from vlmzip.adapters import adapter_class_for
+from vlmzip.cache import ImageCache, check_cache
 from vlmzip.cli_options import APP_HOST, APP_PORT, DEFAULT_TOKENS
 from vlmzip.config import VisionZipConfig, check_int
-from vlmzip.demo import DemoRun, run_demo
+from vlmzip.demo import DemoRun, answer_from_cache, run_demo
 from vlmzip.images import load_image
 from vlmzip.methods import available_methods
 from vlmzip.viz import image_pixel_values, model_adapter, reduced_images_for, token_summary, visualize
 
 DEFAULT_MAX_NEW_TOKENS = 16  # when the model's generation config does not say
 MAX_QUESTION_CHARS = 500
+APP_CACHE_BYTES = 256 * 2**20  # reduced images kept by the page across questions
 MAX_UPLOAD = "20mb"  # refused by the server before it reaches the model
 BUDGET_TOKENS = "total tokens"
 BUDGET_SPLIT = "dominant + contextual"
@@ -74,6 +76,7 @@ def ask(
     heatmap: bool = True,
     max_new_tokens: int | None = None,
     repeats: int = 1,
+    cache: ImageCache | None = None,
     positions: str = "compact",
 ) -> dict[str, Any]:
     """Answer `question` about `image` with all visual tokens and with the reduction, and time both.
@@ -87,6 +90,11 @@ def ask(
     language model, "vision_ms" tower (+ selection) and projector, "prefill_ms" language model,
     "first_token_ms" their sum), "speedup" and "prefill_speedup" (full / reduced time to first
     token and language-model prefill) and "visualization" (a PIL image from `vlmzip.visualize`).
+
+    With `cache` (a `vlmzip.ImageCache` kept across calls, as the page does), the reduced answer goes
+    through it and the result also holds "cached": the question answered again with the image's
+    reduced tokens from the cache ("first_token_ms", "answer") and "seen_before" (the image was
+    already reduced by an earlier question, so this answer skipped the vision tower too).
     """
     adapter_class_for(model)
     image = load_image(image, processor)
@@ -100,9 +108,19 @@ def ask(
         max_new_tokens = getattr(generation_config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, 1024)
 
-    result = run_demo(model, processor, image, question, config, repeats=repeats, max_new_tokens=max_new_tokens)
+    check_cache(cache)
+    misses = cache.misses if cache is not None else 0
+    result = run_demo(
+        model, processor, image, question, config, repeats=repeats, max_new_tokens=max_new_tokens, cache=cache
+    )
     panels = reduced_images_for(model, processor, image, result.reduction)
     full, reduced = result.full, result.reduced
+    cached = None
+    if cache is not None:
+        seen_before = cache.misses == misses
+        adapter = adapter_class_for(model)(model, config)
+        again = answer_from_cache(model, processor, adapter, cache, image, question, max_new_tokens)
+        cached = {"first_token_ms": again.first_token_ms, "answer": again.answer, "seen_before": seen_before}
     return {
         "question": question,
         "method": config.method,
@@ -114,6 +132,7 @@ def ask(
         "speedup": full.first_token_ms / max(reduced.first_token_ms, 1e-9),
         "prefill_speedup": full.prefill_ms / max(reduced.prefill_ms, 1e-9),
         "visualization": visualize(panels, heatmap=heatmap),
+        **({"cached": cached} if cached is not None else {}),
     }
 
 
@@ -136,8 +155,20 @@ def format_stats(result: dict[str, Any]) -> str:
             "",
             f"**Speedup: {result['prefill_speedup']:.2f}x LLM prefill, {result['speedup']:.2f}x time to first "
             "token** (CPU; vision = tower + selection + projector)",
+            *_cached_lines(result.get("cached")),
         ]
     )
+
+
+def _cached_lines(cached: dict[str, Any] | None) -> list[str]:
+    if cached is None:
+        return []
+    earlier = " This image was already reduced for an earlier question." if cached["seen_before"] else ""
+    return [
+        "",
+        f"**Asked again: {cached['first_token_ms']:.1f} ms to the first token** with the reduced tokens from the "
+        f"image cache (no vision tower, no selection).{earlier}",
+    ]
 
 
 # --- examples --------------------------------------------------------------------------------
@@ -275,6 +306,7 @@ def build_app(
     gr = _gradio()
     adapter_class_for(model)
     repeats = check_int("repeats", repeats, 1, 100)
+    cache = ImageCache(max_bytes=APP_CACHE_BYTES)  # the same upload asked again skips the tower
     VisionZipConfig(positions=positions)  # a bad scheme fails before the page is built
     largest = tokens_per_image(model, processor)  # the page offers budgets up to all tokens
     default_split = VisionZipConfig.from_budget(min(DEFAULT_TOKENS, largest))
@@ -306,6 +338,7 @@ def build_app(
                 heatmap=bool(heatmap),
                 max_new_tokens=max_new_tokens,
                 repeats=repeats,
+                cache=cache,
                 positions=positions,
             )
         except (ValueError, TypeError, OSError) as error:

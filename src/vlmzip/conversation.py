@@ -4,7 +4,9 @@ VisionZip's reduction does not depend on the text, so an image's visual tokens a
 image is encoded: a later question cannot change them. `Conversation` therefore keeps the token
 history and the language model's KV cache (a transformers `Cache`, e.g. `DynamicCache`) between
 turns and feeds only what is new: the previous answer's last token and the new turn. The vision
-tower runs once per image, in the turn that brings it.
+tower runs once per image, in the turn that brings it; an image shown again in a later turn (the
+same pixels) is taken from an `ImageCache` (the one given to `vlmzip.apply`, or the
+conversation's own) and does not run the tower again.
 
     chat = vlmzip.Conversation(model, processor)        # after vlmzip.apply(model, ...), or without
     chat.ask("USER: <image> what is in the image ? ASSISTANT:", images=[image], max_new_tokens=32)
@@ -30,6 +32,7 @@ from torch import nn
 from vlmzip.adapters import adapter_class_for
 from vlmzip.adapters.qwen2_vl import mrope_positions
 from vlmzip.api import get_state, is_applied, prepare
+from vlmzip.cache import ImageCache, check_cache
 from vlmzip.compat import CACHE_ARGUMENT, CACHE_ARGUMENTS, output_cache
 from vlmzip.images import load_image
 
@@ -43,6 +46,8 @@ RESERVED_GENERATE_ARGUMENTS = (
     "use_cache",
     "mm_encoder_outputs",
 )
+# Memory of the conversation's own image cache (used when `vlmzip.apply` got none).
+DEFAULT_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -82,10 +87,14 @@ class Conversation:
 
     `model` is any model family vlmzip supports, with or without `vlmzip.apply`; `processor`
     is its processor (anything that takes `text=`, `images=`, `return_tensors=` and has a `tokenizer`).
+    `cache`: where images re-shown in later turns are found under VisionZip; None uses the cache
+    given to `vlmzip.apply`, else one of the conversation's own (`DEFAULT_CACHE_BYTES`).
     """
 
-    def __init__(self, model: nn.Module, processor: Any) -> None:
+    def __init__(self, model: nn.Module, processor: Any, *, cache: ImageCache | None = None) -> None:
         adapter_class_for(model)  # unsupported models fail here
+        self._cache_choice = check_cache(cache)
+        self._own_cache: ImageCache | None = None
         if not callable(processor) or getattr(processor, "tokenizer", None) is None:
             raise TypeError(f"processor must be the model's processor (callable, with a tokenizer), got {processor!r}")
         self.model = model
@@ -95,7 +104,7 @@ class Conversation:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the history and the cache."""
+        """Forget the history and the KV cache (images stay in the image cache)."""
         self.turns: list[Turn] = []
         self._ids: torch.Tensor | None = None  # (1, length): the tokens the language model has seen
         self._per_token: dict[str, torch.Tensor] = {}  # other (1, length) inputs, e.g. mm_token_type_ids
@@ -164,7 +173,7 @@ class Conversation:
             kwargs["images"] = images
         inputs = dict(self.processor(text=[text], **kwargs))
         if is_applied(self.model):
-            inputs = prepare(self.model, inputs)  # runs the tower for this turn's images only
+            inputs = prepare(self.model, inputs, cache=self.image_cache)  # the tower runs for new images only
         if self.uses_mrope and inputs.get("position_ids") is None:
             inputs["position_ids"] = mrope_positions(self.model, inputs)
         elif self._original_positions() and inputs.get("position_ids") is None:  # a turn without images
@@ -172,6 +181,20 @@ class Conversation:
         turn_ids = inputs.pop("input_ids")
         inputs.pop("attention_mask", None)
         return turn_ids, inputs
+
+    @property
+    def image_cache(self) -> ImageCache | None:
+        """The cache this conversation's images go through (None without VisionZip)."""
+        if self._cache_choice is not None:
+            return self._cache_choice
+        state = get_state(self.model)
+        if state is None:
+            return None
+        if state.cache is not None:
+            return state.cache
+        if self._own_cache is None:
+            self._own_cache = ImageCache(max_bytes=DEFAULT_CACHE_BYTES)
+        return self._own_cache
 
     def _original_positions(self) -> bool:
         """Whether turns carry 1-D positions of their own (VisionZip applied with positions="original")."""

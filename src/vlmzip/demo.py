@@ -2,6 +2,9 @@
 
 Both runs go through the same model and the same hand-over to the language model
 (`mm_encoder_outputs`); only the visual tokens differ. Timings are medians of interleaved repeats.
+A follow-up question about the same image is then answered with VisionZip from an `ImageCache`:
+the reduced tokens do not depend on the question, so it skips the vision tower and only the
+language model runs.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ from vlmzip.adapters import adapter_class_for
 from vlmzip.adapters.base import Adapter, prepare_unreduced
 from vlmzip.bench.memory import PeakMemory
 from vlmzip.bench.runner import kv_cache_bytes_after_prefill
+from vlmzip.cache import ImageCache
 from vlmzip.cli_options import add_budget_options, config_from_args
 from vlmzip.compat import output_cache
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
 from vlmzip.images import load_image
+
+DEFAULT_FOLLOW_UP = "how many objects are there?"
 
 
 @dataclass
@@ -44,11 +50,27 @@ class DemoRun:
 
 
 @dataclass
+class FollowUp:
+    """A second question about the same image, its reduced tokens taken from the image cache."""
+
+    question: str
+    answer: str
+    vision_ms: float  # cache lookup (hashing the pixels): no tower, no selection
+    prefill_ms: float
+    cache_hits: int
+
+    @property
+    def first_token_ms(self) -> float:
+        return self.vision_ms + self.prefill_ms
+
+
+@dataclass
 class DemoResult:
     full: DemoRun
     reduced: DemoRun
     reduction: Reduction
     config: VisionZipConfig
+    follow_up: FollowUp | None = None
 
 
 def build_prompt(processor: Any, question: str) -> str:
@@ -82,10 +104,19 @@ def run_demo(
     repeats: int = 3,
     max_new_tokens: int = 16,
     progress: Callable[[str], None] = lambda message: None,
+    follow_up: str | None = None,
+    cache: ImageCache | None = None,
 ) -> DemoResult:
-    """Measure the model on (image, question) with all visual tokens and with `config`'s reduction."""
+    """Measure the model on (image, question) with all visual tokens and with `config`'s reduction.
+
+    `follow_up`: a second question about the image, answered with the reduction from an image cache
+    that the first answer filled (`DemoResult.follow_up`, with its time to first token).
+    `cache`: the image cache the answers go through (default: a fresh one); the timed rounds never use it.
+    """
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question must be a non-empty string")
+    if follow_up is not None and (not isinstance(follow_up, str) or not follow_up.strip()):
+        raise ValueError("follow_up must be None or a non-empty string")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     # Validates the budget against the processor's geometry; the model stays unpatched.
@@ -116,6 +147,8 @@ def run_demo(
     reduction = adapter.last_encoded.reductions[0]
 
     progress("answering")
+    cache = cache if cache is not None else ImageCache(max_bytes=2**30)
+    encoders["zip"] = lambda: adapter.prepare(inputs, cache=cache)  # the answer fills the cache
     runs = {}
     for name, label in (("full", "all tokens"), ("zip", f"{config.method} {config.dominant}+{config.contextual}")):
         fresh = encoders[name]()
@@ -128,7 +161,25 @@ def run_demo(
             peak_mb=max(times[name]["peak"]),
             kv_cache_mb=kv_cache_mb[name],
         )
-    return DemoResult(full=runs["full"], reduced=runs["zip"], reduction=reduction, config=config)
+    result = DemoResult(full=runs["full"], reduced=runs["zip"], reduction=reduction, config=config)
+    if follow_up is not None:
+        progress("answering the follow-up question from the image cache")
+        result.follow_up = answer_from_cache(model, processor, adapter, cache, image, follow_up, max_new_tokens)
+    return result
+
+
+def answer_from_cache(
+    model: Any, processor: Any, adapter: Adapter, cache: ImageCache, image: Image.Image, question: str, max_new: int
+) -> FollowUp:
+    """Answer `question` about `image` with `adapter`'s reduction through `cache`, timing the first token."""
+    device = next(model.parameters()).device
+    inputs = processor(images=[image], text=[build_prompt(processor, question)], return_tensors="pt").to(device)
+    hits = cache.hits
+    with torch.inference_mode():
+        prepared, vision_ms = _timed(lambda: adapter.prepare(inputs, cache=cache))
+        _, prefill_ms = _timed(partial(model, **prepared, logits_to_keep=1, use_cache=True))
+    answer = _answer(model, processor, prepared, max_new)
+    return FollowUp(question, answer, vision_ms, prefill_ms, cache.hits - hits)
 
 
 def render_table(result: DemoResult, question: str) -> Any:
@@ -184,6 +235,22 @@ def render_table(result: DemoResult, question: str) -> Any:
     return table
 
 
+def render_follow_up(result: DemoResult) -> str:
+    """Lines for the follow-up question: its answer and time to first token against the first question's."""
+    follow_up = result.follow_up
+    if follow_up is None:
+        return ""
+    source = "from the image cache" if follow_up.cache_hits else "encoded again (not found in the cache)"
+    reduced = result.reduced
+    return (
+        f"follow-up Q: {follow_up.question}\n"
+        f"  answer ({reduced.label}, image {source}): {follow_up.answer}\n"
+        f"  time to first token: {follow_up.first_token_ms:.1f} ms (lookup {follow_up.vision_ms:.1f} ms + "
+        f"prefill {follow_up.prefill_ms:.1f} ms), vs {reduced.first_token_ms:.1f} ms for the first question "
+        f"with {reduced.label} and {result.full.first_token_ms:.1f} ms with all tokens"
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -195,6 +262,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("--question must not be empty")
     if args.max_new_tokens < 1 or args.repeats < 1:
         raise ValueError("--max-new-tokens and --repeats must be >= 1")
+    follow_up = args.follow_up if args.follow_up is not None else DEFAULT_FOLLOW_UP
+    if not follow_up.strip():
+        raise ValueError("--follow-up must not be empty (use --no-follow-up to skip it)")
     if args.output:
         from vlmzip.outputs import model_inputs, refuse_overlap
 
@@ -224,11 +294,14 @@ def _run(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             max_new_tokens=args.max_new_tokens,
             progress=lambda message: status.update(message),
+            follow_up=None if args.no_follow_up else follow_up,
         )
     console.print(f"image: {image_path}")
     if expected is not None:
         console.print(f"expected answer (bundled sample): {expected}")
     console.print(render_table(result, question))
+    if result.follow_up is not None:
+        console.print(render_follow_up(result), highlight=False)
     if args.output:
         from vlmzip.outputs import save_image
         from vlmzip.viz import visualize
@@ -249,6 +322,11 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--question", help="question about the image (default: the sample's question)")
     parser.add_argument("--model", help="local model directory of a supported family (default: the embedded model)")
     add_budget_options(parser)
+    parser.add_argument(
+        "--follow-up",
+        help=f"a second question about the image, answered from the image cache (default {DEFAULT_FOLLOW_UP!r})",
+    )
+    parser.add_argument("--no-follow-up", action="store_true", help="skip the follow-up question")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default 16)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds, interleaved (default 3)")
     parser.add_argument(

@@ -102,6 +102,62 @@ def test_arch_command_with_a_small_entry(monkeypatch, tmp_path):
     ]  # fmt: skip
 
 
+def test_questions_per_image_and_int8(model_dir, tmp_path, capsys):
+    out = tmp_path / "later.json"
+    argv = ["bench", "--model", str(model_dir), "--methods", "visionzip", "--tokens", "64", *FAST]
+    assert main([*argv, "--questions-per-image", "3", "--quantize", "int8", "--json", str(out)]) == 0
+    full, reduced = json.loads(out.read_text())
+    assert full["ttft_later_ms"] is None and full["quantize"] == "int8" and full["questions_per_image"] == 3
+    assert reduced["ttft_later_ms"] > 0 and reduced["llm_prefill_later_ms"] > 0
+    # A later question runs no tower: its TTFT is the prefill plus the cache lookup.
+    assert reduced["tower_later_ms"] < reduced["tower_ms"]
+    assert reduced["ttft_later_over_prefill"] == pytest.approx(
+        reduced["ttft_later_ms"] / reduced["llm_prefill_later_ms"]
+    )
+    assert "later" in capsys.readouterr().out
+
+
+def test_unquantized_and_int8_side_by_side_in_one_run(model_dir, tmp_path, capsys):
+    out = tmp_path / "both.json"
+    argv = ["bench", "--model", str(model_dir), "--methods", "visionzip", "--tokens", "64", *FAST]
+    assert main([*argv, "--quantize", "none", "int8", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(row["method"], row["quantize"]) for row in rows] == [
+        ("full", "none"), ("visionzip", "none"), ("full", "int8"), ("visionzip", "int8")
+    ]  # fmt: skip
+    base = rows[0]
+    for row in rows:  # every ratio is to all tokens in the model's own dtype
+        assert row["speedup_ttft"] == pytest.approx(base["ttft_ms"] / row["ttft_ms"])
+        assert row["mem_ratio"] == pytest.approx(row["peak_mem_mb"] / base["peak_mem_mb"])
+    assert rows[0]["speedup_ttft"] == 1.0 and rows[2]["speedup_ttft"] != 1.0
+    assert "visionzip int8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--questions-per-image", "0"], "--questions-per-image"),
+        (["--quantize", "int4"], "invalid choice"),
+        (["--quantize", "int8", "none"], "give 'none' before 'int8'"),
+    ],
+)
+def test_bad_questions_and_quantize(model_dir, capsys, extra, message):
+    code = None
+    try:
+        code = main(["bench", "--model", str(model_dir), *FAST, *extra])
+    except SystemExit as exit_:  # argparse refuses unknown choices itself
+        code = exit_.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_questions_for_are_distinct():
+    from vlmzip.bench.cli import questions_for
+
+    questions = questions_for("first?", 9)
+    assert questions[0] == "first?" and len(set(questions)) == 9
+
+
 def test_qwen3_arch_command_with_shared_layer_weights(monkeypatch, tmp_path, capsys):
     def small_config():
         config = arch._qwen3_vl_8b_config()

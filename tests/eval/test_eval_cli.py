@@ -83,3 +83,32 @@ def test_model_without_data_and_bad_results_file(paths, tmp_path, capsys):
     broken.write_text("[1, 2]")
     assert run(paths, broken, "--methods", "random", "--tokens", "32") == 2
     assert "not a results file" in capsys.readouterr().err
+
+
+def test_cache_choices_give_the_same_results(paths, tmp_path):
+    rows = {}
+    for name, extra in {
+        "memory": [],
+        "disk": ["--cache-dir", str(tmp_path / "cache")],
+        "none": ["--no-cache"],
+    }.items():
+        out = tmp_path / f"{name}.json"
+        assert run(paths, out, "--methods", "visionzip", "--tokens", "64", *extra) == 0
+        rows[name] = json.loads(out.read_text())["results"]
+    assert rows["memory"] == rows["disk"] == rows["none"]
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # one per image
+    out = tmp_path / "int8.json"
+    assert run(paths, out, "--methods", "visionzip", "--tokens", "64", "--quantize", "int8") == 0
+    assert json.loads(out.read_text())["settings"]["quantize"] == "int8"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--cache-mb", "-1"], "--cache-mb"),
+        (["--no-cache", "--cache-dir", "x"], "--no-cache or --cache-dir"),
+    ],
+)
+def test_bad_cache_arguments(paths, tmp_path, capsys, extra, message):
+    assert run(paths, tmp_path / "x.json", *extra) == 2
+    assert message in capsys.readouterr().err

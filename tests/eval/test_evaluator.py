@@ -1,4 +1,4 @@
-"""The evaluator's cached path gives exactly what the public API and the plain model give."""
+"""The evaluator with an image cache gives exactly what the public API and the plain model give."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import vlmzip
 from conftest import make_llava, make_llava_processor
 from eval.tiny_data import write_vqa
 from vlmzip.bench.variants import FULL, Variant
+from vlmzip.cache import ImageCache
 from vlmzip.eval.evaluator import Evaluator
 from vlmzip.eval.items import held_out_set, jsonl_set
 
@@ -30,9 +31,10 @@ def setup(tmp_path_factory):
 
 def evaluator(setup, cached: bool, batch_size: int = 4) -> Evaluator:
     model, processor, data = setup
-    result = Evaluator(model, processor, data, prompt=prompt, batch_size=batch_size, max_new_tokens=NEW_TOKENS)
-    result.cached = cached
-    return result
+    cache = ImageCache(max_bytes=2**24) if cached else None
+    return Evaluator(
+        model, processor, data, prompt=prompt, batch_size=batch_size, max_new_tokens=NEW_TOKENS, image_cache=cache
+    )
 
 
 def plain_answers(model, processor, data, **apply_fields) -> list[str]:
@@ -64,6 +66,24 @@ def test_cached_equals_uncached(setup, variant):
     uncached = evaluator(setup, cached=False, batch_size=3).evaluate(variant)
     assert cached.predictions == uncached.predictions
     assert cached.n == 9 and cached.tokens == (576 if variant.is_full else variant.budget)
+
+
+def test_each_image_is_encoded_once_per_reduced_variant(setup):
+    model, _, data = setup
+    run = evaluator(setup, cached=True)
+    calls = []
+    handle = model.model.vision_tower.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(1), with_kwargs=True
+    )
+    try:
+        run.evaluate(Variant("visionzip", 64))
+    finally:
+        handle.remove()
+    images = len({item.image_key for item in data.items})
+    # One lookup per image and batch (repeats within a batch share it); the first one of each image misses.
+    lookups = len({(index // 4, item.image_key) for index, item in enumerate(data.items)})
+    assert (run.image_cache.misses, run.image_cache.hits) == (images, lookups - images)
+    assert len(calls) <= len(range(0, len(data.items), 4))  # at most one tower call per batch, none once all are known
 
 
 def test_full_and_visionzip_equal_the_public_path(setup):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -19,6 +18,9 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vlmzip.adapters.cached import CachedEncoding
+from vlmzip.adapters.encoded import EncodedImages
+from vlmzip.cache import ImageCache, VisualUnit
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction, adaptive_dominant
 from vlmzip.images import processor_input_size
@@ -26,30 +28,10 @@ from vlmzip.methods import get_method
 from vlmzip.probe import ProbeOutput, TowerInfo, check_finite, probe_vision_tower, resolve_tower
 
 PaddingSide = Literal["left", "right"]
+# units_inputs() of multi-crop families: crops per image, stated instead of derived from image sizes.
+CROP_COUNTS_KEY = "_visionzip_crop_counts"
+_APPLIED = object()  # prepare(cache=...) default: the cache given to vlmzip.apply
 IGNORE_INDEX = -100  # transformers' label value for positions without loss
-
-
-@dataclass
-class EncodedImages:
-    """Reduced, projected features of every image in a batch, in placeholder order.
-
-    features: one (tokens_i, text_hidden) tensor per image, as the language model receives it.
-    full_counts: placeholders the processor emitted for each image.
-    slots: for each image, which placeholder positions (within its run, ascending) the reduced
-        tokens occupy; None keeps the first `tokens_i` positions. Families whose position ids
-        depend on the slot (M-RoPE) set it.
-    reductions: the core's per-batch results (per unit with an adaptive budget), for visualisation
-        and inspection.
-    positions: for each image, the placeholder (within its run, 0-based) whose position id every
-        reduced token takes under `positions="original"` (see `Adapter.position_ids`); None when
-        the family does not provide it.
-    """
-
-    features: list[torch.Tensor]
-    full_counts: list[int]
-    slots: list[torch.Tensor] | None = None
-    reductions: list[Reduction] = field(default_factory=list)
-    positions: list[torch.Tensor] | None = None
 
 
 def split_rows(reduction: Reduction) -> list[Reduction]:
@@ -71,7 +53,7 @@ def original_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 0)
 
 
-class Adapter:
+class Adapter(CachedEncoding):
     """Base class of the per-family adapters; one instance lives on each patched model."""
 
     families: ClassVar[tuple[str, ...]] = ()  # model class names this adapter handles
@@ -101,6 +83,7 @@ class Adapter:
         self.feature_layer = self._resolve_feature_layer()
         self.method = get_method(config.method)
         self.check_budget()
+        self.cache: ImageCache | None = None  # set by vlmzip.apply(..., cache=...)
 
     # --- what each family provides -------------------------------------------------------
     def vision_tower(self) -> nn.Module:
@@ -139,6 +122,17 @@ class Adapter:
         return self.tokens_per_unit()
 
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
+        raise NotImplementedError
+
+    def visual_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit] | None:
+        """Every image / video of `inputs` in text order, as the cache keys it, without running the tower.
+
+        Families that return None are cached per call: one key per item, all items encoded together.
+        """
+        return None
+
+    def units_inputs(self, units: Sequence[VisualUnit]) -> dict[str, Any]:
+        """Inputs for `encode` that hold these items only, in this order (families with `visual_units`)."""
         raise NotImplementedError
 
     # --- shared ----------------------------------------------------------------------------
@@ -306,7 +300,10 @@ class Adapter:
         padded = input_ids[attention_mask == 0]
         return int(padded[0]) if padded.numel() else 0
 
-    def prepare(self, inputs: Mapping[str, Any], padding_side: PaddingSide | None = None) -> dict[str, Any]:
+    def prepare(
+        self, inputs: Mapping[str, Any], padding_side: PaddingSide | None = None, cache: Any = _APPLIED
+    ) -> dict[str, Any]:
+        """See `vlmzip.prepare`; `cache` overrides the adapter's own cache for this call (None: no cache)."""
         if not isinstance(inputs, Mapping):
             raise TypeError(f"inputs must be the processor's output (a mapping), got {type(inputs).__name__}")
         prepared = dict(inputs)
@@ -336,7 +333,7 @@ class Adapter:
 
         full_counts = self.full_counts(prepared)
         blocks = self.placeholder_blocks(prepared, input_ids, attention_mask, full_counts)
-        encoded = self.encode(prepared)
+        encoded = self.encode_visuals(prepared, self.cache if cache is _APPLIED else cache)
         new_counts = [int(f.shape[0]) for f in encoded.features]
         keep = placeholder_keep_mask(attention_mask, blocks, new_counts, encoded.slots)
         position_ids = self.position_ids(attention_mask, blocks, encoded)

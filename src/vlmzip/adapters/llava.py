@@ -6,13 +6,14 @@ feature strategy, which drops [CLS]; a kept [CLS] then takes the first placehold
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from vlmzip.adapters.base import Adapter, EncodedImages, split_rows
+from vlmzip.cache import VisualUnit
 from vlmzip.core import Reduction, anchor_indices
 
 
@@ -72,3 +73,14 @@ class LlavaAdapter(Adapter):
             reductions=reductions,
             positions=[self.placeholder_of(anchor_indices(unit)[0]) for unit in units],
         )
+
+    def visual_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit]:
+        counts = self.full_counts(inputs)
+        pixel_values = inputs["pixel_values"]
+        return [
+            VisualUnit("image", (pixels,), (), count, self.image_token_id)
+            for pixels, count in zip(pixel_values, counts, strict=True)
+        ]
+
+    def units_inputs(self, units: Sequence[VisualUnit]) -> dict[str, Any]:
+        return {"pixel_values": torch.stack([unit.tensors[0] for unit in units])}

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
-from vlmzip.adapters.base import Adapter, EncodedImages, split_rows
+from vlmzip.adapters.base import CROP_COUNTS_KEY, Adapter, EncodedImages, split_rows
+from vlmzip.cache import VisualUnit
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction, anchor_indices
 from vlmzip.probe import ProbeOutput, probe_vision_tower
@@ -176,6 +177,8 @@ class LlavaNextAdapter(Adapter):
     # --- images ----------------------------------------------------------------------------
     def image_crop_counts(self, inputs: Mapping[str, Any]) -> list[int]:
         """Crops (base included) the model encodes for each image, as its own get_image_features counts them."""
+        if inputs.get(CROP_COUNTS_KEY) is not None:  # items regrouped by units_inputs()
+            return list(inputs[CROP_COUNTS_KEY])
         sizes = _as_size_list(inputs.get("image_sizes"), "image_sizes")
         pinpoints = self.model.config.image_grid_pinpoints
         return [image_size_to_num_patches(list(size), pinpoints, self.crop_size) for size in sizes]
@@ -324,3 +327,30 @@ class LlavaNextAdapter(Adapter):
 
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         return self.encode_images(inputs)
+
+    # --- the image cache -----------------------------------------------------------------------
+    def image_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit]:
+        """One unit per image: its real crops, its size and crop count."""
+        sizes = _as_size_list(inputs.get("image_sizes"), "image_sizes")
+        crop_counts = self.image_crop_counts(inputs)
+        counts = self.image_counts(inputs)
+        crops = self.image_crops(inputs, crop_counts)
+        units, start = [], 0
+        for size, crop_count, count in zip(sizes, crop_counts, counts, strict=True):
+            pixels = crops[start : start + crop_count]
+            units.append(VisualUnit("image", (pixels,), (*size, crop_count), count, self.image_token_id))
+            start += crop_count
+        return units
+
+    def visual_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit]:
+        return self.image_units(inputs)
+
+    def units_inputs(self, units: Sequence[VisualUnit]) -> dict[str, Any]:
+        images = [unit for unit in units if unit.modality == "image"]
+        if not images:
+            return {}
+        return {
+            "pixel_values": torch.cat([unit.tensors[0] for unit in images]),
+            "image_sizes": torch.tensor([unit.layout[:2] for unit in images]),
+            CROP_COUNTS_KEY: [unit.layout[2] for unit in images],
+        }

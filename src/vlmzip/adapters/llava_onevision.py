@@ -24,14 +24,16 @@ image token there.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from vlmzip.adapters.base import EncodedImages, placeholder_order, split_rows
+from vlmzip.adapters.cached import units_input_ids
 from vlmzip.adapters.llava_next import LlavaNextAdapter
+from vlmzip.cache import VisualUnit
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction, anchor_indices
 from vlmzip.probe import ProbeOutput, probe_vision_tower, resolve_tower
@@ -203,6 +205,26 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             if self.config.positions != "original"
             else [encoded[kind].positions[index] for kind, index in order],
         )
+
+    def visual_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit]:
+        counts = self.counts_by_kind(inputs)
+        units: dict[str, list[VisualUnit]] = {IMAGE: [], VIDEO: []}
+        if inputs.get("pixel_values") is not None:
+            units[IMAGE] = self.image_units(inputs)
+        if inputs.get("pixel_values_videos") is not None:
+            units[VIDEO] = [
+                VisualUnit(VIDEO, (frames,), (frames.shape[0],), count, self.video_token_id)
+                for frames, count in zip(self.video_frames(inputs), counts[VIDEO], strict=True)
+            ]
+        return [units[kind][index] for kind, index in self.text_order(inputs, counts)]
+
+    def units_inputs(self, units: Sequence[VisualUnit]) -> dict[str, Any]:
+        result = super().units_inputs(units)
+        videos = [unit.tensors[0] for unit in units if unit.modality == VIDEO]
+        if videos:
+            result["pixel_values_videos"] = torch.stack(videos)
+        result["input_ids"] = units_input_ids(units)
+        return result
 
     def attach_features(self, prepared: dict[str, Any], encoded: EncodedImages) -> None:
         input_ids = prepared["input_ids"]

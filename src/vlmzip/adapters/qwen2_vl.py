@@ -24,8 +24,8 @@ through class attributes: `deepstack` (intermediate-layer features reduced with 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Any, ClassVar
 
@@ -34,7 +34,8 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import get_vision_window_index
 
-from vlmzip.adapters.base import Adapter, EncodedImages, PaddingSide, placeholder_order
+from vlmzip.adapters.base import _APPLIED, Adapter, EncodedImages, PaddingSide, placeholder_order
+from vlmzip.adapters.cached import units_input_ids
 from vlmzip.adapters.mrope import (
     MODALITY_INPUTS,
     UNREDUCED_LAYOUT_KEYS,
@@ -43,6 +44,7 @@ from vlmzip.adapters.mrope import (
     reduced_slots,
     sequence_inputs,
 )
+from vlmzip.cache import CachedVisual, VisualUnit
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
 from vlmzip.images import processor_max_units
@@ -449,6 +451,60 @@ class Qwen2VLAdapter(Adapter):
             deepstack=[[part[1 + layer] for part in parts] for layer in range(self.deepstack_layers)],
         )
 
+    # --- the image cache -----------------------------------------------------------------------
+    def visual_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit] | None:
+        grids = self._grids(inputs)
+        if self.video_slice_runs and "video" in grids:
+            return None  # a video spans several placeholder runs: cached per call
+        counts = self._counts(grids)
+        units: dict[str, list[VisualUnit]] = {}
+        for modality, grid in grids.items():
+            pixels = inputs[MODALITY_INPUTS[modality][0]]
+            bounds = [0, *grid.prod(dim=1).cumsum(0).tolist()]
+            units[modality] = [
+                VisualUnit(modality, (pixels[start:end],), tuple(row), count, self.token_id(modality))
+                for (start, end), row, count in zip(pairwise(bounds), grid.tolist(), counts[modality], strict=True)
+            ]
+        return [units[modality][index] for modality, index in self._text_order(inputs)]
+
+    def whole_call_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit]:
+        # Per-call entries still name their modality: the model receives images and videos apart.
+        units = super().whole_call_units(inputs)
+        kinds = [modality for modality, _ in self._text_order(inputs)]
+        return [
+            replace(unit, modality=modality, token_id=self.token_id(modality))
+            for unit, modality in zip(units, kinds, strict=True)
+        ]
+
+    def units_inputs(self, units: Sequence[VisualUnit]) -> dict[str, Any]:
+        result: dict[str, Any] = {"input_ids": units_input_ids(units)}
+        for modality, (pixel_key, grid_key) in MODALITY_INPUTS.items():
+            chosen = [unit for unit in units if unit.modality == modality]
+            if chosen:
+                result[pixel_key] = torch.cat([unit.tensors[0] for unit in chosen])
+                result[grid_key] = torch.tensor([list(unit.layout) for unit in chosen])
+        return result
+
+    # A cached item holds its main features followed, along the channels, by its deepstack features.
+    def cached_features(self, encoded: EncodedImages, entry: int) -> torch.Tensor:
+        if not isinstance(encoded, QwenEncoded) or not encoded.deepstack:
+            return encoded.features[entry]
+        return torch.cat([encoded.features[entry], *(layer[entry] for layer in encoded.deepstack)], dim=-1)
+
+    def cached_width(self) -> int:
+        return self.text_width() * (1 + self.deepstack_layers)
+
+    def join_encoded(self, visuals: Sequence[CachedVisual], reductions: list[Reduction]) -> QwenEncoded:
+        parts = [visual.features.chunk(1 + self.deepstack_layers, dim=-1) for visual in visuals]
+        return QwenEncoded(
+            features=[part[0] for part in parts],
+            full_counts=[visual.full_count for visual in visuals],
+            slots=[visual.slots for visual in visuals],
+            reductions=reductions,
+            modalities=[visual.modality for visual in visuals],
+            deepstack=[[part[1 + layer] for part in parts] for layer in range(self.deepstack_layers)],
+        )
+
     def encoder_output(self, features: list[torch.Tensor], deepstack: list[list[torch.Tensor]]) -> Any:
         """What the model's `mm_encoder_outputs` expects for one modality (Qwen3-VL adds deepstack features)."""
         return BaseModelOutputWithPooling(pooler_output=features)
@@ -484,14 +540,16 @@ class Qwen2VLAdapter(Adapter):
         for key in UNREDUCED_LAYOUT_KEYS:
             prepared.pop(key, None)
 
-    def prepare(self, inputs: Mapping[str, Any], padding_side: PaddingSide | None = None) -> dict[str, Any]:
+    def prepare(
+        self, inputs: Mapping[str, Any], padding_side: PaddingSide | None = None, cache: Any = _APPLIED
+    ) -> dict[str, Any]:
         if not isinstance(inputs, Mapping) or all(inputs.get(key) is None for key in self.image_input_keys):
-            return super().prepare(inputs, padding_side)
+            return super().prepare(inputs, padding_side, cache)
         if inputs.get("position_ids") is not None:
-            return super().prepare(inputs, padding_side)  # refused there with the shared message
+            return super().prepare(inputs, padding_side, cache)  # refused there with the shared message
         self.full_counts(inputs)  # the text must match the images before positions are computed from it
         return prepare_with_positions(
-            lambda rows: super(Qwen2VLAdapter, self).prepare(rows, padding_side), self.model, inputs
+            lambda rows: super(Qwen2VLAdapter, self).prepare(rows, padding_side, cache), self.model, inputs
         )
 
 

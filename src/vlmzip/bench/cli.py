@@ -14,6 +14,23 @@ from vlmzip.cli_options import add_variant_options, check_device, load_model_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_QUESTION = "What is shown in the image?"
+# Later questions of --questions-per-image, after the first one (numbered when more are asked).
+FOLLOW_UP_QUESTIONS = (
+    "How many objects are there?",
+    "What colour is the largest object?",
+    "Is there anything in the top left corner?",
+    "Describe it briefly.",
+)
+
+
+def questions_for(first: str, count: int) -> list[str]:
+    """`count` different questions: `first`, then the follow-ups (numbered once they run out)."""
+    questions = [first]
+    while len(questions) < count:
+        index = len(questions) - 1
+        follow_up = FOLLOW_UP_QUESTIONS[index % len(FOLLOW_UP_QUESTIONS)]
+        questions.append(follow_up if index < len(FOLLOW_UP_QUESTIONS) else f"{follow_up} ({index + 1})")
+    return questions
 
 
 def synthetic_image(size: int = 336) -> Any:
@@ -82,9 +99,20 @@ def render_table(rows: list[dict[str, Any]], title: str) -> Any:
     table = Table(title=title, title_justify="left")
     columns = ["method", "tokens", "LLM seq", "tower ms", "select ms", "prefill ms", "prefill x wall/CPU (ideal)"]
     columns += ["TTFT ms", "TTFT x wall/CPU", "decode tok/s", "e2e ms", "peak MB (+run)", "KV MB", "GFLOPs tower/LLM"]
+    later = any(row.get("ttft_later_ms") is not None for row in rows)
+    if later:
+        columns += ["later TTFT ms", "later prefill ms", "later TTFT / prefill"]
     for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
+        extra = []
+        if later:
+            has_later = row.get("ttft_later_ms") is not None
+            extra = [
+                f"{row['ttft_later_ms']:.1f}" if has_later else "-",
+                f"{row['llm_prefill_later_ms']:.1f}" if has_later else "-",
+                _times(row.get("ttft_later_over_prefill")),
+            ]
         table.add_row(
             row_label(row),
             tokens_cell(row),
@@ -101,6 +129,7 @@ def render_table(rows: list[dict[str, Any]], title: str) -> Any:
             f"{row['peak_mem_mb']:.0f} (+{row['peak_mem_delta_mb']:.0f})",
             f"{row['kv_cache_mb']:.1f}" if row["kv_cache_mb"] is not None else "-",
             f"{row['tower_gflops']:.1f} / {row['llm_prefill_gflops']:.1f}",
+            *extra,
         )
     return table
 
@@ -137,6 +166,7 @@ def plot_bench(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         for key in keys:
             if row[key] is not None:
                 name = row["method"] + (" (adaptive)" if row.get("attention_mass") is not None else "")
+                name += f" {row['quantize']}" if row.get("quantize", "none") != "none" else ""
                 points = series.setdefault(f"{name}|{key}", [(full["tokens"], full[key])])  # lines end at all tokens
                 points.append((row["tokens"], row[key]))
     for points in series.values():
@@ -148,6 +178,14 @@ def plot_bench(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     ]
     reference = {"speedup_llm_prefill": 1.0, "speedup_ttft": 1.0, "peak_mem_delta_mb": full["peak_mem_delta_mb"]}
     return plot_lines(series, panels, path, title=title, reference=reference)
+
+
+def quantize_schemes(values: str | list[str]) -> list[str]:
+    """The `--quantize` schemes in the order they run: the model's own dtype ("none") before int8."""
+    schemes = list(dict.fromkeys([values] if isinstance(values, str) else values))
+    if schemes and schemes[0] != "none" and "none" in schemes:
+        raise ValueError("--quantize: give 'none' before 'int8' (quantizing is done in place and cannot be undone)")
+    return schemes or ["none"]
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -172,6 +210,10 @@ def run_bench(args: argparse.Namespace) -> int:
     repeats = check_int("--repeats", args.repeats if args.repeats is not None else (1 if args.arch else 3), 1)
     warmup = check_int("--warmup", args.warmup, 0)
     new_tokens = check_int("--new-tokens", args.new_tokens if args.new_tokens else (4 if args.arch else 16), 2)
+    questions_per_image = check_int("--questions-per-image", args.questions_per_image, 1)
+    schemes = quantize_schemes(args.quantize)
+    if schemes != ["none"] and args.device != "cpu":
+        raise ValueError(f"--quantize {' '.join(schemes)} runs on CPU only; leave --device at cpu")
     check_device(args.device)
     variants_from_args(args, DEFAULT_BUDGETS)  # bad names and budgets fail before loading
     if args.threads:
@@ -180,40 +222,56 @@ def run_bench(args: argparse.Namespace) -> int:
     console = Console(stderr=True, soft_wrap=True)  # status lines hold paths: never break them
     with console.status("loading model"):
         model, processor, name, budgets, image, question = load_subject(args)
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         variants = variants_from_args(args, budgets, model, console)
         tokenizer = getattr(processor, "tokenizer", processor)
         tokenizer.padding_side = "left"
-        prompt = build_prompt(processor, question)
-        # One list per sample: processors of tiled models (SmolVLM) need the nesting with a batch of prompts.
-        images = [[image] for _ in range(batch)]
-        inputs = processor(images=images, text=[prompt] * batch, return_tensors="pt", padding=True)
-        inputs = inputs.to(args.device)
+        batches = []
+        for text in questions_for(question, questions_per_image):
+            prompt = build_prompt(processor, text)
+            # One list per sample: processors of tiled models (SmolVLM) need the nesting with a batch of prompts.
+            images = [[image] for _ in range(batch)]
+            encoded = processor(images=images, text=[prompt] * batch, return_tensors="pt", padding=True)
+            batches.append(encoded.to(args.device))
         pad_token_id = getattr(tokenizer, "pad_token_id", None)
-        bench = PipelineBench(model, inputs, variants, new_tokens=new_tokens, pad_token_id=pad_token_id)
 
-    total = len(variants) * (warmup + repeats)
+    total = len(schemes) * len(variants) * (warmup + repeats)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    rows: list[dict[str, Any]] = []
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("measuring", total=total)
+        for scheme in schemes:  # "none" first: quantizing is done in place and cannot be undone
+            if scheme != "none":
+                from vlmzip.bench.quantize import quantize_language_model
 
-        def advance(variant: Any) -> None:
-            progress.update(task, advance=1, description=f"measuring (last: {variant.label})")
+                progress.update(task, description=f"quantizing the language model ({scheme})")
+                quantize_language_model(model, scheme)
+            bench = PipelineBench(
+                model, batches[0], variants, new_tokens=new_tokens, pad_token_id=pad_token_id, followups=batches[1:]
+            )
 
-        results = bench.run(repeats=repeats, warmup=warmup, progress=advance)
-    rows = with_ratios([result.summary() for result in results])
+            def advance(variant: Any, scheme: str = scheme) -> None:
+                progress.update(task, advance=1, description=f"measuring (last: {variant.label}, {scheme})")
+
+            for result in bench.run(repeats=repeats, warmup=warmup, progress=advance):
+                rows.append({**result.summary(), "quantize": scheme})
+    rows = with_ratios(rows)  # every ratio is to the first row: all tokens, unquantized when "none" was given
     settings = {
         "model": name,
         "device": str(bench.device),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": dtype,
         "batch": batch,
         "new_tokens": new_tokens,
         "threads": torch.get_num_threads(),
+        "questions_per_image": questions_per_image,
         "shared_layer_weights": bool(args.shared_layer_weights),
     }
     for row in rows:
         row.update(settings)
+    quantized = "" if schemes == ["none"] else f", language model {' then '.join(schemes)}"
     title = (
-        f"{name} on {settings['device']} ({settings['dtype']}, {settings['threads']} threads), batch {batch}, "
+        f"{name} on {settings['device']} ({settings['dtype']}{quantized}, {settings['threads']} threads), "
+        f"batch {batch}, "
         f"{new_tokens} new tokens, median of {repeats} (±half range); x = speedup vs all tokens in wall-clock / "
         "process CPU time"
     )
@@ -261,6 +319,21 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--image", help="image file (default: a bundled sample, or a synthetic picture)")
     parser.add_argument("--question", help=f"question (default: the sample's, or {DEFAULT_QUESTION!r})")
+    parser.add_argument(
+        "--questions-per-image",
+        type=int,
+        default=1,
+        help="N different questions per image (default 1): reduced variants answer the later ones from an image "
+        "cache filled by the first; the table adds their TTFT and prefill",
+    )
+    parser.add_argument(
+        "--quantize",
+        nargs="+",
+        choices=["none", "int8"],
+        default=["none"],
+        help="int8: the language model's linear layers get int8 weights (PyTorch dynamic quantization, CPU); "
+        "'none int8' measures every variant in the model's dtype, then quantizes and measures again, in one run",
+    )
     parser.add_argument("--json", help="write one object per method x budget to this .json file")
     parser.add_argument("--plot", help="draw speedups and memory vs tokens to this .png file")
     parser.set_defaults(run=run_bench)

@@ -77,7 +77,8 @@ def plot_lines(
 
 def row_label(row: dict[str, Any]) -> str:
     mass = row.get("attention_mass")
-    return row["method"] + (f" p={mass:g}" if mass is not None else "")
+    scheme = row.get("quantize", "none")
+    return row["method"] + (f" p={mass:g}" if mass is not None else "") + (f" {scheme}" if scheme != "none" else "")
 
 
 def tokens_cell(row: dict[str, Any]) -> str:

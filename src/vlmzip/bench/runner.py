@@ -35,6 +35,7 @@ from vlmzip.adapters import adapter_class_for
 from vlmzip.bench.flops import FlopCounter, projector_modules
 from vlmzip.bench.memory import PeakMemory
 from vlmzip.bench.variants import Variant, VariantRunner, unit_tokens
+from vlmzip.cache import ImageCache
 from vlmzip.compat import output_cache
 from vlmzip.config import VisionZipConfig, check_int
 from vlmzip.model_parts import language_model_of
@@ -53,6 +54,8 @@ TIMED_METRICS = (
     "ttft_cpu_ms",
     "e2e_cpu_ms",
 )
+# With follow-up questions on the same images (`followups`): medians over the later questions of a run.
+LATER_METRICS = ("ttft_later_ms", "llm_prefill_later_ms", "tower_later_ms")
 # Quantities that do not vary between runs (taken from the last one).
 FIXED_METRICS = (
     "tokens",
@@ -90,6 +93,9 @@ class RunMeasurement:
     kv_cache_mb: float | None  # KV cache after the prefill, whole batch
     tower_gflops: float
     llm_prefill_gflops: float
+    ttft_later_ms: float | None = None  # later questions on the same images (the image cache's hits)
+    llm_prefill_later_ms: float | None = None
+    tower_later_ms: float | None = None
 
 
 @dataclass
@@ -112,6 +118,10 @@ class VariantResult:
             values = [getattr(run, metric) for run in self.runs]
             row[metric] = statistics.median(values)
             row[f"{metric}_min"], row[f"{metric}_max"] = min(values), max(values)
+        for metric in LATER_METRICS:
+            values = [getattr(run, metric) for run in self.runs]
+            present = [value for value in values if value is not None]
+            row[metric] = statistics.median(present) if present else None
         row["repeats"] = len(self.runs)
         row.update(self.extra)
         return row
@@ -147,6 +157,9 @@ def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"ttft_limit{suffix}"] = ratio(base[f"ttft{suffix}_ms"], tower + prefill)
             # The share of that limit reached: speedup / limit = (tower + prefill) / time to first token.
             row[f"ttft_of_limit{suffix}"] = ratio(tower + prefill, ttft)
+        row["speedup_ttft_later"] = ratio(base["ttft_ms"], row.get("ttft_later_ms"))
+        # A later question should cost the reduced prefill only: its TTFT over that run's prefill.
+        row["ttft_later_over_prefill"] = ratio(row.get("ttft_later_ms"), row.get("llm_prefill_later_ms"))
     return rows
 
 
@@ -220,9 +233,15 @@ class PipelineBench:
         *,
         new_tokens: int = 16,
         pad_token_id: int | None = None,
+        followups: Sequence[Mapping[str, Any]] = (),
+        cache_bytes: int = 2**30,
     ) -> None:
         self.model = model
         self.inputs = inputs
+        # Other questions on the same images: reduced variants answer them from an ImageCache that
+        # the first question filled (a fresh cache every run), the full-token model does not run them.
+        self.followups = list(followups)
+        self.cache_bytes = check_int("cache_bytes", cache_bytes, 1)
         self.new_tokens = check_int("new_tokens", new_tokens, 1)
         self.device = next(model.parameters()).device
         self.clock = _Clock(self.device)
@@ -254,6 +273,20 @@ class PipelineBench:
 
     def run_once(self, variant: Variant) -> RunMeasurement:
         runner = self.runners[variant]
+        if not self.followups or runner.adapter is None:
+            return self._measure(runner, self.inputs, None)
+        cache = ImageCache(max_bytes=self.cache_bytes)
+        first = self._measure(runner, self.inputs, cache)
+        later = [self._measure(runner, inputs, cache) for inputs in self.followups]
+        expected_hits = sum(len(runner.adapter.full_counts(inputs)) for inputs in self.followups)
+        if cache.hits != expected_hits:
+            raise RuntimeError(f"{variant.label}: {cache.hits} image cache hits, expected {expected_hits}")
+        first.ttft_later_ms = statistics.median(run.ttft_ms for run in later)
+        first.llm_prefill_later_ms = statistics.median(run.llm_prefill_ms for run in later)
+        first.tower_later_ms = statistics.median(run.tower_ms for run in later)
+        return first
+
+    def _measure(self, runner: VariantRunner, inputs: Mapping[str, Any], cache: ImageCache | None) -> RunMeasurement:
         stamps: dict[str, float] = {}
         cpu: dict[str, float] = {}
 
@@ -282,7 +315,7 @@ class PipelineBench:
         try:
             with torch.inference_mode(), PeakMemory(self.device, interval=0.005) as memory, self.flops as counter:
                 stamp("start")
-                prepared = runner.prepare(self.inputs)
+                prepared = runner.prepare(inputs, cache=cache)
                 with runner.generating():
                     output = self.model.generate(
                         **prepared,

@@ -18,6 +18,7 @@ from torch import nn
 
 from vlmzip.adapters import adapter_class_for
 from vlmzip.adapters.base import Adapter, prepare_unreduced
+from vlmzip.cache import ImageCache
 from vlmzip.config import FIXED_COUNT_METHODS, VisionZipConfig, check_int
 from vlmzip.methods import available_methods
 from vlmzip.methods.fastv import DEFAULT_LAYER, FASTV_METHOD, FastV
@@ -168,10 +169,13 @@ class VariantRunner:
     def reduces_before_llm(self) -> bool:
         return self.adapter is not None
 
-    def prepare(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        """Encode the images (tower, selection, projector) and hand the features over, as generate() needs."""
+    def prepare(self, inputs: Mapping[str, Any], cache: ImageCache | None = None) -> dict[str, Any]:
+        """Encode the images (tower, selection, projector) and hand the features over, as generate() needs.
+
+        `cache`: reduced variants look the images up there first (see `vlmzip.ImageCache`).
+        """
         if self.adapter is not None:
-            return self.adapter.prepare(inputs)
+            return self.adapter.prepare(inputs, cache=cache)
         return prepare_unreduced(self.model, inputs)
 
     @contextlib.contextmanager

@@ -132,6 +132,11 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("--prompt must contain {question}")
     variants_from_args(args, DEFAULT_BUDGETS)  # bad names and budgets fail before loading
     check_device(args.device)
+    if args.quantize != "none" and args.device != "cpu":
+        raise ValueError(f"--quantize {args.quantize} runs on CPU only; leave --device at cpu")
+    cache_mb = check_int("--cache-mb", args.cache_mb, 0)
+    if args.no_cache and args.cache_dir is not None:
+        raise ValueError("give either --no-cache or --cache-dir, not both")
 
     console = Console(stderr=True, soft_wrap=True)  # status lines hold paths: never break them
     with console.status("loading data and model"):
@@ -147,6 +152,15 @@ def run_eval(args: argparse.Namespace) -> int:
             check_output_path(args.plot, ".png", "--plot", images)
         model, processor = load_model_for_cli(args.model, dtype=DTYPES[args.dtype])
         model = model.to(args.device)
+        if args.quantize != "none":
+            from vlmzip.bench.quantize import quantize_language_model
+
+            quantize_language_model(model, args.quantize)
+        image_cache = None
+        if not args.no_cache:
+            from vlmzip.cache import ImageCache
+
+            image_cache = ImageCache(max_bytes=cache_mb * 2**20, directory=args.cache_dir)
         if args.prompt is not None:
             template = args.prompt
 
@@ -160,7 +174,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
         variants = variants_from_args(args, DEFAULT_BUDGETS, model, console)
         evaluator = Evaluator(
-            model, processor, data, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens
+            model,
+            processor,
+            data,
+            prompt=prompt,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            image_cache=image_cache,
         )
     settings = {
         "model": str(Path(args.model).resolve()) if args.model else "embedded default model",
@@ -170,6 +190,8 @@ def run_eval(args: argparse.Namespace) -> int:
         "prompt": prompt("{question}"),
         "dtype": args.dtype,
     }
+    if args.quantize != "none":  # earlier results files have no such entry: they stay resumable
+        settings["quantize"] = args.quantize
     if args.positions != "compact":  # files of the default scheme stay resumable as they were written
         settings["positions"] = args.positions
     results = ResultsFile(json_path, settings, overwrite=args.overwrite)
@@ -229,6 +251,20 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", help="prompt template with {question} (default: the model's chat template)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="(float32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: the language model's linear layers get int8 weights (PyTorch dynamic quantization, CPU)",
+    )
+    parser.add_argument(
+        "--cache-mb",
+        type=int,
+        default=512,
+        help="memory of the image cache: each image is reduced once per variant, whatever its questions (512)",
+    )
+    parser.add_argument("--cache-dir", help="also keep the image cache in this folder, for runs that restart")
+    parser.add_argument("--no-cache", action="store_true", help="encode the images of every batch (no image cache)")
     parser.add_argument("--on-error", choices=["stop", "skip"], default="stop", help="bad JSONL lines (default stop)")
     parser.add_argument("--json", default=DEFAULT_JSON, help=f"results file, resumed when it exists ({DEFAULT_JSON})")
     parser.add_argument("--overwrite", action="store_true", help="discard results already in --json")

@@ -1,10 +1,9 @@
 """Accuracy of every variant (method x budget) on a set of VQA items, greedy and batched.
 
-The vision tower's output does not depend on the method, so on LLaVA-1.5-style models (one tower
-pass per image, `LlavaAdapter`) each image is probed once and its full-length projected features
-are kept: every method is then applied to the cached probe and only the language model runs per
-variant. Other families go through their adapter's own `prepare` for every batch (same results,
-more tower passes). Answers are scored by exact match (`vlmzip.data.is_correct`).
+A reduced image does not depend on the question, so with an `ImageCache` (the default of `vlmzip
+eval`) each image of a variant is encoded once however many questions ask about it: later
+questions reuse its reduced tokens and only the language model runs. The full-token model and
+FastV encode every batch. Answers are scored by exact match (`vlmzip.data.is_correct`).
 """
 
 from __future__ import annotations
@@ -15,17 +14,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmzip.adapters import adapter_class_for
-from vlmzip.adapters.llava import LlavaAdapter
 from vlmzip.bench.variants import Variant, VariantRunner, unit_tokens
+from vlmzip.cache import ImageCache, check_cache
 from vlmzip.config import VisionZipConfig, check_int
-from vlmzip.core import Reduction
 from vlmzip.data import is_correct
 from vlmzip.eval.items import EvalItem, EvalSet
 from vlmzip.images import load_image
-from vlmzip.probe import ProbeOutput, probe_vision_tower
 
 
 @dataclass
@@ -78,22 +74,11 @@ class VariantAccuracy:
         }
 
 
-def _cat_probes(probes: Sequence[ProbeOutput]) -> ProbeOutput:
-    first = probes[0]
-    return ProbeOutput(
-        features=torch.cat([p.features for p in probes]),
-        scores=torch.cat([p.scores for p in probes]),
-        keys=torch.cat([p.keys for p in probes]),
-        has_cls=first.has_cls,
-        num_prefix_tokens=first.num_prefix_tokens,
-        grid=first.grid,
-    )
-
-
 class Evaluator:
     """Runs variants over an `EvalSet` with one model and processor.
 
     prompt: builds the text for one question (the image placeholder included).
+    image_cache: reduced variants look every image up there first (None: encode every batch).
     """
 
     def __init__(
@@ -105,6 +90,7 @@ class Evaluator:
         prompt: Callable[[str], str],
         batch_size: int = 16,
         max_new_tokens: int = 8,
+        image_cache: ImageCache | None = None,
     ) -> None:
         self.model = model
         self.processor = processor
@@ -116,12 +102,7 @@ class Evaluator:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.tokenizer.padding_side = "left"
         self.reference = adapter_class_for(model)(model, VisionZipConfig(dominant=1, contextual=0))
-        # Probes and full-length projected features per image key, filled on first use.
-        self.cached = type(self.reference) is LlavaAdapter
-        self._probes: dict[str, ProbeOutput] = {}
-        self._full: dict[str, torch.Tensor] = {}
-        self._texts: dict[int, dict[str, Any]] = {}  # batch start -> token ids and mask (batches never change)
-        self._pixel_shape: tuple[int, ...] = ()
+        self.image_cache = check_cache(image_cache)
         self._unit_tokens: int | None = None  # tower tokens per image at the processor's resolution
 
     # --- encoding ------------------------------------------------------------------------------
@@ -131,65 +112,8 @@ class Evaluator:
         images = [[load_image(self.data.load_image(item.image_key), self.processor)] for item in batch]
         return dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device))
 
-    def _cached_inputs(self, start: int, batch: Sequence[EvalItem]) -> dict[str, Any]:
-        """The batch's token ids with a same-shaped stand-in for pixel_values (never read: probes are cached)."""
-        if start not in self._texts:
-            inputs = self._processed(batch)
-            pixel_values = inputs.pop("pixel_values")
-            self._texts[start] = inputs
-            self._pixel_shape = tuple(pixel_values.shape[1:])
-            first_row = {}
-            for row, item in enumerate(batch):
-                if item.image_key not in self._probes:
-                    first_row.setdefault(item.image_key, row)
-            if first_row:
-                self._encode(list(first_row), pixel_values[list(first_row.values())])
-        inputs = dict(self._texts[start])
-        stand_in = torch.zeros((), dtype=self.model.dtype, device=self.device)
-        inputs["pixel_values"] = stand_in.expand(len(batch), *self._pixel_shape)
-        return inputs
-
-    def _encode(self, keys: list[str], pixel_values: torch.Tensor) -> None:
-        """Probe the tower once for these images and keep their probes and full-length projected features."""
-        adapter = self.reference
-        with torch.inference_mode():
-            probe = probe_vision_tower(adapter.vision_tower(), pixel_values.to(self.model.dtype), adapter.feature_layer)
-            # What LlavaModel.get_image_features feeds the projector: the feature layer, [CLS] dropped by "default".
-            start = 1 if adapter._drops_cls() else 0
-            full = adapter.projector()(probe.features[:, start:])
-        for index, key in enumerate(keys):
-            self._probes[key] = ProbeOutput(
-                features=probe.features[index : index + 1],
-                scores=probe.scores[index : index + 1],
-                keys=probe.keys[index : index + 1],
-                has_cls=probe.has_cls,
-                num_prefix_tokens=probe.num_prefix_tokens,
-                grid=probe.grid,
-            )
-            self._full[key] = full[index]
-
-    def _prepare(self, runner: VariantRunner, start: int, batch: Sequence[EvalItem]) -> dict[str, Any]:
-        if not self.cached:
-            return runner.prepare(self._processed(batch))
-        keys = [item.image_key for item in batch]
-        inputs = self._cached_inputs(start, batch)
-        adapter = runner.adapter
-        if adapter is None:  # full features (the full-token model, or FastV, which prunes later)
-            inputs.pop("pixel_values")
-            inputs["mm_encoder_outputs"] = {
-                "image": BaseModelOutputWithPooling(pooler_output=[self._full[k] for k in keys])
-            }
-            return inputs
-        probe = _cat_probes([self._probes[key] for key in keys])
-
-        def cached_reduce(pixel_values: torch.Tensor, **tower_kwargs: Any) -> tuple[ProbeOutput, Reduction]:
-            return probe, adapter.run_method(probe)
-
-        adapter.reduce = cached_reduce  # instance attribute: this adapter belongs to the evaluation only
-        try:
-            return adapter.prepare(inputs)
-        finally:
-            del adapter.reduce
+    def _prepare(self, runner: VariantRunner, batch: Sequence[EvalItem]) -> dict[str, Any]:
+        return runner.prepare(self._processed(batch), cache=self.image_cache)
 
     # --- running -------------------------------------------------------------------------------
     def evaluate(self, variant: Variant, progress: Callable[[int], None] | None = None) -> VariantAccuracy:
@@ -202,7 +126,7 @@ class Evaluator:
         for start in range(0, len(items), self.batch_size):
             batch = items[start : start + self.batch_size]
             with torch.inference_mode():
-                prepared = self._prepare(runner, start, batch)
+                prepared = self._prepare(runner, batch)
                 with runner.generating():
                     output = self.model.generate(
                         **prepared,
