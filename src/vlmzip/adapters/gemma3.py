@@ -35,7 +35,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmzip.adapters.base import Adapter, EncodedImages, check_square_batch
 from vlmzip.core import Reduction
-from vlmzip.probe import ProbeOutput, probe_vision_tower
+from vlmzip.probe import ProbeOutput
 
 
 class Gemma3Adapter(Adapter):
@@ -49,8 +49,7 @@ class Gemma3Adapter(Adapter):
     def projector(self) -> nn.Module:
         return self.model.model.multi_modal_projector
 
-    def _resolve_feature_layer(self) -> int:
-        layer = self.config.feature_layer
+    def resolve_feature_layer(self, layer: int | None) -> int:
         if layer is None:
             layer = -1  # the model projects SigLIP's last hidden state
         self.tower_info.feature_layer_index(layer)  # raises when out of range
@@ -101,7 +100,7 @@ class Gemma3Adapter(Adapter):
     def pooled_probe(self, pixel_values: torch.Tensor) -> ProbeOutput:
         """The feature layer of every image, pooled to the soft-token grid (features, scores and keys alike)."""
         tower = self.vision_tower()
-        probe = probe_vision_tower(tower, pixel_values.to(tower.dtype), self.feature_layer)
+        probe = self.probe_tower(pixel_values.to(tower.dtype))
         features = probe.features
         if self._is_last_layer():
             features = getattr(tower, "vision_model", tower).post_layernorm(features)

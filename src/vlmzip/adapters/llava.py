@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmzip.adapters.base import Adapter, EncodedImages, split_rows
+from vlmzip.adapters.base import Adapter, EncodedImages
 from vlmzip.cache import VisualUnit
 from vlmzip.core import Reduction, anchor_indices
 
@@ -29,7 +29,8 @@ class LlavaAdapter(Adapter):
     def projector(self) -> nn.Module:
         return self.model.model.multi_modal_projector
 
-    def _drops_cls(self) -> bool:
+    @property
+    def drops_cls(self) -> bool:
         # "default" drops [CLS] from the full feature sequence, so the processor emits one fewer placeholder.
         return getattr(self.model.config, "vision_feature_select_strategy", "default") == "default"
 
@@ -51,19 +52,19 @@ class LlavaAdapter(Adapter):
                 f"{getattr(pixel_values, 'shape', type(pixel_values).__name__)}"
             )
         height, width = pixel_values.shape[-2:]
-        per_image = self.tower_info.num_tokens(height, width) - (1 if self._drops_cls() else 0)
+        per_image = self.tower_info.num_tokens(height, width) - (1 if self.drops_cls else 0)
         return [per_image] * pixel_values.shape[0]
 
     def placeholder_of(self, anchors: torch.Tensor) -> torch.Tensor:
         """The placeholder (within the image's run) of each tower token index in `anchors`."""
-        return (anchors - (1 if self._drops_cls() else 0)).clamp(min=0)
+        return (anchors - (1 if self.drops_cls else 0)).clamp(min=0)
 
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         pixel_values = inputs["pixel_values"]
         _, reduced = self.reduce(pixel_values)
         if isinstance(reduced, Reduction):
             features = list(self.projector()(reduced.features).unbind(0))
-            reductions, units = [reduced], split_rows(reduced)
+            reductions, units = [reduced], reduced.split()
         else:  # adaptive budget: one reduction per image, of its own length
             features = [self.projector()(unit.features)[0] for unit in reduced]
             reductions = units = reduced
