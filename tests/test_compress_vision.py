@@ -8,8 +8,9 @@ from transformers import CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 import vlmzip
 from conftest import clip_vision_config
+from vlmzip import probe as probe_module
 from vlmzip.core import visionzip_reduce
-from vlmzip.probe import probe_vision_tower
+from vlmzip.probe import probe_vision_tower, received_attention
 
 
 def eager_reference(tower, pixel_values, dominant, contextual, feature_layer=-2):
@@ -118,6 +119,49 @@ def test_received_attention_for_towers_without_cls():
     torch.testing.assert_close(probe.scores, expected_scores, rtol=1e-5, atol=1e-6)
     assert not probe.has_cls
     assert torch.equal(result.kept_indices, expected_scores.topk(10, dim=1).indices.sort(dim=1).values)
+
+
+def _literal_received_attention(queries, keys, scale):
+    """The whole (B, H, N, N) softmax at once: attention each key receives, mean over queries, sum over heads."""
+    logits = torch.einsum("bqhd,bkhd->bhqk", queries.double(), keys.double()) * scale
+    return logits.softmax(dim=-1).sum(dim=1).mean(dim=1)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 5, 23, 1000])
+def test_received_attention_blocks_do_not_change_the_scores(chunk, monkeypatch):
+    generator = torch.Generator().manual_seed(3)
+    queries, keys = torch.randn(2, 23, 3, 8, generator=generator), torch.randn(2, 23, 3, 8, generator=generator)
+    # 2 x 3 x 23 = 138 probabilities per query row: a 300-element block holds 2 rows, the last block 1.
+    monkeypatch.setattr(probe_module, "SCORE_BLOCK_ELEMENTS", 300)
+    scores = received_attention(queries, keys, 0.35, chunk)
+    assert scores.dtype == torch.float32 and scores.shape == (2, 23)
+    torch.testing.assert_close(scores.double(), _literal_received_attention(queries, keys, 0.35), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores.sum(dim=1), torch.full((2,), 3.0))  # every head's row sums to 1
+
+
+def test_received_attention_default_block_size(monkeypatch):
+    seen = []
+    original = torch.matmul
+
+    def recording_matmul(left, right):
+        seen.append(left.shape[-2])  # the block's query rows
+        return original(left, right)
+
+    queries = keys = torch.randn(1, 50, 2, 4)
+    monkeypatch.setattr(probe_module, "SCORE_BLOCK_ELEMENTS", 1000)  # 1000 // (1 x 2 x 50) = 10 rows a block
+    monkeypatch.setattr(probe_module.torch, "matmul", recording_matmul)
+    received_attention(queries, keys, 0.5)
+    assert seen == [10] * 5
+    seen.clear()
+    monkeypatch.setattr(probe_module, "SCORE_BLOCK_ELEMENTS", 10)  # fewer than one row: one query at a time
+    received_attention(queries, keys, 0.5)
+    assert seen == [1] * 50
+
+
+@pytest.mark.parametrize("chunk", [0, -3, 2.5, True])
+def test_received_attention_refuses_bad_chunks(chunk):
+    with pytest.raises(ValueError, match="query_chunk must be a positive int or None"):
+        received_attention(torch.zeros(1, 4, 1, 2), torch.zeros(1, 4, 1, 2), 1.0, chunk)
 
 
 @pytest.mark.parametrize(

@@ -158,7 +158,7 @@ def test_questions_for_are_distinct():
     assert questions[0] == "first?" and len(set(questions)) == 9
 
 
-def test_qwen3_arch_command_with_shared_layer_weights(monkeypatch, tmp_path):
+def test_qwen3_arch_command_with_shared_layer_weights(monkeypatch, tmp_path, capsys):
     def small_config():
         config = arch._qwen3_vl_8b_config()
         config.vision_config.update({"depth": 3, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4})
@@ -180,4 +180,13 @@ def test_qwen3_arch_command_with_shared_layer_weights(monkeypatch, tmp_path):
         ("full", 64, True), ("visionzip", 16, True)
     ]  # fmt: skip
     assert rows[1]["tower_gflops"] < rows[0]["tower_gflops"] * 1.01  # the probe's tower does the same work
+    full, reduced = rows
+    assert reduced["ttft_limit_cpu"] == pytest.approx(
+        full["ttft_cpu_ms"] / (reduced["tower_cpu_ms"] + reduced["llm_prefill_cpu_ms"])
+    )
+    assert reduced["tower_ratio"] == pytest.approx(reduced["tower_ms"] / full["tower_ms"])
+    assert 0 < reduced["ttft_of_limit"] <= 1 and 0 < reduced["ttft_of_limit_cpu"] <= 1
+    footer = capsys.readouterr().out.splitlines()[-1]  # the limit line of the reduced row, under the table
+    expected = f"{reduced['ttft_limit']:.2f}x / {reduced['ttft_limit_cpu']:.2f}x"
+    assert footer.startswith("visionzip 16: tower ") and f"limit {expected}" in footer, footer
     assert main(["bench", "--model", "x", "--shared-layer-weights", *FAST]) == 2

@@ -19,18 +19,33 @@ def test_bench_tower_prints_positive_labelled_times(capsys):
     assert cli_main(["bench-tower", "--batch", "1", "--repeats", "2", "--dominant", "20", "--contextual", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("tower=tiny batch=1 dtype=float32 repeats=2 ") and "budget=20+4" in lines[0]
-    assert lines[1].split() == ["route", "median", "ms", "min", "ms", "max", "ms", "vs", "plain"]
+    assert lines[1].split() == [
+        "route",
+        "median",
+        "ms",
+        "min",
+        "ms",
+        "max",
+        "ms",
+        "vs",
+        "plain",
+        "CPU",
+        "ms",
+        "CPU",
+        "vs",
+        "plain",
+    ]
     rows = {}
     for line in lines[2:5]:
-        match = re.fullmatch(rf"(\w+)\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x", line)
+        match = re.fullmatch(rf"(\w+)\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x\s+{NUMBER}\s+{NUMBER}x", line)
         assert match, line
         rows[match[1]] = [float(value) for value in match.groups()[1:]]
     assert tuple(rows) == ROUTES
-    for median, low, high, ratio in rows.values():
-        assert 0 < low <= median <= high and ratio > 0
-    assert rows["plain"][3] == 1.0
-    summary = re.fullmatch(rf"visionzip / plain = {NUMBER}\s+eager / visionzip = {NUMBER}", lines[5])
-    assert summary and float(summary[1]) > 0 and float(summary[2]) > 0
+    for median, low, high, ratio, cpu, cpu_ratio in rows.values():
+        assert 0 < low <= median <= high and ratio > 0 and cpu > 0 and cpu_ratio > 0
+    assert rows["plain"][3] == 1.0 and rows["plain"][5] == 1.0
+    summary = re.fullmatch(rf"visionzip / plain = {NUMBER} \(CPU {NUMBER}\)\s+eager / visionzip = {NUMBER}", lines[5])
+    assert summary and all(float(value) > 0 for value in summary.groups())
 
 
 def test_python_m_entry_point_is_the_same_command(capsys):
@@ -43,6 +58,7 @@ def test_python_m_entry_point_is_the_same_command(capsys):
     [
         (["--batch", "0"], "--batch and --repeats must be >= 1"),
         (["--repeats", "0"], "--batch and --repeats must be >= 1"),
+        (["--warmup", "-1"], "--warmup >= 0"),
         (["--tower", "huge"], "invalid choice"),
     ],
 )

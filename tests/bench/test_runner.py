@@ -128,3 +128,26 @@ def test_unit_tokens_follow_the_processed_resolution(model):
     assert unit_tokens(model, {"pixel_values": torch.zeros(1, 3, 336, 336)}) == 577
     assert unit_tokens(model, {"pixel_values": torch.zeros(1, 3, 224, 224)}) == 1 + 16 * 16  # not the config's 336
     assert unit_tokens(model, {}) == 577
+
+
+def _timed_row(method, tower, prefill, ttft, cpu_scale):
+    """A summary row with given wall-clock times, and CPU times `cpu_scale` times them."""
+    row = {"method": method, "llm_tokens": 10.0, "decode_tok_s": 1.0, "peak_mem_mb": 1.0, "kv_cache_mb": 1.0}
+    row |= {"tower_gflops": 1.0, "llm_prefill_gflops": 1.0, "e2e_ms": ttft + 1, "e2e_cpu_ms": (ttft + 1) * cpu_scale}
+    for name, value in (("tower", tower), ("llm_prefill", prefill), ("ttft", ttft)):
+        row[f"{name}_ms"], row[f"{name}_cpu_ms"] = value, value * cpu_scale
+    return row
+
+
+def test_ttft_limit_and_tower_ratio_by_hand():
+    # All tokens: tower 100, prefill 300, TTFT 410. Reduced: tower 102, prefill 60, TTFT 180.
+    full, reduced = with_ratios([_timed_row("full", 100, 300, 410, 2.0), _timed_row("visionzip", 102, 60, 180, 1.5)])
+    assert reduced["tower_ratio"] == pytest.approx(1.02) and reduced["tower_ratio_cpu"] == pytest.approx(1.02 * 0.75)
+    assert reduced["ttft_limit"] == pytest.approx(410 / 162)  # TTFT(all) / (tower + prefill)
+    assert reduced["ttft_limit_cpu"] == pytest.approx(410 * 2.0 / (162 * 1.5))
+    assert reduced["speedup_ttft"] == pytest.approx(410 / 180)
+    assert reduced["ttft_of_limit"] == pytest.approx(reduced["speedup_ttft"] / reduced["ttft_limit"])
+    assert reduced["ttft_of_limit"] == pytest.approx(162 / 180) == reduced["ttft_of_limit_cpu"]
+    assert full["tower_ratio"] == 1.0 and full["ttft_limit"] == pytest.approx(410 / 400)
+    zero = with_ratios([_timed_row("full", 0, 0, 0, 1.0), _timed_row("visionzip", 0, 0, 0, 1.0)])[1]
+    assert zero["tower_ratio"] is None and zero["ttft_limit"] is None and zero["ttft_of_limit"] is None

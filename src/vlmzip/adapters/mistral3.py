@@ -65,7 +65,7 @@ def probe_pixtral_tower(
     image_sizes: Sequence[Sequence[int]],
     feature_layer: int,
     *,
-    query_chunk: int = DEFAULT_QUERY_CHUNK,
+    query_chunk: int | None = DEFAULT_QUERY_CHUNK,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Run a Pixtral tower up to `feature_layer`: (features (patches, hidden) of all images, scores and
     keys per image). Scores (patches_i,) are the attention each patch receives from its image's queries

@@ -154,7 +154,7 @@ def probe_qwen_tower(
     pixel_values: torch.Tensor,
     grid_thw: torch.Tensor,
     *,
-    query_chunk: int = DEFAULT_QUERY_CHUNK,
+    query_chunk: int | None = DEFAULT_QUERY_CHUNK,
     deepstack: bool = False,
 ) -> list[ProbeOutput]:
     """Run a Qwen-VL tower (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) and return one `ProbeOutput` per segment.

@@ -415,6 +415,13 @@ def share_layer_weights(model: nn.Module) -> int:
     return saved
 
 
+def _check_arch(name: str, dtype: object) -> None:
+    if name not in ARCHS:
+        raise ValueError(f"arch must be one of {available_archs()}, got {name!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+
+
 def build_arch(
     name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", *, shared_layers: bool = False
 ) -> tuple[Any, Any]:
@@ -423,10 +430,7 @@ def build_arch(
     shared_layers: identical layers share one set of weights (`share_layer_weights`), for machines
     without the memory of the whole model; speed and FLOPs are those of the real size.
     """
-    if name not in ARCHS:
-        raise ValueError(f"arch must be one of {available_archs()}, got {name!r}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    _check_arch(name, dtype)
     from transformers import AutoModelForImageTextToText
     from transformers.initialization import no_init_weights
 
@@ -441,3 +445,22 @@ def build_arch(
     model.eval()
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     return model, spec.build_processor(config)
+
+
+def build_arch_tower(
+    name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> tuple[Any, Any]:
+    """(vision tower, processor) of a table architecture: its tower alone, with random weights as in `build_arch`."""
+    _check_arch(name, dtype)
+    from transformers import AutoModel
+    from transformers.initialization import no_init_weights
+
+    spec = ARCHS[name]
+    config = spec.build_config()
+    vision_config = getattr(config, "vision_config", None)
+    if vision_config is None:
+        raise ValueError(f"arch {name!r} has no separate vision config")
+    with torch.device(device), no_init_weights():
+        tower = AutoModel.from_config(vision_config, dtype=dtype)
+    _fill_random(tower)
+    return tower.eval(), spec.build_processor(config)

@@ -140,6 +140,28 @@ def render_table(rows: list[dict[str, Any]], title: str) -> Any:
     return table
 
 
+def _wall_cpu(row: dict[str, Any], key: str, unit: str = "x") -> str:
+    """A row's wall-clock and process-CPU-time value of one ratio, as 'wall / CPU'."""
+    values = [row[key], row[f"{key}_cpu"]]
+    return " / ".join(f"{value:.2f}{unit}" if value is not None else "-" for value in values)
+
+
+def limit_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Footer under the table: each reduced row's tower against the full-token tower, and its time-to-first-token
+    speedup against the limit its own tower and prefill imply (wall-clock / process CPU time)."""
+    lines = [
+        "tower = the row's tower time / all tokens'; limit = TTFT(all tokens) / (the row's tower + prefill), "
+        "the TTFT speedup if nothing else took time; of limit = TTFT speedup / limit (wall / CPU)"
+    ]
+    for row in rows[1:]:
+        lines.append(
+            f"{row_label(row)} {tokens_cell(row)}: tower {_wall_cpu(row, 'tower_ratio')}  "
+            f"TTFT {_wall_cpu(row, 'speedup_ttft')}  limit {_wall_cpu(row, 'ttft_limit')}  "
+            f"of limit {_wall_cpu(row, 'ttft_of_limit', '')}"
+        )
+    return lines
+
+
 def plot_bench(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     from vlmzip.bench.report import plot_lines
 
@@ -261,6 +283,8 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     output = table_console(width=200)
     output.print(render_table(rows, title))
+    for line in limit_lines(rows):
+        output.print(line, markup=False, highlight=False)
     if json_path is not None:
         write_json(json_path, rows)
         console.print(f"results: {json_path}")

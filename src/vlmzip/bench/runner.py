@@ -149,6 +149,15 @@ def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["llm_flops_ratio"] = ratio(row["llm_prefill_gflops"], base["llm_prefill_gflops"])
         # The speedup a prefill proportional to sequence length would give: the "ideal" one.
         row["ideal_speedup_llm_prefill"] = ratio(base["llm_tokens"], row["llm_tokens"])
+        for suffix in ("", "_cpu"):
+            tower, prefill, ttft = (row[f"{name}{suffix}_ms"] for name in ("tower", "llm_prefill", "ttft"))
+            # The row's tower against the full-token tower (a probe that runs the whole tower costs ~1x).
+            row[f"tower_ratio{suffix}"] = ratio(tower, base[f"tower{suffix}_ms"])
+            # The best time-to-first-token speedup this row's own tower and prefill allow: everything between
+            # them (selection, sequence rewriting, generate's set-up) taking no time at all.
+            row[f"ttft_limit{suffix}"] = ratio(base[f"ttft{suffix}_ms"], tower + prefill)
+            # The share of that limit reached: speedup / limit = (tower + prefill) / time to first token.
+            row[f"ttft_of_limit{suffix}"] = ratio(tower + prefill, ttft)
         row["speedup_ttft_later"] = ratio(base["ttft_ms"], row.get("ttft_later_ms"))
         # A later question should cost the reduced prefill only: its TTFT over that run's prefill.
         row["ttft_later_over_prefill"] = ratio(row.get("ttft_later_ms"), row.get("llm_prefill_later_ms"))
