@@ -1,15 +1,43 @@
-"""Checks shared by the family adapter tests: what reaches the language model, batching, remove()."""
+"""Checks shared by the family tests: what reaches the language model, batching, remove(); the family builders."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 import torch
 
 import vlmzip
 from conftest import IMAGE_TOKEN_ID
+from families import (
+    FAMILIES,
+    make_gemma3,
+    make_gemma3_processor,
+    make_internvl,
+    make_internvl_processor,
+    make_mistral3,
+    make_mistral3_processor,
+    make_qwen3_5,
+    make_qwen3_processor,
+    make_qwen3_vl,
+    make_qwen3_vl_moe,
+    make_smolvlm,
+    make_smolvlm_processor,
+)
 from vlmzip.api import STATE_ATTRIBUTE
+
+# Every supported family's tiny model: family -> (model builder, processor builder); families.FAMILIES first.
+BUILDERS: dict[str, tuple[Callable[..., torch.nn.Module], Callable[..., Any]]] = {
+    **{name: (family.make_model, family.make_processor) for name, family in FAMILIES.items()},
+    "qwen3-vl": (make_qwen3_vl, make_qwen3_processor),
+    "qwen3-vl-moe": (make_qwen3_vl_moe, make_qwen3_processor),
+    "qwen3.5": (make_qwen3_5, make_qwen3_processor),
+    "gemma3": (make_gemma3, make_gemma3_processor),
+    "internvl": (make_internvl, make_internvl_processor),
+    "smolvlm": (make_smolvlm, make_smolvlm_processor),
+    "mistral3": (make_mistral3, make_mistral3_processor),
+}
 
 # A dialogue for run_dialogue (test_conversation.py): an image, a text-only follow-up, a second image.
 TWO_IMAGE_TURNS = [

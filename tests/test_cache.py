@@ -10,33 +10,9 @@ import pytest
 import torch
 
 import vlmzip
-from conftest import (
-    make_llava,
-    make_llava_processor,
-    make_qwen2_5_vl,
-    make_qwen2_vl,
-    make_qwen_processor,
-    qwen_prompt,
-    random_images,
-)
-from families import (
-    make_gemma3,
-    make_gemma3_processor,
-    make_internvl,
-    make_internvl_processor,
-    make_llava_next,
-    make_llava_next_processor,
-    make_mistral3,
-    make_mistral3_processor,
-    make_onevision,
-    make_onevision_processor,
-    make_qwen3_5,
-    make_qwen3_processor,
-    make_qwen3_vl,
-    make_smolvlm,
-    make_smolvlm_processor,
-    random_video,
-)
+from conftest import make_llava, make_llava_processor, make_qwen2_5_vl, make_qwen_processor, qwen_prompt, random_images
+from families import make_onevision, make_onevision_processor, make_qwen3_processor, make_qwen3_vl, random_video
+from helpers import BUILDERS
 from vlmzip.api import get_state
 from vlmzip.cache import CachedVisual, ImageCache
 
@@ -53,13 +29,13 @@ class Family:
 
 
 FAMILIES = {
-    "llava": Family(make_llava, make_llava_processor, LLAVA_PROMPT, lambda m: m.model.vision_tower),
-    "llava_next": Family(make_llava_next, make_llava_next_processor, LLAVA_PROMPT, lambda m: m.model.vision_tower),
-    "onevision": Family(make_onevision, make_onevision_processor, LLAVA_PROMPT, lambda m: m.model.vision_tower),
-    "qwen2_vl": Family(make_qwen2_vl, make_qwen_processor, qwen_prompt("<image>"), lambda m: m.model.visual),
-    "qwen2_5_vl": Family(make_qwen2_5_vl, make_qwen_processor, qwen_prompt("<image>"), lambda m: m.model.visual),
-    "qwen3_vl": Family(make_qwen3_vl, make_qwen3_processor, qwen_prompt("<image>"), lambda m: m.model.visual),
-    "qwen3_5": Family(make_qwen3_5, make_qwen3_processor, qwen_prompt("<image>"), lambda m: m.model.visual),
+    "llava": Family(*BUILDERS["llava-1.5"], LLAVA_PROMPT, lambda m: m.model.vision_tower),
+    "llava_next": Family(*BUILDERS["llava-next"], LLAVA_PROMPT, lambda m: m.model.vision_tower),
+    "onevision": Family(*BUILDERS["llava-onevision"], LLAVA_PROMPT, lambda m: m.model.vision_tower),
+    "qwen2_vl": Family(*BUILDERS["qwen2-vl"], qwen_prompt("<image>"), lambda m: m.model.visual),
+    "qwen2_5_vl": Family(*BUILDERS["qwen2.5-vl"], qwen_prompt("<image>"), lambda m: m.model.visual),
+    "qwen3_vl": Family(*BUILDERS["qwen3-vl"], qwen_prompt("<image>"), lambda m: m.model.visual),
+    "qwen3_5": Family(*BUILDERS["qwen3.5"], qwen_prompt("<image>"), lambda m: m.model.visual),
 }
 
 
@@ -529,18 +505,10 @@ def test_qwen3_vl_videos_are_cached_per_call():
 
 
 PER_CALL_FAMILIES = {
-    "gemma3": Family(
-        make_gemma3, make_gemma3_processor, "USER: <start_of_image> what ? ASSISTANT:", lambda m: m.model.vision_tower
-    ),
-    "internvl": Family(
-        make_internvl, make_internvl_processor, "USER: <IMG_CONTEXT> what ? ASSISTANT:", lambda m: m.model.vision_tower
-    ),
-    "smolvlm": Family(
-        make_smolvlm, make_smolvlm_processor, "USER: <image> what ? ASSISTANT:", lambda m: m.model.vision_model
-    ),
-    "mistral3": Family(
-        make_mistral3, make_mistral3_processor, "USER: [IMG] what ? ASSISTANT:", lambda m: m.model.vision_tower
-    ),
+    "gemma3": Family(*BUILDERS["gemma3"], "USER: <start_of_image> what ? ASSISTANT:", lambda m: m.model.vision_tower),
+    "internvl": Family(*BUILDERS["internvl"], "USER: <IMG_CONTEXT> what ? ASSISTANT:", lambda m: m.model.vision_tower),
+    "smolvlm": Family(*BUILDERS["smolvlm"], "USER: <image> what ? ASSISTANT:", lambda m: m.model.vision_model),
+    "mistral3": Family(*BUILDERS["mistral3"], "USER: [IMG] what ? ASSISTANT:", lambda m: m.model.vision_tower),
 }
 
 

@@ -2,7 +2,7 @@
 
 One place for the pieces that the benchmark architectures (`vlmzip.bench.arch`), the tiny serving
 model (`vlmzip.serving.tiny`) and the test suite all build: a word-level tokenizer over a fixed
-vocabulary, a LLaVA(-NeXT) processor around a PIL image processor, and small CLIP / Llama configs.
+vocabulary, a LLaVA(-NeXT) processor around a PIL image processor, and small CLIP / Llama / Qwen2.5-VL configs.
 """
 
 from __future__ import annotations
@@ -143,3 +143,19 @@ def tiny_llama_config(
         bos_token_id=BOS_TOKEN_ID,
         **options,
     )
+
+
+def tiny_qwen2_5_vision_config(**options: Any) -> dict[str, Any]:
+    """A small Qwen2.5-VL vision tower as a config dict: 3 blocks, window attention over 2x2 merged tokens
+    (56 px windows), block 1 the last full-attention one, block 2 windowed; `options` override or add keys."""
+    return {
+        "depth": 3,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": 64,
+        "num_heads": 4,
+        "patch_size": 14,
+        "window_size": 56,
+        "fullatt_block_indexes": [1],
+        **options,
+    }
