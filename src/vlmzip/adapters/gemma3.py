@@ -30,25 +30,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmzip.adapters.base import Adapter, EncodedImages, check_square_batch
+from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.core import Reduction
 from vlmzip.probe import ProbeOutput, probe_vision_tower
 
 
-class Gemma3Adapter(Adapter):
+class Gemma3Adapter(TowerAndProjector, Adapter):
     families = ("Gemma3ForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
 
-    # --- model parts ---------------------------------------------------------------------
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
-
+    # --- model parts (vision_tower, projector: TowerAndProjector) ---------------------------
     def _resolve_feature_layer(self) -> int:
         layer = self.config.feature_layer
         if layer is None:

@@ -40,6 +40,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmzip.adapters.base import Adapter, EncodedImages, check_square_batch
 from vlmzip.adapters.llava_next import slice_probe
+from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
 from vlmzip.probe import ProbeOutput, probe_vision_tower, square_size
@@ -60,7 +61,7 @@ def image_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor, token_id: 
     return runs
 
 
-class InternVLAdapter(Adapter):
+class InternVLAdapter(TowerAndProjector, Adapter):
     families = ("InternVLForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
 
@@ -83,13 +84,7 @@ class InternVLAdapter(Adapter):
             )
         super().__init__(model, config, processor)
 
-    # --- model parts ---------------------------------------------------------------------
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
-
+    # --- model parts (vision_tower, projector: TowerAndProjector) ---------------------------
     @property
     def patch_side(self) -> int:
         image_size = square_size(self.model.config.vision_config.image_size, "image_size")

@@ -25,6 +25,7 @@ from torch import nn
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
 from vlmzip.adapters.base import CROP_COUNTS_KEY, Adapter, EncodedImages, split_rows
+from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.cache import VisualUnit
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction, anchor_indices
@@ -107,7 +108,7 @@ def _as_size_list(image_sizes: Any, count_name: str) -> list[tuple[int, int]]:
     return [(int(height), int(width)) for height, width in image_sizes]
 
 
-class LlavaNextAdapter(Adapter):
+class LlavaNextAdapter(TowerAndProjector, Adapter):
     families = ("LlavaNextForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
     # The model's packing only lines up for this strategy (with "full", the [CLS] row breaks its grid view).
@@ -127,13 +128,7 @@ class LlavaNextAdapter(Adapter):
             raise ValueError(f"temporal_threshold applies to videos; {type(model).__name__} takes none (leave it None)")
         super().__init__(model, config, processor)
 
-    # --- model parts ---------------------------------------------------------------------
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
-
+    # --- model parts (vision_tower, projector: TowerAndProjector) ---------------------------
     @property
     def crop_size(self) -> int:
         return int(self.model.config.vision_config.image_size)

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional
 
 from vlmzip.adapters.base import Adapter, EncodedImages
+from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.core import Reduction
 from vlmzip.probe import DEFAULT_QUERY_CHUNK, ProbeOutput, TowerInfo, TowerLayout, received_attention, resolve_tower
 
@@ -132,17 +133,11 @@ def probe_pixtral_tower(
     return captured["features"][0], scores, mean_keys
 
 
-class Mistral3Adapter(Adapter):
+class Mistral3Adapter(TowerAndProjector, Adapter):
     families = ("Mistral3ForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
 
-    # --- model parts ---------------------------------------------------------------------
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
-
+    # --- model parts (vision_tower, projector: TowerAndProjector) ---------------------------
     def resolve_tower_info(self) -> TowerInfo:
         return resolve_tower(self.vision_tower(), PIXTRAL_TOWER)
 
