@@ -103,6 +103,12 @@ def images() -> list[Image.Image]:
 
 
 @pytest.fixture(scope="session")
+def qwen_images() -> list[Image.Image]:
+    """Two 300x400 images and two 150x200 ones (54 and 35 merged tokens on Qwen2-VL, 48 and 30 on Qwen3-VL)."""
+    return random_images(2, seed=3) + random_images(2, seed=4, size=(150, 200))
+
+
+@pytest.fixture(scope="session")
 def clip_tower() -> CLIPVisionModel:
     torch.manual_seed(1)
     return CLIPVisionModel(clip_vision_config()).eval()

@@ -39,6 +39,13 @@ FAMILIES = {
 }
 
 
+def apply_with_cache(model: torch.nn.Module, directory: Any = None, **options: Any) -> ImageCache:
+    """Apply VisionZip (6 + 2 tokens, `options` added) to `model` with a fresh 16 MiB cache; return the cache."""
+    cache = ImageCache(max_bytes=2**24, directory=directory)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=cache, **options)
+    return cache
+
+
 def pictures(count: int, first_seed: int = 0) -> list:
     return [random_images(1, seed=first_seed + i, size=SIZES[(first_seed + i) % len(SIZES)])[0] for i in range(count)]
 
@@ -106,8 +113,7 @@ def test_hits_skip_the_tower_and_outputs_are_bit_identical(family):
     model, processor = spec.make_model(), spec.make_processor()
     images = pictures(2)
     inputs = processor(images=images, text=[spec.prompt] * 2, return_tensors="pt", padding=True)
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     with torch.no_grad():
         reference = vlmzip.prepare(model, inputs, cache=None)
         with TowerCounter(spec.tower(model)) as counter:
@@ -131,8 +137,7 @@ def test_a_batch_mixing_hits_and_misses_encodes_the_misses_only(family):
     name, spec = family
     model, processor = spec.make_model(), spec.make_processor()
     old, new = pictures(1), pictures(2, first_seed=5)
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     batch = [new[0], old[0], new[1]]
     inputs = processor(images=batch, text=[spec.prompt] * 3, return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -155,8 +160,7 @@ def test_a_batch_mixing_hits_and_misses_encodes_the_misses_only(family):
 
 def test_llava_hit_skips_the_images_of_a_batch_in_the_tower_call():
     model, processor = make_llava(), make_llava_processor()
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    apply_with_cache(model)
     images = pictures(3)
     with torch.no_grad(), TowerCounter(model.model.vision_tower) as counter:
         vlmzip.prepare(model, processor(images=images[:2], text=[LLAVA_PROMPT] * 2, return_tensors="pt", padding=True))
@@ -166,8 +170,7 @@ def test_llava_hit_skips_the_images_of_a_batch_in_the_tower_call():
 
 def test_onevision_videos_and_images_are_cached_per_item():
     model, processor = make_onevision(), make_onevision_processor()
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     images, videos = pictures(2), [random_video(4, seed=3)]
     text = ["USER: <image> a <video> the <image> what ? ASSISTANT:"]
     inputs = processor(images=[images], videos=videos, text=text, return_tensors="pt")
@@ -187,8 +190,7 @@ def test_onevision_videos_and_images_are_cached_per_item():
 
 def test_qwen_positions_survive_a_hit():
     model, processor = make_qwen2_5_vl(), make_qwen_processor()
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     images = pictures(2)
     inputs = processor(images=[images], text=[qwen_prompt("<image>", "<image>")], return_tensors="pt")
     with torch.no_grad():
@@ -255,8 +257,7 @@ def test_budget_model_and_weights_are_part_of_the_key():
 
 def test_remove_detaches_the_cache():
     model, processor = make_llava(), make_llava_processor()
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     adapter = get_state(model).adapter
     inputs = processor(images=pictures(1), text=[LLAVA_PROMPT], return_tensors="pt")
     with torch.no_grad():
@@ -273,8 +274,7 @@ def test_remove_detaches_the_cache():
 
 def test_clear_empties_memory_files_and_counters(tmp_path):
     model, processor = make_llava(), make_llava_processor()
-    cache = ImageCache(max_bytes=2**24, directory=tmp_path)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model, directory=tmp_path)
     inputs = processor(images=pictures(1), text=[LLAVA_PROMPT], return_tensors="pt")
     (tmp_path / "notes.txt").write_text("kept")
     with torch.no_grad():
@@ -431,8 +431,7 @@ def test_conversation_reuses_an_image_shown_again():
 def test_families_without_units_are_cached_per_call():
     """An adapter that cannot split its inputs per image still gets hits for a repeated call."""
     model, processor = make_llava(), make_llava_processor()
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     get_state(model).adapter.visual_units = lambda inputs: None  # what a family without per-image units returns
     images = pictures(3)
     pair = processor(images=images[:2], text=[LLAVA_PROMPT] * 2, return_tensors="pt", padding=True)
@@ -452,8 +451,7 @@ def test_families_without_units_are_cached_per_call():
 def test_qwen3_vl_entries_hold_the_deepstack_features(tmp_path):
     """A Qwen3-VL hit (memory or disk) gives the language model the same main and deepstack features as a miss."""
     model, processor = make_qwen3_vl(), make_qwen3_processor()
-    cache = ImageCache(max_bytes=2**24, directory=tmp_path)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model, directory=tmp_path)
     adapter = get_state(model).adapter
     layers = adapter.deepstack_layers
     assert layers > 0
@@ -489,8 +487,7 @@ def test_qwen3_vl_videos_are_cached_per_call():
     from adapters.test_qwen3_vl import video_inputs
 
     model, processor = make_qwen3_vl(), make_qwen3_processor()
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     inputs = video_inputs(processor, [(3, 8, 8)], image=pictures(1)[0])
     assert get_state(model).adapter.visual_units(inputs) is None
     with torch.no_grad():
@@ -516,8 +513,7 @@ PER_CALL_FAMILIES = {
 def test_families_without_units_hit_a_repeated_call_bit_identically(name):
     spec = PER_CALL_FAMILIES[name]
     model, processor = spec.make_model(), spec.make_processor()
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     assert get_state(model).adapter.visual_units is not None
     images = [[image] for image in pictures(2)]
     inputs = processor(images=images, text=[spec.prompt] * 2, return_tensors="pt", padding=True)
@@ -546,8 +542,7 @@ def test_original_positions_and_adaptive_budgets_survive_a_hit(name, options, tm
     spec = FAMILIES[name]
     model, processor = spec.make_model(), spec.make_processor()
     inputs = processor(images=pictures(2), text=[spec.prompt] * 2, return_tensors="pt", padding=True)
-    cache = ImageCache(max_bytes=2**24, directory=tmp_path)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache, **options)  # adaptive: at most 6 + 2
+    apply_with_cache(model, directory=tmp_path, **options)  # adaptive: at most 6 + 2
     with torch.no_grad():
         reference = vlmzip.prepare(model, inputs, cache=None)
         assert "position_ids" in reference
@@ -566,8 +561,7 @@ def test_original_positions_and_adaptive_budgets_survive_a_hit(name, options, tm
 def test_compact_entries_hold_no_positions():
     """positions='compact' never reads per-token positions, so its entries do not store them."""
     model, processor = make_llava(), make_llava_processor()
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     with torch.no_grad():
         vlmzip.prepare(model, processor(images=pictures(1), text=[LLAVA_PROMPT], return_tensors="pt"))
     (entry,) = cache._entries.values()

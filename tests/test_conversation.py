@@ -7,7 +7,7 @@ import torch
 
 import vlmzip
 from conftest import make_llava, make_llava_processor, qwen_prompt, random_images
-from helpers import BUILDERS, language_model
+from helpers import BUILDERS, language_model, two_image_turns
 from vlmzip.conversation import Conversation
 
 LLAVA_TURNS = [
@@ -87,6 +87,14 @@ def run_dialogue(model, processor, turns, images, tower):
     answers = [tuple(turn.answer_ids.tolist()) for turn in chat.turns]
     assert len(set(answers)) > 1 or len(set(answers[0])) > 1  # the comparison is not vacuous
     return chat, dialogue_tower_calls
+
+
+def run_two_image_dialogue(model, processor, images, tower, placeholder="<image>"):
+    """run_dialogue over two_image_turns(placeholder) with the first two of `images`; each image is encoded
+    once, in the turn that brings it. Returns the conversation."""
+    chat, tower_calls = run_dialogue(model, processor, two_image_turns(placeholder), images[:2], tower)
+    assert tower_calls == 2
+    return chat
 
 
 def test_llava_three_turns_encode_the_image_once():
