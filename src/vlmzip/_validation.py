@@ -46,3 +46,12 @@ def check_tensor(name: str, value: Any, ndim: int) -> torch.Tensor:
     if value.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
     return value
+
+
+def budget_error(config: Any, available: int, where: str) -> ValueError:
+    """The error for a budget (`config`: dominant, contextual, tokens) above the `available` tokens; `where`
+    says what they are, e.g. " (the tokens of one tile)"."""
+    return ValueError(
+        f"dominant + contextual must be <= {available}{where}, got {config.dominant} + {config.contextual} = "
+        f"{config.tokens}"
+    )

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vlmzip._validation import budget_error
 from vlmzip.adapters.base import Adapter, EncodedImages, check_square_batch
 from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.core import Reduction
@@ -66,10 +67,11 @@ class Gemma3Adapter(TowerAndProjector, Adapter):
         available = self.tokens_per_unit()
         if self.config.tokens > available:
             side, patches = self.soft_token_side, self.patch_side
-            raise ValueError(
-                f"dominant + contextual must be <= {available} (the soft tokens this model gives each image: "
-                f"{side} x {side} pooled from {patches} x {patches} patches), got {self.config.dominant} + "
-                f"{self.config.contextual} = {self.config.tokens}"
+            raise budget_error(
+                self.config,
+                available,
+                f" (the soft tokens this model gives each image: {side} x {side} pooled from {patches} x {patches} "
+                "patches)",
             )
 
     def budget_unit_tokens(self, inputs: Mapping[str, Any]) -> int:

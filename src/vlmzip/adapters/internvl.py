@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vlmzip._validation import budget_error
 from vlmzip.adapters.base import Adapter, EncodedImages, check_square_batch
 from vlmzip.adapters.llava_next import slice_probe
 from vlmzip.adapters.parts import TowerAndProjector
@@ -102,10 +103,11 @@ class InternVLAdapter(TowerAndProjector, Adapter):
         available = self.tokens_per_unit()
         if self.config.budget_scope == "per_crop" and self.config.tokens > available:
             side = self.unit_side
-            raise ValueError(
-                f"dominant + contextual must be <= {available} (the tokens this model gives each tile: {side} x {side} "
-                f"after the pixel shuffle) with budget_scope='per_crop', got {self.config.dominant} + "
-                f"{self.config.contextual} = {self.config.tokens}"
+            raise budget_error(
+                self.config,
+                available,
+                f" (the tokens this model gives each tile: {side} x {side} after the pixel shuffle) with "
+                "budget_scope='per_crop'",
             )
 
     # --- tiles ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
+from vlmzip._validation import budget_error
 from vlmzip.adapters.base import CROP_COUNTS_KEY, Adapter, EncodedImages, split_rows
 from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.cache import VisualUnit
@@ -153,11 +154,8 @@ class LlavaNextAdapter(TowerAndProjector, Adapter):
         self.check_adaptive(available)
         if self.config.budget_scope == "per_crop":
             if self.config.fewest_tokens > available:
-                raise ValueError(
-                    f"dominant + contextual must be <= {available} (the tokens this model's tower yields per crop) "
-                    f"with budget_scope='per_crop', got {self.config.dominant} + {self.config.contextual} = "
-                    f"{self.config.tokens}"
-                )
+                where = " (the tokens this model's tower yields per crop) with budget_scope='per_crop'"
+                raise budget_error(self.config, available, where)
             return
         fewest, most = self.crop_count_range()
         self.config.per_unit(most)  # raises when the crops outnumber the dominant tokens
