@@ -11,11 +11,11 @@ import vlmzip
 from conftest import IMAGE_TOKEN_ID, make_llava, make_llava_processor, random_images
 from families import make_llava_next, make_llava_next_processor
 from helpers import assert_batch_equals_singles
-from vlmzip.bench.variants import build_variants
 from vlmzip.cli_options import add_budget_options, add_variant_options, config_from_args, variants_from_args
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import adaptive_dominant
 from vlmzip.probe import probe_vision_tower
+from vlmzip.variants import build_variants
 
 PROMPTS = ["USER: <image> what is in the image ? ASSISTANT:", "USER: <image> how many ? ASSISTANT:"] * 2
 

@@ -381,7 +381,7 @@ def test_bad_arguments_are_named(tmp_path):
 
 
 def test_embedded_model_hits_skip_the_tower(default_model_and_processor):
-    from vlmzip.demo import build_prompt
+    from vlmzip.prompts import build_prompt
 
     model, processor = default_model_and_processor
     cache = ImageCache(max_bytes=2**26)

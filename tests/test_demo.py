@@ -8,9 +8,10 @@ import pytest
 
 import vlmzip
 from conftest import make_llava, make_llava_processor, random_images
-from vlmzip.bench.memory import PeakMemory, current_rss_bytes
 from vlmzip.cli import main
-from vlmzip.demo import build_prompt, render_follow_up, render_table, run_demo
+from vlmzip.demo import render_follow_up, render_table, run_demo
+from vlmzip.measure import PeakMemory, current_rss_bytes
+from vlmzip.prompts import build_prompt
 
 
 def test_run_demo_on_tiny_llava():

@@ -15,7 +15,6 @@ from vlmzip.adapters.base import IGNORE_INDEX
 from vlmzip.api import SAVED_CONFIG_NAME
 from vlmzip.cli import main
 from vlmzip.data import DataError
-from vlmzip.demo import build_prompt
 from vlmzip.finetune import (
     PARTIAL_SUFFIX,
     PROJECTOR_FILE,
@@ -25,6 +24,7 @@ from vlmzip.finetune import (
     load_projector,
 )
 from vlmzip.loading import load_model
+from vlmzip.prompts import build_prompt
 
 CONFIG = vlmzip.VisionZipConfig(dominant=8, contextual=2)
 QUESTIONS = [("how many are there ?", "two"), ("what is in the image ?", "a cat")]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmzip.adapters import adapter_class_for
+from vlmzip.adapters import adapter_class_for, check_supported
 from vlmzip.adapters.base import _APPLIED, Adapter, PaddingSide, model_directory
 from vlmzip.cache import ImageCache, check_cache
 from vlmzip.config import VisionZipConfig
@@ -216,7 +216,7 @@ def prepare(
     """
     state = get_state(model)
     if state is None:
-        adapter_class_for(model)  # unsupported families get that error first
+        check_supported(model)  # unsupported families get that error first
         raise ValueError("model has no VisionZip applied; call vlmzip.apply(model, config) first")
     if cache is not _APPLIED:
         check_cache(cache)

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch import nn
 
-from vlmzip.adapters import adapter_class_for
+from vlmzip.adapters import adapter_class_for, check_supported
 from vlmzip.cache import ImageCache, check_cache
 from vlmzip.cli_options import APP_HOST, APP_PORT, DEFAULT_TOKENS
 from vlmzip.config import VisionZipConfig, check_int
@@ -96,7 +96,7 @@ def ask(
     reduced tokens from the cache ("first_token_ms", "answer") and "seen_before" (the image was
     already reduced by an earlier question, so this answer skipped the vision tower too).
     """
-    adapter_class_for(model)
+    check_supported(model)
     image = load_image(image, processor)
     question = _check_question(question)
     config = VisionZipConfig.from_budget(budget, method=method, positions=positions)
@@ -304,7 +304,7 @@ def build_app(
 
     Components have stable `elem_id`s ("vz-image", "vz-ask", ...)."""
     gr = _gradio()
-    adapter_class_for(model)
+    check_supported(model)
     repeats = check_int("repeats", repeats, 1, 100)
     cache = ImageCache(max_bytes=APP_CACHE_BYTES)  # the same upload asked again skips the tower
     VisionZipConfig(positions=positions)  # a bad scheme fails before the page is built

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 from vlmzip.config import VisionZipConfig, check_int
 
 if TYPE_CHECKING:
-    from vlmzip.bench.variants import Variant
+    from vlmzip.variants import Variant
 
+# The weight dtypes every command (--dtype) and the lmms-eval plugin (dtype=) accept, by torch's names.
+DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 DEFAULT_TOKENS = 64  # the paper's 54 + 10
 APP_HOST = "127.0.0.1"  # the web demo listens on this machine only unless told otherwise
 APP_PORT = 7860
@@ -104,7 +106,7 @@ def config_from_args(args: argparse.Namespace) -> VisionZipConfig:
 
 def add_variant_options(parser: argparse.ArgumentParser, *, methods_help: str, tokens_help: str) -> None:
     """Add --methods and --tokens (several of each) to `parser` (read back with `variants_from_args`)."""
-    from vlmzip.bench.variants import all_methods
+    from vlmzip.methods import all_methods
 
     parser.add_argument("--methods", nargs="+", help=f"{methods_help}, of {all_methods()}")
     parser.add_argument("--tokens", nargs="+", type=int, metavar="N", help=tokens_help)
@@ -120,7 +122,8 @@ def variants_from_args(
     Without `model`, every method name is checked (call it before loading anything); with it, the
     methods the model cannot run are left out of the default list or refused (see `methods_for`).
     """
-    from vlmzip.bench.variants import all_methods, build_variants
+    from vlmzip.methods import all_methods
+    from vlmzip.variants import build_variants
 
     budgets = args.tokens or default_budgets
     fields = adaptive_from_args(args)
@@ -138,22 +141,30 @@ def variants_from_args(
 def methods_for(model: Any, requested: Sequence[str] | None, console: Any = None) -> list[str]:
     """The methods to run on `model`: `requested` as given, or every method when None.
 
-    FastV cannot run on some models (M-RoPE): it is left out of the default list (said once on
-    `console` when given) and refused when requested by name.
+    Methods inside the language model cannot run on some models (FastV on M-RoPE): they are left out
+    of the default list (said once on `console` when given) and refused when requested by name.
     """
-    from vlmzip.bench.variants import all_methods
-    from vlmzip.methods.fastv import FASTV_METHOD, FastV
+    from vlmzip.methods import INSIDE_LLM, all_methods, available_methods, get_pruner
 
-    reason = FastV.unsupported_reason(model)
+    reasons = {name: get_pruner(name).unsupported_reason(model) for name in available_methods(INSIDE_LLM)}
     if requested is not None:
-        if reason is not None and FASTV_METHOD in requested:
-            raise ValueError(f"--methods {FASTV_METHOD}: {reason.removeprefix('model: ')}")
+        for name in requested:
+            if reasons.get(name) is not None:
+                raise ValueError(f"--methods {name}: {reasons[name].removeprefix('model: ')}")
         return list(requested)
-    if reason is None:
-        return list(all_methods())
-    if console is not None:
-        console.print(f"{FASTV_METHOD} left out: {reason.removeprefix('model: ')}", soft_wrap=True)
-    return [method for method in all_methods() if method != FASTV_METHOD]
+    for name, reason in reasons.items():
+        if reason is not None and console is not None:
+            console.print(f"{name} left out: {reason.removeprefix('model: ')}", soft_wrap=True)
+    return [method for method in all_methods() if reasons.get(method) is None]
+
+
+def dtype_named(name: str, parameter: str = "--dtype") -> Any:
+    """The torch dtype called `name` (one of DTYPE_NAMES), or a ValueError naming `parameter` and the choices."""
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"{parameter} must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+    return getattr(torch, name)
 
 
 def check_device(device: str) -> str:

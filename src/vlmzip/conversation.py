@@ -30,7 +30,6 @@ from PIL import Image
 from torch import nn
 
 from vlmzip.adapters import adapter_class_for
-from vlmzip.adapters.qwen2_vl import mrope_positions
 from vlmzip.api import get_state, is_applied, prepare
 from vlmzip.cache import ImageCache, check_cache
 from vlmzip.compat import CACHE_ARGUMENT, CACHE_ARGUMENTS, output_cache
@@ -92,7 +91,7 @@ class Conversation:
     """
 
     def __init__(self, model: nn.Module, processor: Any, *, cache: ImageCache | None = None) -> None:
-        adapter_class_for(model)  # unsupported models fail here
+        self.family = adapter_class_for(model)  # unsupported models fail here
         self._cache_choice = check_cache(cache)
         self._own_cache: ImageCache | None = None
         if not callable(processor) or getattr(processor, "tokenizer", None) is None:
@@ -100,7 +99,6 @@ class Conversation:
         self.model = model
         self.processor = processor
         # M-RoPE models (Qwen2-VL family) need explicit 3-D positions that continue across turns.
-        self.uses_mrope = callable(getattr(getattr(model, "model", None), "get_rope_index", None))
         self.reset()
 
     def reset(self) -> None:
@@ -174,8 +172,11 @@ class Conversation:
         inputs = dict(self.processor(text=[text], **kwargs))
         if is_applied(self.model):
             inputs = prepare(self.model, inputs, cache=self.image_cache)  # the tower runs for new images only
-        if self.uses_mrope and inputs.get("position_ids") is None:
-            inputs["position_ids"] = mrope_positions(self.model, inputs)
+        model_positions = (
+            None if inputs.get("position_ids") is not None else self.family.model_position_ids(self.model, inputs)
+        )
+        if model_positions is not None:  # positions the family's model computes itself (M-RoPE)
+            inputs["position_ids"] = model_positions
         elif self._original_positions() and inputs.get("position_ids") is None:  # a turn without images
             inputs["position_ids"] = torch.arange(inputs["input_ids"].shape[1]).unsqueeze(0)
         turn_ids = inputs.pop("input_ids")

@@ -10,6 +10,7 @@ Every function is vectorised over the batch and works on any float dtype and dev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,54 @@ class Reduction:
     kept_indices: torch.Tensor
     groups: torch.Tensor
     scores: torch.Tensor | None = None
+
+    @classmethod
+    def cat(cls, reductions: Sequence[Reduction]) -> Reduction:
+        """One batch of the rows of `reductions`, in order (their token counts must agree)."""
+        reductions = list(reductions)
+        if not reductions or not all(isinstance(r, Reduction) for r in reductions):
+            raise ValueError("reductions must be a non-empty sequence of Reduction")
+        scores = [r.scores for r in reductions]
+        return cls(
+            features=torch.cat([r.features for r in reductions]),
+            kept_indices=torch.cat([r.kept_indices for r in reductions]),
+            groups=torch.cat([r.groups for r in reductions]),
+            scores=None if any(score is None for score in scores) else torch.cat(scores),
+        )
+
+    def __getitem__(self, rows: BatchRows) -> Reduction:
+        """The rows `rows` of the batch (an int keeps its batch dimension: one row)."""
+        return Reduction(
+            features=batch_rows(self.features, rows),
+            kept_indices=batch_rows(self.kept_indices, rows),
+            groups=batch_rows(self.groups, rows),
+            scores=batch_rows(self.scores, rows) if self.scores is not None else None,
+        )
+
+    def split(self) -> list[Reduction]:
+        """One single-row Reduction per row of the batch (views, no copies)."""
+        return [self[row] for row in range(self.features.shape[0])]
+
+
+BatchRows = int | slice | Sequence[int] | torch.Tensor
+
+
+def batch_rows(values: torch.Tensor, rows: BatchRows) -> torch.Tensor:
+    """`values[rows]` along the batch dimension, kept 2-D or more: an int gives one row, a slice a view,
+    a sequence or tensor of indices (or a bool mask) a copy of those rows in that order."""
+    if isinstance(rows, bool):
+        raise TypeError("rows must be an int, a slice, or a sequence / tensor of indices, got bool")
+    if isinstance(rows, int):
+        size = values.shape[0]
+        if not -size <= rows < size:
+            raise IndexError(f"row {rows} is out of range for a batch of {size}")
+        rows = slice(rows % size, rows % size + 1)
+    if isinstance(rows, slice):
+        return values[rows]
+    index = rows if isinstance(rows, torch.Tensor) else torch.tensor(list(rows), dtype=torch.long)
+    if index.dtype != torch.bool:
+        index = index.long()
+    return values[index.to(values.device)]
 
 
 def select_dominant(scores: torch.Tensor, dominant: int, *, has_cls: bool = True) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -22,14 +21,14 @@ from PIL import Image
 
 from vlmzip.adapters import adapter_class_for
 from vlmzip.adapters.base import Adapter, prepare_unreduced
-from vlmzip.bench.memory import PeakMemory
-from vlmzip.bench.runner import kv_cache_bytes_after_prefill
 from vlmzip.cache import ImageCache
 from vlmzip.cli_options import add_budget_options, config_from_args
 from vlmzip.compat import output_cache
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
 from vlmzip.images import load_image
+from vlmzip.measure import PeakMemory, kv_cache_bytes_after_prefill, timed
+from vlmzip.prompts import build_prompt
 
 DEFAULT_FOLLOW_UP = "how many objects are there?"
 
@@ -71,20 +70,6 @@ class DemoResult:
     reduction: Reduction
     config: VisionZipConfig
     follow_up: FollowUp | None = None
-
-
-def build_prompt(processor: Any, question: str) -> str:
-    """The model's chat template around one image and the question, or `<image>\\nquestion` without one."""
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"{getattr(processor, 'image_token', '<image>')}\n{question}"
-
-
-def _timed(function: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    result = function()
-    return result, (time.perf_counter() - start) * 1e3
 
 
 def _answer(model: Any, processor: Any, prepared: dict[str, Any], max_new_tokens: int) -> str:
@@ -135,9 +120,9 @@ def run_demo(
         for repeat in range(repeats + 1):  # the first round warms up and is not counted
             progress(f"measuring (round {repeat + 1} of {repeats + 1})")
             for name in ("full", "zip") if repeat % 2 == 0 else ("zip", "full"):
-                prepared, vision_ms = _timed(encoders[name])
+                prepared, vision_ms = timed(encoders[name])
                 with PeakMemory(device) as memory:
-                    output, prefill_ms = _timed(partial(model, **prepared, logits_to_keep=1, use_cache=True))
+                    output, prefill_ms = timed(partial(model, **prepared, logits_to_keep=1, use_cache=True))
                 kv_bytes = kv_cache_bytes_after_prefill(output_cache(output), generated=1)
                 kv_cache_mb[name] = kv_bytes / 2**20 if kv_bytes is not None else None
                 if repeat:
@@ -176,8 +161,8 @@ def answer_from_cache(
     inputs = processor(images=[image], text=[build_prompt(processor, question)], return_tensors="pt").to(device)
     hits = cache.hits
     with torch.inference_mode():
-        prepared, vision_ms = _timed(lambda: adapter.prepare(inputs, cache=cache))
-        _, prefill_ms = _timed(partial(model, **prepared, logits_to_keep=1, use_cache=True))
+        prepared, vision_ms = timed(lambda: adapter.prepare(inputs, cache=cache))
+        _, prefill_ms = timed(partial(model, **prepared, logits_to_keep=1, use_cache=True))
     answer = _answer(model, processor, prepared, max_new)
     return FollowUp(question, answer, vision_ms, prefill_ms, cache.hits - hits)
 

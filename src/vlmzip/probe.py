@@ -7,13 +7,16 @@ the encoder stops right after the feature layer: later layers never run.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from vlmzip.core import BatchRows, batch_rows
 
 DEFAULT_QUERY_CHUNK = 256
 
@@ -193,6 +196,45 @@ class ProbeOutput:
     has_cls: bool
     num_prefix_tokens: int
     grid: tuple[int, int]
+
+    @classmethod
+    def cat(cls, probes: Sequence[ProbeOutput]) -> ProbeOutput:
+        """One batch of the rows of `probes`, in order: they must come from one tower layout
+        (the same [CLS], prefix tokens and patch grid)."""
+        probes = list(probes)
+        if not probes or not all(isinstance(p, ProbeOutput) for p in probes):
+            raise ValueError("probes must be a non-empty sequence of ProbeOutput")
+        first = probes[0]
+        layout = (first.has_cls, first.num_prefix_tokens, tuple(first.grid))
+        for probe in probes[1:]:
+            if (probe.has_cls, probe.num_prefix_tokens, tuple(probe.grid)) != layout:
+                raise ValueError(
+                    "probes must share has_cls, num_prefix_tokens and grid, got "
+                    f"{layout} and {(probe.has_cls, probe.num_prefix_tokens, tuple(probe.grid))}"
+                )
+        return cls(
+            features=torch.cat([p.features for p in probes]),
+            scores=torch.cat([p.scores for p in probes]),
+            keys=torch.cat([p.keys for p in probes]),
+            has_cls=first.has_cls,
+            num_prefix_tokens=first.num_prefix_tokens,
+            grid=first.grid,
+        )
+
+    def __getitem__(self, rows: BatchRows) -> ProbeOutput:
+        """The probe of the rows `rows` of the batch (an int keeps its batch dimension: one row)."""
+        return dataclasses.replace(
+            self,
+            features=batch_rows(self.features, rows),
+            scores=batch_rows(self.scores, rows),
+            keys=batch_rows(self.keys, rows),
+        )
+
+    def to(self, device: torch.device | str) -> ProbeOutput:
+        """The same probe with its tensors on `device`."""
+        return dataclasses.replace(
+            self, features=self.features.to(device), scores=self.scores.to(device), keys=self.keys.to(device)
+        )
 
 
 class _StopAfterFeatureLayer(Exception):

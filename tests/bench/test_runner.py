@@ -8,7 +8,7 @@ import torch
 from conftest import make_llava, make_llava_processor, random_images
 from vlmzip.bench.flops import FlopCounter, linear_weights
 from vlmzip.bench.runner import PipelineBench, kv_cache_bytes_after_prefill, with_ratios
-from vlmzip.bench.variants import FULL, Variant, build_variants
+from vlmzip.variants import FULL, Variant, build_variants
 
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
 
@@ -123,7 +123,7 @@ def test_bad_inputs(model, inputs):
 
 
 def test_unit_tokens_follow_the_processed_resolution(model):
-    from vlmzip.bench.variants import unit_tokens
+    from vlmzip.variants import unit_tokens
 
     assert unit_tokens(model, {"pixel_values": torch.zeros(1, 3, 336, 336)}) == 577
     assert unit_tokens(model, {"pixel_values": torch.zeros(1, 3, 224, 224)}) == 1 + 16 * 16  # not the config's 336

@@ -8,10 +8,10 @@ import torch
 import vlmzip
 from conftest import make_llava, make_llava_processor
 from eval.tiny_data import write_vqa
-from vlmzip.bench.variants import FULL, Variant
 from vlmzip.cache import ImageCache
 from vlmzip.eval.evaluator import Evaluator
 from vlmzip.eval.items import held_out_set, jsonl_set
+from vlmzip.variants import FULL, Variant
 
 NEW_TOKENS = 3
 

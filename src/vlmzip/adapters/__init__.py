@@ -1,10 +1,13 @@
-"""One adapter per model family; `adapter_for(model)` picks it by the model's class."""
+"""One adapter per model family; `adapter_class_for(model)` picks it by the model's class, and
+`geometry_of(model)` describes the family's tower and token counts without a budget."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
-from vlmzip.adapters.base import Adapter
+from vlmzip.adapters.base import Adapter, FamilyGeometry
 from vlmzip.adapters.gemma3 import Gemma3Adapter
 from vlmzip.adapters.internvl import InternVLAdapter
 from vlmzip.adapters.llava import LlavaAdapter
@@ -44,4 +47,28 @@ def adapter_class_for(model: nn.Module) -> type[Adapter]:
     raise ValueError(f"model: unsupported model family {name}; supported: {supported_families()}")
 
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_class_for", "supported_families"]
+def check_supported(model: nn.Module) -> None:
+    """Raise the error `adapter_class_for` raises for a model no family handles (TypeError, ValueError)."""
+    adapter_class_for(model)
+
+
+def geometry_of(model: nn.Module, processor: Any = None) -> FamilyGeometry:
+    """The config-free description of `model`'s family: vision tower, projector, feature layer, placeholder
+    ids, token counts per image / crop (at `processor`'s input size where given, else at the model's own
+    directory's processor or the tower config's size), and whether the placeholders leave out [CLS].
+
+    Raises the unsupported-model error of `adapter_class_for` (and a family's own refusal of a model
+    configuration it cannot handle).
+    """
+    return adapter_class_for(model).geometry(model, processor)
+
+
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "FamilyGeometry",
+    "adapter_class_for",
+    "check_supported",
+    "geometry_of",
+    "supported_families",
+]

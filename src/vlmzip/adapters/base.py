@@ -20,12 +20,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmzip.adapters.cached import CachedEncoding
 from vlmzip.adapters.encoded import EncodedImages
+from vlmzip.adapters.probes import ProbeSourcing
 from vlmzip.cache import ImageCache, VisualUnit
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction, adaptive_dominant
 from vlmzip.images import processor_input_size
 from vlmzip.methods import get_method
-from vlmzip.probe import ProbeOutput, TowerInfo, check_finite, probe_vision_tower, resolve_tower
+from vlmzip.probe import ProbeOutput, TowerInfo, check_finite, resolve_tower
 
 PaddingSide = Literal["left", "right"]
 # units_inputs() of multi-crop families: crops per image, stated instead of derived from image sizes.
@@ -34,56 +35,47 @@ _APPLIED = object()  # prepare(cache=...) default: the cache given to vlmzip.app
 IGNORE_INDEX = -100  # transformers' label value for positions without loss
 
 
-def split_rows(reduction: Reduction) -> list[Reduction]:
-    """One single-row Reduction per row of a batched one (views, no copies)."""
-    return [
-        Reduction(
-            features=reduction.features[row : row + 1],
-            kept_indices=reduction.kept_indices[row : row + 1],
-            groups=reduction.groups[row : row + 1],
-            scores=reduction.scores[row : row + 1] if reduction.scores is not None else None,
-        )
-        for row in range(reduction.features.shape[0])
-    ]
-
-
 def original_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, L) position ids of a prompt as `generate()` numbers it: real tokens 0, 1, ...; padding 0."""
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.masked_fill(attention_mask == 0, 0)
 
 
-class Adapter(CachedEncoding):
-    """Base class of the per-family adapters; one instance lives on each patched model."""
+class FamilyGeometry:
+    """What a family's adapter knows without a budget: where the tower and projector are, the feature layer,
+    the placeholder ids, and the token counts per image / crop. Built from a model alone by
+    `vlmzip.adapters.geometry_of(model, processor=None)`; `Adapter` adds the budgeted reduction on top.
+    """
 
-    families: ClassVar[tuple[str, ...]] = ()  # model class names this adapter handles
+    families: ClassVar[tuple[str, ...]] = ()  # model class names this family handles
     image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)  # consumed by prepare()
     modality: ClassVar[str] = "image"
-    # Families with 1-D position ids whose encode() fills `EncodedImages.positions` set this (see position_ids).
-    supports_original_positions: ClassVar[bool] = False
-    # Families that always keep the unreduced prompt's positions (M-RoPE) and build them in their own prepare().
-    keeps_original_positions: ClassVar[bool] = False
-    # Families whose encode() reduces through run_method() and takes its per-unit lists (adaptive budgets).
-    supports_adaptive: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module, config: VisionZipConfig, processor: Any = None) -> None:
+    def __init__(self, model: nn.Module, processor: Any = None, feature_layer: int | None = None) -> None:
         self.model = model
-        self.config = config
         # Where the input geometry comes from: the model's processor, else the directory it was loaded from.
         self.processor_source = processor if processor is not None else model_directory(model)
-        if config.positions == "original" and not (self.supports_original_positions or self.keeps_original_positions):
-            raise ValueError(
-                f"positions='original' is not supported for {type(model).__name__}; use positions='compact'"
-            )
-        if config.adaptive and not self.supports_adaptive:
-            raise ValueError(
-                f"attention_mass (adaptive budget) is not supported for {type(model).__name__}; use a fixed budget"
-            )
+        self.check_model()
         self.tower_info: TowerInfo = self.resolve_tower_info()
-        self.feature_layer = self._resolve_feature_layer()
-        self.method = get_method(config.method)
-        self.check_budget()
-        self.cache: ImageCache | None = None  # set by vlmzip.apply(..., cache=...)
+        self.feature_layer = self.resolve_feature_layer(feature_layer)
+
+    @classmethod
+    def geometry(cls, model: nn.Module, processor: Any = None) -> FamilyGeometry:
+        """This family's geometry of `model`, without a budget: the members of `FamilyGeometry` work on it,
+        the reduction needs an adapter (`vlmzip.apply`). See `vlmzip.adapters.geometry_of`."""
+        geometry = cls.__new__(cls)
+        FamilyGeometry.__init__(geometry, model, processor)
+        return geometry
+
+    def check_model(self) -> None:
+        """Refuse a model of this family whose configuration the family cannot handle (a ValueError)."""
+
+    @classmethod
+    def model_position_ids(cls, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+        """The position-ids hook of a text continuation: the position ids `model` computes itself for these
+        processor (or prepared) outputs, where a caller that feeds them piecewise (a multi-turn dialogue)
+        must pass them explicitly (M-RoPE); None where the model numbers its tokens 1-D itself."""
+        return None
 
     # --- what each family provides -------------------------------------------------------
     def vision_tower(self) -> nn.Module:
@@ -121,20 +113,6 @@ class Adapter(CachedEncoding):
             return self.tower_info.num_tokens(*pixel_values.shape[-2:])
         return self.tokens_per_unit()
 
-    def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
-        raise NotImplementedError
-
-    def visual_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit] | None:
-        """Every image / video of `inputs` in text order, as the cache keys it, without running the tower.
-
-        Families that return None are cached per call: one key per item, all items encoded together.
-        """
-        return None
-
-    def units_inputs(self, units: Sequence[VisualUnit]) -> dict[str, Any]:
-        """Inputs for `encode` that hold these items only, in this order (families with `visual_units`)."""
-        raise NotImplementedError
-
     # --- shared ----------------------------------------------------------------------------
     @property
     def image_token_id(self) -> int:
@@ -151,6 +129,11 @@ class Adapter(CachedEncoding):
         """Placeholder token ids whose runs `full_counts` and `encode` cover, in text order."""
         return (self.image_token_id,)
 
+    @property
+    def drops_cls(self) -> bool:
+        """Whether the processor's placeholders leave out the tower's [CLS] token (LLaVA's "default" strategy)."""
+        return False
+
     def placeholder_blocks(
         self, inputs: Mapping[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor, full_counts: list[int]
     ) -> list[tuple[int, int, int]]:
@@ -160,14 +143,8 @@ class Adapter(CachedEncoding):
         """
         return find_placeholder_blocks(input_ids, attention_mask, self.placeholder_token_ids, full_counts)
 
-    def attach_features(self, prepared: dict[str, Any], encoded: EncodedImages) -> None:
-        """Hand the reduced features to the model's precomputed-features path (after shrinking)."""
-        prepared["mm_encoder_outputs"] = {
-            self.modality: BaseModelOutputWithPooling(pooler_output=list(encoded.features))
-        }
-
-    def _resolve_feature_layer(self) -> int:
-        layer = self.config.feature_layer
+    def resolve_feature_layer(self, layer: int | None) -> int:
+        """The tower layer whose output the projector takes: `layer`, else the model config's choice."""
         if layer is None:
             layer = getattr(self.model.config, "vision_feature_layer", -2)
         if not isinstance(layer, int):
@@ -189,6 +166,55 @@ class Adapter(CachedEncoding):
             return f"at the processor's {size[0]}x{size[1]} input"
         image_size = getattr(getattr(self.model.config, "vision_config", None), "image_size", None)
         return f"at the tower config's image_size {image_size}" if image_size else "per image"
+
+
+class Adapter(FamilyGeometry, ProbeSourcing, CachedEncoding):
+    """Base class of the per-family adapters: the family's geometry plus a budget (`config`) and the
+    reduction it drives; one instance lives on each patched model."""
+
+    # Families with 1-D position ids whose encode() fills `EncodedImages.positions` set this (see position_ids).
+    supports_original_positions: ClassVar[bool] = False
+    # Families that always keep the unreduced prompt's positions (M-RoPE) and build them in their own prepare().
+    keeps_original_positions: ClassVar[bool] = False
+    # Families whose encode() reduces through run_method() and takes its per-unit lists (adaptive budgets).
+    supports_adaptive: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, config: VisionZipConfig, processor: Any = None) -> None:
+        self.config = config
+        if config.positions == "original" and not (self.supports_original_positions or self.keeps_original_positions):
+            raise ValueError(
+                f"positions='original' is not supported for {type(model).__name__}; use positions='compact'"
+            )
+        if config.adaptive and not self.supports_adaptive:
+            raise ValueError(
+                f"attention_mass (adaptive budget) is not supported for {type(model).__name__}; use a fixed budget"
+            )
+        super().__init__(model, processor, config.feature_layer)
+        self.method = get_method(config.method)
+        self.check_budget()
+        self.cache: ImageCache | None = None  # set by vlmzip.apply(..., cache=...)
+
+    # --- what each family provides -------------------------------------------------------
+    def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
+        raise NotImplementedError
+
+    def visual_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit] | None:
+        """Every image / video of `inputs` in text order, as the cache keys it, without running the tower.
+
+        Families that return None are cached per call: one key per item, all items encoded together.
+        """
+        return None
+
+    def units_inputs(self, units: Sequence[VisualUnit]) -> dict[str, Any]:
+        """Inputs for `encode` that hold these items only, in this order (families with `visual_units`)."""
+        raise NotImplementedError
+
+    # --- shared ----------------------------------------------------------------------------
+    def attach_features(self, prepared: dict[str, Any], encoded: EncodedImages) -> None:
+        """Hand the reduced features to the model's precomputed-features path (after shrinking)."""
+        prepared["mm_encoder_outputs"] = {
+            self.modality: BaseModelOutputWithPooling(pooler_output=list(encoded.features))
+        }
 
     def check_budget(self) -> None:
         available = self.tokens_per_unit()
@@ -236,15 +262,15 @@ class Adapter(CachedEncoding):
         for count in sorted(set(counts)):
             rows = [row for row, value in enumerate(counts) if value == count]
             fixed = config.replace(dominant=count, attention_mass=None, max_dominant=None, min_dominant=1)
-            for row, reduction in zip(rows, split_rows(self.method(take_rows(probe, rows), fixed)), strict=True):
+            for row, reduction in zip(rows, self.method(probe[rows], fixed).split(), strict=True):
                 units[row] = reduction
         return [unit for unit in units if unit is not None]
 
     def reduce(
         self, pixel_values: torch.Tensor, **tower_kwargs: Any
     ) -> tuple[ProbeOutput, Reduction | list[Reduction]]:
-        """Probe the tower at the feature layer and apply the configured method (see `run_method`)."""
-        probe = probe_vision_tower(self.vision_tower(), pixel_values, self.feature_layer, **tower_kwargs)
+        """Probe the tower at the feature layer (`probe_tower`) and apply the configured method (see `run_method`)."""
+        probe = self.probe_tower(pixel_values, **tower_kwargs)
         num_tokens = probe.features.shape[1]
         if self.config.fewest_tokens > num_tokens:
             raise ValueError(
@@ -379,19 +405,6 @@ def slots_of(encoded: EncodedImages, image: int, count: int) -> torch.Tensor:
     if encoded.slots is not None:
         return encoded.slots[image]
     return torch.arange(count)
-
-
-def take_rows(probe: ProbeOutput, rows: Sequence[int]) -> ProbeOutput:
-    """The probe of the units `rows` of a batch."""
-    index = torch.tensor(list(rows), device=probe.features.device)
-    return ProbeOutput(
-        features=probe.features[index],
-        scores=probe.scores[index],
-        keys=probe.keys[index],
-        has_cls=probe.has_cls,
-        num_prefix_tokens=probe.num_prefix_tokens,
-        grid=probe.grid,
-    )
 
 
 def prepare_unreduced(model: nn.Module, inputs: Mapping[str, Any], modality: str = "image") -> dict[str, Any]:

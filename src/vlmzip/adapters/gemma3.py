@@ -36,7 +36,7 @@ from vlmzip._validation import budget_error
 from vlmzip.adapters.base import Adapter, EncodedImages, check_square_batch
 from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.core import Reduction
-from vlmzip.probe import ProbeOutput, probe_vision_tower
+from vlmzip.probe import ProbeOutput
 
 
 class Gemma3Adapter(TowerAndProjector, Adapter):
@@ -44,8 +44,7 @@ class Gemma3Adapter(TowerAndProjector, Adapter):
     image_input_keys = ("pixel_values",)
 
     # --- model parts (vision_tower, projector: TowerAndProjector) ---------------------------
-    def _resolve_feature_layer(self) -> int:
-        layer = self.config.feature_layer
+    def resolve_feature_layer(self, layer: int | None) -> int:
         if layer is None:
             layer = -1  # the model projects SigLIP's last hidden state
         self.tower_info.feature_layer_index(layer)  # raises when out of range
@@ -97,7 +96,7 @@ class Gemma3Adapter(TowerAndProjector, Adapter):
     def pooled_probe(self, pixel_values: torch.Tensor) -> ProbeOutput:
         """The feature layer of every image, pooled to the soft-token grid (features, scores and keys alike)."""
         tower = self.vision_tower()
-        probe = probe_vision_tower(tower, pixel_values.to(tower.dtype), self.feature_layer)
+        probe = self.probe_tower(pixel_values.to(tower.dtype))
         features = probe.features
         if self._is_last_layer():
             features = getattr(tower, "vision_model", tower).post_layernorm(features)

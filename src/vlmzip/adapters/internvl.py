@@ -40,11 +40,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmzip._validation import budget_error
 from vlmzip.adapters.base import Adapter, EncodedImages, check_square_batch
-from vlmzip.adapters.llava_next import slice_probe
 from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
-from vlmzip.probe import ProbeOutput, probe_vision_tower, square_size
+from vlmzip.probe import ProbeOutput, square_size
 
 
 def image_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor, token_id: int) -> list[int]:
@@ -67,23 +66,25 @@ class InternVLAdapter(TowerAndProjector, Adapter):
     image_input_keys = ("pixel_values",)
 
     def __init__(self, model: nn.Module, config: VisionZipConfig, processor: Any = None) -> None:
-        strategy = getattr(model.config, "vision_feature_select_strategy", None)
-        if strategy != "default":
-            raise ValueError(
-                f"model: {type(model).__name__} with vision_feature_select_strategy={strategy!r} is not supported; "
-                "expected 'default' (the model's pixel shuffle needs [CLS] dropped)"
-            )
-        ratio = float(model.config.downsample_ratio)
-        factor = round(1 / ratio)
-        if factor < 1 or factor * ratio != 1:
-            raise ValueError(f"model: downsample_ratio must be 1 / an integer, got {ratio}")
-        self.shuffle_factor = factor
         if config.temporal_threshold is not None:
             raise ValueError(
                 f"temporal_threshold applies to videos; {type(model).__name__} reduces video frames as separate "
                 "images (leave it None)"
             )
         super().__init__(model, config, processor)
+
+    def check_model(self) -> None:
+        strategy = getattr(self.model.config, "vision_feature_select_strategy", None)
+        if strategy != "default":
+            raise ValueError(
+                f"model: {type(self.model).__name__} with vision_feature_select_strategy={strategy!r} is not "
+                "supported; expected 'default' (the model's pixel shuffle needs [CLS] dropped)"
+            )
+        ratio = float(self.model.config.downsample_ratio)
+        factor = round(1 / ratio)
+        if factor < 1 or factor * ratio != 1:
+            raise ValueError(f"model: downsample_ratio must be 1 / an integer, got {ratio}")
+        self.shuffle_factor = factor
 
     # --- model parts (vision_tower, projector: TowerAndProjector) ---------------------------
     @property
@@ -152,7 +153,7 @@ class InternVLAdapter(TowerAndProjector, Adapter):
     def shuffled_probe(self, pixel_values: torch.Tensor) -> ProbeOutput:
         """The feature layer of every tile as pixel-shuffled units: features, [CLS]-attention scores, keys."""
         tower = self.vision_tower()
-        probe = probe_vision_tower(tower, pixel_values.to(tower.dtype), self.feature_layer)
+        probe = self.probe_tower(pixel_values.to(tower.dtype))
         features = probe.features
         if self.feature_layer == -1:  # the model then takes last_hidden_state: the final layernorm applied
             features = tower.layernorm(features)  # (an identity on towers with mean pooling)
@@ -205,7 +206,7 @@ class InternVLAdapter(TowerAndProjector, Adapter):
         features, reductions = [], []
         start = 0
         for count, config in zip(tiles, configs, strict=True):
-            reduction = self.method(slice_probe(probe, start, start + count), config)
+            reduction = self.method(probe[start : start + count], config)
             start += count
             features.append(self.projector()(reduction.features).flatten(0, 1))
             reductions.append(reduction)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from vlmzip.adapters.base import Adapter, EncodedImages, split_rows
+from vlmzip.adapters.base import Adapter, EncodedImages
 from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.cache import VisualUnit
 from vlmzip.core import Reduction, anchor_indices
@@ -23,7 +23,8 @@ class LlavaAdapter(TowerAndProjector, Adapter):
     supports_original_positions = True
     supports_adaptive = True
 
-    def _drops_cls(self) -> bool:
+    @property
+    def drops_cls(self) -> bool:
         # "default" drops [CLS] from the full feature sequence, so the processor emits one fewer placeholder.
         return getattr(self.model.config, "vision_feature_select_strategy", "default") == "default"
 
@@ -45,19 +46,19 @@ class LlavaAdapter(TowerAndProjector, Adapter):
                 f"{getattr(pixel_values, 'shape', type(pixel_values).__name__)}"
             )
         height, width = pixel_values.shape[-2:]
-        per_image = self.tower_info.num_tokens(height, width) - (1 if self._drops_cls() else 0)
+        per_image = self.tower_info.num_tokens(height, width) - (1 if self.drops_cls else 0)
         return [per_image] * pixel_values.shape[0]
 
     def placeholder_of(self, anchors: torch.Tensor) -> torch.Tensor:
         """The placeholder (within the image's run) of each tower token index in `anchors`."""
-        return (anchors - (1 if self._drops_cls() else 0)).clamp(min=0)
+        return (anchors - (1 if self.drops_cls else 0)).clamp(min=0)
 
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         pixel_values = inputs["pixel_values"]
         _, reduced = self.reduce(pixel_values)
         if isinstance(reduced, Reduction):
             features = list(self.projector()(reduced.features).unbind(0))
-            reductions, units = [reduced], split_rows(reduced)
+            reductions, units = [reduced], reduced.split()
         else:  # adaptive budget: one reduction per image, of its own length
             features = [self.projector()(unit.features)[0] for unit in reduced]
             reductions = units = reduced

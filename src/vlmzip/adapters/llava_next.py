@@ -25,12 +25,12 @@ from torch import nn
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
 from vlmzip._validation import budget_error
-from vlmzip.adapters.base import CROP_COUNTS_KEY, Adapter, EncodedImages, split_rows
+from vlmzip.adapters.base import CROP_COUNTS_KEY, Adapter, EncodedImages
 from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.cache import VisualUnit
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction, anchor_indices
-from vlmzip.probe import ProbeOutput, probe_vision_tower
+from vlmzip.probe import ProbeOutput
 
 
 def anyres_layout(
@@ -85,18 +85,6 @@ def stitched_coordinates(
     return torch.stack([row, col], dim=1).float()
 
 
-def slice_probe(probe: ProbeOutput, start: int, end: int) -> ProbeOutput:
-    """The probe of crops `start:end` of a batch."""
-    return ProbeOutput(
-        features=probe.features[start:end],
-        scores=probe.scores[start:end],
-        keys=probe.keys[start:end],
-        has_cls=probe.has_cls,
-        num_prefix_tokens=probe.num_prefix_tokens,
-        grid=probe.grid,
-    )
-
-
 def _as_size_list(image_sizes: Any, count_name: str) -> list[tuple[int, int]]:
     if isinstance(image_sizes, torch.Tensor):
         image_sizes = image_sizes.tolist()
@@ -119,15 +107,17 @@ class LlavaNextAdapter(TowerAndProjector, Adapter):
     supports_adaptive = True
 
     def __init__(self, model: nn.Module, config: VisionZipConfig, processor: Any = None) -> None:
-        strategy = getattr(model.config, "vision_feature_select_strategy", None)
-        if strategy != self.feature_select_strategy:
-            raise ValueError(
-                f"model: {type(model).__name__} with vision_feature_select_strategy={strategy!r} is not supported; "
-                f"expected {self.feature_select_strategy!r}"
-            )
         if config.temporal_threshold is not None and not self.takes_videos:
             raise ValueError(f"temporal_threshold applies to videos; {type(model).__name__} takes none (leave it None)")
         super().__init__(model, config, processor)
+
+    def check_model(self) -> None:
+        strategy = getattr(self.model.config, "vision_feature_select_strategy", None)
+        if strategy != self.feature_select_strategy:
+            raise ValueError(
+                f"model: {type(self.model).__name__} with vision_feature_select_strategy={strategy!r} is not "
+                f"supported; expected {self.feature_select_strategy!r}"
+            )
 
     # --- model parts (vision_tower, projector: TowerAndProjector) ---------------------------
     @property
@@ -281,14 +271,14 @@ class LlavaNextAdapter(TowerAndProjector, Adapter):
         sizes = _as_size_list(inputs.get("image_sizes"), "image_sizes")
         crop_counts = self.image_crop_counts(inputs)
         full_counts = self.image_counts(inputs)
-        probe = probe_vision_tower(self.vision_tower(), self.image_crops(inputs, crop_counts), self.feature_layer)
+        probe = self.probe_tower(self.image_crops(inputs, crop_counts))
         features, reductions, positions = [], [], []
         start = 0
         for image, (crops, size) in enumerate(zip(crop_counts, sizes, strict=True)):
-            reduced = self.reduce_units(slice_probe(probe, start, start + crops), crops)
+            reduced = self.reduce_units(probe[start : start + crops], crops)
             start += crops
             if isinstance(reduced, Reduction):
-                units = split_rows(reduced)
+                units = reduced.split()
                 projected, kept = self.projector()(reduced.features), reduced.kept_indices
                 reductions.append(reduced)
             else:  # adaptive budget: crops of different lengths

@@ -28,16 +28,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from vlmzip._validation import budget_error
-from vlmzip.adapters.base import EncodedImages, placeholder_order, split_rows
+from vlmzip.adapters.base import EncodedImages, placeholder_order
 from vlmzip.adapters.cached import units_input_ids
 from vlmzip.adapters.llava_next import LlavaNextAdapter
 from vlmzip.cache import VisualUnit
-from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction, anchor_indices
-from vlmzip.probe import ProbeOutput, probe_vision_tower, resolve_tower
+from vlmzip.probe import ProbeOutput, resolve_tower
 from vlmzip.video import temporal_keep_mask
 
 IMAGE, VIDEO = "image", "video"
@@ -49,14 +47,14 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     feature_select_strategy = "full"
     takes_videos = True
 
-    def __init__(self, model: nn.Module, config: VisionZipConfig, processor: Any = None) -> None:
-        tower = model.model.vision_tower
+    def check_model(self) -> None:
+        super().check_model()
+        tower = self.model.model.vision_tower
         if resolve_tower(tower).num_prefix_tokens:  # the model's video pooling assumes a square patch grid
             raise ValueError(
                 f"model: LLaVA-OneVision needs a vision tower without [CLS] or register tokens (SigLIP), "
                 f"got {type(tower).__name__}"
             )
-        super().__init__(model, config, processor)
 
     @property
     def video_token_id(self) -> int:
@@ -120,7 +118,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def pooled_probe(self, videos: torch.Tensor) -> ProbeOutput:
         """The feature layer of every frame, projected and pooled as the model pools video frames."""
-        probe = probe_vision_tower(self.vision_tower(), videos.flatten(0, 1), self.feature_layer)
+        probe = self.probe_tower(videos.flatten(0, 1))
         pool = self.model.model.apply_pooling  # bilinear, on any (frames, tokens, channels) tensor
         return ProbeOutput(
             features=pool(self.projector()(probe.features)),
@@ -140,7 +138,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             raise budget_error(config, rows * cols, " per video frame (the pooled tokens the model gives each frame)")
         probe = self.pooled_probe(videos)
         reduced = self.run_method(probe, config)
-        units = split_rows(reduced) if isinstance(reduced, Reduction) else reduced
+        units = reduced.split() if isinstance(reduced, Reduction) else reduced
         newline = self.model.model.image_newline.to(probe.features).unsqueeze(0)
         full_counts = self.video_counts(inputs)
         features, positions = [], []

@@ -57,17 +57,6 @@ def merge_units(rows: int, cols: int, merge: int) -> torch.Tensor:
     return functional.unfold(indices, kernel_size=merge, stride=merge)[0].t().round().long()
 
 
-def concat_reductions(reductions: Sequence[Reduction]) -> Reduction:
-    """Batch-1 reductions of equal shapes as one batched `Reduction`."""
-    scores = [r.scores for r in reductions]
-    return Reduction(
-        features=torch.cat([r.features for r in reductions]),
-        kept_indices=torch.cat([r.kept_indices for r in reductions]),
-        groups=torch.cat([r.groups for r in reductions]),
-        scores=None if any(score is None for score in scores) else torch.cat(scores),
-    )
-
-
 def image_grids(image_sizes: Sequence[Sequence[int]], patch_size: int) -> list[tuple[int, int]]:
     return [(int(height) // patch_size, int(width) // patch_size) for height, width in image_sizes]
 
@@ -135,6 +124,7 @@ def probe_pixtral_tower(
 
 
 class Mistral3Adapter(TowerAndProjector, Adapter):
+    serves_probes = False  # the tower is probed per image by probe_pixtral_tower
     families = ("Mistral3ForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
 
@@ -286,7 +276,7 @@ class Mistral3Adapter(TowerAndProjector, Adapter):
             num_prefix_tokens=0,
             grid=probes[0].grid,
         )
-        return probe, concat_reductions(reductions)
+        return probe, Reduction.cat(reductions)
 
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         sizes = self.image_sizes(inputs)

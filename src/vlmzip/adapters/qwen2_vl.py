@@ -292,7 +292,13 @@ class Qwen2VLAdapter(Adapter):
     video_slice_runs: ClassVar[bool] = False
     # M-RoPE: the unreduced prompt's 3-D positions, always (positions="compact" and "original" alike).
     keeps_original_positions = True
+    serves_probes = False  # the tower is probed per image by probe_qwen_tower
     supports_adaptive = True
+
+    @classmethod
+    def model_position_ids(cls, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+        """(3, batch, length) M-RoPE positions, as the model's own `get_rope_index` computes them."""
+        return mrope_positions(model, inputs)
 
     def vision_tower(self) -> nn.Module:
         return self.model.model.visual
@@ -310,12 +316,12 @@ class Qwen2VLAdapter(Adapter):
         )
         return resolve_tower(tower, layout)
 
-    def _resolve_feature_layer(self) -> int:
+    def resolve_feature_layer(self, layer: int | None) -> int:
         # The visual tokens are the merger's output after the final block: there is no layer to choose.
-        if self.config.feature_layer not in (None, -1):
+        if layer not in (None, -1):
             raise ValueError(
                 f"feature_layer: {self.family_name} visual tokens are the merger output of the tower's final "
-                f"block; leave feature_layer as None (or -1), got {self.config.feature_layer}"
+                f"block; leave feature_layer as None (or -1), got {layer}"
             )
         return -1
 

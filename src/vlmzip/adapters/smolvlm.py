@@ -32,9 +32,8 @@ from torch import nn
 
 from vlmzip._validation import budget_error
 from vlmzip.adapters.base import Adapter, EncodedImages
-from vlmzip.adapters.llava_next import slice_probe
 from vlmzip.core import Reduction
-from vlmzip.probe import ProbeOutput, TowerInfo, TowerLayout, probe_vision_tower, resolve_tower
+from vlmzip.probe import ProbeOutput, TowerInfo, TowerLayout, resolve_tower
 
 SMOLVLM_TOWER = TowerLayout(
     layers=lambda tower: tower.encoder.layers,
@@ -82,8 +81,8 @@ class SmolVLMAdapter(Adapter):
     def resolve_tower_info(self) -> TowerInfo:
         return resolve_tower(self.vision_tower(), SMOLVLM_TOWER)
 
-    def _resolve_feature_layer(self) -> int:
-        layer = -1 if self.config.feature_layer is None else self.config.feature_layer
+    def resolve_feature_layer(self, layer: int | None) -> int:
+        layer = -1 if layer is None else layer
         self.tower_info.feature_layer_index(layer)  # raises when out of range
         return layer
 
@@ -199,7 +198,7 @@ class SmolVLMAdapter(Adapter):
                     "inputs['pixel_attention_mask']: tiles with padded patches are not supported; SmolVLM's "
                     "processor makes every tile full (image splitting resizes to whole tiles)"
                 )
-        probe = probe_vision_tower(tower, tiles.to(tower.dtype), self.feature_layer, layout=SMOLVLM_TOWER)
+        probe = self.probe_tower(tiles.to(tower.dtype), layout=SMOLVLM_TOWER)
         projected = self.connector()(tower.post_layernorm(probe.features))
         grid = (side // self.scale, side // self.scale)
         return pool_units(probe, shuffle_units(self.connector(), side), projected, grid)
@@ -234,7 +233,7 @@ class SmolVLMAdapter(Adapter):
         else:
             reductions, start = [], 0
             for count in self.tile_groups(inputs, tiles.shape[0]):
-                reductions.append(self.reduce_tiles(slice_probe(probe, start, start + count), count))
+                reductions.append(self.reduce_tiles(probe[start : start + count], count))
                 start += count
         features = [tile for reduction in reductions for tile in reduction.features.unbind(0)]
         return EncodedImages(features=features, full_counts=full_counts, reductions=reductions)

@@ -9,10 +9,16 @@ from typing import Any
 import torch
 
 from vlmzip.bench.report import row_label, tokens_cell
-from vlmzip.bench.variants import DEFAULT_BUDGETS
-from vlmzip.cli_options import add_variant_options, check_device, load_model_for_cli, variants_from_args
+from vlmzip.cli_options import (
+    DTYPE_NAMES,
+    add_variant_options,
+    check_device,
+    dtype_named,
+    load_model_for_cli,
+    variants_from_args,
+)
+from vlmzip.variants import DEFAULT_BUDGETS
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_QUESTION = "What is shown in the image?"
 # Later questions of --questions-per-image, after the first one (numbered when more are asked).
 FOLLOW_UP_QUESTIONS = (
@@ -50,7 +56,7 @@ def synthetic_image(size: int = 336) -> Any:
 
 def load_subject(args: argparse.Namespace) -> tuple[Any, Any, str, list[int], Any, str]:
     """(model, processor, name, default budgets, image, question) as the arguments ask."""
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = dtype_named(args.dtype) if args.dtype else None
     image, question, image_size = None, args.question, 336
     if args.arch is not None:
         from vlmzip.bench.arch import ARCHS, build_arch
@@ -173,7 +179,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from vlmzip.bench.report import check_output_path, table_console, write_json
     from vlmzip.bench.runner import PipelineBench, with_ratios
     from vlmzip.config import check_int
-    from vlmzip.demo import build_prompt
+    from vlmzip.prompts import build_prompt
 
     if args.model is not None and args.arch is not None:
         raise ValueError("give either --model or --arch, not both")
@@ -290,7 +296,7 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--repeats", type=int, help="measured rounds (default 3; 1 with --arch)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (default 1)")
     parser.add_argument("--new-tokens", type=int, help="answer length for decode and end-to-end (default 16; 4 --arch)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default float32; bfloat16 with --arch)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default float32; bfloat16 with --arch)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--image", help="image file (default: a bundled sample, or a synthetic picture)")

@@ -31,14 +31,14 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from vlmzip.adapters import adapter_class_for
+from vlmzip.adapters import geometry_of
 from vlmzip.bench.flops import FlopCounter, projector_modules
-from vlmzip.bench.memory import PeakMemory
-from vlmzip.bench.variants import Variant, VariantRunner, unit_tokens
 from vlmzip.cache import ImageCache
 from vlmzip.compat import output_cache
 from vlmzip.config import VisionZipConfig, check_int
+from vlmzip.measure import PeakMemory, kv_cache_bytes_after_prefill
 from vlmzip.model_parts import language_model_of
+from vlmzip.variants import Variant, VariantRunner, unit_tokens
 
 # Per-run quantities; each is reported as median, min and max over the repeats.
 TIMED_METRICS = (
@@ -186,33 +186,6 @@ class _FirstLogits(LogitsProcessor):
         return scores
 
 
-def kv_cache_bytes_after_prefill(cache: Any, generated: int) -> float | None:
-    """Bytes of keys and values the cache held right after the prefill (before `generated - 1` decoding steps),
-    plus the fixed-size states of linear-attention layers."""
-    layers = getattr(cache, "layers", None)
-    if not layers:
-        return None
-    total = 0.0
-    for layer in layers:
-        # Linear-attention layers (e.g. Qwen3.5's Gated DeltaNet) hold fixed-size states, whatever the length.
-        states = [
-            state
-            for name in ("conv_states", "recurrent_states")
-            for state in (getattr(layer, name, None) or {}).values()
-            if isinstance(state, torch.Tensor)
-        ]
-        total += sum(state.nbytes for state in states)
-        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if states and not isinstance(keys, torch.Tensor):
-            continue
-        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or keys.ndim < 2:
-            return None
-        length = keys.shape[-2]
-        prefill = length - (generated - 1)
-        total += (keys.nbytes + values.nbytes) * prefill / max(1, length)
-    return total
-
-
 class PipelineBench:
     """Measures variants of one model on one batch of processor outputs."""
 
@@ -236,7 +209,7 @@ class PipelineBench:
         self.new_tokens = check_int("new_tokens", new_tokens, 1)
         self.device = next(model.parameters()).device
         self.clock = _Clock(self.device)
-        reference = adapter_class_for(model)(model, VisionZipConfig(dominant=1, contextual=0))
+        reference = geometry_of(model)
         self.vision_tower = reference.vision_tower()
         self.image_token_ids = reference.placeholder_token_ids
         input_ids = inputs["input_ids"]
@@ -333,8 +306,8 @@ class PipelineBench:
 
         batch = prepared["input_ids"].shape[0]
         decode_seconds = stamps["end"] - stamps["first_logits"]
-        if runner.fastv is not None and runner.fastv.last_kept is not None:
-            tokens = self._count_visual(prepared["input_ids"].gather(1, runner.fastv.last_kept))
+        if runner.pruner is not None and runner.pruner.last_kept is not None:
+            tokens = self._count_visual(prepared["input_ids"].gather(1, runner.pruner.last_kept))
         else:
             tokens = self._count_visual(prepared["input_ids"])
         kv_bytes = kv_cache_bytes_after_prefill(output_cache(output), self.new_tokens)
@@ -373,8 +346,8 @@ class PipelineBench:
         variants = list(self.runners)
         results = {variant: VariantResult(variant) for variant in variants}
         for variant, runner in self.runners.items():
-            if runner.fastv is not None:
-                results[variant].extra["fastv_layer"] = runner.fastv.layer
+            if runner.pruner is not None:
+                results[variant].extra[f"{variant.method}_layer"] = runner.pruner.layer
         for round_index in range(warmup + repeats):
             shift = round_index % len(variants)
             for variant in variants[shift:] + variants[:shift]:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlmzip.config import check_int
+from vlmzip.prompts import build_prompt
 
 IMAGE_SIZE = 336
 SHAPES = ("circle", "square", "triangle", "star", "cross")
@@ -384,7 +385,7 @@ PROMPT_TEMPLATE = "<image>\nQuestion: {question} Answer:"
 
 def format_prompt(question: str) -> str:
     """The prompt the default model was trained on (one image, one question)."""
-    return PROMPT_TEMPLATE.format(question=question)
+    return build_prompt(None, question, template=PROMPT_TEMPLATE)
 
 
 def answer_vocabulary() -> list[str]:

@@ -111,14 +111,14 @@ def run_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from vlmzip.bench.cli import DTYPES
     from vlmzip.bench.report import check_output_path, table_console
-    from vlmzip.bench.variants import DEFAULT_BUDGETS
-    from vlmzip.cli_options import check_device, load_model_for_cli, variants_from_args
+    from vlmzip.cli_options import check_device, dtype_named, load_model_for_cli, variants_from_args
     from vlmzip.config import check_int
     from vlmzip.eval.evaluator import Evaluator
     from vlmzip.eval.items import DEFAULT_LIMIT, held_out_set, jsonl_set
     from vlmzip.outputs import model_inputs
+    from vlmzip.prompts import build_prompt
+    from vlmzip.variants import DEFAULT_BUDGETS
 
     inputs = [*model_inputs(args.model), ("--data", args.data)]
     json_path = check_output_path(args.json, ".json", "--json", inputs)
@@ -150,7 +150,7 @@ def run_eval(args: argparse.Namespace) -> int:
             images = [("an image of --data", item.image_key) for item in {i.image_key: i for i in data.items}.values()]
             check_output_path(args.json, ".json", "--json", images)
             check_output_path(args.plot, ".png", "--plot", images)
-        model, processor = load_model_for_cli(args.model, dtype=DTYPES[args.dtype])
+        model, processor = load_model_for_cli(args.model, dtype=dtype_named(args.dtype))
         model = model.to(args.device)
         if args.quantize != "none":
             from vlmzip.bench.quantize import quantize_language_model
@@ -161,16 +161,9 @@ def run_eval(args: argparse.Namespace) -> int:
             from vlmzip.cache import ImageCache
 
             image_cache = ImageCache(max_bytes=cache_mb * 2**20, directory=args.cache_dir)
-        if args.prompt is not None:
-            template = args.prompt
 
-            def prompt(question: str) -> str:
-                return template.replace("{question}", question)
-        else:
-            from vlmzip.demo import build_prompt
-
-            def prompt(question: str) -> str:
-                return build_prompt(processor, question)
+        def prompt(question: str) -> str:
+            return build_prompt(processor, question, template=args.prompt)
 
         variants = variants_from_args(args, DEFAULT_BUDGETS, model, console)
         evaluator = Evaluator(
@@ -227,7 +220,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
-    from vlmzip.cli_options import add_variant_options
+    from vlmzip.cli_options import DTYPE_NAMES, add_variant_options
 
     help_text = "Accuracy and retention of every reduction method at every budget (greedy, batched, resumable)."
     parser = subcommands.add_parser(
@@ -249,7 +242,7 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="questions per generate() call (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default 8)")
     parser.add_argument("--prompt", help="prompt template with {question} (default: the model's chat template)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="(float32)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="(float32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument(
         "--quantize",

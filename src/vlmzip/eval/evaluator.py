@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmzip.adapters import adapter_class_for
-from vlmzip.bench.variants import Variant, VariantRunner, unit_tokens
+from vlmzip.adapters import geometry_of
 from vlmzip.cache import ImageCache, check_cache
-from vlmzip.config import VisionZipConfig, check_int
+from vlmzip.config import check_int
 from vlmzip.data import is_correct
 from vlmzip.eval.items import EvalItem, EvalSet
 from vlmzip.images import load_image
+from vlmzip.variants import Variant, VariantRunner, unit_tokens
 
 
 @dataclass
@@ -101,7 +101,7 @@ class Evaluator:
         self.device = next(model.parameters()).device
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.tokenizer.padding_side = "left"
-        self.reference = adapter_class_for(model)(model, VisionZipConfig(dominant=1, contextual=0))
+        self.geometry = geometry_of(model, processor)
         self.image_cache = check_cache(image_cache)
         self._unit_tokens: int | None = None  # tower tokens per image at the processor's resolution
 
@@ -148,8 +148,8 @@ class Evaluator:
 
     def _visual_tokens(self, runner: VariantRunner, prepared: dict[str, Any]) -> list[int]:
         """Visual tokens of every sample of a prepared batch (one image per item)."""
-        ids = torch.tensor(self.reference.placeholder_token_ids, device=self.device)
+        ids = torch.tensor(self.geometry.placeholder_token_ids, device=self.device)
         input_ids = prepared["input_ids"]
-        if runner.fastv is not None and runner.fastv.last_kept is not None:
-            input_ids = input_ids.gather(1, runner.fastv.last_kept.to(self.device))  # what layers >= K keep
+        if runner.pruner is not None and runner.pruner.last_kept is not None:
+            input_ids = input_ids.gather(1, runner.pruner.last_kept.to(self.device))  # what layers >= K keep
         return torch.isin(input_ids, ids).sum(dim=1).tolist()

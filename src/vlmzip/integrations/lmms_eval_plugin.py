@@ -16,7 +16,6 @@ model_args:
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -26,7 +25,6 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 MODEL_ID = "visionzip_llava"
-FULL = "full"
 
 
 def manifests() -> list[Any]:
@@ -69,41 +67,31 @@ class VisionZipLlava(lmms):
         if unknown:
             raise ValueError(f"model_args: unknown arguments {sorted(unknown)}")
         import vlmzip
-        from vlmzip.config import VisionZipConfig, check_int
+        from vlmzip.cli_options import dtype_named
+        from vlmzip.config import check_int
         from vlmzip.loading import load_model
-        from vlmzip.methods.fastv import FASTV_METHOD, FastV
+        from vlmzip.variants import VariantRunner, single_variant, unit_tokens
 
-        if tokens is not None and (dominant is not None or contextual is not None):
-            raise ValueError("model_args: give tokens or dominant/contextual, not both")
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"model_args: dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        try:
+            variant = single_variant(method, tokens, dominant, contextual)
+            torch_dtype = dtype_named(dtype, "dtype")
+        except ValueError as error:
+            raise ValueError(f"model_args: {error}") from None
         self.batch_size_per_gpu = check_int("batch_size", int(batch_size), 1)
         self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
         path = None if pretrained in (None, "", "default") else str(pretrained)
-        model, processor = load_model(path, dtype=getattr(torch, dtype))
+        model, processor = load_model(path, dtype=torch_dtype)
         self._device = torch.device(device)
         self.model = model.to(self._device).eval()
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.tokenizer.padding_side = "left"
         self.method = method
-        self._fastv: FastV | None = None
-        if tokens is not None:
-            config = VisionZipConfig.from_tokens(
-                tokens, method=method if method not in (FULL, FASTV_METHOD) else "visionzip"
-            )
-        else:
-            config = VisionZipConfig(
-                dominant=54 if dominant is None else dominant,
-                contextual=10 if contextual is None else contextual,
-                method=method if method not in (FULL, FASTV_METHOD) else "visionzip",
-            )
-        self.config = config
-        if method == FASTV_METHOD:
-            image_tokens = int(getattr(self.model.config, "image_seq_length", 0)) or None
-            self._fastv = FastV(self.model, tokens=config.tokens, image_tokens=image_tokens)
-        elif method != FULL:
-            vlmzip.apply(self.model, config)  # validates the method name and budget
+        self.variant = variant
+        units = unit_tokens(self.model, processor=processor) if VariantRunner.needs_unit_tokens([variant]) else None
+        self.runner = VariantRunner(self.model, variant, units)  # validates the budget against the model
+        if self.runner.reduces_before_llm:
+            vlmzip.apply(self.model, variant.config())  # the loaded model carries the reduction it is evaluated with
 
     # --- what lmms-eval asks of a model ------------------------------------------------------------
     @property
@@ -114,19 +102,17 @@ class VisionZipLlava(lmms):
     def device(self) -> torch.device:
         return self._device
 
-    def _generating(self) -> contextlib.AbstractContextManager:
-        return self._fastv if self._fastv is not None else contextlib.nullcontext()
-
     def _prompt(self, context: str, images: int) -> str:
         """The model's chat template around the images and the task's text (LLaVA-1.5 style without one)."""
+        from vlmzip.prompts import QUESTION_FIELD, build_prompt
+
         image_token = getattr(self.processor, "image_token", "<image>")
         if image_token in context:
             images = 0  # the task placed its image tokens itself
-        if getattr(self.processor, "chat_template", None):
-            content = [{"type": "image"}] * images + [{"type": "text", "text": context}]
-            messages = [{"role": "user", "content": content}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return "USER: " + f"{image_token}\n" * images + f"{context} ASSISTANT:"
+        template = None
+        if not getattr(self.processor, "chat_template", None):
+            template = "USER: " + f"{image_token}\n" * images + f"{QUESTION_FIELD} ASSISTANT:"
+        return build_prompt(self.processor, context, images, template)
 
     def _visuals(self, request: Instance) -> list[Any]:
         doc_to_visual, doc_id, task, split = request.args[2:6]
@@ -161,7 +147,7 @@ class VisionZipLlava(lmms):
                 images += visuals
                 texts.append(self._prompt(request.args[0], len(visuals)))
             inputs = self._prepared(self._encode(texts, images))
-            with torch.inference_mode(), self._generating():
+            with torch.inference_mode(), self.runner.generating():
                 output = self.model.generate(
                     **inputs,
                     max_new_tokens=int(generation.get("max_new_tokens", self.max_new_tokens)),
@@ -183,18 +169,18 @@ class VisionZipLlava(lmms):
         return [answer or "" for answer in results]
 
     def _prepared(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """With VisionZip applied, the reduced inputs (so that the answer starts after the shorter prompt)."""
-        import vlmzip
-
-        if vlmzip.is_applied(self.model) and inputs.get("pixel_values") is not None:
-            return vlmzip.prepare(self.model, inputs)
-        return dict(inputs)
+        """The images encoded as the variant hands them over (reduced: the answer starts after the shorter prompt)."""
+        if inputs.get("pixel_values") is None:
+            return dict(inputs)
+        with torch.inference_mode():
+            return self.runner.prepare(inputs)
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """Sum of the continuation's token log-probabilities, and whether greedy decoding would produce it."""
-        if self._fastv is not None:
+        if self.variant.inside_llm:
             raise NotImplementedError(
-                "method=fastv prunes inside the language model: loglikelihood tasks need logits at every position"
+                f"method={self.method} prunes inside the language model: loglikelihood tasks need logits at every "
+                "position"
             )
         results = []
         for request in requests:

@@ -26,6 +26,7 @@ from torch import nn
 
 from vlmzip._validation import check_int
 from vlmzip.compat import passed_cache
+from vlmzip.methods import INSIDE_LLM, register_method
 from vlmzip.model_parts import language_model_of
 
 FASTV_METHOD = "fastv"
@@ -66,6 +67,7 @@ def _take_rows(values: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tens
     return values.gather(dim, index.expand(*target))
 
 
+@register_method(FASTV_METHOD, kind=INSIDE_LLM)
 class FastV:
     """Install FastV pruning on a LLaVA-style model; use as a context manager or install()/remove().
 

@@ -1,11 +1,14 @@
-"""Peak memory of a block of code: CUDA allocator peak on GPU, sampled process RSS on CPU."""
+"""What `bench` and `demo` measure with: wall time of a call, peak memory of a block of code (CUDA
+allocator peak on GPU, sampled process RSS on CPU) and the KV cache a prefill leaves."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 import torch
 
@@ -70,3 +73,37 @@ class PeakMemory:
             peak = max(self._peak, current_rss_bytes())
         self.peak_mb = peak / 2**20
         self.delta_mb = max(0, peak - self._start) / 2**20
+
+
+def kv_cache_bytes_after_prefill(cache: Any, generated: int) -> float | None:
+    """Bytes of keys and values the cache held right after the prefill (before `generated - 1` decoding steps),
+    plus the fixed-size states of linear-attention layers."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    total = 0.0
+    for layer in layers:
+        # Linear-attention layers (e.g. Qwen3.5's Gated DeltaNet) hold fixed-size states, whatever the length.
+        states = [
+            state
+            for name in ("conv_states", "recurrent_states")
+            for state in (getattr(layer, name, None) or {}).values()
+            if isinstance(state, torch.Tensor)
+        ]
+        total += sum(state.nbytes for state in states)
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if states and not isinstance(keys, torch.Tensor):
+            continue
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or keys.ndim < 2:
+            return None
+        length = keys.shape[-2]
+        prefill = length - (generated - 1)
+        total += (keys.nbytes + values.nbytes) * prefill / max(1, length)
+    return total
+
+
+def timed(function: Callable[[], Any]) -> tuple[Any, float]:
+    """`function()`'s result and its wall time in milliseconds."""
+    start = time.perf_counter()
+    result = function()
+    return result, (time.perf_counter() - start) * 1e3

@@ -1,10 +1,11 @@
-"""What `bench` and `eval` compare: the full-token model and every method at every budget.
+"""Which variant to run, shared by `bench`, `eval` and the lmms-eval plugin: the full-token model and
+every method at every budget.
 
 A variant is (method, budget). "full" is the unmodified model (every visual token reaches the
-language model); the pre-LLM methods (`vlmzip.methods.available_methods()`) reduce the visual
-tokens before the language model through the family adapter; "fastv" prunes inside the language
-model (`vlmzip.methods.fastv.FastV`), so it gets the full-length features and a context that
-installs its hooks around generation. The model itself is never patched.
+language model); the methods before the language model (`vlmzip.methods.available_methods()`) reduce
+the visual tokens through the family adapter; those inside it (`available_methods(INSIDE_LLM)`, e.g.
+"fastv") get the full-length features and a context that installs their hooks around generation.
+The model itself is never patched.
 """
 
 from __future__ import annotations
@@ -16,21 +17,18 @@ from typing import Any
 
 from torch import nn
 
-from vlmzip.adapters import adapter_class_for
+from vlmzip.adapters import adapter_class_for, geometry_of
 from vlmzip.adapters.base import Adapter, prepare_unreduced
 from vlmzip.cache import ImageCache
 from vlmzip.config import FIXED_COUNT_METHODS, VisionZipConfig, check_int
-from vlmzip.methods import available_methods
-from vlmzip.methods.fastv import DEFAULT_LAYER, FASTV_METHOD, FastV
+from vlmzip.methods import INSIDE_LLM, all_methods, get_pruner, method_kind
+from vlmzip.methods.fastv import DEFAULT_LAYER
 from vlmzip.model_parts import language_model_of
 
 FULL = "full"
 DEFAULT_BUDGETS: tuple[int, ...] = (192, 128, 64)
-
-
-def all_methods() -> tuple[str, ...]:
-    """Every method name `bench` and `eval` accept (pre-LLM methods, then FastV)."""
-    return (*available_methods(), FASTV_METHOD)
+# The paper's split of the lmms-eval plugin's default budget.
+DEFAULT_SPLIT = (54, 10)
 
 
 @dataclass(frozen=True)
@@ -40,6 +38,7 @@ class Variant:
     positions: the `VisionZipConfig.positions` scheme of pre-LLM methods. attention_mass (with
     min_dominant, max_dominant): an adaptive budget (`VisionZipConfig.attention_mass`); `budget` then
     gives the contextual count only (its paper split, e.g. 10 of 64) and each image chooses its dominant count.
+    contextual: a split of `budget` of one's own (`budget - contextual` dominant tokens), instead of the paper's.
     """
 
     method: str
@@ -48,10 +47,16 @@ class Variant:
     attention_mass: float | None = None
     min_dominant: int = 1
     max_dominant: int | None = None
+    contextual: int | None = None
 
     @property
     def is_full(self) -> bool:
         return self.method == FULL
+
+    @property
+    def inside_llm(self) -> bool:
+        """Whether the method prunes inside the language model (registered with kind INSIDE_LLM)."""
+        return not self.is_full and method_kind(self.method) == INSIDE_LLM
 
     @property
     def key(self) -> tuple[str, int | None, float | None]:
@@ -71,6 +76,11 @@ class Variant:
         if self.attention_mass is not None:
             extra.update(
                 attention_mass=self.attention_mass, min_dominant=self.min_dominant, max_dominant=self.max_dominant
+            )
+        if self.contextual is not None:
+            check_int("contextual", self.contextual, 0)
+            return VisionZipConfig.from_budget(
+                (check_int("budget", self.budget, 1) - self.contextual, self.contextual), **extra
             )
         return VisionZipConfig.from_tokens(self.budget, **extra)
 
@@ -99,7 +109,7 @@ def build_variants(
     if not methods or not budgets:
         raise ValueError("methods and budgets must not be empty")
     masses = list(dict.fromkeys(attention_masses))
-    adaptive_methods = [m for m in methods if m != FASTV_METHOD and m not in FIXED_COUNT_METHODS]
+    adaptive_methods = [m for m in methods if method_kind(m) != INSIDE_LLM and m not in FIXED_COUNT_METHODS]
     if masses and not adaptive_methods:
         raise ValueError(
             f"attention_mass (adaptive budget) applies to the pre-LLM methods other than {FIXED_COUNT_METHODS}, "
@@ -114,20 +124,44 @@ def build_variants(
         for mass in masses
     ]
     for variant in variants:
-        if not variant.is_full and variant.method != FASTV_METHOD:
+        if not variant.is_full and not variant.inside_llm:
             variant.config()  # every field checked now, with its name in the error
     return variants
 
 
-def unit_tokens(model: nn.Module, inputs: Mapping[str, Any]) -> int:
-    """Tokens the vision tower yields per image (or crop) for these processor outputs, [CLS] included.
+def single_variant(
+    method: str = "visionzip",
+    tokens: int | None = None,
+    dominant: int | None = None,
+    contextual: int | None = None,
+) -> Variant:
+    """The one variant of a tool that runs one budget: `method` ("full", or any registered method) at
+    `tokens` (the paper's split) or `dominant + contextual` (default 54 + 10). Bad values raise here."""
+    if method != FULL and method not in all_methods():
+        raise ValueError(f"method must be one of {(FULL, *all_methods())}, got {method!r}")
+    if tokens is not None and (dominant is not None or contextual is not None):
+        raise ValueError("give tokens or dominant/contextual, not both")
+    if tokens is None:
+        dominant = DEFAULT_SPLIT[0] if dominant is None else check_int("dominant", dominant, 1)
+        contextual = DEFAULT_SPLIT[1] if contextual is None else check_int("contextual", contextual, 0)
+        variant = Variant(method, dominant + contextual, contextual=contextual)
+    else:
+        variant = Variant(method, check_int("tokens", tokens, 1))
+    if not variant.is_full and not variant.inside_llm:
+        variant.config()  # every field checked now, with its name in the error
+    return variant
 
-    Only FastV needs this count (see `VariantRunner`); families whose images have no fixed count (Qwen's
-    native resolution) do not provide it.
+
+def unit_tokens(model: nn.Module, inputs: Mapping[str, Any] | None = None, processor: Any = None) -> int:
+    """Tokens the vision tower yields per image (or crop), [CLS] included: for these processor outputs,
+    or without `inputs` at the processor's input size (`FamilyGeometry.tokens_per_unit`).
+
+    Only the methods inside the language model need this count (see `VariantRunner`); families whose
+    images have no fixed count (Qwen's native resolution) do not provide it.
     """
-    reference = adapter_class_for(model)(model, VisionZipConfig(dominant=1, contextual=0))
+    geometry = geometry_of(model, processor)
     try:
-        return reference.budget_unit_tokens(inputs)
+        return geometry.budget_unit_tokens(inputs) if inputs is not None else geometry.tokens_per_unit()
     except NotImplementedError:
         raise ValueError(f"model: {type(model).__name__} has no fixed number of tower tokens per image") from None
 
@@ -135,10 +169,10 @@ def unit_tokens(model: nn.Module, inputs: Mapping[str, Any]) -> int:
 class VariantRunner:
     """Turns processor outputs into model inputs for one variant, and the context generation runs in.
 
-    FastV keeps the same share of each image's tokens as the pre-LLM methods at the same budget:
-    `budget` of the tower's `unit_tokens` per image or crop (`unit_tokens(model, inputs)`), e.g. 64 of
-    LLaVA-1.5's 577, which is 64 of its 576 placeholders. fastv_layer is FastV's K; language models
-    with K layers or fewer use their number of layers minus one.
+    A method inside the language model (FastV) keeps the same share of each image's tokens as the
+    methods before it at the same budget: `budget` of the tower's `unit_tokens` per image or crop
+    (`unit_tokens(model, inputs)`), e.g. 64 of LLaVA-1.5's 577, which is 64 of its 576 placeholders.
+    fastv_layer is its K; language models with K layers or fewer use their number of layers minus one.
     """
 
     def __init__(
@@ -147,23 +181,24 @@ class VariantRunner:
         self.model = model
         self.variant = variant
         self.adapter: Adapter | None = None
-        self.fastv: FastV | None = None
-        if variant.method == FASTV_METHOD:
-            reason = FastV.unsupported_reason(model)
+        self.pruner: Any = None  # the installed-around-generate() method inside the language model
+        if variant.inside_llm:
+            pruner = get_pruner(variant.method)
+            reason = pruner.unsupported_reason(model)
             if reason is not None:  # before unit_tokens: some families (M-RoPE) have no fixed count to give
                 raise ValueError(reason)
             if unit_tokens is None:
-                raise ValueError("unit_tokens is required for FastV (see vlmzip.bench.variants.unit_tokens)")
+                raise ValueError(f"unit_tokens is required for {variant.method} (see vlmzip.variants.unit_tokens)")
             num_layers = len(language_model_of(model).layers)
             layer = max(1, min(fastv_layer, num_layers - 1))
-            self.fastv = FastV(model, tokens=variant.budget, layer=layer, image_tokens=unit_tokens)
+            self.pruner = pruner(model, tokens=variant.budget, layer=layer, image_tokens=unit_tokens)
         elif not variant.is_full:
             self.adapter = adapter_class_for(model)(model, variant.config())  # validates; the model stays unpatched
 
     @staticmethod
     def needs_unit_tokens(variants: Sequence[Variant]) -> bool:
-        """Whether any of `variants` needs `unit_tokens` (FastV's share of each image's tokens)."""
-        return any(variant.method == FASTV_METHOD for variant in variants)
+        """Whether any of `variants` needs `unit_tokens` (a method inside the language model)."""
+        return any(variant.inside_llm for variant in variants)
 
     @property
     def reduces_before_llm(self) -> bool:
@@ -180,9 +215,9 @@ class VariantRunner:
 
     @contextlib.contextmanager
     def generating(self) -> Iterator[None]:
-        """The context model.generate() must run in for this variant (FastV's hooks; nothing otherwise)."""
-        if self.fastv is None:
+        """The context model.generate() must run in for this variant (the pruner's hooks; nothing otherwise)."""
+        if self.pruner is None:
             yield
             return
-        with self.fastv:
+        with self.pruner:
             yield
