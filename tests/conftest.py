@@ -33,6 +33,7 @@ from vlmzip.synthetic import (  # noqa: E402
     llava_style_processor,
     tiny_clip_vision_config,
     tiny_llama_config,
+    tiny_qwen2_5_vision_config,
     word_level_tokenizer,
 )
 
@@ -99,6 +100,12 @@ def fresh_llava() -> LlavaForConditionalGeneration:
 @pytest.fixture(scope="session")
 def images() -> list[Image.Image]:
     return random_images(4)
+
+
+@pytest.fixture(scope="session")
+def qwen_images() -> list[Image.Image]:
+    """Two 300x400 images and two 150x200 ones (54 and 35 merged tokens on Qwen2-VL, 48 and 30 on Qwen3-VL)."""
+    return random_images(2, seed=3) + random_images(2, seed=4, size=(150, 200))
 
 
 @pytest.fixture(scope="session")
@@ -186,16 +193,7 @@ def make_qwen2_vl(seed: int = 0) -> Qwen2VLForConditionalGeneration:
 
 def make_qwen2_5_vl(seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
     """Window attention over 2x2 merged tokens; block 1 is the last full-attention block, block 2 is windowed."""
-    vision = {
-        "depth": 3,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "out_hidden_size": 64,
-        "num_heads": 4,
-        "patch_size": 14,
-        "window_size": 56,
-        "fullatt_block_indexes": [1],
-    }
+    vision = tiny_qwen2_5_vision_config()
     config = Qwen2_5_VLConfig(text_config=_qwen_text_config(), vision_config=vision, **_qwen_token_ids())
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(config).eval()

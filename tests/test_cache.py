@@ -10,33 +10,9 @@ import pytest
 import torch
 
 import vlmzip
-from conftest import (
-    make_llava,
-    make_llava_processor,
-    make_qwen2_5_vl,
-    make_qwen2_vl,
-    make_qwen_processor,
-    qwen_prompt,
-    random_images,
-)
-from families import (
-    make_gemma3,
-    make_gemma3_processor,
-    make_internvl,
-    make_internvl_processor,
-    make_llava_next,
-    make_llava_next_processor,
-    make_mistral3,
-    make_mistral3_processor,
-    make_onevision,
-    make_onevision_processor,
-    make_qwen3_5,
-    make_qwen3_processor,
-    make_qwen3_vl,
-    make_smolvlm,
-    make_smolvlm_processor,
-    random_video,
-)
+from conftest import make_llava, make_llava_processor, make_qwen2_5_vl, make_qwen_processor, qwen_prompt, random_images
+from families import make_onevision, make_onevision_processor, make_qwen3_processor, make_qwen3_vl, random_video
+from helpers import BUILDERS
 from vlmzip.api import get_state
 from vlmzip.cache import CachedVisual, ImageCache
 
@@ -53,14 +29,21 @@ class Family:
 
 
 FAMILIES = {
-    "llava": Family(make_llava, make_llava_processor, LLAVA_PROMPT, lambda m: m.model.vision_tower),
-    "llava_next": Family(make_llava_next, make_llava_next_processor, LLAVA_PROMPT, lambda m: m.model.vision_tower),
-    "onevision": Family(make_onevision, make_onevision_processor, LLAVA_PROMPT, lambda m: m.model.vision_tower),
-    "qwen2_vl": Family(make_qwen2_vl, make_qwen_processor, qwen_prompt("<image>"), lambda m: m.model.visual),
-    "qwen2_5_vl": Family(make_qwen2_5_vl, make_qwen_processor, qwen_prompt("<image>"), lambda m: m.model.visual),
-    "qwen3_vl": Family(make_qwen3_vl, make_qwen3_processor, qwen_prompt("<image>"), lambda m: m.model.visual),
-    "qwen3_5": Family(make_qwen3_5, make_qwen3_processor, qwen_prompt("<image>"), lambda m: m.model.visual),
+    "llava": Family(*BUILDERS["llava-1.5"], LLAVA_PROMPT, lambda m: m.model.vision_tower),
+    "llava_next": Family(*BUILDERS["llava-next"], LLAVA_PROMPT, lambda m: m.model.vision_tower),
+    "onevision": Family(*BUILDERS["llava-onevision"], LLAVA_PROMPT, lambda m: m.model.vision_tower),
+    "qwen2_vl": Family(*BUILDERS["qwen2-vl"], qwen_prompt("<image>"), lambda m: m.model.visual),
+    "qwen2_5_vl": Family(*BUILDERS["qwen2.5-vl"], qwen_prompt("<image>"), lambda m: m.model.visual),
+    "qwen3_vl": Family(*BUILDERS["qwen3-vl"], qwen_prompt("<image>"), lambda m: m.model.visual),
+    "qwen3_5": Family(*BUILDERS["qwen3.5"], qwen_prompt("<image>"), lambda m: m.model.visual),
 }
+
+
+def apply_with_cache(model: torch.nn.Module, directory: Any = None, **options: Any) -> ImageCache:
+    """Apply VisionZip (6 + 2 tokens, `options` added) to `model` with a fresh 16 MiB cache; return the cache."""
+    cache = ImageCache(max_bytes=2**24, directory=directory)
+    vlmzip.apply(model, dominant=6, contextual=2, cache=cache, **options)
+    return cache
 
 
 def pictures(count: int, first_seed: int = 0) -> list:
@@ -130,8 +113,7 @@ def test_hits_skip_the_tower_and_outputs_are_bit_identical(family):
     model, processor = spec.make_model(), spec.make_processor()
     images = pictures(2)
     inputs = processor(images=images, text=[spec.prompt] * 2, return_tensors="pt", padding=True)
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     with torch.no_grad():
         reference = vlmzip.prepare(model, inputs, cache=None)
         with TowerCounter(spec.tower(model)) as counter:
@@ -155,8 +137,7 @@ def test_a_batch_mixing_hits_and_misses_encodes_the_misses_only(family):
     name, spec = family
     model, processor = spec.make_model(), spec.make_processor()
     old, new = pictures(1), pictures(2, first_seed=5)
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     batch = [new[0], old[0], new[1]]
     inputs = processor(images=batch, text=[spec.prompt] * 3, return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -179,8 +160,7 @@ def test_a_batch_mixing_hits_and_misses_encodes_the_misses_only(family):
 
 def test_llava_hit_skips_the_images_of_a_batch_in_the_tower_call():
     model, processor = make_llava(), make_llava_processor()
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    apply_with_cache(model)
     images = pictures(3)
     with torch.no_grad(), TowerCounter(model.model.vision_tower) as counter:
         vlmzip.prepare(model, processor(images=images[:2], text=[LLAVA_PROMPT] * 2, return_tensors="pt", padding=True))
@@ -190,8 +170,7 @@ def test_llava_hit_skips_the_images_of_a_batch_in_the_tower_call():
 
 def test_onevision_videos_and_images_are_cached_per_item():
     model, processor = make_onevision(), make_onevision_processor()
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     images, videos = pictures(2), [random_video(4, seed=3)]
     text = ["USER: <image> a <video> the <image> what ? ASSISTANT:"]
     inputs = processor(images=[images], videos=videos, text=text, return_tensors="pt")
@@ -211,8 +190,7 @@ def test_onevision_videos_and_images_are_cached_per_item():
 
 def test_qwen_positions_survive_a_hit():
     model, processor = make_qwen2_5_vl(), make_qwen_processor()
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     images = pictures(2)
     inputs = processor(images=[images], text=[qwen_prompt("<image>", "<image>")], return_tensors="pt")
     with torch.no_grad():
@@ -279,8 +257,7 @@ def test_budget_model_and_weights_are_part_of_the_key():
 
 def test_remove_detaches_the_cache():
     model, processor = make_llava(), make_llava_processor()
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     adapter = get_state(model).adapter
     inputs = processor(images=pictures(1), text=[LLAVA_PROMPT], return_tensors="pt")
     with torch.no_grad():
@@ -297,8 +274,7 @@ def test_remove_detaches_the_cache():
 
 def test_clear_empties_memory_files_and_counters(tmp_path):
     model, processor = make_llava(), make_llava_processor()
-    cache = ImageCache(max_bytes=2**24, directory=tmp_path)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model, directory=tmp_path)
     inputs = processor(images=pictures(1), text=[LLAVA_PROMPT], return_tensors="pt")
     (tmp_path / "notes.txt").write_text("kept")
     with torch.no_grad():
@@ -455,8 +431,7 @@ def test_conversation_reuses_an_image_shown_again():
 def test_families_without_units_are_cached_per_call():
     """An adapter that cannot split its inputs per image still gets hits for a repeated call."""
     model, processor = make_llava(), make_llava_processor()
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     get_state(model).adapter.visual_units = lambda inputs: None  # what a family without per-image units returns
     images = pictures(3)
     pair = processor(images=images[:2], text=[LLAVA_PROMPT] * 2, return_tensors="pt", padding=True)
@@ -476,8 +451,7 @@ def test_families_without_units_are_cached_per_call():
 def test_qwen3_vl_entries_hold_the_deepstack_features(tmp_path):
     """A Qwen3-VL hit (memory or disk) gives the language model the same main and deepstack features as a miss."""
     model, processor = make_qwen3_vl(), make_qwen3_processor()
-    cache = ImageCache(max_bytes=2**24, directory=tmp_path)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model, directory=tmp_path)
     adapter = get_state(model).adapter
     layers = adapter.deepstack_layers
     assert layers > 0
@@ -513,8 +487,7 @@ def test_qwen3_vl_videos_are_cached_per_call():
     from adapters.test_qwen3_vl import video_inputs
 
     model, processor = make_qwen3_vl(), make_qwen3_processor()
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     inputs = video_inputs(processor, [(3, 8, 8)], image=pictures(1)[0])
     assert get_state(model).adapter.visual_units(inputs) is None
     with torch.no_grad():
@@ -529,18 +502,10 @@ def test_qwen3_vl_videos_are_cached_per_call():
 
 
 PER_CALL_FAMILIES = {
-    "gemma3": Family(
-        make_gemma3, make_gemma3_processor, "USER: <start_of_image> what ? ASSISTANT:", lambda m: m.model.vision_tower
-    ),
-    "internvl": Family(
-        make_internvl, make_internvl_processor, "USER: <IMG_CONTEXT> what ? ASSISTANT:", lambda m: m.model.vision_tower
-    ),
-    "smolvlm": Family(
-        make_smolvlm, make_smolvlm_processor, "USER: <image> what ? ASSISTANT:", lambda m: m.model.vision_model
-    ),
-    "mistral3": Family(
-        make_mistral3, make_mistral3_processor, "USER: [IMG] what ? ASSISTANT:", lambda m: m.model.vision_tower
-    ),
+    "gemma3": Family(*BUILDERS["gemma3"], "USER: <start_of_image> what ? ASSISTANT:", lambda m: m.model.vision_tower),
+    "internvl": Family(*BUILDERS["internvl"], "USER: <IMG_CONTEXT> what ? ASSISTANT:", lambda m: m.model.vision_tower),
+    "smolvlm": Family(*BUILDERS["smolvlm"], "USER: <image> what ? ASSISTANT:", lambda m: m.model.vision_model),
+    "mistral3": Family(*BUILDERS["mistral3"], "USER: [IMG] what ? ASSISTANT:", lambda m: m.model.vision_tower),
 }
 
 
@@ -548,8 +513,7 @@ PER_CALL_FAMILIES = {
 def test_families_without_units_hit_a_repeated_call_bit_identically(name):
     spec = PER_CALL_FAMILIES[name]
     model, processor = spec.make_model(), spec.make_processor()
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     assert get_state(model).adapter.visual_units is not None
     images = [[image] for image in pictures(2)]
     inputs = processor(images=images, text=[spec.prompt] * 2, return_tensors="pt", padding=True)
@@ -578,8 +542,7 @@ def test_original_positions_and_adaptive_budgets_survive_a_hit(name, options, tm
     spec = FAMILIES[name]
     model, processor = spec.make_model(), spec.make_processor()
     inputs = processor(images=pictures(2), text=[spec.prompt] * 2, return_tensors="pt", padding=True)
-    cache = ImageCache(max_bytes=2**24, directory=tmp_path)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache, **options)  # adaptive: at most 6 + 2
+    apply_with_cache(model, directory=tmp_path, **options)  # adaptive: at most 6 + 2
     with torch.no_grad():
         reference = vlmzip.prepare(model, inputs, cache=None)
         assert "position_ids" in reference
@@ -598,8 +561,7 @@ def test_original_positions_and_adaptive_budgets_survive_a_hit(name, options, tm
 def test_compact_entries_hold_no_positions():
     """positions='compact' never reads per-token positions, so its entries do not store them."""
     model, processor = make_llava(), make_llava_processor()
-    cache = ImageCache(max_bytes=2**24)
-    vlmzip.apply(model, dominant=6, contextual=2, cache=cache)
+    cache = apply_with_cache(model)
     with torch.no_grad():
         vlmzip.prepare(model, processor(images=pictures(1), text=[LLAVA_PROMPT], return_tensors="pt"))
     (entry,) = cache._entries.values()

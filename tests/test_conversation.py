@@ -6,17 +6,8 @@ import pytest
 import torch
 
 import vlmzip
-from conftest import (
-    make_llava,
-    make_llava_processor,
-    make_qwen2_5_vl,
-    make_qwen2_vl,
-    make_qwen_processor,
-    qwen_prompt,
-    random_images,
-)
-from families import make_qwen3_5, make_qwen3_processor, make_qwen3_vl
-from helpers import language_model
+from conftest import make_llava, make_llava_processor, qwen_prompt, random_images
+from helpers import BUILDERS, language_model, two_image_turns
 from vlmzip.conversation import Conversation
 
 LLAVA_TURNS = [
@@ -98,6 +89,14 @@ def run_dialogue(model, processor, turns, images, tower):
     return chat, dialogue_tower_calls
 
 
+def run_two_image_dialogue(model, processor, images, tower, placeholder="<image>"):
+    """run_dialogue over two_image_turns(placeholder) with the first two of `images`; each image is encoded
+    once, in the turn that brings it. Returns the conversation."""
+    chat, tower_calls = run_dialogue(model, processor, two_image_turns(placeholder), images[:2], tower)
+    assert tower_calls == 2
+    return chat
+
+
 def test_llava_three_turns_encode_the_image_once():
     model, processor = make_llava(seed=3), make_llava_processor()
     vlmzip.apply(model, dominant=54, contextual=10)
@@ -116,17 +115,12 @@ def test_llava_without_visionzip():
     assert int((chat.input_ids == 4).sum()) == 576
 
 
-QWEN_FAMILIES = {
-    "qwen2-vl": (make_qwen2_vl, make_qwen_processor),
-    "qwen2.5-vl": (make_qwen2_5_vl, make_qwen_processor),
-    "qwen3-vl": (make_qwen3_vl, make_qwen3_processor),
-    "qwen3.5": (make_qwen3_5, make_qwen3_processor),
-}
+QWEN_FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5"]
 
 
-@pytest.mark.parametrize("family", list(QWEN_FAMILIES))
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
 def test_qwen_images_in_several_turns_keep_their_rope_positions(family):
-    make_model, make_processor = QWEN_FAMILIES[family]
+    make_model, make_processor = BUILDERS[family]
     model, processor = make_model(), make_processor()
     vlmzip.apply(model, dominant=8, contextual=4)
     images = random_images(1, seed=3) + random_images(1, seed=4, size=(150, 200))
@@ -174,7 +168,8 @@ def test_bad_arguments():
 
 
 def test_qwen_without_visionzip():
-    model, processor = make_qwen2_vl(), make_qwen_processor()
+    make_model, make_processor = BUILDERS["qwen2-vl"]
+    model, processor = make_model(), make_processor()
     images = random_images(1, seed=3)
     chat, tower_calls = run_dialogue(model, processor, QWEN_TURNS[:2], images, model.model.visual)
     assert tower_calls == 1

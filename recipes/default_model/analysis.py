@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from recipes.default_model.budgets import accuracy_cells, load_recipe_model, parse_split_arguments
+from recipes.default_model.budgets import accuracy_cells, load_recipe_model, parse_split_arguments, report
 from vlmzip.default_model import build, data
 
 # A patch counts as an object patch when its label (``data.patch_labels``) is not background.
@@ -219,12 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = analyse(
         model, processor, data.test_split(args.seed, args.images), args.dominant, args.contextual, seed=args.seed
     )
-    print(markdown(result))
-    if args.json is not None:
-        from vlmzip.outputs import write_json
-
-        write_json(args.json, result)
-    return 0
+    return report(markdown(result), result, args.json)
 
 
 if __name__ == "__main__":

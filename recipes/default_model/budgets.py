@@ -130,6 +130,16 @@ def parse_split_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] |
     return args
 
 
+def report(table: str, results: object, json_path: Path | None) -> int:
+    """Print the Markdown `table`; write `results` to `json_path` as well when given. Returns 0 (main's status)."""
+    print(table)
+    if json_path is not None:
+        from vlmzip.outputs import write_json
+
+        write_json(json_path, results)
+    return 0
+
+
 def load_recipe_model():  # noqa: ANN201 - (LlavaForConditionalGeneration, processor)
     """The embedded default model, on at most two threads (the recorded figures' setting)."""
     from vlmzip.default_model import load_default_model
@@ -144,12 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_split_arguments(parser, argv)
     model, processor = load_recipe_model()
     results = evaluate_budgets(model, processor, data.test_split(args.seed, args.images))
-    print(markdown_table(results))
-    if args.json is not None:
-        from vlmzip.outputs import write_json
-
-        write_json(args.json, results)
-    return 0
+    return report(markdown_table(results), results, args.json)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numbers
 from typing import Any, Literal
 
+import torch
+
 MergeMode = Literal["target_plus_mean", "average"]
 MERGE_MODES: tuple[str, ...] = ("target_plus_mean", "average")
 
@@ -35,3 +37,21 @@ def check_fraction(name: str, value: Any) -> float:
     if not 0.0 < value <= 1.0:  # also refuses NaN
         raise ValueError(f"{name} must be a number in (0, 1], got {value}")
     return value
+
+
+def check_tensor(name: str, value: Any, ndim: int) -> torch.Tensor:
+    """Return `value` if it is a torch.Tensor of `ndim` dimensions, or raise naming `name` and the shape."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    return value
+
+
+def budget_error(config: Any, available: int, where: str) -> ValueError:
+    """The error for a budget (`config`: dominant, contextual, tokens) above the `available` tokens; `where`
+    says what they are, e.g. " (the tokens of one tile)"."""
+    return ValueError(
+        f"dominant + contextual must be <= {available}{where}, got {config.dominant} + {config.contextual} = "
+        f"{config.tokens}"
+    )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmzip._validation import MERGE_MODES, check_int
+from vlmzip._validation import MERGE_MODES, check_int, check_tensor
 
 # Values of `Reduction.groups` for tokens that are not merged into a contextual token.
 GROUP_DOMINANT = -1
@@ -89,14 +89,6 @@ def batch_rows(values: torch.Tensor, rows: BatchRows) -> torch.Tensor:
     return values[index.to(values.device)]
 
 
-def _check_tensor(name: str, value: object, ndim: int) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
-    return value
-
-
 def select_dominant(scores: torch.Tensor, dominant: int, *, has_cls: bool = True) -> torch.Tensor:
     """Indices (B, dominant) of the dominant tokens, ascending.
 
@@ -104,7 +96,7 @@ def select_dominant(scores: torch.Tensor, dominant: int, *, has_cls: bool = True
     towards `dominant`, the top `dominant - 1` patches fill the rest. Without [CLS], `scores` is
     (B, N) and the top `dominant` tokens are kept. Ties are broken as `torch.topk` breaks them.
     """
-    scores = _check_tensor("scores", scores, 2)
+    scores = check_tensor("scores", scores, 2)
     num_tokens = scores.shape[1] + (1 if has_cls else 0)
     dominant = check_int("dominant", dominant, 1, num_tokens)
     if has_cls:
@@ -196,9 +188,9 @@ def visionzip_reduce(
     order ([CLS] first when present), then the contextual ones. Requires dominant + contextual <= N;
     when equal, nothing is merged and every token is returned (dominant first).
     """
-    features = _check_tensor("features", features, 3)
-    keys = _check_tensor("keys", keys, 3)
-    scores = _check_tensor("scores", scores, 2)
+    features = check_tensor("features", features, 3)
+    keys = check_tensor("keys", keys, 3)
+    scores = check_tensor("scores", scores, 2)
     batch, num_tokens, _ = features.shape
     expected_scores = num_tokens - 1 if has_cls else num_tokens
     if keys.shape[:2] != (batch, num_tokens):
@@ -222,6 +214,19 @@ def visionzip_reduce(
     )
 
 
+def keep_only(features: torch.Tensor, kept_indices: torch.Tensor, scores: torch.Tensor | None = None) -> Reduction:
+    """A Reduction that keeps the tokens at `kept_indices` (B, tokens), ascending, and drops all others."""
+    batch, num_tokens, hidden = features.shape
+    groups = torch.full((batch, num_tokens), GROUP_DROPPED, dtype=torch.long, device=features.device)
+    groups.scatter_(1, kept_indices, GROUP_DOMINANT)
+    return Reduction(
+        features=features.gather(1, kept_indices.unsqueeze(-1).expand(-1, -1, hidden)),
+        kept_indices=kept_indices,
+        groups=groups,
+        scores=scores,
+    )
+
+
 def adaptive_dominant(
     scores: torch.Tensor,
     attention_mass: float,
@@ -236,7 +241,7 @@ def adaptive_dominant(
     `attention_mass`; with [CLS] (`scores` (B, N - 1) over the patches) its own slot is added, as
     `select_dominant` counts it. The count is clamped to [minimum, maximum] (maximum None: N).
     """
-    scores = _check_tensor("scores", scores, 2)
+    scores = check_tensor("scores", scores, 2)
     num_tokens = scores.shape[1] + (1 if has_cls else 0)
     minimum = check_int("min_dominant", minimum, 1, num_tokens)
     maximum = num_tokens if maximum is None else min(check_int("max_dominant", maximum, minimum), num_tokens)

@@ -26,8 +26,8 @@ DEFAULT_QUERY_CHUNK: int | None = None
 SCORE_BLOCK_ELEMENTS = 1 << 21
 
 
-def capture_q_k_projections(attention: nn.Module, captured: dict[str, torch.Tensor]) -> list[RemovableHandle]:
-    """Hook separate `q_proj` / `k_proj` modules: their outputs are the queries and keys, (B, N, heads * d)."""
+def _capture_outputs(queries: nn.Module, keys: nn.Module, captured: dict[str, torch.Tensor]) -> list[RemovableHandle]:
+    """Hook two modules: the first one's output is stored as captured["queries"], the second's as ["keys"]."""
 
     def keep_output(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -35,26 +35,18 @@ def capture_q_k_projections(attention: nn.Module, captured: dict[str, torch.Tens
 
         return hook
 
-    return [
-        attention.q_proj.register_forward_hook(keep_output("queries")),
-        attention.k_proj.register_forward_hook(keep_output("keys")),
-    ]
+    return [queries.register_forward_hook(keep_output("queries")), keys.register_forward_hook(keep_output("keys"))]
+
+
+def capture_q_k_projections(attention: nn.Module, captured: dict[str, torch.Tensor]) -> list[RemovableHandle]:
+    """Hook separate `q_proj` / `k_proj` modules: their outputs are the queries and keys, (B, N, heads * d)."""
+    return _capture_outputs(attention.q_proj, attention.k_proj, captured)
 
 
 def capture_normed_q_k(attention: nn.Module, captured: dict[str, torch.Tensor]) -> list[RemovableHandle]:
     """Hook `q_norm` / `k_norm` (identities when the tower has no q/k normalisation): the queries and keys
     the attention really uses, (B, N, heads * d). InternViT's attention applies them after the projections."""
-
-    def keep_output(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            captured[name] = _first(output)
-
-        return hook
-
-    return [
-        attention.q_norm.register_forward_hook(keep_output("queries")),
-        attention.k_norm.register_forward_hook(keep_output("keys")),
-    ]
+    return _capture_outputs(attention.q_norm, attention.k_norm, captured)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 One place for the pieces that the benchmark architectures (`vlmzip.bench.arch`), the tiny serving
 model (`vlmzip.serving.tiny`) and the test suite all build: a word-level tokenizer over a fixed
-vocabulary, a LLaVA(-NeXT) processor around a PIL image processor, and small CLIP / Llama configs.
+vocabulary, a LLaVA(-NeXT) processor around a PIL image processor, and small CLIP / Llama / Qwen2.5-VL configs.
 """
 
 from __future__ import annotations
@@ -93,6 +93,17 @@ def llava_style_processor(
     )
 
 
+def _transformer_sizes(hidden_size: int, layers: int, heads: int) -> dict[str, int]:
+    """The checked width, depth and heads of a transformer config, its MLP twice as wide."""
+    hidden_size = check_int("hidden_size", hidden_size, 1)
+    return {
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": check_int("layers", layers, 1),
+        "num_attention_heads": check_int("heads", heads, 1),
+    }
+
+
 def tiny_clip_vision_config(
     *,
     hidden_size: int = 32,
@@ -103,15 +114,12 @@ def tiny_clip_vision_config(
     **options: Any,
 ) -> CLIPVisionConfig:
     """A small CLIP vision tower (MLP twice as wide, projection as wide as the tower); `options` pass through."""
-    hidden_size = check_int("hidden_size", hidden_size, 1)
+    sizes = _transformer_sizes(hidden_size, layers, heads)
     return CLIPVisionConfig(
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=check_int("layers", layers, 1),
-        num_attention_heads=check_int("heads", heads, 1),
+        **sizes,
         image_size=check_int("image_size", image_size, 1),
         patch_size=check_int("patch_size", patch_size, 1),
-        projection_dim=hidden_size,
+        projection_dim=sizes["hidden_size"],
         **options,
     )
 
@@ -126,12 +134,8 @@ def tiny_llama_config(
     **options: Any,
 ) -> LlamaConfig:
     """A small Llama language model (MLP twice as wide) with the synthetic tokenizers' pad / EOS / BOS ids."""
-    hidden_size = check_int("hidden_size", hidden_size, 1)
     return LlamaConfig(
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=check_int("layers", layers, 1),
-        num_attention_heads=check_int("heads", heads, 1),
+        **_transformer_sizes(hidden_size, layers, heads),
         num_key_value_heads=check_int("kv_heads", kv_heads, 1),
         vocab_size=check_int("vocab_size", vocab_size, BOS_TOKEN_ID + 1),
         pad_token_id=PAD_TOKEN_ID,
@@ -139,3 +143,19 @@ def tiny_llama_config(
         bos_token_id=BOS_TOKEN_ID,
         **options,
     )
+
+
+def tiny_qwen2_5_vision_config(**options: Any) -> dict[str, Any]:
+    """A small Qwen2.5-VL vision tower as a config dict: 3 blocks, window attention over 2x2 merged tokens
+    (56 px windows), block 1 the last full-attention one, block 2 windowed; `options` override or add keys."""
+    return {
+        "depth": 3,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": 64,
+        "num_heads": 4,
+        "patch_size": 14,
+        "window_size": 56,
+        "fullatt_block_indexes": [1],
+        **options,
+    }

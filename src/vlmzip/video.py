@@ -14,25 +14,17 @@ from __future__ import annotations
 
 import torch
 
-from vlmzip._validation import check_fraction
+from vlmzip._validation import check_fraction, check_tensor
 
 # Identical tokens can come out of the cosine a few ulps below 1; a threshold of 1 still means identical.
 COSINE_TOLERANCE = 1e-6
-
-
-def _check_frames(name: str, value: object, ndim: int) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
-    return value
 
 
 def redundant_tokens(frames: torch.Tensor, threshold: float) -> torch.Tensor:
     """(frames, tokens) bool: True where a token's cosine similarity with the same position of the previous
     frame is >= `threshold` (in (0, 1]). `frames` is (frames, tokens, hidden); frame 0 is all False.
     """
-    frames = _check_frames("frames", frames, 3)
+    frames = check_tensor("frames", frames, 3)
     threshold = check_fraction("threshold", threshold)
     redundant = torch.zeros(frames.shape[:2], dtype=torch.bool, device=frames.device)
     if frames.shape[0] > 1:
@@ -50,7 +42,7 @@ def temporal_keep_mask(
     kept_indices: (frames, dominant) positions of each frame's dominant tokens; the reduced tokens of a
         frame are its dominant tokens (in that order) followed by `tokens_per_frame - dominant` merged ones.
     """
-    kept_indices = _check_frames("kept_indices", kept_indices, 2)
+    kept_indices = check_tensor("kept_indices", kept_indices, 2)
     redundant = redundant_tokens(frames, threshold)
     if kept_indices.shape[0] != frames.shape[0]:
         raise ValueError(f"kept_indices has {kept_indices.shape[0]} frames, frames has {frames.shape[0]}")

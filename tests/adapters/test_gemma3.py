@@ -10,38 +10,26 @@ import vlmzip
 from conftest import random_images
 from families import GEMMA_IMAGE_TOKEN_ID, GEMMA_SOFT_TOKENS, GEMMA_WORDS, make_gemma3, make_gemma3_processor
 from helpers import (
+    TEXT_ONLY_PROMPT,
+    FamilyChecks,
     assert_apply_refused,
-    assert_batch_logits_equal_singles,
-    assert_remove_restores_bit_identical_logits,
-    removed_after,
+    assert_generate_prepares_raw_inputs,
+    family_fixtures,
+    one_image_prompts,
+    two_image_prompt,
     visual_tokens_reaching_llm,
 )
-from test_conversation import run_dialogue
+from reference import reference_received_attention, reference_units, reference_visionzip
+from test_conversation import run_two_image_dialogue
 
 BOI, EOI = GEMMA_WORDS.index("<start_of_image>"), GEMMA_WORDS.index("<end_of_image>")
-PROMPTS = [
-    "USER: <start_of_image> what is in the image ? ASSISTANT:",
-    "USER: <start_of_image> how many are there ? ASSISTANT:",
-    "USER: <start_of_image> a big red circle left of a small blue square ? what shape is above ? ASSISTANT:",
-]
-TEXT_ONLY = "USER: how many are there ? ASSISTANT:"
-TWO_IMAGES = "USER: <start_of_image> a cat <start_of_image> what is left of ? ASSISTANT:"
+PROMPTS = one_image_prompts("<start_of_image>")
+TEXT_ONLY = TEXT_ONLY_PROMPT
+TWO_IMAGES = two_image_prompt("<start_of_image>")
 DOMINANT, CONTEXTUAL = 12, 4
 
 
-@pytest.fixture(scope="module")
-def processor():
-    return make_gemma3_processor()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return random_images(3)
-
-
-@pytest.fixture
-def model():
-    yield from removed_after(make_gemma3())
+processor, images, model = family_fixtures(make_gemma3, make_gemma3_processor, lambda: random_images(3))
 
 
 def process(processor, images, prompts):
@@ -52,6 +40,27 @@ def process(processor, images, prompts):
     if not any(per_prompt):
         per_prompt = None
     return processor(images=per_prompt, text=prompts, return_tensors="pt", padding=True)
+
+
+def batch(processor, images):
+    """An image, a text-only row, another image (left-padded)."""
+    return process(processor, [images[0], images[2]], [PROMPTS[0], TEXT_ONLY, PROMPTS[2]])
+
+
+def singles(processor, images):
+    return [
+        process(processor, [images[0]], PROMPTS[:1]),
+        process(processor, [], [TEXT_ONLY]),
+        process(processor, [images[2]], PROMPTS[2:]),
+    ]
+
+
+class TestFamilyChecks(FamilyChecks):
+    make_model = staticmethod(make_gemma3)
+    dominant, contextual = DOMINANT, CONTEXTUAL
+    batch, singles = staticmethod(batch), staticmethod(singles)
+    # A generated placeholder would be no image slot in the replay of a sampled path.
+    generate_options = {"suppress_tokens": [GEMMA_IMAGE_TOKEN_ID]}
 
 
 # --- a literal reference of the Gemma 3 reduction, independent of the library -----------------------
@@ -73,51 +82,17 @@ def reference_features(model, pixel_values, dominant, contextual):
         hidden = layer.layer_norm1(out.hidden_states[-2])
         queries, keys = layer.self_attn.q_proj(hidden), layer.self_attn.k_proj(hidden)
     side = projector.patches_per_image
-    soft_side = projector.tokens_per_side
-    kernel = side // soft_side
+    kernel = side // projector.tokens_per_side
     results = []
     for image in range(pixel_values.shape[0]):
-        n = side * side
-        head_dim = queries.shape[-1] // heads
-        received = [0.0] * n
-        for head in range(heads):
-            q = queries[image, :, head * head_dim : (head + 1) * head_dim]
-            k = keys[image, :, head * head_dim : (head + 1) * head_dim]
-            probs = ((q @ k.T) * head_dim**-0.5).softmax(dim=-1)
-            column_means = probs.mean(dim=0)
-            for token in range(n):
-                received[token] += float(column_means[token])
-        key_mean = keys[image].view(n, heads, head_dim).mean(dim=1)
-        units = []
-        for row in range(soft_side):
-            for col in range(soft_side):
-                members = [(row * kernel + i) * side + col * kernel + j for i in range(kernel) for j in range(kernel)]
-                units.append(
-                    (
-                        sum(received[m] for m in members) / len(members),
-                        torch.stack([key_mean[m] for m in members]).mean(dim=0),
-                        torch.stack([out.last_hidden_state[image, m] for m in members]).mean(dim=0),
-                    )
-                )
-        order = sorted(range(len(units)), key=lambda u: -units[u][0])
-        kept = sorted(order[:dominant])
-        remaining = [u for u in range(len(units)) if u not in kept]
-        step = max(1, len(remaining) // contextual)
-        targets = list(range(0, len(remaining), step))[:contextual]
-        groups = {t: [] for t in targets}
-        for position, unit in enumerate(remaining):
-            if position in targets:
-                continue
-            key = units[unit][1] / units[unit][1].norm()
-            similarities = [float(key @ (units[remaining[t]][1] / units[remaining[t]][1].norm())) for t in targets]
-            groups[targets[similarities.index(max(similarities))]].append(unit)
-        tokens = [units[u][2] for u in kept]
-        for t in targets:
-            members = groups[t]
-            mean = torch.stack([units[m][2] for m in members]).mean(dim=0) if members else 0
-            tokens.append(units[remaining[t]][2] + mean)
+        per_head = [t[image].view(side * side, heads, -1).transpose(0, 1) for t in (queries, keys)]
+        received = reference_received_attention(*per_head)
+        # A soft token's score and key are its patches' means (the sum over kernel**2 patches, scaled).
+        unit_scores, unit_keys = reference_units(received, per_head[1].mean(dim=0), side, side, kernel)
+        unit_scores = [score / kernel**2 for score in unit_scores]
+        _, unit_features = reference_units(received, out.last_hidden_state[image], side, side, kernel)
+        reduced = reference_visionzip(torch.stack(unit_features), unit_scores, unit_keys, dominant, contextual)
         with torch.no_grad():
-            reduced = torch.stack(tokens)
             results.append(projector.mm_soft_emb_norm(reduced) @ projector.mm_input_projection_weight)
     return results
 
@@ -193,32 +168,7 @@ def test_several_images_in_one_prompt(model, processor, images):
     # Two blocks of 16 with text between: the bidirectional mask keeps them apart.
     types = prepared["token_type_ids"][0].tolist()
     assert "".join(map(str, types)).count("1" * 16) == 2 and "1" * 17 not in "".join(map(str, types))
-    with torch.no_grad():
-        implicit = model.generate(**inputs, max_new_tokens=3, pad_token_id=0)
-        explicit = model.generate(**prepared, max_new_tokens=3, pad_token_id=0)
-    length = inputs["input_ids"].shape[1]  # generate() returns the caller's prompt, then the new tokens
-    assert torch.equal(implicit[:, :length], inputs["input_ids"])
-    assert torch.equal(implicit[:, length:], explicit[:, prepared["input_ids"].shape[1] :])
-
-
-@pytest.mark.parametrize(
-    "generate_kwargs",
-    [{}, {"num_beams": 2}, {"do_sample": True, "top_k": 8}],
-    ids=["greedy", "beam", "sampling"],
-)
-def test_batched_generate_equals_per_sample_step_by_step(model, processor, images, generate_kwargs):
-    prompts = [PROMPTS[0], TEXT_ONLY, PROMPTS[2]]
-    vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
-    batch = process(processor, [images[0], images[2]], prompts)
-    singles = [process(processor, [images[0]], prompts[:1]), process(processor, [], prompts[1:2])]
-    singles.append(process(processor, [images[2]], prompts[2:]))
-    suppress = [model.config.image_token_id]  # a generated placeholder would be no image slot in the replay
-    assert_batch_logits_equal_singles(model, batch, singles, suppress_tokens=suppress, **generate_kwargs)
-
-
-def test_remove_restores_bit_identical_logits(processor, images):
-    inputs = process(processor, images[:2], PROMPTS[:2])
-    assert_remove_restores_bit_identical_logits(make_gemma3, inputs, dominant=DOMINANT, contextual=CONTEXTUAL)
+    assert_generate_prepares_raw_inputs(model, inputs)
 
 
 @pytest.mark.parametrize(
@@ -257,14 +207,9 @@ def test_other_methods_keep_the_budget(model, processor, images, method):
 
 
 def test_conversation_turns_equal_fresh_runs(model, images):
-    turns = [
-        ("USER: <start_of_image> what is in the image ? ASSISTANT:", True),
-        ("USER: how many are there ? ASSISTANT:", False),
-        ("USER: <start_of_image> what is left of ? ASSISTANT:", True),
-    ]
     vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
-    chat, tower_calls = run_dialogue(model, make_gemma3_processor(), turns, images[:2], model.model.vision_tower)
-    assert tower_calls == 2
+    tower = model.model.vision_tower
+    chat = run_two_image_dialogue(model, make_gemma3_processor(), images, tower, "<start_of_image>")
     assert int((chat.input_ids == GEMMA_IMAGE_TOKEN_ID).sum()) == 2 * 16
 
 

@@ -8,35 +8,25 @@ from torch import nn
 
 import vlmzip
 from conftest import make_llava, make_llava_processor, make_qwen2_vl, make_qwen_processor, qwen_prompt, random_images
-from families import (
-    make_gemma3,
-    make_gemma3_processor,
-    make_internvl,
-    make_internvl_processor,
-    make_llava_next,
-    make_llava_next_processor,
-    make_mistral3,
-    make_mistral3_processor,
-    make_onevision,
-    make_onevision_processor,
-    make_qwen3_processor,
-    make_qwen3_vl,
-    make_smolvlm,
-    make_smolvlm_processor,
-)
+from families import make_llava_next
+from helpers import BUILDERS
 from vlmzip.adapters import FamilyGeometry, adapter_class_for, geometry_of
 from vlmzip.adapters.base import Adapter
 
+# The families the geometry checks run on.
 FAMILIES = {
-    "llava": (make_llava, make_llava_processor),
-    "llava-next": (make_llava_next, make_llava_next_processor),
-    "onevision": (make_onevision, make_onevision_processor),
-    "qwen2-vl": (make_qwen2_vl, make_qwen_processor),
-    "qwen3-vl": (make_qwen3_vl, make_qwen3_processor),
-    "gemma3": (make_gemma3, make_gemma3_processor),
-    "internvl": (make_internvl, make_internvl_processor),
-    "smolvlm": (make_smolvlm, make_smolvlm_processor),
-    "mistral3": (make_mistral3, make_mistral3_processor),
+    name: BUILDERS[name]
+    for name in (
+        "llava-1.5",
+        "llava-next",
+        "llava-onevision",
+        "qwen2-vl",
+        "qwen3-vl",
+        "gemma3",
+        "internvl",
+        "smolvlm",
+        "mistral3",
+    )
 }
 
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import vlmzip
-from conftest import random_images
 from families import (
     INTERNVL_IMAGE_TOKEN_ID,
     INTERNVL_WORDS,
@@ -14,41 +13,33 @@ from families import (
     make_internvl_processor,
 )
 from helpers import (
+    TEXT_ONLY_PROMPT,
+    FamilyChecks,
     assert_apply_refused,
-    assert_batch_logits_equal_singles,
-    assert_remove_restores_bit_identical_logits,
-    removed_after,
+    assert_generate_prepares_raw_inputs,
+    assert_strategy_refused,
+    family_fixtures,
+    images_of_sizes,
+    one_image_prompts,
+    two_image_prompt,
     visual_tokens_reaching_llm,
 )
-from test_conversation import run_dialogue
+from reference import reference_units, reference_visionzip
+from test_conversation import run_two_image_dialogue
 from vlmzip.adapters.internvl import image_runs
 
 START, END = INTERNVL_WORDS.index("<img>"), INTERNVL_WORDS.index("</img>")
-PROMPTS = [
-    "USER: <IMG_CONTEXT> what is in the image ? ASSISTANT:",
-    "USER: <IMG_CONTEXT> how many are there ? ASSISTANT:",
-    "USER: <IMG_CONTEXT> a big red circle left of a small blue square ? what shape is above ? ASSISTANT:",
-]
-TEXT_ONLY = "USER: how many are there ? ASSISTANT:"
-TWO_IMAGES = "USER: <IMG_CONTEXT> a cat <IMG_CONTEXT> what is left of ? ASSISTANT:"
+PROMPTS = one_image_prompts("<IMG_CONTEXT>")
+TEXT_ONLY = TEXT_ONLY_PROMPT
+TWO_IMAGES = two_image_prompt("<IMG_CONTEXT>")
 # (height, width) -> tiles under max_patches=4 (thumbnail included when there is more than one tile).
 SIZES_AND_TILES = [((300, 400), 5), ((200, 200), 1), ((224, 600), 4)]
 DOMINANT, CONTEXTUAL = 12, 4
 
 
-@pytest.fixture(scope="module")
-def processor():
-    return make_internvl_processor()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return [random_images(1, seed=i, size=size)[0] for i, (size, _) in enumerate(SIZES_AND_TILES)]
-
-
-@pytest.fixture
-def model():
-    yield from removed_after(make_internvl())
+processor, images, model = family_fixtures(
+    make_internvl, make_internvl_processor, lambda: images_of_sizes(size for size, _ in SIZES_AND_TILES)
+)
 
 
 def process(processor, images, prompts):
@@ -57,6 +48,27 @@ def process(processor, images, prompts):
 
 def image_counts(prepared):
     return image_runs(prepared["input_ids"], prepared["attention_mask"], INTERNVL_IMAGE_TOKEN_ID)
+
+
+def batch(processor, images):
+    """Two images in one prompt, a text-only row, a third image (left-padded)."""
+    return process(processor, [images[0], images[1], images[2]], [TWO_IMAGES, TEXT_ONLY, PROMPTS[2]])
+
+
+def singles(processor, images):
+    return [
+        process(processor, images[:2], [TWO_IMAGES]),
+        process(processor, [], [TEXT_ONLY]),
+        process(processor, images[2:], PROMPTS[2:]),
+    ]
+
+
+class TestFamilyChecks(FamilyChecks):
+    make_model = staticmethod(make_internvl)
+    dominant, contextual = DOMINANT, CONTEXTUAL
+    batch, singles = staticmethod(batch), staticmethod(singles)
+    # A generated placeholder would be no image slot in the replay of a sampled path.
+    generate_options = {"suppress_tokens": [INTERNVL_IMAGE_TOKEN_ID]}
 
 
 # --- a literal reference of the InternVL reduction, independent of the library ----------------------
@@ -88,32 +100,10 @@ def reference_tile(model, pixel_values, dominant, contextual):
         for token in range(hidden.shape[0]):
             cls_attention[token] += float(row[token])
     key_mean = keys.view(hidden.shape[0], heads, head_dim).mean(dim=1)
-    units = []
-    for r in range(side // 2):
-        for c in range(side // 2):
-            members = [1 + (2 * r + i) * side + 2 * c + j for i in range(2) for j in range(2)]  # +1: after [CLS]
-            units.append(
-                (sum(cls_attention[m] for m in members), torch.stack([key_mean[m] for m in members]).mean(dim=0))
-            )
-    order = sorted(range(len(units)), key=lambda u: -units[u][0])
-    kept = sorted(order[:dominant])
-    remaining = [u for u in range(len(units)) if u not in kept]
-    step = max(1, len(remaining) // contextual)
-    targets = list(range(0, len(remaining), step))[:contextual]
-    groups = {t: [] for t in targets}
-    for position, unit in enumerate(remaining):
-        if position in targets:
-            continue
-        key = units[unit][1] / units[unit][1].norm()
-        similarities = [float(key @ (units[remaining[t]][1] / units[remaining[t]][1].norm())) for t in targets]
-        groups[targets[similarities.index(max(similarities))]].append(unit)
-    tokens = [unit_features[u] for u in kept]
-    for t in targets:
-        members = groups[t]
-        mean = torch.stack([unit_features[m] for m in members]).mean(dim=0) if members else 0
-        tokens.append(unit_features[remaining[t]] + mean)
+    unit_scores, unit_keys = reference_units(cls_attention, key_mean, side, side, 2, first=1)  # after [CLS]
+    tokens = reference_visionzip(unit_features, unit_scores, unit_keys, dominant, contextual)
     with torch.no_grad():
-        return model.model.multi_modal_projector(torch.stack(tokens))
+        return model.model.multi_modal_projector(tokens)
 
 
 @pytest.mark.parametrize(
@@ -187,34 +177,7 @@ def test_several_images_in_one_prompt_and_text_only_rows(model, processor, image
     prepared = vlmzip.prepare(model, inputs)
     assert image_counts(prepared) == [5 * 16, 1 * 16]
     assert (prepared["input_ids"][1] == INTERNVL_IMAGE_TOKEN_ID).sum() == 0
-    with torch.no_grad():
-        implicit = model.generate(**inputs, max_new_tokens=3, pad_token_id=0)
-        explicit = model.generate(**prepared, max_new_tokens=3, pad_token_id=0)
-    length = inputs["input_ids"].shape[1]  # generate() returns the caller's prompt, then the new tokens
-    assert torch.equal(implicit[:, :length], inputs["input_ids"])
-    assert torch.equal(implicit[:, length:], explicit[:, prepared["input_ids"].shape[1] :])
-
-
-@pytest.mark.parametrize(
-    "generate_kwargs",
-    [{}, {"num_beams": 2}, {"do_sample": True, "top_k": 8}],
-    ids=["greedy", "beam", "sampling"],
-)
-def test_batched_generate_equals_per_sample_step_by_step(model, processor, images, generate_kwargs):
-    vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
-    batch = process(processor, [images[0], images[1], images[2]], [TWO_IMAGES, TEXT_ONLY, PROMPTS[2]])
-    singles = [
-        process(processor, images[:2], [TWO_IMAGES]),
-        process(processor, [], [TEXT_ONLY]),
-        process(processor, images[2:], PROMPTS[2:]),
-    ]
-    suppress = [model.config.image_token_id]  # a generated placeholder would be no image slot in the replay
-    assert_batch_logits_equal_singles(model, batch, singles, suppress_tokens=suppress, **generate_kwargs)
-
-
-def test_remove_restores_bit_identical_logits(processor, images):
-    inputs = process(processor, images[:2], PROMPTS[:2])
-    assert_remove_restores_bit_identical_logits(make_internvl, inputs, dominant=DOMINANT, contextual=CONTEXTUAL)
+    assert_generate_prepares_raw_inputs(model, inputs)
 
 
 @pytest.mark.parametrize(
@@ -233,9 +196,7 @@ def test_impossible_budgets_are_refused_at_apply(model, kwargs, match):
 
 
 def test_full_feature_strategy_is_refused():
-    model = make_internvl()
-    model.config.vision_feature_select_strategy = "full"
-    assert_apply_refused(model, ValueError, "vision_feature_select_strategy='full' is not supported")
+    assert_strategy_refused(make_internvl(), "full")
 
 
 @pytest.mark.parametrize(
@@ -281,14 +242,9 @@ def test_other_methods_keep_the_budget(model, processor, images, method):
 
 
 def test_conversation_turns_equal_fresh_runs(model, images):
-    turns = [
-        ("USER: <IMG_CONTEXT> what is in the image ? ASSISTANT:", True),
-        ("USER: how many are there ? ASSISTANT:", False),
-        ("USER: <IMG_CONTEXT> what is left of ? ASSISTANT:", True),
-    ]
     vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
-    chat, tower_calls = run_dialogue(model, make_internvl_processor(), turns, images[:2], model.model.vision_tower)
-    assert tower_calls == 2
+    tower = model.model.vision_tower
+    chat = run_two_image_dialogue(model, make_internvl_processor(), images, tower, "<IMG_CONTEXT>")
     assert int((chat.input_ids == INTERNVL_IMAGE_TOKEN_ID).sum()) == (5 + 1) * 16
 
 
@@ -306,9 +262,4 @@ def test_video_frames_are_reduced_like_one_tile_images(model, processor):
     vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
     prepared = vlmzip.prepare(model, inputs)
     assert image_counts(prepared) == [16] * frames
-    with torch.no_grad():
-        implicit = model.generate(**inputs, max_new_tokens=3, pad_token_id=0)
-        explicit = model.generate(**prepared, max_new_tokens=3, pad_token_id=0)
-    length = inputs["input_ids"].shape[1]  # generate() returns the caller's prompt, then the new tokens
-    assert torch.equal(implicit[:, :length], inputs["input_ids"])
-    assert torch.equal(implicit[:, length:], explicit[:, prepared["input_ids"].shape[1] :])
+    assert_generate_prepares_raw_inputs(model, inputs)

@@ -9,47 +9,31 @@ import vlmzip
 from conftest import random_images
 from families import IMAGE_TOKEN_ID, make_llava_next, make_llava_next_processor
 from helpers import (
-    TWO_IMAGE_TURNS,
     assert_apply_refused,
     assert_batch_equals_singles,
+    assert_generate_prepares_raw_inputs,
     assert_remove_restores_bit_identical_logits,
-    removed_after,
+    assert_strategy_refused,
+    family_fixtures,
+    images_of_sizes,
+    one_image_prompts,
     visual_tokens_reaching_llm,
 )
-from test_conversation import run_dialogue
+from test_conversation import run_two_image_dialogue
 from vlmzip.adapters.llava_next import anyres_layout
 
-PROMPTS = [
-    "USER: <image> what is in the image ? ASSISTANT:",
-    "USER: <image> how many are there ? ASSISTANT:",
-    "USER: <image> a big red circle left of a small blue square ? what shape is above ? ASSISTANT:",
-]
+PROMPTS = one_image_prompts()
 # (height, width) -> crops (base included) under the default pinpoints: 1x2 grid, 1x3 grid, 2x2 grid.
 SIZES_AND_CROPS = [((150, 300), 3), ((200, 700), 4), ((500, 600), 5)]
 
 
-@pytest.fixture(scope="module")
-def processor():
-    return make_llava_next_processor()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return [random_images(1, seed=i, size=size)[0] for i, (size, _) in enumerate(SIZES_AND_CROPS)]
-
-
-@pytest.fixture
-def model():
-    yield from removed_after(make_llava_next())
+processor, images, model = family_fixtures(
+    make_llava_next, make_llava_next_processor, lambda: images_of_sizes(size for size, _ in SIZES_AND_CROPS)
+)
 
 
 def process(processor, images, prompts):
     return processor(images=images, text=prompts, return_tensors="pt", padding=True)
-
-
-def generate(model, inputs, **kwargs):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=5, pad_token_id=0, **kwargs)
 
 
 def test_anyres_layout_reference_order():
@@ -141,11 +125,7 @@ def test_two_images_across_turns(model, processor, images):
     first = ids.index(IMAGE_TOKEN_ID)
     assert ids[first : first + 3 * 36] == [IMAGE_TOKEN_ID] * (3 * 36)  # first image's run, then text
     assert ids[first + 3 * 36] != IMAGE_TOKEN_ID
-    explicit = generate(model, prepared)
-    implicit = generate(model, inputs)  # generate() prepares raw inputs itself, returns the caller's prompt
-    length = inputs["input_ids"].shape[1]
-    assert torch.equal(implicit[:, :length], inputs["input_ids"])
-    assert torch.equal(implicit[:, length:], explicit[:, prepared["input_ids"].shape[1] :])
+    assert_generate_prepares_raw_inputs(model, inputs, max_new_tokens=5)
 
 
 def test_remove_restores_bit_identical_logits(processor, images):
@@ -186,10 +166,7 @@ def test_bad_budgets_are_refused_at_apply(model, kwargs, match):
 
 
 def test_full_feature_strategy_is_refused():
-    model = make_llava_next()
-    model.config.vision_feature_select_strategy = "full"
-    with pytest.raises(ValueError, match="vision_feature_select_strategy='full' is not supported"):
-        vlmzip.apply(model)
+    assert_strategy_refused(make_llava_next(), "full")
 
 
 def test_budget_larger_than_a_narrow_image(model, processor):
@@ -219,13 +196,11 @@ def test_other_methods_keep_the_budget(model, processor, images, method):
     vlmzip.apply(model, dominant=54, contextual=10, method=method)
     prepared = vlmzip.prepare(model, process(processor, images[:2], PROMPTS[:2]))
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == [3 * 64, 4 * 64]
-    generate(model, prepared)
+    with torch.no_grad():
+        model.generate(**prepared, max_new_tokens=5, pad_token_id=0)
 
 
 def test_conversation_turns_equal_fresh_runs(model, images):
     vlmzip.apply(model, dominant=54, contextual=10)
-    chat, tower_calls = run_dialogue(
-        model, make_llava_next_processor(), TWO_IMAGE_TURNS, images[:2], model.model.vision_tower
-    )
-    assert tower_calls == 2  # once per image, in the turn that brings it
+    chat = run_two_image_dialogue(model, make_llava_next_processor(), images, model.model.vision_tower)
     assert int((chat.input_ids == IMAGE_TOKEN_ID).sum()) == (3 + 4) * 64

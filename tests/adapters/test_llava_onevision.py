@@ -9,18 +9,20 @@ import pytest
 import torch
 
 import vlmzip
-from conftest import clip_vision_config, random_images
+from conftest import clip_vision_config
 from families import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, make_onevision, make_onevision_processor, random_video
 from helpers import (
-    TWO_IMAGE_TURNS,
     assert_apply_refused,
     assert_batch_equals_singles,
     assert_remove_restores_bit_identical_logits,
+    assert_strategy_refused,
+    family_fixtures,
     generated_tokens,
-    removed_after,
+    images_of_sizes,
+    run_lengths,
     visual_tokens_reaching_llm,
 )
-from test_conversation import run_dialogue
+from test_conversation import run_two_image_dialogue
 
 PER_FRAME = 16  # pooled tokens per frame
 # (height, width) -> crops (base included): a 1x3 grid, a 2x2 grid, a 3x3 grid.
@@ -29,40 +31,14 @@ PROMPTS = ["USER: <image> what is in the image ? ASSISTANT:", "USER: <image> how
 VIDEO_PROMPTS = ["USER: <video> what is in the image ? ASSISTANT:", "USER: <video> how many ? ASSISTANT:"]
 
 
-@pytest.fixture(scope="module")
-def processor():
-    return make_onevision_processor()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return [random_images(1, seed=i, size=size)[0] for i, (size, _) in enumerate(SIZES_AND_CROPS)]
+processor, images, model = family_fixtures(
+    make_onevision, make_onevision_processor, lambda: images_of_sizes(size for size, _ in SIZES_AND_CROPS)
+)
 
 
 @pytest.fixture(scope="module")
 def videos():
     return [random_video(4, seed=10), random_video(4, seed=11)]
-
-
-@pytest.fixture
-def model():
-    yield from removed_after(make_onevision())
-
-
-def generate(model, inputs, **kwargs):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=5, pad_token_id=0, **kwargs)
-
-
-def run_lengths(ids: list[int], token_id: int) -> list[int]:
-    lengths, current = [], 0
-    for token in [*ids, None]:
-        if token == token_id:
-            current += 1
-        elif current:
-            lengths.append(current)
-            current = 0
-    return lengths
 
 
 def test_image_crops_reach_the_language_model_exactly(model, processor, images):
@@ -81,8 +57,8 @@ def test_images_of_a_multi_image_sample_are_single_crops(model, processor, image
     assert inputs["batch_num_images"].tolist() == [2, 1]
     vlmzip.apply(model, dominant=8, contextual=2)
     prepared = vlmzip.prepare(model, inputs)
-    assert run_lengths(prepared["input_ids"][0].tolist(), IMAGE_TOKEN_ID) == [10, 10]
-    assert run_lengths(prepared["input_ids"][1].tolist(), IMAGE_TOKEN_ID) == [10 * 10]
+    assert run_lengths(prepared["input_ids"][0], IMAGE_TOKEN_ID) == [10, 10]
+    assert run_lengths(prepared["input_ids"][1], IMAGE_TOKEN_ID) == [10 * 10]
     batch = generated_tokens(model, inputs)
     alone = generated_tokens(model, processor(images=[images[:2]], text=[prompt], return_tensors="pt"))
     assert batch[0] == alone[0]
@@ -136,9 +112,9 @@ def test_images_and_videos_interleaved_in_text_order(model, processor, images, v
     inputs = processor(images=image_groups, videos=videos, text=texts, return_tensors="pt", padding=True)
     vlmzip.apply(model, dominant=8, contextual=2)
     prepared = vlmzip.prepare(model, inputs)
-    assert run_lengths(prepared["input_ids"][0].tolist(), IMAGE_TOKEN_ID) == [10, 4 * 10 + 1, 10]
+    assert run_lengths(prepared["input_ids"][0], IMAGE_TOKEN_ID) == [10, 4 * 10 + 1, 10]
     # Adjacent runs (no text between) merge once videos travel as images.
-    assert run_lengths(prepared["input_ids"][1].tolist(), IMAGE_TOKEN_ID) == [4 * 10 + 1 + 10 * 10]
+    assert run_lengths(prepared["input_ids"][1], IMAGE_TOKEN_ID) == [4 * 10 + 1 + 10 * 10]
     singles = [
         processor(images=[image_groups[i]], videos=videos[i : i + 1], text=texts[i : i + 1], return_tensors="pt")
         for i in range(2)
@@ -223,10 +199,7 @@ def test_bad_configs_are_refused_at_apply(model, kwargs, error, match):
 
 
 def test_unsupported_model_variants():
-    model = make_onevision()
-    model.config.vision_feature_select_strategy = "default"
-    with pytest.raises(ValueError, match="vision_feature_select_strategy='default' is not supported"):
-        vlmzip.apply(model)
+    assert_strategy_refused(make_onevision(), "default")
     config = make_onevision().config
     config.vision_config = clip_vision_config(image_size=98)
     with pytest.raises(ValueError, match=r"without \[CLS\]"):
@@ -249,8 +222,5 @@ def test_mismatched_inputs_are_refused(model, processor, images, videos):
 
 def test_conversation_turns_equal_fresh_runs(model, images):
     vlmzip.apply(model, dominant=8, contextual=2)
-    chat, tower_calls = run_dialogue(
-        model, make_onevision_processor(), TWO_IMAGE_TURNS, images[:2], model.model.vision_tower
-    )
-    assert tower_calls == 2  # once per image, in the turn that brings it
+    chat = run_two_image_dialogue(model, make_onevision_processor(), images, model.model.vision_tower)
     assert int((chat.input_ids == IMAGE_TOKEN_ID).sum()) == (4 + 5) * 10

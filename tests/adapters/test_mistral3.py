@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import vlmzip
-from conftest import random_images
 from families import (
     MISTRAL_BREAK_TOKEN_ID,
     MISTRAL_END_TOKEN_ID,
@@ -16,14 +15,17 @@ from families import (
     make_mistral3_processor,
 )
 from helpers import (
+    FamilyChecks,
     assert_apply_refused,
-    assert_batch_logits_equal_singles,
-    assert_remove_restores_bit_identical_logits,
-    reference_visionzip,
-    removed_after,
+    assert_full_budget_gives_the_models_own_features,
+    family_fixtures,
+    images_of_sizes,
+    mixed_images,
+    mixed_prompts,
     visual_tokens_reaching_llm,
 )
-from test_conversation import run_dialogue
+from reference import reference_received_attention, reference_units, reference_visionzip
+from test_conversation import run_two_image_dialogue
 from vlmzip.adapters.mistral3 import merge_units
 from vlmzip.methods import available_methods
 
@@ -31,44 +33,20 @@ DOMINANT, CONTEXTUAL = 5, 2
 BUDGET = DOMINANT + CONTEXTUAL
 # (height, width) -> merged grid: resized to <= 128 px, multiples of 16 px.
 SIZES_AND_GRIDS = [((300, 400), (6, 8)), ((100, 60), (7, 4)), ((40, 90), (3, 6))]
-PROMPTS = [
-    "USER: [IMG] what is in the image ? ASSISTANT:",
-    "USER: how many are there ? ASSISTANT:",
-    "USER: [IMG] what is left of [IMG] ? ASSISTANT:",
-]
-TURNS = [
-    ("USER: [IMG] what is in the image ? ASSISTANT:", True),
-    ("USER: how many are there ? ASSISTANT:", False),
-    ("USER: [IMG] what is left of ? ASSISTANT:", True),
-]
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return make_mistral3_processor()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return [random_images(1, seed=i, size=size)[0] for i, (size, _) in enumerate(SIZES_AND_GRIDS)]
-
-
-@pytest.fixture
-def model():
-    yield from removed_after(make_mistral3())
+PROMPTS = mixed_prompts("[IMG]")
+processor, images, model = family_fixtures(
+    make_mistral3, make_mistral3_processor, lambda: images_of_sizes(size for size, _ in SIZES_AND_GRIDS)
+)
 
 
 def batch(processor, images):
     """An image, a text-only row, two images of different sizes in one prompt (pixel_values padded)."""
-    return processor(text=PROMPTS, images=[images[0], images[1], images[2]], return_tensors="pt", padding=True)
+    return processor(text=PROMPTS, images=images[:3], return_tensors="pt", padding=True)
 
 
 def singles(processor, images):
-    per_sample = [[images[0]], [], [images[1], images[2]]]
-    return [
-        processor(text=[prompt], images=sample or None, return_tensors="pt")
-        for prompt, sample in zip(PROMPTS, per_sample, strict=True)
-    ]
+    samples = zip(PROMPTS, mixed_images(images), strict=True)
+    return [processor(text=[prompt], images=sample or None, return_tensors="pt") for prompt, sample in samples]
 
 
 # --- a literal reference ---------------------------------------------------------------------------
@@ -90,22 +68,8 @@ def reference_image(model, pixel_values, size, dominant, contextual):
         cos, sin = tower.patch_positional_embedding(normed, positions)
         rotary = __import__(type(layer.attention).__module__, fromlist=["apply_rotary_pos_emb"])
         rotated_queries, rotated_keys = rotary.apply_rotary_pos_emb(queries, keys, cos, sin, unsqueeze_dim=0)
-    head_dim = keys.shape[-1]
-    received = [0.0] * (rows * cols)
-    for head in range(heads):
-        probabilities = (rotated_queries[head] @ rotated_keys[head].T * head_dim**-0.5).softmax(dim=-1)
-        for key in range(rows * cols):
-            received[key] += float(probabilities[:, key].mean())
-    unit_scores, unit_keys = [], []
-    for row in range(rows // MISTRAL_MERGE):
-        for col in range(cols // MISTRAL_MERGE):
-            members = [
-                (row * MISTRAL_MERGE + a) * cols + col * MISTRAL_MERGE + b
-                for a in range(MISTRAL_MERGE)
-                for b in range(MISTRAL_MERGE)
-            ]
-            unit_scores.append(sum(received[m] for m in members))
-            unit_keys.append(torch.stack([keys[:, m].mean(dim=0) for m in members]).mean(dim=0))
+    received = reference_received_attention(rotated_queries, rotated_keys)
+    unit_scores, unit_keys = reference_units(received, keys.mean(dim=0), rows, cols, MISTRAL_MERGE)
     return reference_visionzip(features, unit_scores, unit_keys, dominant, contextual)
 
 
@@ -128,11 +92,7 @@ def test_merge_units_follow_the_patch_merger():
 
 def test_full_budget_gives_the_models_own_features(model, processor, images):
     inputs = processor(text=[PROMPTS[2]], images=[images[0], images[0]], return_tensors="pt")
-    vlmzip.apply(model, dominant=48, contextual=0)
-    with torch.no_grad():
-        reduced = vlmzip.prepare(model, inputs)["mm_encoder_outputs"]["image"].pooler_output
-        own = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
-    assert torch.equal(torch.cat(list(reduced)), torch.cat(list(own)))
+    assert_full_budget_gives_the_models_own_features(model, inputs, 48, ["pixel_values", "image_sizes"])
 
 
 # --- what reaches the language model ---------------------------------------------------------------
@@ -154,40 +114,16 @@ def test_every_image_sends_the_budget_then_one_img_end(model, processor, images)
     assert visual_tokens_reaching_llm(model, prepared, MISTRAL_IMAGE_TOKEN_ID).shape[0] == 3 * BUDGET
 
 
-@pytest.mark.parametrize(
-    "generate_kwargs",
-    [
-        pytest.param({"do_sample": False}, id="greedy"),
-        pytest.param({"do_sample": False, "num_beams": 2}, id="beam"),
-        pytest.param({"do_sample": True, "top_k": 5}, id="sampling"),
-    ],
-)
-def test_batched_generate_equals_per_sample(model, processor, images, generate_kwargs):
-    vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
-    torch.manual_seed(0)
-    assert_batch_logits_equal_singles(model, batch(processor, images), singles(processor, images), **generate_kwargs)
-
-
-def test_forward_and_generate_prepare_raw_inputs(model, processor, images):
-    inputs = batch(processor, images)
-    vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
-    with torch.no_grad():
-        raw = model(**inputs).logits
-        prepared = model(**vlmzip.prepare(model, inputs)).logits
-    assert torch.equal(raw, prepared)
-
-
-def test_remove_restores_bit_identical_logits(processor, images):
-    assert_remove_restores_bit_identical_logits(
-        make_mistral3, batch(processor, images), dominant=DOMINANT, contextual=CONTEXTUAL
-    )
+class TestFamilyChecks(FamilyChecks):
+    make_model = staticmethod(make_mistral3)
+    dominant, contextual = DOMINANT, CONTEXTUAL
+    batch, singles = staticmethod(batch), staticmethod(singles)
 
 
 def test_conversation_answers_equal_fresh_runs(processor, images):
     model = make_mistral3(seed=1)
     vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
-    chat, tower_calls = run_dialogue(model, processor, TURNS, images, model.model.vision_tower)
-    assert tower_calls == 2  # each image encoded once
+    chat = run_two_image_dialogue(model, processor, images, model.model.vision_tower, "[IMG]")
     assert chat.input_ids[0].tolist().count(MISTRAL_IMAGE_TOKEN_ID) == 2 * BUDGET
 
 

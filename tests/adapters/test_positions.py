@@ -55,6 +55,19 @@ def first_call(model, inputs):
     return recorder.calls[0]
 
 
+def unmerged_first_calls(reference, model, inputs, dominant):
+    """apply(dominant=`dominant`, nothing merged, original positions) to `model`, then the first language
+    model call of the unreduced `reference` on `inputs` and of `model` on the prepared inputs.
+
+    Returns (unreduced embeddings, reduced embeddings, reduced positions, prepared inputs).
+    """
+    vlmzip.apply(model, dominant=dominant, contextual=0, positions="original")
+    full_embeds, _ = first_call(reference, inputs)
+    prepared = vlmzip.prepare(model, inputs)
+    embeds, positions = first_call(model, prepared)
+    return full_embeds, embeds, positions, prepared
+
+
 def test_all_tokens_kept_give_bit_identical_logits_and_generation():
     inputs = llava_inputs("full")  # 577 placeholders per image: [CLS] + 576 patches
     reference, model = make_llava("full"), make_llava("full")
@@ -113,9 +126,7 @@ def test_dominant_tokens_sit_where_their_own_feature_sits_unreduced():
     """An independent check: with nothing merged, every reduced embedding equals the unreduced one at its position."""
     inputs = llava_inputs("full", prompts=PROMPTS[:1])
     reference, model = make_llava("full"), make_llava("full")
-    vlmzip.apply(model, dominant=40, contextual=0, positions="original")
-    full_embeds, _ = first_call(reference, inputs)
-    embeds, positions = first_call(model, vlmzip.prepare(model, inputs))
+    full_embeds, embeds, positions, _ = unmerged_first_calls(reference, model, inputs, 40)
     torch.testing.assert_close(embeds[0], full_embeds[0, positions[0]], rtol=0, atol=1e-6)
 
 
@@ -178,11 +189,9 @@ def next_inputs(processor, sizes, prompts):
 def test_next_dominant_tokens_sit_where_their_own_feature_sits_unreduced(size):
     inputs = next_inputs(make_llava_next_processor(), [size], PROMPTS[:1])
     reference, model = make_llava_next(), make_llava_next()
-    vlmzip.apply(model, dominant=30, contextual=0, positions="original")
-    full_embeds, _ = first_call(reference, inputs)
-    embeds, positions = first_call(model, vlmzip.prepare(model, inputs))
+    full_embeds, embeds, positions, prepared = unmerged_first_calls(reference, model, inputs, 30)
     crops = vlmzip.api.get_state(model).adapter.last_encoded.reductions[0].features.shape[0]
-    is_image = vlmzip.prepare(model, inputs)["input_ids"][0] == IMAGE_TOKEN_ID
+    is_image = prepared["input_ids"][0] == IMAGE_TOKEN_ID
     image_embeds, image_positions = embeds[0][is_image], positions[0][is_image]
     matches = (image_embeds - full_embeds[0, image_positions]).abs().amax(dim=1) < 1e-5
     # Every token but the crops' [CLS] (absent from the unreduced prompt) and patches that unpadding removed.
@@ -213,10 +222,7 @@ def test_onevision_images_and_videos_keep_their_unreduced_features_positions():
     images = [random_images(1, seed=1, size=(120, 120))[0]]
     inputs = dict(processor(images=images, text=PROMPTS[:1], return_tensors="pt"))
     reference, model = make_onevision(), make_onevision()
-    vlmzip.apply(model, dominant=20, contextual=0, positions="original")
-    full_embeds, _ = first_call(reference, inputs)
-    prepared = vlmzip.prepare(model, inputs)
-    embeds, positions = first_call(model, prepared)
+    full_embeds, embeds, positions, prepared = unmerged_first_calls(reference, model, inputs, 20)
     is_image = prepared["input_ids"][0] == IMAGE_TOKEN_ID
     image_embeds, image_positions = embeds[0][is_image], positions[0][is_image]
     # The base crop's tokens exactly; the grid's (which this model downscales, mixing features) inside the grid.
@@ -229,9 +235,7 @@ def test_onevision_images_and_videos_keep_their_unreduced_features_positions():
         processor(videos=[random_video(4, seed=3)], text=["USER: <video> what ? ASSISTANT:"], return_tensors="pt")
     )
     vlmzip.remove(model)
-    vlmzip.apply(model, dominant=10, contextual=0, positions="original")
-    full_embeds, _ = first_call(reference, video_inputs)
-    embeds, positions = first_call(model, vlmzip.prepare(model, video_inputs))
+    full_embeds, embeds, positions, _ = unmerged_first_calls(reference, model, video_inputs, 10)
     torch.testing.assert_close(embeds[0], full_embeds[0, positions[0]], rtol=0, atol=1e-5)
 
 

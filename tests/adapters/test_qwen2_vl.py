@@ -19,14 +19,16 @@ from conftest import (
     make_qwen_processor,
     qwen_inputs_by_hand,
     qwen_prompt,
-    random_images,
 )
 from helpers import (
     LanguageModelSpy,
     assert_apply_refused,
     assert_batch_equals_singles,
+    assert_forward_prepares_raw_inputs,
+    assert_generate_prepares_raw_inputs,
     assert_remove_restores_bit_identical_logits,
     original_rope_positions,
+    parametrised_family_fixtures,
 )
 from vlmzip.adapters.qwen2_vl import probe_qwen_tower
 
@@ -35,27 +37,9 @@ DOMINANT, CONTEXTUAL = 8, 4
 BUDGET = DOMINANT + CONTEXTUAL
 
 
-@pytest.fixture(params=list(FAMILIES), scope="module")
-def family(request):
-    return request.param
-
-
-@pytest.fixture
-def patched(family):
-    model = FAMILIES[family]()
-    vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
-    return model
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return make_qwen_processor()
-
-
-@pytest.fixture(scope="module")
-def qwen_images():
-    """Two 300x400 images (54 merged tokens each) and two 150x200 ones (35)."""
-    return random_images(2, seed=3) + random_images(2, seed=4, size=(150, 200))
+family, patched, processor = parametrised_family_fixtures(
+    FAMILIES, make_qwen_processor, dominant=DOMINANT, contextual=CONTEXTUAL
+)
 
 
 def batch_inputs(processor, qwen_images):
@@ -203,16 +187,8 @@ def test_video_budget_scope_and_temporal_step(family, processor):
 
 def test_forward_and_generate_prepare_raw_inputs(patched, processor, qwen_images):
     inputs = batch_inputs(processor, qwen_images)
-    reduced_length = vlmzip.prepare(patched, inputs)["input_ids"].shape[1]
-    explicit = generate(patched, vlmzip.prepare(patched, inputs))
-    implicit = generate(patched, inputs)  # the caller's prompt, then the same new tokens
-    length = inputs["input_ids"].shape[1]
-    assert torch.equal(implicit[:, :length], inputs["input_ids"])
-    assert torch.equal(implicit[:, length:], explicit[:, reduced_length:])
-    with torch.no_grad():
-        raw = patched(**inputs).logits
-        prepared = patched(**vlmzip.prepare(patched, inputs)).logits
-    torch.testing.assert_close(raw, prepared)
+    assert_generate_prepares_raw_inputs(patched, inputs, max_new_tokens=4, do_sample=False)
+    assert_forward_prepares_raw_inputs(patched, inputs, exact=False)
 
 
 def test_remove_restores_bit_identical_logits(family, processor, qwen_images):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vlmzip
-from conftest import QWEN_IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, QWEN_WORDS, qwen_prompt, random_images
+from conftest import QWEN_IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, QWEN_WORDS, qwen_prompt
 from families import (
     QWEN3_PATCH_FEATURES,
     make_qwen3_5,
@@ -21,8 +21,10 @@ from families import (
 from helpers import (
     LanguageModelSpy,
     assert_apply_refused,
+    assert_forward_prepares_raw_inputs,
     assert_remove_restores_bit_identical_logits,
     original_rope_positions,
+    parametrised_family_fixtures,
 )
 from vlmzip.adapters.mrope import reduced_slots
 
@@ -34,26 +36,9 @@ LARGE, SMALL = 48, 30  # merged tokens of a 300x400 (12x16 patches) and a 150x20
 VISION_START, VISION_END = QWEN_WORDS.index("<vision_start>"), QWEN_WORDS.index("<vision_end>")
 
 
-@pytest.fixture(params=list(FAMILIES), scope="module")
-def family(request):
-    return request.param
-
-
-@pytest.fixture
-def patched(family):
-    model = FAMILIES[family]()
-    vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
-    return model
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return make_qwen3_processor()
-
-
-@pytest.fixture(scope="module")
-def qwen_images():
-    return random_images(2, seed=3) + random_images(2, seed=4, size=(150, 200))
+family, patched, processor = parametrised_family_fixtures(
+    FAMILIES, make_qwen3_processor, dominant=DOMINANT, contextual=CONTEXTUAL
+)
 
 
 PROMPTS = [
@@ -302,11 +287,7 @@ def test_qwen3_5_moe_gets_the_budget_and_restores_on_remove(processor, qwen_imag
 
 
 def test_forward_and_generate_prepare_raw_inputs(patched, processor, qwen_images):
-    inputs = batch_inputs(processor, qwen_images)
-    with torch.no_grad():
-        raw = patched(**inputs).logits
-        prepared = patched(**vlmzip.prepare(patched, inputs)).logits
-    torch.testing.assert_close(raw, prepared)
+    assert_forward_prepares_raw_inputs(patched, batch_inputs(processor, qwen_images), exact=False)
 
 
 def test_remove_restores_bit_identical_logits(family, processor, qwen_images):

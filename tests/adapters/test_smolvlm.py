@@ -15,69 +15,44 @@ from families import (
     make_smolvlm_processor,
 )
 from helpers import (
+    FamilyChecks,
     assert_apply_refused,
-    assert_batch_logits_equal_singles,
-    assert_remove_restores_bit_identical_logits,
-    reference_visionzip,
-    removed_after,
+    assert_full_budget_gives_the_models_own_features,
+    family_fixtures,
+    images_of_sizes,
+    mixed_images,
+    mixed_prompts,
+    run_lengths,
     visual_tokens_reaching_llm,
 )
-from test_conversation import run_dialogue
+from reference import reference_received_attention, reference_units, reference_visionzip
+from test_conversation import run_two_image_dialogue
 from vlmzip.methods import available_methods
 
 DOMINANT, CONTEXTUAL = 5, 2
 # (height, width) -> tiles (global image included): 2 x 2 grid + global, 1 x 2 grid + global.
 SIZES_AND_TILES = [((300, 400), 5), ((100, 400), 3), ((400, 300), 5)]
-PROMPTS = [
-    "USER: <image> what is in the image ? ASSISTANT:",
-    "USER: how many are there ? ASSISTANT:",
-    "USER: <image> what is left of <image> ? ASSISTANT:",
-]
-TURNS = [
-    ("USER: <image> what is in the image ? ASSISTANT:", True),
-    ("USER: how many are there ? ASSISTANT:", False),
-    ("USER: <image> what is left of ? ASSISTANT:", True),
-]
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return make_smolvlm_processor()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return [random_images(1, seed=i, size=size)[0] for i, (size, _) in enumerate(SIZES_AND_TILES)]
-
-
-@pytest.fixture
-def model():
-    yield from removed_after(make_smolvlm())
+PROMPTS = mixed_prompts()
+processor, images, model = family_fixtures(
+    make_smolvlm, make_smolvlm_processor, lambda: images_of_sizes(size for size, _ in SIZES_AND_TILES)
+)
 
 
 def batch(processor, images):
     """An image, a text-only row, two images of different tile counts in one prompt."""
-    return processor(text=PROMPTS, images=[[images[0]], [], [images[1], images[2]]], return_tensors="pt", padding=True)
+    return processor(text=PROMPTS, images=mixed_images(images), return_tensors="pt", padding=True)
 
 
 def singles(processor, images):
-    per_sample = [[images[0]], [], [images[1], images[2]]]
+    samples = zip(PROMPTS, mixed_images(images), strict=True)
     return [
-        processor(text=[prompt], images=[sample] if sample else None, return_tensors="pt")
-        for prompt, sample in zip(PROMPTS, per_sample, strict=True)
+        processor(text=[prompt], images=[sample] if sample else None, return_tensors="pt") for prompt, sample in samples
     ]
 
 
-def runs(input_ids, token_id=SMOL_IMAGE_TOKEN_ID):
+def runs(input_ids):
     """Lengths of the placeholder runs of one row."""
-    lengths, current = [], 0
-    for token in input_ids.tolist():
-        if token == token_id:
-            current += 1
-        elif current:
-            lengths.append(current)
-            current = 0
-    return lengths + ([current] if current else [])
+    return run_lengths(input_ids, SMOL_IMAGE_TOKEN_ID)
 
 
 # --- a literal reference ---------------------------------------------------------------------------
@@ -92,26 +67,11 @@ def reference_tile(model, tile, dominant, contextual):
         normed = layer.layer_norm1(hidden[-2][0])
         queries = layer.self_attn.q_proj(normed)
         keys = layer.self_attn.k_proj(normed)
-    patches, width = keys.shape
-    head_dim = width // heads
-    received = [0.0] * patches
-    for head in range(heads):
-        part = slice(head * head_dim, (head + 1) * head_dim)
-        probabilities = (queries[:, part] @ keys[:, part].T * head_dim**-0.5).softmax(dim=-1)
-        for key in range(patches):
-            received[key] += float(probabilities[:, key].mean())
+    patches = keys.shape[0]
+    queries, keys = (t.view(patches, heads, -1).transpose(0, 1) for t in (queries, keys))  # (heads, patches, d)
+    received = reference_received_attention(queries, keys)
     side = int(patches**0.5)
-    unit_side = side // SMOL_SCALE
-    unit_scores, unit_keys = [], []
-    for row in range(unit_side):
-        for col in range(unit_side):
-            members = [
-                (row * SMOL_SCALE + a) * side + col * SMOL_SCALE + b
-                for a in range(SMOL_SCALE)
-                for b in range(SMOL_SCALE)
-            ]
-            unit_scores.append(sum(received[m] for m in members))
-            unit_keys.append(torch.stack([keys[m].view(heads, head_dim).mean(dim=0) for m in members]).mean(dim=0))
+    unit_scores, unit_keys = reference_units(received, keys.mean(dim=0), side, side, SMOL_SCALE)
     return reference_visionzip(features, unit_scores, unit_keys, dominant, contextual)
 
 
@@ -129,11 +89,9 @@ def test_reduced_tiles_equal_a_literal_reference(model, processor, images):
 
 def test_full_budget_gives_the_models_own_features(model, processor, images):
     inputs = batch(processor, images)
-    vlmzip.apply(model, dominant=SMOL_TILE_TOKENS, contextual=0)
-    with torch.no_grad():
-        reduced = vlmzip.prepare(model, inputs)["mm_encoder_outputs"]["image"].pooler_output
-        own = model.model.get_image_features(inputs["pixel_values"], inputs["pixel_attention_mask"]).pooler_output
-    assert torch.equal(torch.cat(list(reduced)), torch.cat(list(own)))
+    assert_full_budget_gives_the_models_own_features(
+        model, inputs, SMOL_TILE_TOKENS, ["pixel_values", "pixel_attention_mask"]
+    )
 
 
 # --- what reaches the language model ---------------------------------------------------------------
@@ -173,18 +131,10 @@ def test_images_without_splitting_are_one_tile(model, images):
     assert runs(prepared["input_ids"][0]) == [8, 8]
 
 
-@pytest.mark.parametrize(
-    "generate_kwargs",
-    [
-        pytest.param({"do_sample": False}, id="greedy"),
-        pytest.param({"do_sample": False, "num_beams": 2}, id="beam"),
-        pytest.param({"do_sample": True, "top_k": 5}, id="sampling"),
-    ],
-)
-def test_batched_generate_equals_per_sample(model, processor, images, generate_kwargs):
-    vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
-    torch.manual_seed(0)
-    assert_batch_logits_equal_singles(model, batch(processor, images), singles(processor, images), **generate_kwargs)
+class TestFamilyChecks(FamilyChecks):
+    make_model = staticmethod(make_smolvlm)
+    dominant, contextual = DOMINANT, CONTEXTUAL
+    batch, singles = staticmethod(batch), staticmethod(singles)
 
 
 def test_sampling_with_a_seed_repeats(model, processor, images):
@@ -198,26 +148,10 @@ def test_sampling_with_a_seed_repeats(model, processor, images):
     assert torch.equal(outputs[0], outputs[1])
 
 
-def test_forward_and_generate_prepare_raw_inputs(model, processor, images):
-    inputs = batch(processor, images)
-    vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
-    with torch.no_grad():
-        raw = model(**inputs).logits
-        prepared = model(**vlmzip.prepare(model, inputs)).logits
-    assert torch.equal(raw, prepared)
-
-
-def test_remove_restores_bit_identical_logits(processor, images):
-    assert_remove_restores_bit_identical_logits(
-        make_smolvlm, batch(processor, images), dominant=DOMINANT, contextual=CONTEXTUAL
-    )
-
-
 def test_conversation_answers_equal_fresh_runs(processor, images):
     model = make_smolvlm(seed=1)
     vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL)
-    chat, tower_calls = run_dialogue(model, processor, TURNS, images, model.model.vision_model)
-    assert tower_calls == 2  # each image encoded once
+    chat = run_two_image_dialogue(model, processor, images, model.model.vision_model)
     assert runs(chat.input_ids[0]) == [DOMINANT + CONTEXTUAL] * (5 + 3)
 
 

@@ -8,47 +8,12 @@ through `vlmzip.loading.load_model` like any other directory.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import make_llava, make_llava_processor, make_qwen2_5_vl, make_qwen2_vl, make_qwen_processor
-from families import (
-    make_gemma3,
-    make_gemma3_processor,
-    make_internvl,
-    make_internvl_processor,
-    make_llava_next,
-    make_llava_next_processor,
-    make_mistral3,
-    make_mistral3_processor,
-    make_onevision,
-    make_onevision_processor,
-    make_qwen3_5,
-    make_qwen3_processor,
-    make_qwen3_vl,
-    make_qwen3_vl_moe,
-    make_smolvlm,
-    make_smolvlm_processor,
-)
+from helpers import BUILDERS
 from vlmzip.loading import image_only_processor_class
 from vlmzip.pixtral_processor import PixtralPilProcessor
-
-# family -> (model builder, processor builder)
-FAMILIES: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
-    "llava-1.5": (make_llava, make_llava_processor),
-    "llava-next": (make_llava_next, make_llava_next_processor),
-    "llava-onevision": (make_onevision, make_onevision_processor),
-    "qwen2-vl": (make_qwen2_vl, make_qwen_processor),
-    "qwen2.5-vl": (make_qwen2_5_vl, make_qwen_processor),
-    "qwen3-vl": (make_qwen3_vl, make_qwen3_processor),
-    "qwen3-vl-moe": (make_qwen3_vl_moe, make_qwen3_processor),
-    "qwen3.5": (make_qwen3_5, make_qwen3_processor),
-    "gemma3": (make_gemma3, make_gemma3_processor),
-    "internvl": (make_internvl, make_internvl_processor),
-    "smolvlm": (make_smolvlm, make_smolvlm_processor),
-    "mistral3": (make_mistral3, make_mistral3_processor),
-}
 
 
 def saveable_processor(processor: Any) -> Any:
@@ -68,8 +33,8 @@ def saveable_processor(processor: Any) -> Any:
 
 
 def save_family(family: str, path: Path) -> Path:
-    """Save the tiny model and processor of `family` (a FAMILIES key) into `path`; return `path`."""
-    build_model, build_processor = FAMILIES[family]
+    """Save the tiny model and processor of `family` (a helpers.BUILDERS key) into `path`; return `path`."""
+    build_model, build_processor = BUILDERS[family]
     model = build_model()
     model.generation_config.pad_token_id = 0
     model.save_pretrained(path)

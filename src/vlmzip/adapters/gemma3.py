@@ -30,25 +30,20 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vlmzip._validation import budget_error
 from vlmzip.adapters.base import Adapter, EncodedImages, check_square_batch
+from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.core import Reduction
 from vlmzip.probe import ProbeOutput
 
 
-class Gemma3Adapter(Adapter):
+class Gemma3Adapter(TowerAndProjector, Adapter):
     families = ("Gemma3ForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
 
-    # --- model parts ---------------------------------------------------------------------
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
-
+    # --- model parts (vision_tower, projector: TowerAndProjector) ---------------------------
     def resolve_feature_layer(self, layer: int | None) -> int:
         if layer is None:
             layer = -1  # the model projects SigLIP's last hidden state
@@ -71,10 +66,11 @@ class Gemma3Adapter(Adapter):
         available = self.tokens_per_unit()
         if self.config.tokens > available:
             side, patches = self.soft_token_side, self.patch_side
-            raise ValueError(
-                f"dominant + contextual must be <= {available} (the soft tokens this model gives each image: "
-                f"{side} x {side} pooled from {patches} x {patches} patches), got {self.config.dominant} + "
-                f"{self.config.contextual} = {self.config.tokens}"
+            raise budget_error(
+                self.config,
+                available,
+                f" (the soft tokens this model gives each image: {side} x {side} pooled from {patches} x {patches} "
+                "patches)",
             )
 
     def budget_unit_tokens(self, inputs: Mapping[str, Any]) -> int:

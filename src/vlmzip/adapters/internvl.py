@@ -38,7 +38,9 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vlmzip._validation import budget_error
 from vlmzip.adapters.base import Adapter, EncodedImages, check_square_batch
+from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
 from vlmzip.probe import ProbeOutput, square_size
@@ -59,7 +61,7 @@ def image_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor, token_id: 
     return runs
 
 
-class InternVLAdapter(Adapter):
+class InternVLAdapter(TowerAndProjector, Adapter):
     families = ("InternVLForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
 
@@ -84,13 +86,7 @@ class InternVLAdapter(Adapter):
             raise ValueError(f"model: downsample_ratio must be 1 / an integer, got {ratio}")
         self.shuffle_factor = factor
 
-    # --- model parts ---------------------------------------------------------------------
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
-
+    # --- model parts (vision_tower, projector: TowerAndProjector) ---------------------------
     @property
     def patch_side(self) -> int:
         image_size = square_size(self.model.config.vision_config.image_size, "image_size")
@@ -108,10 +104,11 @@ class InternVLAdapter(Adapter):
         available = self.tokens_per_unit()
         if self.config.budget_scope == "per_crop" and self.config.tokens > available:
             side = self.unit_side
-            raise ValueError(
-                f"dominant + contextual must be <= {available} (the tokens this model gives each tile: {side} x {side} "
-                f"after the pixel shuffle) with budget_scope='per_crop', got {self.config.dominant} + "
-                f"{self.config.contextual} = {self.config.tokens}"
+            raise budget_error(
+                self.config,
+                available,
+                f" (the tokens this model gives each tile: {side} x {side} after the pixel shuffle) with "
+                "budget_scope='per_crop'",
             )
 
     # --- tiles ---------------------------------------------------------------------------

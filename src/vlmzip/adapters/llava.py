@@ -10,24 +10,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from vlmzip.adapters.base import Adapter, EncodedImages
+from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.cache import VisualUnit
 from vlmzip.core import Reduction, anchor_indices
 
 
-class LlavaAdapter(Adapter):
+class LlavaAdapter(TowerAndProjector, Adapter):
     families = ("LlavaForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
     supports_original_positions = True
     supports_adaptive = True
-
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
 
     @property
     def drops_cls(self) -> bool:

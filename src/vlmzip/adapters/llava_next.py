@@ -24,7 +24,9 @@ import torch
 from torch import nn
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
+from vlmzip._validation import budget_error
 from vlmzip.adapters.base import CROP_COUNTS_KEY, Adapter, EncodedImages
+from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.cache import VisualUnit
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction, anchor_indices
@@ -95,7 +97,7 @@ def _as_size_list(image_sizes: Any, count_name: str) -> list[tuple[int, int]]:
     return [(int(height), int(width)) for height, width in image_sizes]
 
 
-class LlavaNextAdapter(Adapter):
+class LlavaNextAdapter(TowerAndProjector, Adapter):
     families = ("LlavaNextForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
     # The model's packing only lines up for this strategy (with "full", the [CLS] row breaks its grid view).
@@ -117,13 +119,7 @@ class LlavaNextAdapter(Adapter):
                 f"supported; expected {self.feature_select_strategy!r}"
             )
 
-    # --- model parts ---------------------------------------------------------------------
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
-
+    # --- model parts (vision_tower, projector: TowerAndProjector) ---------------------------
     @property
     def crop_size(self) -> int:
         return int(self.model.config.vision_config.image_size)
@@ -148,11 +144,8 @@ class LlavaNextAdapter(Adapter):
         self.check_adaptive(available)
         if self.config.budget_scope == "per_crop":
             if self.config.fewest_tokens > available:
-                raise ValueError(
-                    f"dominant + contextual must be <= {available} (the tokens this model's tower yields per crop) "
-                    f"with budget_scope='per_crop', got {self.config.dominant} + {self.config.contextual} = "
-                    f"{self.config.tokens}"
-                )
+                where = " (the tokens this model's tower yields per crop) with budget_scope='per_crop'"
+                raise budget_error(self.config, available, where)
             return
         fewest, most = self.crop_count_range()
         self.config.per_unit(most)  # raises when the crops outnumber the dominant tokens

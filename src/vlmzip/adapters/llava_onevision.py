@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from vlmzip._validation import budget_error
 from vlmzip.adapters.base import EncodedImages, placeholder_order
 from vlmzip.adapters.cached import units_input_ids
 from vlmzip.adapters.llava_next import LlavaNextAdapter
@@ -134,10 +135,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         rows, cols = self.pooled_grid
         config = self.config.per_unit(frames)
         if config.fewest_tokens > rows * cols:
-            raise ValueError(
-                f"dominant + contextual must be <= {rows * cols} per video frame (the pooled tokens the model "
-                f"gives each frame), got {config.dominant} + {config.contextual} = {config.tokens}"
-            )
+            raise budget_error(config, rows * cols, " per video frame (the pooled tokens the model gives each frame)")
         probe = self.pooled_probe(videos)
         reduced = self.run_method(probe, config)
         units = reduced.split() if isinstance(reduced, Reduction) else reduced

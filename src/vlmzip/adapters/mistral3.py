@@ -32,7 +32,9 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from vlmzip._validation import budget_error
 from vlmzip.adapters.base import Adapter, EncodedImages
+from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.core import Reduction
 from vlmzip.probe import DEFAULT_QUERY_CHUNK, ProbeOutput, TowerInfo, TowerLayout, received_attention, resolve_tower
 
@@ -121,18 +123,12 @@ def probe_pixtral_tower(
     return captured["features"][0], scores, mean_keys
 
 
-class Mistral3Adapter(Adapter):
+class Mistral3Adapter(TowerAndProjector, Adapter):
     serves_probes = False  # the tower is probed per image by probe_pixtral_tower
     families = ("Mistral3ForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
 
-    # --- model parts ---------------------------------------------------------------------
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
-
+    # --- model parts (vision_tower, projector: TowerAndProjector) ---------------------------
     def resolve_tower_info(self) -> TowerInfo:
         return resolve_tower(self.vision_tower(), PIXTRAL_TOWER)
 
@@ -148,11 +144,9 @@ class Mistral3Adapter(Adapter):
     def check_budget(self) -> None:
         available = self.tokens_per_unit()
         if self.config.tokens > available:
-            raise ValueError(
-                f"dominant + contextual must be <= {available} (the merged tokens of the largest image this "
-                f"model takes, {self.model.config.vision_config.image_size} px square), got "
-                f"{self.config.dominant} + {self.config.contextual} = {self.config.tokens}"
-            )
+            square = self.model.config.vision_config.image_size
+            where = f" (the merged tokens of the largest image this model takes, {square} px square)"
+            raise budget_error(self.config, available, where)
 
     # --- images --------------------------------------------------------------------------
     def image_sizes(self, inputs: Mapping[str, Any]) -> list[tuple[int, int]]:
@@ -265,11 +259,8 @@ class Mistral3Adapter(Adapter):
     def reduce_image(self, probe: ProbeOutput, index: int, size: tuple[int, int]) -> Reduction:
         rows, cols = probe.grid
         if self.config.tokens > rows * cols:
-            raise ValueError(
-                f"dominant + contextual must be <= {rows * cols} for image {index} (its {rows}x{cols} merged tokens "
-                f"at {size[0]}x{size[1]} px), got {self.config.dominant} + {self.config.contextual} = "
-                f"{self.config.tokens}"
-            )
+            where = f" for image {index} (its {rows}x{cols} merged tokens at {size[0]}x{size[1]} px)"
+            raise budget_error(self.config, rows * cols, where)
         return self.call_method(probe, self.config)
 
     def reduce(self, pixel_values: torch.Tensor, **tower_kwargs: Any) -> tuple[ProbeOutput, Reduction]:

@@ -34,6 +34,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import get_vision_window_index
 
+from vlmzip._validation import budget_error
 from vlmzip.adapters.base import _APPLIED, Adapter, EncodedImages, PaddingSide, placeholder_order
 from vlmzip.adapters.cached import units_input_ids
 from vlmzip.adapters.mrope import (
@@ -330,10 +331,8 @@ class Qwen2VLAdapter(Adapter):
         # processor's max_pixels allows for any image can never fit: refused here.
         most = processor_max_units(self.processor_source)
         if most is not None and self.config.budget_scope == "per_crop" and self.config.tokens > most:
-            raise ValueError(
-                f"dominant + contextual must be <= {most} (the most merged tokens one image can yield under the "
-                f"processor's max_pixels), got {self.config.dominant} + {self.config.contextual} = {self.config.tokens}"
-            )
+            where = " (the most merged tokens one image can yield under the processor's max_pixels)"
+            raise budget_error(self.config, most, where)
 
     def token_id(self, modality: str) -> int:
         value = getattr(self.model.config, f"{modality}_token_id", None)
@@ -387,10 +386,9 @@ class Qwen2VLAdapter(Adapter):
         units = probe.features.shape[1]
         if config.fewest_tokens > units:
             rows, cols = probe.grid
-            raise ValueError(
-                f"dominant + contextual must be <= {units} (the merged tokens {modality} {index} yields per "
-                f"{'temporal slice' if modality == 'video' else 'image'}: a {rows}x{cols} grid), got "
-                f"{config.dominant} + {config.contextual} = {config.tokens}"
+            per = "temporal slice" if modality == "video" else "image"
+            raise budget_error(
+                config, units, f" (the merged tokens {modality} {index} yields per {per}: a {rows}x{cols} grid)"
             )
         reduced = self.run_method(probe, config)
         return reduced if isinstance(reduced, Reduction) else reduced[0]

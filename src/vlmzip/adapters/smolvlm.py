@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmzip._validation import budget_error
 from vlmzip.adapters.base import Adapter, EncodedImages
 from vlmzip.core import Reduction
 from vlmzip.probe import ProbeOutput, TowerInfo, TowerLayout, resolve_tower
@@ -107,10 +108,7 @@ class SmolVLMAdapter(Adapter):
         # Both scopes: an image may be a single tile (its global image), which then gets the whole budget.
         available = self.tokens_per_unit()
         if self.config.tokens > available:
-            raise ValueError(
-                f"dominant + contextual must be <= {available} (the shuffled tokens of one SmolVLM tile), got "
-                f"{self.config.dominant} + {self.config.contextual} = {self.config.tokens}"
-            )
+            raise budget_error(self.config, available, " (the shuffled tokens of one SmolVLM tile)")
 
     def pad_token_id(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
         # SmolVLMConfig.pad_token_id is deprecated and may not be the language model's pad id.
@@ -210,10 +208,7 @@ class SmolVLMAdapter(Adapter):
         units = probe.features.shape[1]
         if config.tokens > units:
             rows, cols = probe.grid
-            raise ValueError(
-                f"dominant + contextual must be <= {units} per tile (the {rows}x{cols} shuffled tokens of a "
-                f"SmolVLM tile), got {config.dominant} + {config.contextual} = {config.tokens}"
-            )
+            raise budget_error(config, units, f" per tile (the {rows}x{cols} shuffled tokens of a SmolVLM tile)")
         return self.call_method(probe, config)
 
     @property

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmzip._validation import check_int
-from vlmzip.core import GROUP_DOMINANT, GROUP_DROPPED, Reduction
+from vlmzip.core import Reduction, keep_only
 from vlmzip.methods import register_method
 from vlmzip.probe import ProbeOutput
 
@@ -52,14 +52,6 @@ def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
 def divprune(probe: ProbeOutput, config: VisionZipConfig) -> Reduction:
     """Keep `dominant + contextual` tokens chosen for diversity of the feature-layer output, in index order."""
     features = probe.features
-    batch, num_tokens, hidden = features.shape
-    tokens = check_int("dominant + contextual", config.tokens, 1, num_tokens)
+    tokens = check_int("dominant + contextual", config.tokens, 1, features.shape[1])
     kept = max_min_diverse(features, tokens)
-    groups = torch.full((batch, num_tokens), GROUP_DROPPED, dtype=torch.long, device=features.device)
-    groups.scatter_(1, kept, GROUP_DOMINANT)
-    return Reduction(
-        features=features.gather(1, kept.unsqueeze(-1).expand(-1, -1, hidden)),
-        kept_indices=kept,
-        groups=groups,
-        scores=probe.scores,
-    )
+    return keep_only(features, kept, probe.scores)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vlmzip._validation import check_int
-from vlmzip.core import GROUP_DOMINANT, GROUP_DROPPED, Reduction
+from vlmzip.core import Reduction, keep_only
 from vlmzip.methods import register_method
 from vlmzip.probe import ProbeOutput
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def random_keep(probe: ProbeOutput, config: VisionZipConfig) -> Reduction:
     """Keep [CLS] (when present) plus uniformly drawn tokens, in ascending index order."""
     features = probe.features
-    batch, num_tokens, hidden = features.shape
+    batch, num_tokens = features.shape[:2]
     tokens = check_int("dominant + contextual", config.tokens, 1, num_tokens)
     generator = torch.Generator().manual_seed(config.seed)
     keep_cls = 1 if probe.has_cls else 0
@@ -27,11 +27,4 @@ def random_keep(probe: ProbeOutput, config: VisionZipConfig) -> Reduction:
     drawn = draws.topk(tokens - keep_cls, dim=1).indices + keep_cls
     kept = torch.cat([torch.zeros(batch, keep_cls, dtype=torch.long), drawn], dim=1).sort(dim=1).values
     kept = kept.to(features.device)
-    groups = torch.full((batch, num_tokens), GROUP_DROPPED, dtype=torch.long, device=features.device)
-    groups.scatter_(1, kept, GROUP_DOMINANT)
-    return Reduction(
-        features=features.gather(1, kept.unsqueeze(-1).expand(-1, -1, hidden)),
-        kept_indices=kept,
-        groups=groups,
-        scores=probe.scores,
-    )
+    return keep_only(features, kept, probe.scores)

@@ -16,7 +16,13 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProces
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from vlmzip.config import check_int
-from vlmzip.synthetic import llava_style_processor, tiny_clip_vision_config, tiny_llama_config, word_level_tokenizer
+from vlmzip.synthetic import (
+    llava_style_processor,
+    tiny_clip_vision_config,
+    tiny_llama_config,
+    tiny_qwen2_5_vision_config,
+    word_level_tokenizer,
+)
 
 VOCABULARY = (
     "<pad> <unk> </s> <s> <image> USER: ASSISTANT: what is in the image ? a an cat dog bird car red green blue "
@@ -145,17 +151,7 @@ def build_tiny_qwen2_5_vl(
         "bos_token_id": 3,
         "initializer_range": init_range,
     }
-    vision_config = {
-        "depth": 3,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "out_hidden_size": 64,
-        "num_heads": 4,
-        "patch_size": 14,
-        "window_size": 56,
-        "fullatt_block_indexes": [1],
-        "initializer_range": init_range,
-    }
+    vision_config = tiny_qwen2_5_vision_config(initializer_range=init_range)
     config = Qwen2_5_VLConfig(
         text_config=text_config,
         vision_config=vision_config,
