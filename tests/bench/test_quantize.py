@@ -63,3 +63,12 @@ def test_replaced_float_weights_are_freed_and_shared_or_tied_ones_kept():
     inputs = processor(images=random_images(1), text=[PROMPT], return_tensors="pt")
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_flops_count_int8_linear_layers_like_float_ones():
+    from vlmzip.bench.flops import linear_weights
+
+    model = make_llava()
+    before = linear_weights(model.model.language_model)
+    quantize_language_model(model, "int8")
+    assert before > 0 and linear_weights(model.model.language_model) == before

@@ -17,9 +17,21 @@ import torch
 from torch import nn
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or its int8 replacement (`bench --quantize int8`: torch.ao's dynamic quantized Linear)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    return isinstance(module, (nn.Linear, DynamicLinear))
+
+
+def _weight_count(module: nn.Module) -> int:
+    weight = module.weight
+    return (weight() if callable(weight) else weight).numel()
+
+
 def linear_weights(module: nn.Module) -> int:
-    """Multiply-adds per token of every nn.Linear inside `module`."""
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+    """Multiply-adds per token of every linear layer (float or int8) inside `module`."""
+    return sum(_weight_count(m) for m in module.modules() if _is_linear(m))
 
 
 def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -77,10 +89,10 @@ class FlopCounter:
         """Width of the query (heads x head_dim): the inner dimension of the score and value products."""
         for module in layer.modules():
             q_proj = getattr(module, "q_proj", None) or getattr(module, "query", None)
-            if isinstance(q_proj, nn.Linear):
+            if q_proj is not None and _is_linear(q_proj):
                 return q_proj.out_features
             fused = getattr(module, "qkv", None)
-            if isinstance(fused, nn.Linear):
+            if fused is not None and _is_linear(fused):
                 return fused.out_features // 3
         return 0
 
