@@ -62,7 +62,7 @@ def load_projector(model: nn.Module, path: str | Path) -> VisionZipConfig | None
     """
     from safetensors.torch import load_file
 
-    from vlmzip.adapters import adapter_class_for
+    from vlmzip.adapters import geometry_of
 
     if not isinstance(path, (str, Path)):
         raise TypeError(f"path must be a directory or a {PROJECTOR_FILE} path, got {type(path).__name__}")
@@ -70,8 +70,7 @@ def load_projector(model: nn.Module, path: str | Path) -> VisionZipConfig | None
     file = path / PROJECTOR_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"projector weights not found: {file}")
-    # An adapter built only to ask where the projector is (the smallest budget, never applied).
-    projector = projector_of(adapter_class_for(model)(model, VisionZipConfig(dominant=1, contextual=0)))
+    projector = projector_of(geometry_of(model))  # where the projector is: the family's geometry, no budget
     config = load_saved_config(file.parent)
     load_into(model, load_file(str(file)), list(projector_names(model, projector).values()), file)
     return config

@@ -86,16 +86,16 @@ def _crop_labels(count: int) -> list[str]:
 def model_adapter(model: nn.Module, config: VisionZipConfig | None = None, processor: Any = None) -> Any:
     """The family adapter for `model`, without patching it.
 
-    With `config` None: the applied VisionZip's adapter when there is one, else an adapter with the
-    smallest budget (1 + 0 tokens, valid for every tower) for reading the tower's geometry.
+    With `config` None: the applied VisionZip's adapter when there is one, else the family's geometry
+    (`vlmzip.adapters.geometry_of`: tower, projector and token counts, no budget).
     """
-    from vlmzip.adapters import adapter_class_for
+    from vlmzip.adapters import adapter_class_for, geometry_of
     from vlmzip.api import get_state
 
     adapter_class = adapter_class_for(model)
     if config is None:
         state = get_state(model)
-        return state.adapter if state is not None else adapter_class(model, VisionZipConfig(dominant=1, contextual=0))
+        return state.adapter if state is not None else geometry_of(model, processor)
     if not isinstance(config, VisionZipConfig):
         raise TypeError(f"config must be a VisionZipConfig or None, got {type(config).__name__}")
     return adapter_class(model, config, processor)  # the budget is checked at the processor's input size
