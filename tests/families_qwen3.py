@@ -72,6 +72,21 @@ def make_qwen3_vl_moe(seed: int = 0):
     return Qwen3VLMoeForConditionalGeneration(config).eval()
 
 
+def _qwen3_5_text(**extra: object) -> dict:
+    """Qwen3.5's text config: linear attention then full attention, partial rotary M-RoPE."""
+    text = _qwen3_text(
+        layer_types=["linear_attention", "full_attention"],
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        **extra,
+    )
+    text["rope_parameters"] = {**text["rope_parameters"], "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2]}
+    return text
+
+
 def make_qwen3_5(seed: int = 0):
     """Qwen3.5: one Gated DeltaNet layer then one full-attention layer (the default layout has no
     full-attention layer at 2 layers); rotary on half of each 16-wide head (the default quarter would
@@ -80,16 +95,7 @@ def make_qwen3_5(seed: int = 0):
 
     from conftest import _qwen_token_ids
 
-    text = _qwen3_text(
-        layer_types=["linear_attention", "full_attention"],
-        linear_conv_kernel_dim=4,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-    )
-    text["rope_parameters"] = {**text["rope_parameters"], "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2]}
-    config = Qwen3_5Config(text_config=text, vision_config=_qwen3_vision(), **_qwen_token_ids())
+    config = Qwen3_5Config(text_config=_qwen3_5_text(), vision_config=_qwen3_vision(), **_qwen_token_ids())
     torch.manual_seed(seed)
     return Qwen3_5ForConditionalGeneration(config).eval()
 
@@ -100,19 +106,9 @@ def make_qwen3_5_moe(seed: int = 0):
 
     from conftest import _qwen_token_ids
 
-    text = _qwen3_text(
-        layer_types=["linear_attention", "full_attention"],
-        linear_conv_kernel_dim=4,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=32,
+    text = _qwen3_5_text(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
     )
-    text["rope_parameters"] = {**text["rope_parameters"], "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2]}
     config = Qwen3_5MoeConfig(text_config=text, vision_config=_qwen3_vision(), **_qwen_token_ids())
     torch.manual_seed(seed)
     return Qwen3_5MoeForConditionalGeneration(config).eval()
