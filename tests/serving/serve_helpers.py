@@ -135,3 +135,38 @@ def reference_generate(model_class, model_dir, config, prompt, images, video=Non
     if EOS_TOKEN_ID in tokens:
         tokens = tokens[: tokens.index(EOS_TOKEN_ID) + 1]
     return tokens, prompt_length
+
+
+def qwen_workdir(root, build, config, sizes, video_frames, seed):
+    """A tiny Qwen model (`build(dir, init_range=0.2)`), its plugin export and the test's images and video."""
+    import numpy as np
+    from PIL import Image
+
+    from vlmzip.export import export_model
+
+    build(root / "tiny", init_range=0.2)
+    export_model(root / "tiny", root / "served", config)
+    rng = np.random.default_rng(seed)
+    for i, (height, width) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / f"image{i}.png")
+    np.save(root / "video.npy", rng.integers(0, 256, (*video_frames, 3), dtype=np.uint8))
+    return root
+
+
+def image_paths(workdir, indices):
+    return [str(workdir / f"image{i}.png") for i in indices]
+
+
+def load_images(workdir, indices):
+    from PIL import Image
+
+    return [Image.open(path).convert("RGB") for path in image_paths(workdir, indices)]
+
+
+def merged_tokens(workdir, index):
+    """Merged (2x2) tokens Qwen's processor gives image `index` of the workdir."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(workdir / "tiny")
+    grid = processor.image_processor(load_images(workdir, [index]), return_tensors="pt")["image_grid_thw"][0]
+    return int(grid.prod()) // 4

@@ -12,13 +12,16 @@ import re
 
 import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("vllm")
 
 from serve_helpers import (  # noqa: E402
     free_port,
+    image_paths,
+    load_images,
+    merged_tokens,
     prometheus_counter,
+    qwen_workdir,
     reference_generate,
     run_vllm,
     serve_command,
@@ -29,7 +32,6 @@ from serve_helpers import (  # noqa: E402
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 from vlmzip.config import VisionZipConfig, split_budget  # noqa: E402
-from vlmzip.export import export_model  # noqa: E402
 from vlmzip.serving.tiny import QWEN_VOCABULARY, build_tiny_qwen2_5_vl  # noqa: E402
 
 MAX_NEW_TOKENS = 8  # vllm_runner.MAX_NEW_TOKENS
@@ -55,27 +57,7 @@ VIDEO_TOKEN_ID = QWEN_VOCABULARY.index("<|video_pad|>")
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen")
-    build_tiny_qwen2_5_vl(root / "tiny", init_range=0.2)
-    export_model(root / "tiny", root / "served", BUDGET)
-    rng = np.random.default_rng(1)
-    for i, (height, width) in enumerate(SIZES):
-        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / f"image{i}.png")
-    np.save(root / "video.npy", rng.integers(0, 256, (*VIDEO_FRAMES, 3), dtype=np.uint8))
-    return root
-
-
-def image_paths(workdir, indices):
-    return [str(workdir / f"image{i}.png") for i in indices]
-
-
-def load_images(workdir, indices):
-    return [Image.open(path).convert("RGB") for path in image_paths(workdir, indices)]
-
-
-def merged_tokens(workdir, index):
-    processor = AutoProcessor.from_pretrained(workdir / "tiny")
-    grid = processor.image_processor(load_images(workdir, [index]), return_tensors="pt")["image_grid_thw"][0]
-    return int(grid.prod()) // 4
+    return qwen_workdir(root, build_tiny_qwen2_5_vl, BUDGET, SIZES, VIDEO_FRAMES, seed=1)
 
 
 def hf_generate(model_dir, config, prompt, images, video=None):

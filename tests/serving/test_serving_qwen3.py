@@ -13,13 +13,16 @@ import re
 
 import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("vllm")
 
 from serve_helpers import (  # noqa: E402
     free_port,
+    image_paths,
+    load_images,
+    merged_tokens,
     prometheus_counter,
+    qwen_workdir,
     reference_generate,
     run_vllm,
     serve_command,
@@ -30,7 +33,6 @@ from serve_helpers import (  # noqa: E402
 from transformers import AutoConfig, AutoProcessor, Qwen3VLForConditionalGeneration  # noqa: E402
 
 from vlmzip.config import VisionZipConfig, split_budget  # noqa: E402
-from vlmzip.export import export_model  # noqa: E402
 from vlmzip.serving.tiny import QWEN_VOCABULARY, build_tiny_qwen3_vl  # noqa: E402
 
 IMAGE = "<|vision_start|> <|image_pad|> <|vision_end|>"
@@ -59,27 +61,7 @@ BAD_BUDGETS = [
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen3")
-    build_tiny_qwen3_vl(root / "tiny", init_range=0.2)
-    export_model(root / "tiny", root / "served", BUDGET)
-    rng = np.random.default_rng(3)
-    for i, (height, width) in enumerate(SIZES):
-        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / f"image{i}.png")
-    np.save(root / "video.npy", rng.integers(0, 256, (*VIDEO_FRAMES, 3), dtype=np.uint8))
-    return root
-
-
-def image_paths(workdir, indices):
-    return [str(workdir / f"image{i}.png") for i in indices]
-
-
-def load_images(workdir, indices):
-    return [Image.open(path).convert("RGB") for path in image_paths(workdir, indices)]
-
-
-def merged_tokens(workdir, index):
-    processor = AutoProcessor.from_pretrained(workdir / "tiny")
-    grid = processor.image_processor(load_images(workdir, [index]), return_tensors="pt")["image_grid_thw"][0]
-    return int(grid.prod()) // 4
+    return qwen_workdir(root, build_tiny_qwen3_vl, BUDGET, SIZES, VIDEO_FRAMES, seed=3)
 
 
 def hf_generate(workdir, config, prompt, images, video=None):
