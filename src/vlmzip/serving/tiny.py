@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
@@ -102,11 +103,7 @@ def build_tiny_llava(
     processor = llava_style_processor(
         LlavaProcessor, CLIPImageProcessorPil, make_tokenizer(), chat_template=CHAT_TEMPLATE
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return _save(out_dir, model, processor)
 
 
 # --- Qwen2.5-VL ----------------------------------------------------------------------------------
@@ -134,31 +131,14 @@ def build_tiny_qwen2_5_vl(
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    if not isinstance(init_range, (int, float)) or not init_range > 0:
-        raise ValueError(f"init_range must be a positive number, got {init_range!r}")
-    ids = {word: QWEN_VOCABULARY.index(word) for word in QWEN_VOCABULARY}
-    text_config = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "vocab_size": len(QWEN_VOCABULARY),
-        "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
-        "pad_token_id": 0,
-        "eos_token_id": 2,
-        "bos_token_id": 3,
-        "initializer_range": init_range,
-    }
+    text_config = _qwen_text_config(
+        init_range, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
+    )
     vision_config = tiny_qwen2_5_vision_config(initializer_range=init_range)
     config = Qwen2_5_VLConfig(
         text_config=text_config,
         vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **_qwen_special_ids(),
         initializer_range=init_range,
         tie_word_embeddings=False,
     )
@@ -180,11 +160,7 @@ def build_tiny_qwen2_5_vl(
     if video_processor is not None:
         processor_kwargs["video_processor"] = video_processor
     processor = Qwen2_5_VLProcessor(**processor_kwargs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return _save(out_dir, model, processor)
 
 
 # --- Qwen3-VL ------------------------------------------------------------------------------------
@@ -206,30 +182,17 @@ def build_tiny_qwen3_vl(
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.utils import is_torchvision_available
 
-    if not isinstance(init_range, (int, float)) or not init_range > 0:
-        raise ValueError(f"init_range must be a positive number, got {init_range!r}")
-    ids = {word: QWEN_VOCABULARY.index(word) for word in QWEN_VOCABULARY}
-    text_config = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "head_dim": 32,
-        "vocab_size": len(QWEN_VOCABULARY),
-        "max_position_embeddings": 4096,
-        "rope_parameters": {
+    text_config = _qwen_text_config(
+        init_range,
+        head_dim=32,
+        rope_parameters={
             "rope_type": "default",
             "rope_theta": 10000.0,
             "mrope_section": [6, 5, 5],
             "mrope_interleaved": True,
         },
-        "pad_token_id": 0,
-        "eos_token_id": 2,
-        "bos_token_id": 3,
-        "initializer_range": init_range,
-        "tie_word_embeddings": False,
-    }
+        tie_word_embeddings=False,
+    )
     vision_config = {
         "depth": 3,
         "hidden_size": 32,
@@ -244,10 +207,7 @@ def build_tiny_qwen3_vl(
     config = Qwen3VLConfig(
         text_config=text_config,
         vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **_qwen_special_ids(),
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
@@ -277,6 +237,37 @@ def build_tiny_qwen3_vl(
 
         processor_class = image_only_processor_class(Qwen3VLProcessor)
     processor = processor_class(chat_template=QWEN_CHAT_TEMPLATE, **processor_kwargs)
+    return _save(out_dir, model, processor)
+
+
+def _qwen_text_config(init_range: float, **extra: Any) -> dict[str, Any]:
+    """The tiny Qwen language model of the Qwen builders: 2 layers, width 64, the QWEN_VOCABULARY."""
+    if not isinstance(init_range, (int, float)) or not init_range > 0:
+        raise ValueError(f"init_range must be a positive number, got {init_range!r}")
+    return {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": len(QWEN_VOCABULARY),
+        "max_position_embeddings": 4096,
+        "pad_token_id": 0,
+        "eos_token_id": 2,
+        "bos_token_id": 3,
+        "initializer_range": init_range,
+        **extra,
+    }
+
+
+def _qwen_special_ids() -> dict[str, int]:
+    """The image, video and vision start/end token ids of QWEN_VOCABULARY, as Qwen configs name them."""
+    words = {"image": "<|image_pad|>", "video": "<|video_pad|>", "vision_start": "<|vision_start|>"}
+    words["vision_end"] = "<|vision_end|>"
+    return {f"{name}_token_id": QWEN_VOCABULARY.index(word) for name, word in words.items()}
+
+
+def _save(out_dir: str | os.PathLike[str], model: Any, processor: Any) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
