@@ -9,7 +9,7 @@ import vlmzip
 from conftest import make_llava, make_llava_processor, random_images
 from vlmzip.api import get_state
 from vlmzip.core import Reduction
-from vlmzip.finetune.cache import ReducedFeatureCache, reducing_from_cache
+from vlmzip.finetune.cache import ReducedFeatureCache
 
 
 def reduction(batch: int, offset: float) -> Reduction:
@@ -48,7 +48,7 @@ def test_the_adapter_reduces_from_the_cache_only_inside_the_block():
     keys = cache.add(fresh, pixels)
     calls = []
     hook = model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
-    with reducing_from_cache(adapter, cache), cache.serving(keys[::-1]):
+    with adapter.reductions_from(cache.reduction_for), cache.serving(keys[::-1]):
         probe, served = adapter.reduce(cache.stand_in_pixels(keys[::-1]))
     hook.remove()
     assert probe is None and not calls and "reduce" not in vars(adapter)
@@ -56,11 +56,11 @@ def test_the_adapter_reduces_from_the_cache_only_inside_the_block():
     assert torch.equal(served.kept_indices, fresh.kept_indices.flip(0))
     with torch.no_grad():
         assert adapter.reduce(pixels)[0] is not None  # outside the block the tower runs again
-    with pytest.raises(KeyError), reducing_from_cache(adapter, cache):
+    with pytest.raises(KeyError), adapter.reductions_from(cache.reduction_for):
         raise KeyError("an error inside the block")
     assert adapter._reduction_source is None
-    with reducing_from_cache(adapter, cache), pytest.raises(ValueError, match="already active"):
-        with reducing_from_cache(adapter, cache):
+    with adapter.reductions_from(cache.reduction_for), pytest.raises(ValueError, match="already active"):
+        with adapter.reductions_from(cache.reduction_for):
             pass
     with pytest.raises(TypeError, match="callable"), adapter.reductions_from("not a function"):
         pass

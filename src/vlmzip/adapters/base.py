@@ -10,7 +10,8 @@ compressed features handed to the model through its own precomputed-features pat
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -235,6 +236,30 @@ class Adapter(FamilyGeometry, ProbeSourcing, CachedEncoding):
                 f"min_dominant + contextual must be <= {available} (the tokens this model's tower yields per "
                 f"image / crop), got {config.min_dominant} + {config.contextual} = {config.fewest_tokens}"
             )
+
+    _method_listener: Callable[[str], None] | None = None
+
+    @contextmanager
+    def watching_method(self, listener: Callable[[str], None]) -> Iterator[None]:
+        """Inside the context, `listener("start")` and `listener("end")` bracket every call of the reduction
+        method (e.g. to time the selection alone); the method itself is left as it is."""
+        if not callable(listener):
+            raise TypeError(f"listener must be callable, got {type(listener).__name__}")
+        previous, self._method_listener = self._method_listener, listener
+        try:
+            yield
+        finally:
+            self._method_listener = previous
+
+    def call_method(self, probe: ProbeOutput, config: Any) -> Reduction:
+        """`self.method(probe, config)`, announced to the `watching_method` listener when one is active."""
+        listener = self._method_listener
+        if listener is not None:
+            listener("start")
+        reduction = self.method(probe, config)
+        if listener is not None:
+            listener("end")
+        return reduction
 
     def run_method(self, probe: ProbeOutput, config: VisionZipConfig | None = None) -> Reduction | list[Reduction]:
         """Apply the method to every unit (image, crop, frame) of `probe`.

@@ -34,29 +34,6 @@ class ProbeSourcing:
     _probe_source: ProbeSource | None = None
     _probe_cursor: int = 0
     _reduction_source: ReductionSource | None = None
-    _method_listener: Callable[[str], None] | None = None
-
-    @contextmanager
-    def watching_method(self, listener: Callable[[str], None]) -> Iterator[None]:
-        """Inside the context, `listener("start")` and `listener("end")` bracket every call of the reduction
-        method (e.g. to time the selection alone); the method itself is left as it is."""
-        if not callable(listener):
-            raise TypeError(f"listener must be callable, got {type(listener).__name__}")
-        previous, self._method_listener = self._method_listener, listener
-        try:
-            yield
-        finally:
-            self._method_listener = previous
-
-    def call_method(self, probe: ProbeOutput, config: Any) -> Reduction:
-        """`self.method(probe, config)`, announced to the `watching_method` listener when one is active."""
-        listener = self._method_listener
-        if listener is not None:
-            listener("start")
-        reduction = self.method(probe, config)  # type: ignore[attr-defined]
-        if listener is not None:
-            listener("end")
-        return reduction
 
     @contextmanager
     def reductions_from(self, source: ReductionSource) -> Iterator[None]:

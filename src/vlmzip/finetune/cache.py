@@ -83,12 +83,6 @@ class ReducedFeatureCache:
         )
 
 
-def reducing_from_cache(adapter: Any, cache: ReducedFeatureCache) -> Any:
-    """The adapter reduces from the cache instead of running the tower, until the block ends (the library's
-    `reductions_from` seam: state on the adapter instance, nothing reassigned)."""
-    return adapter.reductions_from(cache.reduction_for)
-
-
 def cache_serves_like_tower(adapter: Any, cache: ReducedFeatureCache, example: Example, pixels: torch.Tensor) -> bool:
     """Prepare one example through the tower and through the cache: the model inputs must agree.
 
@@ -99,7 +93,7 @@ def cache_serves_like_tower(adapter: Any, cache: ReducedFeatureCache, example: E
     with torch.no_grad():
         expected = adapter.prepare({**inputs, "pixel_values": pixels})
         try:
-            with reducing_from_cache(adapter, cache), cache.serving([example.image]):
+            with adapter.reductions_from(cache.reduction_for), cache.serving([example.image]):
                 served = adapter.prepare({**inputs, "pixel_values": cache.stand_in_pixels([example.image])})
         except (RuntimeError, ValueError, TypeError, AttributeError):  # e.g. an encode() that needs the probe
             return False

@@ -17,7 +17,7 @@ from torch import nn
 from vlmzip.api import is_applied
 from vlmzip.config import VisionZipConfig
 from vlmzip.data import VQARecord
-from vlmzip.finetune.cache import ReducedFeatureCache, cache_serves_like_tower, reducing_from_cache
+from vlmzip.finetune.cache import ReducedFeatureCache, cache_serves_like_tower
 from vlmzip.finetune.options import FinetuneOptions, FinetuneResult
 from vlmzip.finetune.prepare import Collator, Prepared, image_loader, load_records, padding_id, prepare_examples, where
 from vlmzip.finetune.results import save_result
@@ -76,7 +76,7 @@ def finetune_projector(
         prepared = prepare_examples(data, records, processor, options, adapter.reduce, cache, progress)
         problems = problems + prepared.problems
         cache = _checked_cache(adapter, cache, prepared)
-        with reducing_from_cache(adapter, cache) if cache is not None else nullcontext():
+        with adapter.reductions_from(cache.reduction_for) if cache is not None else nullcontext():
             trainer, output, train_seconds, train_cpu_seconds = _train(
                 model, processor, projector, prepared, cache, run_dir, run, resume, options, progress, callbacks
             )
