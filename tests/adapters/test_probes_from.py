@@ -150,3 +150,18 @@ def test_reduction_cat_rows_and_split():
     assert no_scores[0].scores is None and Reduction.cat([no_scores, reduction]).scores is None
     with pytest.raises(ValueError, match="non-empty"):
         Reduction.cat([])
+
+
+def test_watching_method_brackets_each_method_call_and_refuses_a_non_callable():
+    model, processor = make_llava(), make_llava_processor()
+    adapter = adapter_class_for(model)(model, vlmzip.VisionZipConfig(dominant=8, contextual=2))
+    pixels = processor(images=random_images(2), text=["<image>"] * 2, return_tensors="pt")["pixel_values"]
+    stages: list[str] = []
+    with torch.no_grad(), adapter.watching_method(stages.append):
+        adapter.reduce(pixels)
+    assert stages == ["start", "end"]  # one batched call for a fixed budget
+    with torch.no_grad():
+        adapter.reduce(pixels)
+    assert stages == ["start", "end"]  # nothing heard outside the context
+    with pytest.raises(TypeError, match="listener must be callable"), adapter.watching_method("not callable"):
+        pass
