@@ -9,6 +9,7 @@ that it loads with or without torchvision). Its weights are in transformers' own
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,32 +136,23 @@ def build_tiny_qwen2_5_vl(
         init_range, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
     )
     vision_config = tiny_qwen2_5_vision_config(initializer_range=init_range)
-    config = Qwen2_5_VLConfig(
+    model = _qwen_model(
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        seed,
         text_config=text_config,
         vision_config=vision_config,
-        **_qwen_special_ids(),
         initializer_range=init_range,
-        tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    tokenizer = word_level_tokenizer(
-        QWEN_VOCABULARY,
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
+    tokenizer = _qwen_tokenizer(vision_markers=False)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-    try:
+
+    def video_processor() -> Any:
         from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-        video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-    except ImportError:  # no torchvision: images only
-        video_processor = None
-    processor_kwargs = {"image_processor": image_processor, "tokenizer": tokenizer, "chat_template": QWEN_CHAT_TEMPLATE}
-    if video_processor is not None:
-        processor_kwargs["video_processor"] = video_processor
-    processor = Qwen2_5_VLProcessor(**processor_kwargs)
-    return _save(out_dir, model, processor)
+        return Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+
+    return _save(out_dir, model, _qwen_processor(Qwen2_5_VLProcessor, tokenizer, image_processor, video_processor))
 
 
 # --- Qwen3-VL ------------------------------------------------------------------------------------
@@ -180,7 +172,6 @@ def build_tiny_qwen3_vl(
     """
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.utils import is_torchvision_available
 
     text_config = _qwen_text_config(
         init_range,
@@ -204,40 +195,19 @@ def build_tiny_qwen3_vl(
         "deepstack_visual_indexes": [0, 1],
         "initializer_range": init_range,
     }
-    config = Qwen3VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        **_qwen_special_ids(),
-        tie_word_embeddings=False,
+    model = _qwen_model(
+        Qwen3VLConfig, Qwen3VLForConditionalGeneration, seed, text_config=text_config, vision_config=vision_config
     )
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    tokenizer = word_level_tokenizer(
-        QWEN_VOCABULARY,
-        extra_special_tokens={
-            "image_token": "<|image_pad|>",
-            "video_token": "<|video_pad|>",
-            "vision_start_token": "<|vision_start|>",
-            "vision_end_token": "<|vision_end|>",
-        },
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
+    tokenizer = _qwen_tokenizer(vision_markers=True)
     half = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "patch_size": 16, "merge_size": 2}
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, **half)
-    processor_kwargs: dict = {"image_processor": image_processor, "tokenizer": tokenizer}
-    if is_torchvision_available():
+
+    def video_processor() -> Any:
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-        processor_kwargs["video_processor"] = Qwen3VLVideoProcessor(
-            size={"shortest_edge": min_pixels, "longest_edge": max_pixels * 2}, **half
-        )
-        processor_class = Qwen3VLProcessor
-    else:  # images only: the video processor needs torchvision
-        from vlmzip.loading import image_only_processor_class
+        return Qwen3VLVideoProcessor(size={"shortest_edge": min_pixels, "longest_edge": max_pixels * 2}, **half)
 
-        processor_class = image_only_processor_class(Qwen3VLProcessor)
-    processor = processor_class(chat_template=QWEN_CHAT_TEMPLATE, **processor_kwargs)
-    return _save(out_dir, model, processor)
+    return _save(out_dir, model, _qwen_processor(Qwen3VLProcessor, tokenizer, image_processor, video_processor))
 
 
 def _qwen_text_config(init_range: float, **extra: Any) -> dict[str, Any]:
@@ -258,6 +228,38 @@ def _qwen_text_config(init_range: float, **extra: Any) -> dict[str, Any]:
         "initializer_range": init_range,
         **extra,
     }
+
+
+def _qwen_model(config_class: type, model_class: type, seed: int, **config: Any) -> Any:
+    """A Qwen model of QWEN_VOCABULARY's special ids, untied embeddings, weights drawn from ``seed``."""
+    torch.manual_seed(seed)
+    return model_class(config_class(**config, **_qwen_special_ids(), tie_word_embeddings=False)).eval()
+
+
+def _qwen_tokenizer(*, vision_markers: bool) -> Any:
+    """The word-level tokenizer of QWEN_VOCABULARY; ``vision_markers`` also names the vision start/end
+    tokens (Qwen3-VL's processor looks them up)."""
+    special = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+    if vision_markers:
+        special |= {"vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+    return word_level_tokenizer(QWEN_VOCABULARY, extra_special_tokens=special, chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def _qwen_processor(
+    processor_class: type, tokenizer: Any, image_processor: Any, video_processor: Callable[[], Any]
+) -> Any:
+    """A Qwen processor with the PIL image processor, and the video processor where torchvision is importable
+    (vLLM's environment; Qwen's video processors need it); without torchvision an images-only processor."""
+    from transformers.utils import is_torchvision_available
+
+    from vlmzip.loading import image_only_processor_class
+
+    parts: dict[str, Any] = {"image_processor": image_processor, "tokenizer": tokenizer}
+    if is_torchvision_available():
+        parts["video_processor"] = video_processor()
+    else:
+        processor_class = image_only_processor_class(processor_class)
+    return processor_class(chat_template=QWEN_CHAT_TEMPLATE, **parts)
 
 
 def _qwen_special_ids() -> dict[str, int]:
