@@ -16,23 +16,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("vllm")
 
-from serve_helpers import VLLM_ENV, free_port, run_vllm, stop, wait_until_healthy  # noqa: E402
+from serve_helpers import (  # noqa: E402
+    MAX_NEW_TOKENS,
+    VLLM_ENV,
+    free_port,
+    image_paths,
+    load_images,
+    reference_generate,
+    run_vllm,
+    stop,
+    wait_until_healthy,
+)
 from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
 
-import vlmzip  # noqa: E402
 from vlmzip.config import VisionZipConfig  # noqa: E402
 from vlmzip.export import export_model  # noqa: E402
 from vlmzip.serving.bench_vllm import PROMPT  # noqa: E402
 from vlmzip.serving.tiny import build_tiny_llava  # noqa: E402
 
 PROMPT_WORDS = PROMPT.split()  # the benchmark's prompt, one token per word
-MAX_NEW_TOKENS = 8  # vllm_runner.MAX_NEW_TOKENS
-EOS_TOKEN_ID = 2
 IMAGE_TOKEN_ID = 4
 BUDGET = VisionZipConfig(dominant=54, contextual=10)
 REQUESTS = [
@@ -56,24 +62,9 @@ def workdir(tmp_path_factory):
     return root
 
 
-def image_paths(workdir, indices):
-    return [str(workdir / f"image{i}.png") for i in indices]
-
-
 def hf_generate(model_dir, config, prompt, images):
-    """Greedy tokens and prompt length from transformers + visionzip (the reference)."""
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    vlmzip.apply(model, config)
-    inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
-    prepared = vlmzip.prepare(model, inputs)
-    with torch.no_grad():
-        out = model.generate(**prepared, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=0)
-    prompt_length = prepared["input_ids"].shape[1]
-    tokens = out[0, prompt_length:].tolist()
-    if EOS_TOKEN_ID in tokens:
-        tokens = tokens[: tokens.index(EOS_TOKEN_ID) + 1]
-    return tokens, prompt_length
+    """Greedy tokens and prompt length from transformers + vlmzip (the reference)."""
+    return reference_generate(LlavaForConditionalGeneration, model_dir, config, prompt, images)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +98,7 @@ def test_greedy_tokens_equal_transformers_with_visionzip(workdir, vllm_results):
     served = vllm_results[0]
     assert "error" not in served, served
     for (prompt, indices), output in zip(REQUESTS, served["outputs"], strict=True):
-        images = [Image.open(path).convert("RGB") for path in image_paths(workdir, indices)]
+        images = load_images(workdir, indices)
         expected, hf_prompt_length = hf_generate(workdir / "tiny", BUDGET, prompt, images)
         assert output["token_ids"] == expected, prompt
         # The prompt the language model sees: the text plus dominant + contextual tokens per image.
