@@ -354,3 +354,25 @@ def test_an_adaptive_budget_is_refused(workspace, tmp_path):
     config = CONFIG.replace(attention_mass=0.5)
     with pytest.raises(ValueError, match="projector fine-tuning takes a fixed budget"):
         finetune_projector(str(root / "base"), data, config, tmp_path / "never", max_steps=1, progress=False)
+
+
+def test_command_line_defaults_are_the_option_defaults_and_every_option_is_settable():
+    from dataclasses import asdict
+
+    from vlmzip.cli import build_parser
+    from vlmzip.finetune.command import options_from_args
+    from vlmzip.finetune.options import FinetuneOptions
+
+    parser = build_parser()
+    assert options_from_args(parser.parse_args(["finetune", "-o", "out", "--tokens", "64"])) == asdict(
+        FinetuneOptions()
+    )
+    args = parser.parse_args(
+        ["finetune", "-o", "out", "--tokens", "64", "--lr", "0.01", "--prompt", "Q: {question} <image>", "--no-cache"]
+    )
+    options = FinetuneOptions(**options_from_args(args))
+    assert (options.learning_rate, options.prompt_template, options.cache_features) == (
+        0.01,
+        "Q: {question} <image>",
+        False,
+    )

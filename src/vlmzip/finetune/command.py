@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from vlmzip.config import VisionZipConfig, check_int
 from vlmzip.finetune.options import DEFAULT_PER_TYPE, DEFAULT_TRAIN_IMAGES, SCHEDULERS, FinetuneOptions
@@ -99,6 +101,21 @@ def _run(args: argparse.Namespace) -> int:
         return _finetune_from_args(args, config, data)
 
 
+# FinetuneOptions fields whose command-line option has another name (the others share the field's name).
+_OPTION_DESTS = {"learning_rate": "lr", "prompt_template": "prompt"}
+
+
+def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The `FinetuneOptions` fields the command line sets, by field name."""
+    options = {
+        f.name: getattr(args, _OPTION_DESTS.get(f.name, f.name))
+        for f in fields(FinetuneOptions)
+        if f.name != "cache_features"
+    }
+    options["cache_features"] = not args.no_cache
+    return options
+
+
 def _finetune_from_args(args: argparse.Namespace, config: VisionZipConfig, data: str | Path) -> int:
     from vlmzip.cli import UserError
 
@@ -115,20 +132,7 @@ def _finetune_from_args(args: argparse.Namespace, config: VisionZipConfig, data:
         overwrite=args.overwrite,
         adapter_only=args.adapter_only,
         progress=not args.no_progress,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        warmup_ratio=args.warmup_ratio,
-        scheduler=args.scheduler,
-        weight_decay=args.weight_decay,
-        save_steps=args.save_steps,
-        logging_steps=args.logging_steps,
-        seed=args.seed,
-        cache_features=not args.no_cache,
-        on_error=args.on_error,
-        prompt_template=args.prompt,
-        limit=args.limit,
+        **options_from_args(args),
     )
     for problem in result.problems:
         print(f"skipped: {problem}")
