@@ -3,13 +3,14 @@
 The output holds everything the input has (tokenizer, processor, chat template, generation config),
 plus:
 - config.json naming the plugin's architecture (`VisionZipLlavaForConditionalGeneration` for
-  LLaVA-1.5, `VisionZipQwen2_5_VLForConditionalGeneration` for Qwen2.5-VL);
+  LLaVA-1.5, `VisionZipQwen2_5_VLForConditionalGeneration` for Qwen2.5-VL,
+  `VisionZipQwen3VLForConditionalGeneration` for Qwen3-VL);
 - visionzip_config.json with the budget (`VisionZipConfig.to_dict()`; --hf-overrides can change it);
 - LLaVA: the weights in the classic LLaVA-1.5 layout that vLLM's loader reads (and transformers still
   loads): `vision_tower.vision_model.*`, `language_model.model.*`, `language_model.lm_head.*`,
   `multi_modal_projector.*`. transformers 5 saves the tower as `vision_tower.*` and newer
-  checkpoints use `model.*` prefixes; both are renamed here, shard by shard. Qwen2.5-VL: the
-  weights as they are (vLLM maps transformers' names itself).
+  checkpoints use `model.*` prefixes; both are renamed here, shard by shard. Qwen2.5-VL and
+  Qwen3-VL: the weights as they are (vLLM maps transformers' names itself).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmzip.api import load_saved_config
+from vlmzip.cli_options import add_command
 from vlmzip.config import VisionZipConfig
 from vlmzip.outputs import refuse_overlap, replacing_directory
 from vlmzip.serving.settings import (
@@ -181,18 +183,19 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
-    help_text = "Write a model directory that `vllm serve` runs with VisionZip (LLaVA-1.5, Qwen2.5-VL)."
-    sub = subcommands.add_parser(
+    help_text = "Write a model directory that `vllm serve` runs with VisionZip (LLaVA-1.5, Qwen2.5-VL, Qwen3-VL)."
+    sub = add_command(
+        subcommands,
         "export",
-        help=help_text,
-        description=help_text + " The budget is stored in visionzip_config.json; at serve time --hf-overrides "
+        help_text,
+        "The budget is stored in visionzip_config.json; at serve time --hf-overrides "
         '\'{"visionzip": {"dominant": D, "contextual": C}}\' changes it. Needs the visionzip vLLM plugin '
         "installed where vLLM runs (pip install 'vlmzip[vllm]').",
     )
     sub.add_argument(
         "--model",
-        help="transformers LLaVA-1.5 or Qwen2.5-VL model directory (safetensors weights); default: the embedded "
-        "default model (LLaVA with a DINOv2 tower)",
+        help="transformers LLaVA-1.5, Qwen2.5-VL or Qwen3-VL model directory (safetensors weights); default: the "
+        "embedded default model (LLaVA with a DINOv2 tower)",
     )
     sub.add_argument("-o", "--output", required=True, help="directory to write (new or empty; outside --model)")
     budget = sub.add_mutually_exclusive_group()
