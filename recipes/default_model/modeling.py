@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -160,13 +161,20 @@ class Packer:
         return self.tokenizer.convert_tokens_to_ids(answer)
 
     def pack(
-        self, batch: Sequence[Sequence[data.Question]], image_lengths: Sequence[int], with_answers: bool = True
+        self,
+        batch: Sequence[Sequence[data.Question]],
+        image_lengths: Sequence[int],
+        with_answers: bool = True,
+        image_positions: Sequence[np.ndarray | None] | None = None,
     ) -> Packed:
         """Row ``b`` holds ``image_lengths[b]`` image tokens (padded to the longest) and its questions.
 
         Image tokens take positions ``0..n-1`` and every question restarts at ``n``, exactly like a
         stand-alone ``<image>\\nQuestion: ... Answer:`` prompt with ``n`` image tokens (as after a
-        reduction); padded image slots are seen by nobody.
+        reduction); padded image slots are seen by nobody. ``image_positions[b]``, where given, are row
+        ``b``'s image position ids instead (the tokens' indices among all 577, as
+        ``VisionZipConfig(positions="original")`` numbers a reduced image), and its questions then start
+        at 577, where they start in the unreduced prompt.
         """
         n_max = max(image_lengths)
         rows, labels, segments, answer_pos, starts = [], [], [], [], []
@@ -193,7 +201,15 @@ class Packer:
         for b, (ids, lab, seg) in enumerate(zip(rows, labels, segments, strict=True)):
             n_img = image_lengths[b]
             img_seg[b, :n_img] = -2
-            pos_t[b, :n_img] = torch.arange(n_img)
+            kept = image_positions[b] if image_positions is not None else None
+            if kept is None:
+                pos_t[b, :n_img] = torch.arange(n_img)
+                text_start = n_img
+            else:
+                if len(kept) != n_img:
+                    raise ValueError(f"image_positions[{b}] holds {len(kept)} positions for {n_img} image tokens")
+                pos_t[b, :n_img] = torch.as_tensor(np.asarray(kept), dtype=torch.long)
+                text_start = build.NUM_IMAGE_TOKENS
             input_ids[b, : len(ids)] = torch.tensor(ids)
             label_t[b, : len(lab)] = torch.tensor(lab[: len(ids)])
             seg_t[b, : len(seg)] = torch.tensor(seg)
@@ -201,9 +217,9 @@ class Packer:
             for s in seg:
                 k = k + 1 if s == prev else 0
                 prev = s
-                pos.append(n_img + k)
+                pos.append(text_start + k)
             pos_t[b, n_max : n_max + len(pos)] = torch.tensor(pos)
-            pos_t[b, n_max + len(pos) :] = n_img
+            pos_t[b, n_max + len(pos) :] = text_start
         total = n_max + length
         full_seg = torch.cat([img_seg, seg_t], dim=1)
         idx = torch.arange(total)

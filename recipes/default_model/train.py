@@ -30,6 +30,7 @@ from torch import nn
 from recipes.default_model.evaluation import evaluate_llava
 from recipes.default_model.features import Progress, extract_features, feature_stats
 from recipes.default_model.modeling import REFERENT_SPLITS, Packed, Packer, TrainableVLM, pad_images
+from recipes.default_model.subsets import SubsetMode, image_token_targets, subset_mode, token_subset
 from vlmzip.default_model import build, data
 
 # --------------------------------------------------------------------------- training
@@ -91,6 +92,10 @@ class TrainSettings:
     # Token subsets: share of scenes seen with every token, with an object-keeping subset, with a random one.
     full_share: float = 0.45
     object_subset_share: float = 0.45
+    # Share of the reduced steps whose subsets keep their original positions (each kept token at its index
+    # among the 577, the questions from 577, as VisionZipConfig(positions="original") numbers them) instead
+    # of renumbered ones; 0 in the settings of earlier recipes, which keep their random stream.
+    original_position_share: float = 0.0
     referent_weight: float = 0.5
     relation_weight: float = 0.5
     referent_layer: int = 2
@@ -121,47 +126,6 @@ def shipped_settings() -> TrainSettings:
     known = {f for f in TrainSettings.__dataclass_fields__}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in known}
     return TrainSettings(**values, text_model=text_model)
-
-
-@dataclass(frozen=True)
-class SubsetMode:
-    """How the scenes of one training step are reduced (one mode a step keeps the padded length short)."""
-
-    kind: str  # "all", "objects" or "random"
-    object_share: float = 1.0  # objects: share of an object's other patches kept
-    background_share: float = 1.0  # objects: share of background patches kept
-    size: int = 0  # random: tokens kept besides [CLS]
-
-
-def subset_mode(rng: np.random.Generator, settings: TrainSettings) -> SubsetMode:
-    u = rng.uniform()
-    if u < settings.full_share:
-        return SubsetMode("all")
-    if u < settings.full_share + settings.object_subset_share:
-        return SubsetMode("objects", float(rng.uniform(0.3, 1.0)), float(rng.uniform(0.0, 1.0)))
-    return SubsetMode("random", size=int(rng.integers(32, data.GRID * data.GRID)))
-
-
-def token_subset(objects, rng: np.random.Generator, mode: SubsetMode) -> np.ndarray | None:
-    """Indices (into the 577 tokens, [CLS] = 0, raster order) of the tokens a scene is seen with; None = all.
-
-    Token reduction hands the language model fewer, renumbered tokens. Training on object-keeping subsets
-    (every object's centre patch, a share of its other patches and of the background) teaches it to read
-    objects whatever surrounds them; random subsets teach it to degrade gracefully.
-    """
-    if mode.kind == "all":
-        return None
-    n_patch = data.GRID * data.GRID
-    if mode.kind == "objects":
-        labels = data.patch_labels(objects)
-        on_object = labels > 0
-        keep = np.where(on_object, rng.uniform(size=n_patch) < mode.object_share, False)
-        keep |= ~on_object & (rng.uniform(size=n_patch) < mode.background_share)
-        keep[data.centre_patches(objects)] = True
-        patches = np.flatnonzero(keep)
-    else:
-        patches = np.sort(rng.choice(n_patch, size=mode.size, replace=False))
-    return np.concatenate([[0], patches + 1])
 
 
 def _code_inputs(objects_list, rng: np.random.Generator, label_noise: float):
@@ -219,25 +183,6 @@ def _noun_losses(model: TrainableVLM, ref_hidden, rel_hidden, targets) -> tuple[
     return loss, relation
 
 
-def image_token_targets(objects_list, subsets, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets of the image-token head, (B, length) each, -100 at [CLS] and padding: whether a token is the
-    first kept token of its object in raster order (the token order), and its patch class."""
-    first = torch.full((len(objects_list), length), -100, dtype=torch.long)
-    classes = torch.full((len(objects_list), length), -100, dtype=torch.long)
-    for b, (objects, subset) in enumerate(zip(objects_list, subsets, strict=True)):
-        owner = data.patch_objects(objects)
-        labels = data.object_classes(objects)[owner + 1]
-        patches = np.arange(owner.size) if subset is None else subset[1:] - 1
-        kept_owner = owner[patches]
-        is_first = np.zeros(patches.size, dtype=np.int64)
-        on_object = np.flatnonzero(kept_owner >= 0)
-        _, first_of_object = np.unique(kept_owner[on_object], return_index=True)
-        is_first[on_object[first_of_object]] = 1
-        first[b, 1 : 1 + patches.size] = torch.from_numpy(is_first)
-        classes[b, 1 : 1 + patches.size] = torch.from_numpy(labels[patches])
-    return first, classes
-
-
 def _image_token_loss(model: TrainableVLM, image_hidden: torch.Tensor, targets) -> torch.Tensor:
     """Flag loss, balanced between first tokens and the others (about 7 against 570), plus class loss."""
     first, classes = targets
@@ -259,10 +204,12 @@ def evaluate_cached(
     seed: int,
     batch_images: int = 8,
     keep_tokens: int | None = None,
+    original_positions: bool = False,
 ) -> dict[str, float]:
     """Exact-match accuracy on a split from cached features (one question of each type per scene).
 
-    ``keep_tokens``: see only [CLS] and a random set of patches, this many tokens in all.
+    ``keep_tokens``: see only [CLS] and a random set of patches, this many tokens in all, numbered
+    ``0..keep_tokens-1`` or, with ``original_positions``, at their indices among the 577.
     """
     model.eval()
     per_type: dict[str, list[int]] = {}
@@ -279,10 +226,13 @@ def evaluate_cached(
             for i in idx
         ]
         tokens = list(model.project(torch.from_numpy(np.asarray(features[idx], dtype=np.float32))))
+        positions = None
         if keep_tokens is not None:
             mode = SubsetMode("random", size=keep_tokens - 1)
-            tokens = [t[torch.from_numpy(token_subset((), rng, mode))] for t in tokens]
-        packed = packer.pack(batch, [t.shape[0] for t in tokens], with_answers=False)
+            subsets = [token_subset((), rng, mode) for _ in tokens]
+            tokens = [t[torch.from_numpy(s)] for t, s in zip(tokens, subsets, strict=True)]
+            positions = subsets if original_positions else None
+        packed = packer.pack(batch, [t.shape[0] for t in tokens], with_answers=False, image_positions=positions)
         (hidden,) = model(pad_images(tokens), packed.input_ids, packed.mask, packed.position_ids)
         rows = torch.tensor([r for r, _ in packed.answer_pos])
         cols = torch.tensor([c for _, c in packed.answer_pos])
@@ -312,6 +262,8 @@ def check_settings(settings: TrainSettings) -> None:
     training step)."""
     check_phases(settings)
     autocast_dtype(settings.precision)
+    if not 0.0 <= settings.original_position_share <= 1.0:
+        raise ValueError(f"original_position_share must be in 0..1, got {settings.original_position_share}")
     for name in ("referent_weight", "relation_weight", "projector_mse_weight", "image_head_weight"):
         if not getattr(settings, name) >= 0:
             raise ValueError(f"{name} must be >= 0 (0 turns that loss off), got {getattr(settings, name)}")
@@ -396,7 +348,10 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
             mode = subset_mode(rng, settings)
             subsets = [token_subset(o, rng, mode) for o in objects_list]
             tokens = [tok if s is None else tok[torch.from_numpy(s)] for tok, s in zip(tokens, subsets, strict=True)]
-            packed = packer.pack(batch, [tok.shape[0] for tok in tokens])
+            # Drawn only when the share is set, so that earlier settings keep their random stream.
+            original = mode.kind != "all" and settings.original_position_share > 0
+            original = original and rng.uniform() < settings.original_position_share
+            packed = packer.pack(batch, [tok.shape[0] for tok in tokens], image_positions=subsets if original else None)
             hidden, ref_hidden, rel_hidden, *image_hidden = model(
                 pad_images(tokens),
                 packed.input_ids,
@@ -434,9 +389,13 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
             + f"lr {sched.get_last_lr()[0]:.2e}",
         )
         if val_feats is not None and ((step + 1) % settings.eval_every == 0 or step + 1 == settings.steps):
-            for keep_tokens in (None, 64):
-                acc = evaluate_cached(model, packer, val_feats, "val", settings.seed, keep_tokens=keep_tokens)
+            checks = [(None, False), (64, False)] + ([(64, True)] if settings.original_position_share > 0 else [])
+            for keep_tokens, original in checks:
+                acc = evaluate_cached(
+                    model, packer, val_feats, "val", settings.seed, keep_tokens=keep_tokens, original_positions=original
+                )
                 label = "all tokens" if keep_tokens is None else f"random {keep_tokens}"
+                label += ", original positions" if original else ""
                 print(
                     f"[val, {label}] step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()),
                     flush=True,
@@ -454,6 +413,7 @@ def train_default(
     work_dir: str | Path | None = None,
     settings: TrainSettings | None = None,
     evaluate: bool = True,
+    threads: int | None = None,
 ) -> dict:
     """Rebuild the default model's package payload in ``output_dir`` (deterministic for a given seed).
 
@@ -461,7 +421,7 @@ def train_default(
     ``work_dir`` keeps the feature caches (about 1 GB) so that reruns skip tower passes; defaults to
     ``output_dir/_work``. Returns the training metadata (settings, timings, accuracies).
     """
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(threads if threads is not None else min(2, torch.get_num_threads()))
     settings = settings or shipped_settings()
     if settings.seed != seed:
         settings = replace(settings, seed=seed)
@@ -545,6 +505,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="matrix-product precision (default: as recorded, float32; 'auto' takes bfloat16 where native)",
     )
+    parser.add_argument(
+        "--original-position-share",
+        type=float,
+        default=None,
+        help="share of reduced training steps that keep original positions (default: as recorded)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: 2, or 1 where only one core is available)"
+    )
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
     args = parser.parse_args(argv)
     recorded = shipped_settings()
@@ -564,6 +533,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["train_images"] = args.train_images
     if args.precision is not None:
         overrides["precision"] = args.precision
+    if args.original_position_share is not None:
+        overrides["original_position_share"] = args.original_position_share
+    if args.threads is not None and args.threads not in (1, 2):
+        parser.error(f"--threads must be 1 or 2, got {args.threads}")
     from vlmzip.outputs import embedded_model_inputs, refuse_overlap
 
     try:  # the shipped weights and their assembled copy are read, never overwritten
@@ -578,7 +551,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     meta = train_default(
-        args.output_dir, seed=args.seed, work_dir=args.work_dir, settings=settings, evaluate=not args.no_eval
+        args.output_dir,
+        seed=args.seed,
+        work_dir=args.work_dir,
+        settings=settings,
+        evaluate=not args.no_eval,
+        threads=args.threads,
     )
     acc = meta.get("test_accuracy")
     if acc:

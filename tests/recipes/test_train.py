@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.default_model import features, modeling, train
+from recipes.default_model import features, modeling, subsets, train
 from vlmzip.default_model import build, data
 
 TINY_TEXT = build.TextModelSize(
@@ -70,8 +70,8 @@ def test_image_token_targets_mark_the_first_kept_token_of_each_object():
     owner = data.patch_objects(SCENE)
     labels = data.patch_labels(SCENE)
     rng = np.random.default_rng(0)
-    subset = train.token_subset(SCENE, rng, train.SubsetMode("objects", 0.5, 0.1))
-    first, classes = train.image_token_targets([SCENE, SCENE], [None, subset], length=600)
+    subset = subsets.token_subset(SCENE, rng, subsets.SubsetMode("objects", 0.5, 0.1))
+    first, classes = subsets.image_token_targets([SCENE, SCENE], [None, subset], length=600)
     assert first.shape == classes.shape == (2, 600)
     # [CLS] and the padding after the image tokens have no target.
     assert first[:, 0].tolist() == [-100, -100] and (first[0, 577:] == -100).all()
@@ -108,17 +108,17 @@ def test_sample_questions_take_a_number_per_type():
 def test_token_subsets_keep_cls_every_object_centre_and_raster_order():
     rng = np.random.default_rng(1)
     centres = set((data.centre_patches(SCENE) + 1).tolist())
-    assert train.token_subset(SCENE, rng, train.SubsetMode("all")) is None
+    assert subsets.token_subset(SCENE, rng, subsets.SubsetMode("all")) is None
     for share in (0.0, 0.5):
-        mode = train.SubsetMode("objects", object_share=share, background_share=share)
-        kept = train.token_subset(SCENE, rng, mode)
+        mode = subsets.SubsetMode("objects", object_share=share, background_share=share)
+        kept = subsets.token_subset(SCENE, rng, mode)
         assert kept[0] == 0 and np.all(np.diff(kept) > 0) and centres <= set(kept.tolist())
-    kept = train.token_subset(data.scene_objects(0, "train", 2), rng, train.SubsetMode("objects", 0.0, 0.0))
+    kept = subsets.token_subset(data.scene_objects(0, "train", 2), rng, subsets.SubsetMode("objects", 0.0, 0.0))
     assert len(kept) == 1 + len(data.scene_objects(0, "train", 2))
-    kept = train.token_subset(SCENE, rng, train.SubsetMode("random", size=40))
+    kept = subsets.token_subset(SCENE, rng, subsets.SubsetMode("random", size=40))
     assert len(kept) == 41 and kept[0] == 0 and np.all(np.diff(kept) > 0) and kept[-1] <= 576
     settings = train.TrainSettings()
-    kinds = {train.subset_mode(rng, settings).kind for _ in range(200)}
+    kinds = {subsets.subset_mode(rng, settings).kind for _ in range(200)}
     assert kinds == {"all", "objects", "random"}
 
 
@@ -151,6 +151,33 @@ def test_packed_questions_compute_exactly_like_stand_alone_prompts(tiny_vlm):
     # The answer and <eos> carry the labels; everything else is ignored.
     answers = [packer.answer_id(q.answer) for _, q in flat]
     assert sorted(packed.labels[packed.labels != -100].tolist()) == sorted(answers + [packer.eos] * len(flat))
+
+
+def test_packed_questions_with_original_positions_compute_like_the_unreduced_prompts_numbering(tiny_vlm):
+    model, packer = tiny_vlm
+    batch = [
+        [data.Question("how many stars are there?", "2", "count"), data.Question("is there a star?", "yes", "exist")],
+        [data.Question("what size is the cross?", "small", "size")],
+    ]
+    kept = [np.array([0, 3, 40, 41, 300, 576]), None]  # row 0 at original positions, row 1 renumbered
+    lengths = [6, 4]
+    images = [torch.randn(n, TINY_TEXT.hidden_size) for n in lengths]
+    packed = packer.pack(batch, lengths, image_positions=kept)
+    assert packed.position_ids[0, :6].tolist() == kept[0].tolist()
+    with torch.inference_mode():
+        (hidden,) = model(modeling.pad_images(images), packed.input_ids, packed.mask, packed.position_ids)
+        flat = [(b, q) for b, qs in enumerate(batch) for q in qs]
+        for (b, q), (row, col) in zip(flat, packed.answer_pos, strict=True):
+            ids = torch.tensor([packer.prompt_ids(q.question)])
+            embeds = torch.cat([images[b][None], model.lm.get_input_embeddings()(ids)], dim=1)
+            # The text continues from 577, where it starts with every image token; renumbered: from n.
+            text_start = build.NUM_IMAGE_TOKENS if kept[b] is not None else lengths[b]
+            image_pos = torch.as_tensor(kept[b]) if kept[b] is not None else torch.arange(lengths[b])
+            positions = torch.cat([image_pos, text_start + torch.arange(ids.shape[1])])[None]
+            alone = model.lm.model(inputs_embeds=embeds, position_ids=positions).last_hidden_state[0, -1]
+            torch.testing.assert_close(hidden[row, col], alone, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"image_positions\[0\] holds 5 positions for 6 image tokens"):
+        packer.pack(batch, lengths, image_positions=[kept[0][:5], None])
 
 
 def test_noun_targets_sit_on_the_nouns_and_compare_the_two_objects(tiny_vlm):
@@ -204,6 +231,7 @@ def test_train_default_rejects_bad_settings_before_any_tower_pass(monkeypatch, t
         (dict(image_head_weight=-0.5), r"image_head_weight must be >= 0 \(0 turns that loss off\), got -0.5"),
         (dict(projector_mse_weight=float("nan")), "projector_mse_weight must be >= 0"),
         (dict(precision="fp16"), "precision must be one of"),
+        (dict(original_position_share=1.5), "original_position_share must be in 0..1, got 1.5"),
     ]:
         with pytest.raises(ValueError, match=match):
             train.train_default(tmp_path / "out", settings=replace(train.TrainSettings(), **bad))
@@ -277,6 +305,31 @@ def test_image_token_head_trains_only_when_weighted_and_is_never_exported(capsys
     assert set(headed.export_state_dict()) == set(plain.export_state_dict())
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_reduced_steps_keep_original_positions_by_their_share(monkeypatch, capsys, share):
+    seen = []
+    pack = modeling.Packer.pack
+
+    def recording_pack(self, batch, image_lengths, with_answers=True, image_positions=None):
+        if with_answers:  # a training step, not the validation
+            seen.append(image_positions)
+        return pack(self, batch, image_lengths, with_answers, image_positions)
+
+    monkeypatch.setattr(modeling.Packer, "pack", recording_pack)
+    feats, settings = _tiny_run(
+        steps=3, referent_layer=1, relation_layer=2, full_share=0.0, original_position_share=share, eval_every=3
+    )
+    train.train_model(settings, feats, feats[:2])
+    assert len(seen) == 3
+    if share == 0.0:
+        assert seen == [None] * 3
+    else:  # every step is reduced here, so each passes the kept tokens' indices among the 577
+        for positions in seen:
+            assert all(p[0] == 0 and (np.diff(p) > 0).all() and p[-1] < build.NUM_IMAGE_TOKENS for p in positions)
+    out = capsys.readouterr().out
+    assert ("[val, random 64, original positions] step 3" in out) == (share > 0)
+
+
 def test_train_main_has_its_own_parser(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--help"])
@@ -292,6 +345,8 @@ def test_train_main_has_its_own_parser(capsys):
         (["--train-images", "2"], "--train-images must be >= 8 (scenes per training step), got 2"),
         (["--seed", "-1"], "--seed must be >= 0, got -1"),
         (["--precision", "half"], "argument --precision: invalid choice: 'half'"),
+        (["--original-position-share", "-0.1"], "original_position_share must be in 0..1, got -0.1"),
+        (["--threads", "3"], "--threads must be 1 or 2, got 3"),
     ],
 )
 def test_train_default_refuses_bad_values_before_any_work(tmp_path, capsys, argv, message):
