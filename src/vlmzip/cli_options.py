@@ -24,13 +24,6 @@ APP_HOST = "127.0.0.1"  # the web demo listens on this machine only unless told 
 APP_PORT = 7860
 
 
-def add_command(
-    subcommands: argparse._SubParsersAction, name: str, summary: str, details: str = ""
-) -> argparse.ArgumentParser:
-    """A sub-command listed with `summary` in `vlmzip --help`; its own --help shows `summary` then `details`."""
-    return subcommands.add_parser(name, help=summary, description=f"{summary} {details}".strip())
-
-
 def add_budget_options(parser: argparse.ArgumentParser) -> None:
     """Add --tokens, --dominant, --contextual and --method to `parser` (read back with `config_from_args`)."""
     parser.add_argument(

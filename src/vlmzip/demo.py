@@ -22,7 +22,7 @@ from PIL import Image
 from vlmzip.adapters import adapter_class_for
 from vlmzip.adapters.base import Adapter, prepare_unreduced
 from vlmzip.cache import ImageCache
-from vlmzip.cli_options import add_budget_options, add_command, config_from_args
+from vlmzip.cli_options import add_budget_options, config_from_args
 from vlmzip.compat import output_cache
 from vlmzip.config import VisionZipConfig
 from vlmzip.core import Reduction
@@ -298,11 +298,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subcommands: argparse._SubParsersAction) -> None:
     help_text = "Answer one question with all visual tokens and with VisionZip; print answers, tokens, timings."
-    parser = add_command(
-        subcommands,
+    parser = subcommands.add_parser(
         "demo",
-        help_text,
-        "Runs on the embedded default model and a bundled sample unless told otherwise.",
+        help=help_text,
+        description=help_text + " Runs on the embedded default model and a bundled sample unless told otherwise.",
     )
     parser.add_argument("--image", help="image file (default: a bundled sample scene)")
     parser.add_argument("--question", help="question about the image (default: the sample's question)")

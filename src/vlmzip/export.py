@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from vlmzip.api import load_saved_config
-from vlmzip.cli_options import add_command
 from vlmzip.config import VisionZipConfig
 from vlmzip.outputs import refuse_overlap, replacing_directory
 from vlmzip.serving.settings import (
@@ -184,11 +183,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subcommands: argparse._SubParsersAction) -> None:
     help_text = "Write a model directory that `vllm serve` runs with VisionZip (LLaVA-1.5, Qwen2.5-VL, Qwen3-VL)."
-    sub = add_command(
-        subcommands,
+    sub = subcommands.add_parser(
         "export",
-        help_text,
-        "The budget is stored in visionzip_config.json; at serve time --hf-overrides "
+        help=help_text,
+        description=help_text + " The budget is stored in visionzip_config.json; at serve time --hf-overrides "
         '\'{"visionzip": {"dominant": D, "contextual": C}}\' changes it. Needs the visionzip vLLM plugin '
         "installed where vLLM runs (pip install 'vlmzip[vllm]').",
     )

@@ -8,7 +8,6 @@ from vlmzip.cli_options import (
     APP_HOST,
     APP_PORT,
     add_budget_options,
-    add_command,
     add_position_options,
     config_from_args,
     load_model_for_cli,
@@ -60,11 +59,11 @@ def _app(args: argparse.Namespace) -> int:
 
 def register(subcommands: argparse._SubParsersAction) -> None:
     help_text = "Draw which patches VisionZip keeps and merges for an image."
-    show = add_command(
-        subcommands,
+    show = subcommands.add_parser(
         "show",
-        help_text,
-        "Dominant patches are outlined in white, each contextual group has its own colour, dropped patches "
+        help=help_text,
+        description=help_text
+        + " Dominant patches are outlined in white, each contextual group has its own colour, dropped patches "
         "are dark; --heatmap adds the attention scores the selection used.",
     )
     show.add_argument("--image", required=True, metavar="PATH", help="image file (PNG, JPEG, ...)")
@@ -75,12 +74,7 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     show.set_defaults(run=_show)
 
     help_text = "Serve the web demo on localhost: answers with all tokens vs VisionZip, timings, visualisation."
-    app = add_command(
-        subcommands,
-        "app",
-        help_text,
-        "Needs gradio (vlmzip[app]).",
-    )
+    app = subcommands.add_parser("app", help=help_text, description=help_text + " Needs gradio (vlmzip[app]).")
     _add_model_argument(app)
     app.add_argument("--host", default=APP_HOST, help=f"address to listen on (default {APP_HOST})")
     app.add_argument("--port", type=int, default=APP_PORT, help=f"port (default {APP_PORT})")

@@ -11,7 +11,6 @@ import torch
 from vlmzip.bench.report import row_label, tokens_cell
 from vlmzip.cli_options import (
     DTYPE_NAMES,
-    add_command,
     add_variant_options,
     check_device,
     dtype_named,
@@ -297,11 +296,11 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def register(subcommands: argparse._SubParsersAction) -> None:
     help_text = "Measure speed, memory and FLOPs of every reduction method at every budget against all tokens."
-    parser = add_command(
-        subcommands,
+    parser = subcommands.add_parser(
         "bench",
-        help_text,
-        "Runs are interleaved and repeated; every row carries its ratio to the full-token baseline.",
+        help=help_text,
+        description=help_text
+        + " Runs are interleaved and repeated; every row carries its ratio to the full-token baseline.",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="local model directory (default: the embedded default model)")

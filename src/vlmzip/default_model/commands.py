@@ -29,15 +29,13 @@ def _export_split(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
-    from vlmzip.cli_options import add_command
     from vlmzip.default_model.data import DEFAULT_TEST_IMAGES, SPLITS
 
     help_text = "Write a split of the embedded model's VQA data as JSONL + PNG files."
-    sub = add_command(
-        subcommands,
+    sub = subcommands.add_parser(
         "export-split",
-        help_text,
-        "The images go to <stem>_images/ beside the JSONL file.",
+        help=help_text,
+        description=help_text + " The images go to <stem>_images/ beside the JSONL file.",
     )
     sub.add_argument("output", type=Path, help="JSONL file to write")
     sub.add_argument("--split", default="test", choices=SPLITS, help="default: %(default)s")

@@ -220,14 +220,14 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
-    from vlmzip.cli_options import DTYPE_NAMES, add_command, add_variant_options
+    from vlmzip.cli_options import DTYPE_NAMES, add_variant_options
 
     help_text = "Accuracy and retention of every reduction method at every budget (greedy, batched, resumable)."
-    parser = add_command(
-        subcommands,
+    parser = subcommands.add_parser(
         "eval",
-        help_text,
-        "Without arguments: the embedded model on the first 500 questions of its held-out split, every "
+        help=help_text,
+        description=help_text
+        + " Without arguments: the embedded model on the first 500 questions of its held-out split, every "
         "method at 192, 128 and 64 tokens, plus all tokens. Results are saved after each method and budget; "
         "a rerun with the same --json file skips what is done.",
     )

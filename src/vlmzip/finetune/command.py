@@ -7,7 +7,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from vlmzip.cli_options import add_command
 from vlmzip.config import VisionZipConfig, check_int
 from vlmzip.finetune.options import DEFAULT_PER_TYPE, DEFAULT_TRAIN_IMAGES, SCHEDULERS, FinetuneOptions
 from vlmzip.finetune.run_directory import RunDirectory
@@ -18,11 +17,10 @@ from vlmzip.outputs import model_inputs
 
 def register(subcommands: argparse._SubParsersAction) -> None:
     help_text = "Fine-tune only the projector on reduced tokens (VisionZip with projector tuning)."
-    sub = add_command(
-        subcommands,
+    sub = subcommands.add_parser(
         "finetune",
-        help_text,
-        "The tower and the language model stay frozen; the result is a model directory whose "
+        help=help_text,
+        description=help_text + " The tower and the language model stay frozen; the result is a model directory whose "
         "visionzip_config.json makes vlmzip.apply(model) use the budget it was tuned for.",
     )
     sub.add_argument("--model", help="model directory (default: the embedded default model)")
