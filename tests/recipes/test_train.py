@@ -130,22 +130,36 @@ def tiny_vlm():
     return model, modeling.Packer(build.build_tokenizer())
 
 
-def test_packed_questions_compute_exactly_like_stand_alone_prompts(tiny_vlm):
+PACKED_BATCH = [
+    [data.Question("how many stars are there?", "2", "count"), data.Question("is there a star?", "yes", "exist")],
+    [data.Question("what size is the cross?", "small", "size")],
+]
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [[None, None], [np.array([0, 3, 40, 41, 300, 576]), None]],
+    ids=["renumbered", "row 0 at original positions"],
+)
+def test_packed_questions_compute_exactly_like_stand_alone_prompts(tiny_vlm, kept):
     model, packer = tiny_vlm
-    batch = [
-        [data.Question("how many stars are there?", "2", "count"), data.Question("is there a star?", "yes", "exist")],
-        [data.Question("what size is the cross?", "small", "size")],
-    ]
-    lengths = [9, 5]
+    batch = PACKED_BATCH
+    lengths = [9 if kept[0] is None else len(kept[0]), 5]
     images = [torch.randn(n, TINY_TEXT.hidden_size) for n in lengths]
-    packed = packer.pack(batch, lengths)
+    packed = packer.pack(batch, lengths, image_positions=kept)
     with torch.inference_mode():
         (hidden,) = model(modeling.pad_images(images), packed.input_ids, packed.mask, packed.position_ids)
         flat = [(b, q) for b, qs in enumerate(batch) for q in qs]
         for (b, q), (row, col) in zip(flat, packed.answer_pos, strict=True):
             ids = torch.tensor([packer.prompt_ids(q.question)])
             embeds = torch.cat([images[b][None], model.lm.get_input_embeddings()(ids)], dim=1)
-            alone = model.lm.model(inputs_embeds=embeds).last_hidden_state[0, -1]
+            # At original positions the image keeps its tokens' indices among the 577 and the text continues
+            # from 577, as in the unreduced prompt; renumbered, the text continues from the image's length.
+            if kept[b] is None:
+                positions = torch.arange(lengths[b] + ids.shape[1])
+            else:
+                positions = torch.cat([torch.as_tensor(kept[b]), build.NUM_IMAGE_TOKENS + torch.arange(ids.shape[1])])
+            alone = model.lm.model(inputs_embeds=embeds, position_ids=positions[None]).last_hidden_state[0, -1]
             assert row == b
             torch.testing.assert_close(hidden[row, col], alone, atol=1e-5, rtol=1e-4)
     # The answer and <eos> carry the labels; everything else is ignored.
@@ -153,31 +167,10 @@ def test_packed_questions_compute_exactly_like_stand_alone_prompts(tiny_vlm):
     assert sorted(packed.labels[packed.labels != -100].tolist()) == sorted(answers + [packer.eos] * len(flat))
 
 
-def test_packed_questions_with_original_positions_compute_like_the_unreduced_prompts_numbering(tiny_vlm):
-    model, packer = tiny_vlm
-    batch = [
-        [data.Question("how many stars are there?", "2", "count"), data.Question("is there a star?", "yes", "exist")],
-        [data.Question("what size is the cross?", "small", "size")],
-    ]
-    kept = [np.array([0, 3, 40, 41, 300, 576]), None]  # row 0 at original positions, row 1 renumbered
-    lengths = [6, 4]
-    images = [torch.randn(n, TINY_TEXT.hidden_size) for n in lengths]
-    packed = packer.pack(batch, lengths, image_positions=kept)
-    assert packed.position_ids[0, :6].tolist() == kept[0].tolist()
-    with torch.inference_mode():
-        (hidden,) = model(modeling.pad_images(images), packed.input_ids, packed.mask, packed.position_ids)
-        flat = [(b, q) for b, qs in enumerate(batch) for q in qs]
-        for (b, q), (row, col) in zip(flat, packed.answer_pos, strict=True):
-            ids = torch.tensor([packer.prompt_ids(q.question)])
-            embeds = torch.cat([images[b][None], model.lm.get_input_embeddings()(ids)], dim=1)
-            # The text continues from 577, where it starts with every image token; renumbered: from n.
-            text_start = build.NUM_IMAGE_TOKENS if kept[b] is not None else lengths[b]
-            image_pos = torch.as_tensor(kept[b]) if kept[b] is not None else torch.arange(lengths[b])
-            positions = torch.cat([image_pos, text_start + torch.arange(ids.shape[1])])[None]
-            alone = model.lm.model(inputs_embeds=embeds, position_ids=positions).last_hidden_state[0, -1]
-            torch.testing.assert_close(hidden[row, col], alone, atol=1e-5, rtol=1e-4)
+def test_packed_image_positions_must_match_the_image_tokens(tiny_vlm):
+    _, packer = tiny_vlm
     with pytest.raises(ValueError, match=r"image_positions\[0\] holds 5 positions for 6 image tokens"):
-        packer.pack(batch, lengths, image_positions=[kept[0][:5], None])
+        packer.pack(PACKED_BATCH, [6, 4], image_positions=[np.arange(5), None])
 
 
 def test_noun_targets_sit_on_the_nouns_and_compare_the_two_objects(tiny_vlm):
