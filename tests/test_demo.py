@@ -122,3 +122,21 @@ def test_demo_rejects_bad_model_dir(tmp_path, capsys):
     random_images(1)[0].save(image)
     assert main(["demo", "--model", str(tmp_path), "--image", str(image), "--question", "q"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_default_picture_never_replaces_an_existing_file(tmp_path, monkeypatch, capsys):
+    from vlmzip.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    quick = ["demo", "--no-follow-up", "--repeats", "1", "--max-new-tokens", "2"]
+    assert main(quick) == 0
+    picture = tmp_path / "vlmzip-demo.png"
+    assert picture.stat().st_size > 0 and "kept tokens drawn on the image" in capsys.readouterr().out
+    picture.write_bytes(b"the user's own file")
+    assert main(quick) == 0
+    assert picture.read_bytes() == b"the user's own file"
+    assert "vlmzip-demo.png exists" in capsys.readouterr().out
+    assert main([*quick, "--overwrite"]) == 0
+    assert picture.read_bytes().startswith(b"\x89PNG")
+    assert main([*quick, "-o", "mine.png"]) == 0  # an explicit -o is written as given
+    assert (tmp_path / "mine.png").read_bytes().startswith(b"\x89PNG")

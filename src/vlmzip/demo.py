@@ -14,6 +14,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from vlmzip.measure import PeakMemory, kv_cache_bytes_after_prefill, timed
 from vlmzip.prompts import build_prompt
 
 DEFAULT_FOLLOW_UP = "how many objects are there?"
+DEFAULT_PICTURE = "vlmzip-demo.png"  # where `vlmzip demo` draws the kept tokens unless told otherwise
 
 
 @dataclass
@@ -250,10 +252,13 @@ def _run(args: argparse.Namespace) -> int:
     follow_up = args.follow_up if args.follow_up is not None else DEFAULT_FOLLOW_UP
     if not follow_up.strip():
         raise ValueError("--follow-up must not be empty (use --no-follow-up to skip it)")
-    if args.output:
+    # The default picture never replaces a file the user has there; an explicit -o does.
+    output = args.output or DEFAULT_PICTURE
+    kept_existing = args.output is None and not args.overwrite and Path(output).exists()
+    if not kept_existing:
         from vlmzip.outputs import model_inputs, refuse_overlap
 
-        refuse_overlap(args.output, [("--image", args.image), *model_inputs(args.model)])
+        refuse_overlap(output, [("--image", args.image), *model_inputs(args.model)])
     image = load_image(args.image) if args.image else None  # fail on a bad image before loading the model
 
     with console.status("loading model") as status:
@@ -287,12 +292,13 @@ def _run(args: argparse.Namespace) -> int:
     console.print(render_table(result, question))
     if result.follow_up is not None:
         console.print(render_follow_up(result), highlight=False)
-    if args.output:
+    if kept_existing:
+        console.print(f"kept tokens not drawn: {output} exists (--overwrite replaces it, -o PATH writes elsewhere)")
+    else:
         from vlmzip.outputs import save_image
         from vlmzip.viz import visualize
 
-        output = save_image(visualize(image, result.reduction), args.output)
-        console.print(f"kept tokens drawn on the image: {output}")
+        console.print(f"kept tokens drawn on the image: {save_image(visualize(image, result.reduction), output)}")
     return 0
 
 
@@ -317,7 +323,7 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "-o",
         "--output",
-        default="vlmzip-demo.png",
-        help="where to draw the kept tokens (default vlmzip-demo.png)",
+        help=f"where to draw the kept tokens (default {DEFAULT_PICTURE}, which is not overwritten if it exists)",
     )
+    parser.add_argument("--overwrite", action="store_true", help=f"replace an existing {DEFAULT_PICTURE}")
     parser.set_defaults(run=_run)
