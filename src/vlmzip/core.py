@@ -10,8 +10,9 @@ Every function is vectorised over the batch and works on any float dtype and dev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -43,9 +44,11 @@ class Reduction:
     @classmethod
     def cat(cls, reductions: Sequence[Reduction]) -> Reduction:
         """One batch of the rows of `reductions`, in order (their token counts must agree)."""
-        reductions = list(reductions)
-        if not reductions or not all(isinstance(r, Reduction) for r in reductions):
-            raise ValueError("reductions must be a non-empty sequence of Reduction")
+        reductions = batches_to_cat(reductions, Reduction, "reductions")
+        shapes = {(r.features.shape[1:], r.kept_indices.shape[1:], r.groups.shape[1:]) for r in reductions}
+        if len(shapes) > 1:
+            counts = sorted({(r.features.shape[1], r.kept_indices.shape[1], r.groups.shape[1]) for r in reductions})
+            raise ValueError(f"reductions must agree in (tokens, kept, grouped) counts and width, got {counts}")
         scores = [r.scores for r in reductions]
         return cls(
             features=torch.cat([r.features for r in reductions]),
@@ -71,11 +74,32 @@ class Reduction:
 BatchRows = int | slice | Sequence[int] | torch.Tensor
 
 
+def batches_to_cat(items: Any, kind: type, name: str) -> list:
+    """`items` as a list, refused unless it is a non-empty sequence of `kind` (the argument of a `cat`)."""
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise TypeError(f"{name} must be a non-empty sequence of {kind.__name__}, got {type(items).__name__}")
+    items = list(items)
+    if not items or not all(isinstance(item, kind) for item in items):
+        raise ValueError(f"{name} must be a non-empty sequence of {kind.__name__}")
+    return items
+
+
 def batch_rows(values: torch.Tensor, rows: BatchRows) -> torch.Tensor:
     """`values[rows]` along the batch dimension, kept 2-D or more: an int gives one row, a slice a view,
     a sequence or tensor of indices (or a bool mask) a copy of those rows in that order."""
-    if isinstance(rows, bool):
-        raise TypeError("rows must be an int, a slice, or a sequence / tensor of indices, got bool")
+    valid = isinstance(rows, (int, slice)) and not isinstance(rows, bool)
+    if isinstance(rows, torch.Tensor):
+        valid = rows.dtype == torch.bool or not (rows.dtype.is_floating_point or rows.dtype.is_complex)
+    elif isinstance(rows, Sequence) and not isinstance(rows, (str, bytes)):
+        # Integer indices, or a bool per row (a mask); not a mix of the two.
+        valid = all(isinstance(row, bool) for row in rows) or not any(
+            isinstance(row, bool) or not isinstance(row, int) for row in rows
+        )
+    if not valid:
+        raise TypeError(
+            "rows must be an int, a slice, or a sequence / tensor of integer indices (or a bool mask), "
+            f"got {type(rows).__name__} {str(rows)[:80]}"
+        )
     if isinstance(rows, int):
         size = values.shape[0]
         if not -size <= rows < size:
@@ -83,7 +107,11 @@ def batch_rows(values: torch.Tensor, rows: BatchRows) -> torch.Tensor:
         rows = slice(rows % size, rows % size + 1)
     if isinstance(rows, slice):
         return values[rows]
-    index = rows if isinstance(rows, torch.Tensor) else torch.tensor(list(rows), dtype=torch.long)
+    if not isinstance(rows, torch.Tensor):
+        rows = list(rows)
+        mask = bool(rows) and all(isinstance(row, bool) for row in rows)
+        rows = torch.tensor(rows, dtype=torch.bool if mask else torch.long)
+    index = rows
     if index.dtype != torch.bool:
         index = index.long()
     return values[index.to(values.device)]

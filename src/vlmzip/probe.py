@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from vlmzip.core import BatchRows, batch_rows
+from vlmzip.core import BatchRows, batch_rows, batches_to_cat
 
 # Queries per block of the received-attention scoring; None sizes blocks by SCORE_BLOCK_ELEMENTS.
 DEFAULT_QUERY_CHUNK: int | None = None
@@ -206,9 +206,7 @@ class ProbeOutput:
     def cat(cls, probes: Sequence[ProbeOutput]) -> ProbeOutput:
         """One batch of the rows of `probes`, in order: they must come from one tower layout
         (the same [CLS], prefix tokens and patch grid)."""
-        probes = list(probes)
-        if not probes or not all(isinstance(p, ProbeOutput) for p in probes):
-            raise ValueError("probes must be a non-empty sequence of ProbeOutput")
+        probes = batches_to_cat(probes, ProbeOutput, "probes")
         first = probes[0]
         layout = (first.has_cls, first.num_prefix_tokens, tuple(first.grid))
         for probe in probes[1:]:

@@ -130,6 +130,8 @@ def test_probe_cat_and_rows():
         both[True]
     with pytest.raises(ValueError, match="non-empty"):
         ProbeOutput.cat([])
+    with pytest.raises(TypeError, match="probes must be a non-empty sequence of ProbeOutput, got int"):
+        ProbeOutput.cat(3)
     other = ProbeOutput(first.features, first.scores, first.keys, False, 0, (2, 2))
     with pytest.raises(ValueError, match="must share"):
         ProbeOutput.cat([first, other])
@@ -150,6 +152,16 @@ def test_reduction_cat_rows_and_split():
     assert no_scores[0].scores is None and Reduction.cat([no_scores, reduction]).scores is None
     with pytest.raises(ValueError, match="non-empty"):
         Reduction.cat([])
+    with pytest.raises(TypeError, match="reductions must be a non-empty sequence of Reduction, got NoneType"):
+        Reduction.cat(None)
+    wider = get_method("visionzip")(probe, vlmzip.VisionZipConfig(dominant=4, contextual=1))
+    with pytest.raises(ValueError, match=r"reductions must agree in \(tokens, kept, grouped\) counts"):
+        Reduction.cat([reduction, wider])
+    # A list of bools is a mask over the rows, as a bool tensor is (not the indices 1 and 0).
+    assert torch.equal(reduction[[False, True, True]].groups, reduction.groups[1:])
+    for bad in ("0", 1.5, None, [0.5], [True, 0], torch.tensor([0.5])):
+        with pytest.raises(TypeError, match="rows must be an int, a slice, or a sequence / tensor of integer"):
+            reduction[bad]
 
 
 def test_watching_method_brackets_each_method_call_and_refuses_a_non_callable():
