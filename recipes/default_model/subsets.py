@@ -28,7 +28,7 @@ def subset_mode(rng: np.random.Generator, settings: Any) -> SubsetMode:
     if u < settings.full_share:
         return SubsetMode("all")
     if u < settings.full_share + settings.object_subset_share:
-        return SubsetMode("objects", float(rng.uniform(0.3, 1.0)), float(rng.uniform(0.0, 1.0)))
+        return SubsetMode("objects", float(rng.uniform(settings.object_share_min, 1.0)), float(rng.uniform(0.0, 1.0)))
     return SubsetMode("random", size=int(rng.integers(32, data.GRID * data.GRID)))
 
 

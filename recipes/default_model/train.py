@@ -92,6 +92,9 @@ class TrainSettings:
     # Token subsets: share of scenes seen with every token, with an object-keeping subset, with a random one.
     full_share: float = 0.45
     object_subset_share: float = 0.45
+    # Object-keeping subsets keep each object's centre patch and a share of its other patches drawn from
+    # [object_share_min, 1); a reduction that keeps a token or two of a large object needs a low minimum.
+    object_share_min: float = 0.3
     # Share of the reduced steps whose subsets keep their original positions (each kept token at its index
     # among the 577, the questions from 577, as VisionZipConfig(positions="original") numbers them) instead
     # of renumbered ones; 0 in the settings of earlier recipes, which keep their random stream.
@@ -264,6 +267,8 @@ def check_settings(settings: TrainSettings) -> None:
     autocast_dtype(settings.precision)
     if not 0.0 <= settings.original_position_share <= 1.0:
         raise ValueError(f"original_position_share must be in 0..1, got {settings.original_position_share}")
+    if not 0.0 <= settings.object_share_min <= 1.0:
+        raise ValueError(f"object_share_min must be in 0..1, got {settings.object_share_min}")
     for name in ("referent_weight", "relation_weight", "projector_mse_weight", "image_head_weight"):
         if not getattr(settings, name) >= 0:
             raise ValueError(f"{name} must be >= 0 (0 turns that loss off), got {getattr(settings, name)}")
@@ -512,6 +517,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="share of reduced training steps that keep original positions (default: as recorded)",
     )
     parser.add_argument(
+        "--object-share-min",
+        type=float,
+        default=None,
+        help="least share of an object's other patches that an object-keeping subset keeps (default: as recorded)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: 2, or 1 where only one core is available)"
     )
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
@@ -535,6 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["precision"] = args.precision
     if args.original_position_share is not None:
         overrides["original_position_share"] = args.original_position_share
+    if args.object_share_min is not None:
+        overrides["object_share_min"] = args.object_share_min
     if args.threads is not None and args.threads not in (1, 2):
         parser.error(f"--threads must be 1 or 2, got {args.threads}")
     from vlmzip.outputs import embedded_model_inputs, refuse_overlap

@@ -122,6 +122,16 @@ def test_token_subsets_keep_cls_every_object_centre_and_raster_order():
     assert kinds == {"all", "objects", "random"}
 
 
+@pytest.mark.parametrize("share_min", [0.3, 0.0, 0.9])
+def test_object_subsets_draw_their_object_share_from_the_minimum_up(share_min):
+    rng = np.random.default_rng(0)
+    settings = train.TrainSettings(full_share=0.0, object_subset_share=1.0, object_share_min=share_min)
+    shares = np.array([subsets.subset_mode(rng, settings).object_share for _ in range(400)])
+    assert shares.min() >= share_min and shares.max() < 1.0
+    # the whole range is drawn from, not one end of it
+    assert shares.min() < share_min + 0.05 and shares.max() > 0.95
+
+
 @pytest.fixture(scope="module")
 def tiny_vlm():
     torch.manual_seed(0)
@@ -225,6 +235,7 @@ def test_train_default_rejects_bad_settings_before_any_tower_pass(monkeypatch, t
         (dict(projector_mse_weight=float("nan")), "projector_mse_weight must be >= 0"),
         (dict(precision="fp16"), "precision must be one of"),
         (dict(original_position_share=1.5), "original_position_share must be in 0..1, got 1.5"),
+        (dict(object_share_min=float("nan")), "object_share_min must be in 0..1, got nan"),
     ]:
         with pytest.raises(ValueError, match=match):
             train.train_default(tmp_path / "out", settings=replace(train.TrainSettings(), **bad))
@@ -340,6 +351,7 @@ def test_train_main_has_its_own_parser(capsys):
         (["--precision", "half"], "argument --precision: invalid choice: 'half'"),
         (["--original-position-share", "-0.1"], "original_position_share must be in 0..1, got -0.1"),
         (["--threads", "3"], "--threads must be 1 or 2, got 3"),
+        (["--object-share-min", "1.2"], "object_share_min must be in 0..1, got 1.2"),
     ],
 )
 def test_train_default_refuses_bad_values_before_any_work(tmp_path, capsys, argv, message):
