@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -115,6 +116,16 @@ class TrainSettings:
     # takes bfloat16 where it is native.
     precision: str = "float32"
     text_model: build.TextModelSize = field(default_factory=build.TextModelSize)
+
+
+def shipped_threads() -> int:
+    """The thread count the shipped weights were trained with (float32 sums depend on it), or the default
+    of 2 where none is recorded; never more than this machine has."""
+    from vlmzip.default_model import files_dir
+
+    path = files_dir() / "training_metadata.json"
+    recorded = json.loads(path.read_text()).get("threads", 2) if path.is_file() else 2
+    return max(1, min(int(recorded), os.cpu_count() or 1))
 
 
 def shipped_settings() -> TrainSettings:
@@ -424,9 +435,10 @@ def train_default(
 
     ``settings`` default to those recorded with the shipped weights, so the default call rebuilds them.
     ``work_dir`` keeps the feature caches (about 1 GB) so that reruns skip tower passes; defaults to
-    ``output_dir/_work``. Returns the training metadata (settings, timings, accuracies).
+    ``output_dir/_work``. ``threads`` defaults to the recorded count (``shipped_threads``). Returns the
+    training metadata (settings, timings, accuracies).
     """
-    torch.set_num_threads(threads if threads is not None else min(2, torch.get_num_threads()))
+    torch.set_num_threads(threads if threads is not None else shipped_threads())
     settings = settings or shipped_settings()
     if settings.seed != seed:
         settings = replace(settings, seed=seed)
@@ -523,7 +535,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="least share of an object's other patches that an object-keeping subset keeps (default: as recorded)",
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: 2, or 1 where only one core is available)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads, 1 or 2 (default: as recorded with the shipped weights)",
     )
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
     args = parser.parse_args(argv)

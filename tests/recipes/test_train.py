@@ -1,5 +1,6 @@
 """The default model's training recipe: its targets, token subsets and packing (no tower, no weights)."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -332,6 +333,19 @@ def test_reduced_steps_keep_original_positions_by_their_share(monkeypatch, capsy
             assert all(p[0] == 0 and (np.diff(p) > 0).all() and p[-1] < build.NUM_IMAGE_TOKENS for p in positions)
     out = capsys.readouterr().out
     assert ("[val, random 64, original positions] step 3" in out) == (share > 0)
+
+
+@pytest.mark.parametrize(("metadata", "expected"), [({"threads": 1}, 1), ({"threads": 2}, 2), ({}, 2), (None, 2)])
+def test_a_rebuild_uses_the_recorded_thread_count(monkeypatch, tmp_path, metadata, expected):
+    import vlmzip.default_model as default_model
+
+    if metadata is not None:
+        (tmp_path / "training_metadata.json").write_text(json.dumps(metadata))
+    monkeypatch.setattr(default_model, "files_dir", lambda: tmp_path)
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 16)
+    assert train.shipped_threads() == expected
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 1)
+    assert train.shipped_threads() == 1
 
 
 def test_train_main_has_its_own_parser(capsys):
