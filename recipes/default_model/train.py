@@ -118,24 +118,27 @@ class TrainSettings:
     text_model: build.TextModelSize = field(default_factory=build.TextModelSize)
 
 
-def shipped_threads() -> int:
-    """The thread count the shipped weights were trained with (float32 sums depend on it), or the default
-    of 2 where none is recorded; never more than this machine has."""
+def shipped_metadata() -> dict | None:
+    """``training_metadata.json`` of the shipped weights (None when none is recorded)."""
     from vlmzip.default_model import files_dir
 
     path = files_dir() / "training_metadata.json"
-    recorded = json.loads(path.read_text()).get("threads", 2) if path.is_file() else 2
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def shipped_threads() -> int:
+    """The thread count the shipped weights were trained with (float32 sums depend on it), or the default
+    of 2 where none is recorded; never more than this machine has."""
+    recorded = (shipped_metadata() or {}).get("threads", 2)
     return max(1, min(int(recorded), os.cpu_count() or 1))
 
 
 def shipped_settings() -> TrainSettings:
     """The settings recorded with the shipped weights (``TrainSettings()`` when none are recorded)."""
-    from vlmzip.default_model import files_dir
-
-    path = files_dir() / "training_metadata.json"
-    if not path.is_file():
+    metadata = shipped_metadata()
+    if metadata is None:
         return TrainSettings()
-    recorded = dict(json.loads(path.read_text())["settings"])
+    recorded = dict(metadata["settings"])
     text_model = build.TextModelSize(**recorded.pop("text_model"))
     known = {f for f in TrainSettings.__dataclass_fields__}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in known}

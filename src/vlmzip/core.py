@@ -111,10 +111,9 @@ def batch_rows(values: torch.Tensor, rows: BatchRows) -> torch.Tensor:
         rows = list(rows)
         mask = bool(rows) and all(isinstance(row, bool) for row in rows)
         rows = torch.tensor(rows, dtype=torch.bool if mask else torch.long)
-    index = rows
-    if index.dtype != torch.bool:
-        index = index.long()
-    return values[index.to(values.device)]
+    if rows.dtype != torch.bool:
+        rows = rows.long()
+    return values[rows.to(values.device)]
 
 
 def select_dominant(scores: torch.Tensor, dominant: int, *, has_cls: bool = True) -> torch.Tensor:
