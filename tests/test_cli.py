@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +20,18 @@ def test_info(capsys):
     assert __version__ in out
     assert "LlavaForConditionalGeneration" in out
     assert "transformers" in out and "torch" in out
+
+
+@pytest.mark.parametrize("name", ["vlmzip", "visionzip"])
+def test_the_command_is_installed_under_both_names(name):
+    from importlib.metadata import entry_points
+
+    (script,) = [point for point in entry_points(group="console_scripts") if point.name == name]
+    assert script.value == "vlmzip.cli:main"
+    path = shutil.which(name, path=str(Path(sys.executable).parent))
+    assert path is not None, f"{name} is not installed beside {sys.executable}"
+    run = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == f"vlmzip {__version__}"
 
 
 def test_help_lists_commands(capsys):
