@@ -1,5 +1,5 @@
-"""Which tokens a training scene is seen with: all of them, an object-keeping subset or a random one, and the
-targets of the image-token head on the tokens kept."""
+"""Which tokens a training scene is seen with: all of them, an object-keeping subset or a random one, the
+contextual tokens that merge what a subset drops, and the targets of the image-token head on the tokens kept."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlmzip.core import contextual_targets, merge_contextual
 from vlmzip.default_model import data
 
 
@@ -52,6 +53,24 @@ def token_subset(objects, rng: np.random.Generator, mode: SubsetMode) -> np.ndar
     else:
         patches = np.sort(rng.choice(n_patch, size=mode.size, replace=False))
     return np.concatenate([[0], patches + 1])
+
+
+def contextual_tokens(features: torch.Tensor, subset: np.ndarray, count: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The tokens a subset drops, merged into ``count`` contextual tokens as VisionZip merges them.
+
+    ``features``: (577, hidden) tower features of one scene ([CLS] first); ``subset``: the kept indices.
+    The dropped tokens join evenly spaced targets by cosine similarity of their features (VisionZip compares
+    attention keys, which the feature cache does not hold) and each group becomes target + mean. Returns the
+    contextual features (count, hidden) and each one's anchor, the index of its target, where
+    ``positions="original"`` places it; ``count`` is capped at the number of dropped tokens.
+    """
+    dropped = np.setdiff1d(np.arange(features.shape[0]), subset)
+    count = min(count, dropped.size)
+    if count == 0:
+        return features.new_zeros(0, features.shape[1]), np.zeros(0, dtype=np.int64)
+    kept = torch.from_numpy(np.asarray(subset, dtype=np.int64))[None]
+    merged, _ = merge_contextual(features[None], features[None], kept, count)
+    return merged[0], dropped[contextual_targets(dropped.size, count).numpy()]
 
 
 def image_token_targets(objects_list, subsets, length: int) -> tuple[torch.Tensor, torch.Tensor]:

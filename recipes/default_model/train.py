@@ -31,7 +31,13 @@ from torch import nn
 from recipes.default_model.evaluation import evaluate_llava
 from recipes.default_model.features import Progress, extract_features, feature_stats
 from recipes.default_model.modeling import REFERENT_SPLITS, Packed, Packer, TrainableVLM, pad_images
-from recipes.default_model.subsets import SubsetMode, image_token_targets, subset_mode, token_subset
+from recipes.default_model.subsets import (
+    SubsetMode,
+    contextual_tokens,
+    image_token_targets,
+    subset_mode,
+    token_subset,
+)
 from vlmzip.default_model import build, data
 
 # --------------------------------------------------------------------------- training
@@ -100,6 +106,11 @@ class TrainSettings:
     # among the 577, the questions from 577, as VisionZipConfig(positions="original") numbers them) instead
     # of renumbered ones; 0 in the settings of earlier recipes, which keep their random stream.
     original_position_share: float = 0.0
+    # Share of the reduced steps whose real scenes also see the tokens their subset drops, merged into
+    # 1..contextual_max contextual tokens after the kept ones (target + mean, as VisionZip merges them);
+    # 0 in the settings of earlier recipes, which keep their random stream.
+    merge_share: float = 0.0
+    contextual_max: int = 30
     referent_weight: float = 0.5
     relation_weight: float = 0.5
     referent_layer: int = 2
@@ -283,6 +294,10 @@ def check_settings(settings: TrainSettings) -> None:
         raise ValueError(f"original_position_share must be in 0..1, got {settings.original_position_share}")
     if not 0.0 <= settings.object_share_min <= 1.0:
         raise ValueError(f"object_share_min must be in 0..1, got {settings.object_share_min}")
+    if not 0.0 <= settings.merge_share <= 1.0:
+        raise ValueError(f"merge_share must be in 0..1, got {settings.merge_share}")
+    if not 1 <= settings.contextual_max <= build.NUM_IMAGE_TOKENS - 1:
+        raise ValueError(f"contextual_max must be in 1..{build.NUM_IMAGE_TOKENS - 1}, got {settings.contextual_max}")
     for name in ("referent_weight", "relation_weight", "projector_mse_weight", "image_head_weight"):
         if not getattr(settings, name) >= 0:
             raise ValueError(f"{name} must be >= 0 (0 turns that loss off), got {getattr(settings, name)}")
@@ -367,10 +382,20 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
             mode = subset_mode(rng, settings)
             subsets = [token_subset(o, rng, mode) for o in objects_list]
             tokens = [tok if s is None else tok[torch.from_numpy(s)] for tok, s in zip(tokens, subsets, strict=True)]
+            # Each token's place among the 577 (a contextual token's is its target's).
+            anchors = list(subsets)
             # Drawn only when the share is set, so that earlier settings keep their random stream.
+            if mode.kind != "all" and settings.merge_share > 0 and rng.uniform() < settings.merge_share:
+                count = int(rng.integers(1, settings.contextual_max + 1))
+                for j, i in enumerate(real_idx):
+                    b = n_code + j
+                    features = torch.from_numpy(np.asarray(train_feats[i], dtype=np.float32))
+                    merged, merged_anchors = contextual_tokens(features, subsets[b], count)
+                    tokens[b] = torch.cat([tokens[b], model.project(merged[None])[0].to(tokens[b].dtype)])
+                    anchors[b] = np.concatenate([subsets[b], merged_anchors])
             original = mode.kind != "all" and settings.original_position_share > 0
             original = original and rng.uniform() < settings.original_position_share
-            packed = packer.pack(batch, [tok.shape[0] for tok in tokens], image_positions=subsets if original else None)
+            packed = packer.pack(batch, [tok.shape[0] for tok in tokens], image_positions=anchors if original else None)
             hidden, ref_hidden, rel_hidden, *image_hidden = model(
                 pad_images(tokens),
                 packed.input_ids,
@@ -538,6 +563,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="least share of an object's other patches that an object-keeping subset keeps (default: as recorded)",
     )
     parser.add_argument(
+        "--merge-share",
+        type=float,
+        default=None,
+        help="share of reduced training steps whose dropped tokens are merged into contextual tokens "
+        "(default: as recorded)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -566,6 +598,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["original_position_share"] = args.original_position_share
     if args.object_share_min is not None:
         overrides["object_share_min"] = args.object_share_min
+    if args.merge_share is not None:
+        overrides["merge_share"] = args.merge_share
     if args.threads is not None and args.threads not in (1, 2):
         parser.error(f"--threads must be 1 or 2, got {args.threads}")
     from vlmzip.outputs import embedded_model_inputs, refuse_overlap

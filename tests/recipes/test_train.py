@@ -133,6 +133,32 @@ def test_object_subsets_draw_their_object_share_from_the_minimum_up(share_min):
     assert shares.min() < share_min + 0.05 and shares.max() > 0.95
 
 
+def test_contextual_tokens_merge_what_a_subset_drops_as_visionzip_does():
+    from vlmzip.core import visionzip_reduce
+
+    torch.manual_seed(0)
+    feats = torch.randn(build.NUM_IMAGE_TOKENS, features.FEATURE_DIM)
+    kept = np.array([0, 3, 40, 41, 300, 576])
+    merged, anchors = subsets.contextual_tokens(feats, kept, 7)
+    assert merged.shape == (7, features.FEATURE_DIM) and anchors.shape == (7,)
+    # With the same tokens kept (scores that rank exactly them first) and the features as keys, the
+    # library's VisionZip gives the same contextual tokens.
+    scores = torch.zeros(1, build.NUM_IMAGE_TOKENS - 1)  # over the patches; [CLS] is always kept
+    scores[0, kept[1:] - 1] = 1.0
+    reduced = visionzip_reduce(feats[None], scores, feats[None], dominant=len(kept), contextual=7)
+    assert reduced.kept_indices[0].tolist() == kept.tolist()
+    torch.testing.assert_close(merged, reduced.features[0, len(kept) :])
+    # Each anchor is a dropped token that its own group was merged onto, evenly spaced over the dropped ones.
+    dropped = np.setdiff1d(np.arange(build.NUM_IMAGE_TOKENS), kept)
+    assert set(anchors.tolist()) <= set(dropped.tolist()) and (np.diff(anchors) > 0).all()
+    assert reduced.groups[0, torch.from_numpy(anchors)].tolist() == list(range(7))
+    # The count is capped at the tokens dropped; nothing dropped gives no contextual token.
+    few = np.setdiff1d(np.arange(build.NUM_IMAGE_TOKENS), [5, 9])
+    assert subsets.contextual_tokens(feats, few, 30)[0].shape == (2, features.FEATURE_DIM)
+    none, no_anchor = subsets.contextual_tokens(feats, np.arange(build.NUM_IMAGE_TOKENS), 5)
+    assert none.shape == (0, features.FEATURE_DIM) and no_anchor.size == 0
+
+
 @pytest.fixture(scope="module")
 def tiny_vlm():
     torch.manual_seed(0)
@@ -237,6 +263,8 @@ def test_train_default_rejects_bad_settings_before_any_tower_pass(monkeypatch, t
         (dict(precision="fp16"), "precision must be one of"),
         (dict(original_position_share=1.5), "original_position_share must be in 0..1, got 1.5"),
         (dict(object_share_min=float("nan")), "object_share_min must be in 0..1, got nan"),
+        (dict(merge_share=-0.1), "merge_share must be in 0..1, got -0.1"),
+        (dict(contextual_max=0), "contextual_max must be in 1..576, got 0"),
     ]:
         with pytest.raises(ValueError, match=match):
             train.train_default(tmp_path / "out", settings=replace(train.TrainSettings(), **bad))
@@ -335,6 +363,53 @@ def test_reduced_steps_keep_original_positions_by_their_share(monkeypatch, capsy
     assert ("[val, random 64, original positions] step 3" in out) == (share > 0)
 
 
+@pytest.mark.parametrize("merge_share", [0.0, 1.0])
+def test_reduced_steps_add_contextual_tokens_by_their_share(monkeypatch, merge_share):
+    seen = []
+    pack = modeling.Packer.pack
+
+    def recording_pack(self, batch, image_lengths, with_answers=True, image_positions=None):
+        seen.append((list(image_lengths), image_positions))
+        return pack(self, batch, image_lengths, with_answers, image_positions)
+
+    monkeypatch.setattr(modeling.Packer, "pack", recording_pack)
+    kept_sizes = []
+    token_subset = train.token_subset
+
+    def recording_subset(objects, rng, mode):
+        kept = token_subset(objects, rng, mode)
+        kept_sizes.append(len(kept))
+        return kept
+
+    monkeypatch.setattr(train, "token_subset", recording_subset)
+    feats, settings = _tiny_run(
+        steps=3,
+        referent_layer=1,
+        relation_layer=2,
+        full_share=0.0,
+        object_subset_share=1.0,
+        code_share=(0.5, 0.5, 0.5, 0.5),
+        original_position_share=1.0,
+        merge_share=merge_share,
+        contextual_max=4,
+        image_head_weight=0.5,
+    )
+    train.train_model(settings, feats, None)
+    assert len(seen) == 3
+    for step, (lengths, positions) in enumerate(seen):
+        kept = kept_sizes[4 * step : 4 * step + 4]
+        extra = [n - k for n, k in zip(lengths, kept, strict=True)]
+        assert extra[:2] == [0, 0]  # scene codes have no tower features to merge
+        if merge_share == 0.0:
+            assert extra[2:] == [0, 0]
+        else:  # real scenes: the same 1..contextual_max contextual tokens each, at their targets' positions
+            assert extra[2] == extra[3] and 1 <= extra[2] <= 4
+            for b in (2, 3):
+                anchors = positions[b][kept[b] :]
+                assert set(anchors.tolist()).isdisjoint(positions[b][: kept[b]].tolist())
+                assert (np.diff(anchors) > 0).all() and anchors.max() < build.NUM_IMAGE_TOKENS
+
+
 @pytest.mark.parametrize(("metadata", "expected"), [({"threads": 1}, 1), ({"threads": 2}, 2), ({}, 2), (None, 2)])
 def test_a_rebuild_uses_the_recorded_thread_count(monkeypatch, tmp_path, metadata, expected):
     import vlmzip.default_model as default_model
@@ -366,6 +441,7 @@ def test_train_main_has_its_own_parser(capsys):
         (["--original-position-share", "-0.1"], "original_position_share must be in 0..1, got -0.1"),
         (["--threads", "3"], "--threads must be 1 or 2, got 3"),
         (["--object-share-min", "1.2"], "object_share_min must be in 0..1, got 1.2"),
+        (["--merge-share", "2"], "merge_share must be in 0..1, got 2.0"),
     ],
 )
 def test_train_default_refuses_bad_values_before_any_work(tmp_path, capsys, argv, message):
