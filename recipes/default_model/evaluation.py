@@ -1,12 +1,16 @@
-"""Exact-match accuracy of the assembled default model, run through stock transformers `generate`."""
+"""Exact-match accuracy of the assembled default model, run through stock transformers `generate`, and of
+a model in training, from cached tower features."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from recipes.default_model.features import Progress
+from recipes.default_model.modeling import Packer, TrainableVLM, pad_images
+from recipes.default_model.subsets import SubsetMode, token_subset
 from vlmzip.default_model import data
 
 
@@ -62,3 +66,52 @@ def evaluate_llava(model, processor, records: Sequence[data.Record], images_per_
     result = data.accuracy_summary(per_type)
     result["predictions"] = predictions
     return result
+
+
+@torch.inference_mode()
+def evaluate_cached(
+    model: TrainableVLM,
+    packer: Packer,
+    features: np.ndarray,
+    split: str,
+    seed: int,
+    batch_images: int = 8,
+    keep_tokens: int | None = None,
+    original_positions: bool = False,
+) -> dict[str, float]:
+    """Exact-match accuracy on a split from cached features (one question of each type per scene).
+
+    ``keep_tokens``: see only [CLS] and a random set of patches, this many tokens in all, numbered
+    ``0..keep_tokens-1`` or, with ``original_positions``, at their indices among the 577.
+    """
+    model.eval()
+    per_type: dict[str, list[int]] = {}
+    n = features.shape[0]
+    rng = np.random.default_rng([seed, 7])
+    for start in range(0, n, batch_images):
+        idx = list(range(start, min(start + batch_images, n)))
+        batch = [
+            data.sample_questions(
+                data.scene_objects(seed, split, i),
+                np.random.default_rng([seed, data._SPLIT_IDS[split], i, 2]),
+                per_type=1,
+            )
+            for i in idx
+        ]
+        tokens = list(model.project(torch.from_numpy(np.asarray(features[idx], dtype=np.float32))))
+        positions = None
+        if keep_tokens is not None:
+            mode = SubsetMode("random", size=keep_tokens - 1)
+            subsets = [token_subset((), rng, mode) for _ in tokens]
+            tokens = [t[torch.from_numpy(s)] for t, s in zip(tokens, subsets, strict=True)]
+            positions = subsets if original_positions else None
+        packed = packer.pack(batch, [t.shape[0] for t in tokens], with_answers=False, image_positions=positions)
+        (hidden,) = model(pad_images(tokens), packed.input_ids, packed.mask, packed.position_ids)
+        rows = torch.tensor([r for r, _ in packed.answer_pos])
+        cols = torch.tensor([c for _, c in packed.answer_pos])
+        pred = model.logits(hidden[rows, cols]).argmax(-1).tolist()
+        flat = [q for qs in batch for q in qs]
+        for q, p in zip(flat, pred, strict=True):
+            per_type.setdefault(q.type, []).append(int(packer.answer_id(q.answer) == p))
+    model.train()
+    return data.accuracy_summary(per_type)

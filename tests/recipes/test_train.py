@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.default_model import features, modeling, subsets, train
+from recipes.default_model import evaluation, features, modeling, subsets, train
 from vlmzip.default_model import build, data
 
 TINY_TEXT = build.TextModelSize(
@@ -322,7 +322,7 @@ def test_a_few_training_steps_export_llava_weights(monkeypatch, capsys, native_b
     assert all(torch.isfinite(v).all() for v in state.values())
     packer = modeling.Packer(build.build_tokenizer())
     for keep_tokens in (None, 64):
-        acc = train.evaluate_cached(model, packer, feats[:2], "val", 0, keep_tokens=keep_tokens)
+        acc = evaluation.evaluate_cached(model, packer, feats[:2], "val", 0, keep_tokens=keep_tokens)
         pools = [data.question_pool(data.scene_objects(0, "val", i)) for i in range(2)]
         assert acc["questions"] == sum(bool(qs) for pool in pools for qs in pool.values())
 
