@@ -85,6 +85,45 @@ def test_model_without_data_and_bad_results_file(paths, tmp_path, capsys):
     assert "not a results file" in capsys.readouterr().err
 
 
+def test_a_model_built_from_the_embedded_recipe_defaults_to_its_held_out_split(paths, tmp_path):
+    import shutil
+
+    model, _ = paths
+    built = tmp_path / "rebuilt"
+    shutil.copytree(model, built)
+    # What assemble_model_dir writes beside the weights: its fingerprint and the run's metadata (seed 4).
+    (built / "visionzip_fingerprint.txt").write_text("0123456789abcdef\n")
+    (built / "training_metadata.json").write_text(json.dumps({"seed": 4, "settings": {}}))
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--model", str(built), "--limit", "5", "--prompt", PROMPT, "--max-new-tokens", "2"]
+    assert main([*argv, "--methods", "random", "--tokens", "32", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["data"] == "embedded held-out split (seed 4, first 5 questions)"
+    assert [r["n"] for r in result["results"]] == [5, 5]
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"visionzip_fingerprint.txt": "x", "training_metadata.json": '{"seed": 3}'}, 3),
+        ({"training_metadata.json": '{"seed": 3}'}, None),  # not written by assemble_model_dir
+        ({"visionzip_fingerprint.txt": "x"}, None),
+        ({"visionzip_fingerprint.txt": "x", "training_metadata.json": "not json"}, None),
+        ({"visionzip_fingerprint.txt": "x", "training_metadata.json": "[3]"}, None),
+        ({"visionzip_fingerprint.txt": "x", "training_metadata.json": '{"seed": -1}'}, None),
+        ({"visionzip_fingerprint.txt": "x", "training_metadata.json": '{"seed": true}'}, None),
+        ({"visionzip_fingerprint.txt": "x", "training_metadata.json": '{"seed": "0"}'}, None),
+    ],
+)
+def test_assembled_seed_reads_only_what_assemble_model_dir_writes(tmp_path, files, expected):
+    from vlmzip.default_model.build import assembled_seed
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert assembled_seed(tmp_path) == expected
+    assert assembled_seed(tmp_path / "missing") is None
+
+
 def test_cache_choices_give_the_same_results(paths, tmp_path):
     rows = {}
     for name, extra in {

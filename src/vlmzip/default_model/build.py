@@ -236,6 +236,20 @@ def assemble_model_dir(files_dir: str | Path, target: str | Path, onnx_path: str
     return target
 
 
+def assembled_seed(model_dir: str | Path) -> int | None:
+    """The data seed of a directory that ``assemble_model_dir`` wrote (the embedded model, or weights rebuilt
+    by its recipe), whose held-out split is then its test data; None for any other model or path."""
+    model_dir = Path(model_dir)
+    metadata = model_dir / "training_metadata.json"
+    if not ((model_dir / "visionzip_fingerprint.txt").is_file() and metadata.is_file()):
+        return None
+    try:
+        seed = json.loads(metadata.read_text()).get("seed")
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or not an object
+        return None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else None
+
+
 def is_assembled(files_dir: str | Path, target: str | Path) -> bool:
     marker = Path(target) / "visionzip_fingerprint.txt"
     return marker.is_file() and marker.read_text().strip() == _fingerprint(Path(files_dir))

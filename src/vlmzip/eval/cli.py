@@ -143,7 +143,16 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.data is not None:
             data = jsonl_set(args.data, limit, on_error=args.on_error)
         elif args.model is not None:
-            raise ValueError("--data is required with --model (the held-out split belongs to the embedded model)")
+            from vlmzip.default_model.build import assembled_seed
+
+            # A copy or a rebuild of the embedded model has a held-out split of its own (its seed's).
+            seed = assembled_seed(args.model)
+            if seed is None:
+                raise ValueError(
+                    "--data is required with --model (the held-out split belongs to the embedded model and "
+                    "to directories built from its recipe)"
+                )
+            data = held_out_set(limit or DEFAULT_LIMIT, seed=seed)
         else:
             data = held_out_set(limit or DEFAULT_LIMIT)
         if args.data is not None:  # an image the data names is an input too
@@ -232,7 +241,11 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         "a rerun with the same --json file skips what is done.",
     )
     parser.add_argument("--model", help="local model directory (default: the embedded default model)")
-    parser.add_argument("--data", help="VQA JSONL file (default: the embedded model's held-out split)")
+    parser.add_argument(
+        "--data",
+        help="VQA JSONL file (default: the embedded model's held-out split; required with a --model that "
+        "is not built from the embedded model's recipe)",
+    )
     parser.add_argument("--limit", type=int, help="evaluate the first N questions (default: 500 held-out, all JSONL)")
     add_variant_options(
         parser,
