@@ -33,6 +33,8 @@ PATCH_SIZE = 14
 NUM_IMAGE_TOKENS = (data.IMAGE_SIZE // PATCH_SIZE) ** 2 + 1  # 576 patches + [CLS]
 SHIPPED_WEIGHTS = "lm_projector.safetensors"  # language model + projector + lm_head
 ASSEMBLY_VERSION = "1"
+# Written by assemble_model_dir: the hash of the files it was assembled from.
+FINGERPRINT_FILE = "visionzip_fingerprint.txt"
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}"
@@ -226,7 +228,7 @@ def assemble_model_dir(files_dir: str | Path, target: str | Path, onnx_path: str
     card = files_dir.parent / "MODEL_CARD.md"
     if card.is_file():
         shutil.copy2(card, tmp / "README.md")
-    (tmp / "visionzip_fingerprint.txt").write_text(_fingerprint(files_dir) + "\n")
+    (tmp / FINGERPRINT_FILE).write_text(_fingerprint(files_dir) + "\n")
     if target.exists():
         shutil.rmtree(target, ignore_errors=True)
     try:
@@ -241,7 +243,7 @@ def assembled_seed(model_dir: str | Path) -> int | None:
     by its recipe), whose held-out split is then its test data; None for any other model or path."""
     model_dir = Path(model_dir)
     metadata = model_dir / "training_metadata.json"
-    if not ((model_dir / "visionzip_fingerprint.txt").is_file() and metadata.is_file()):
+    if not ((model_dir / FINGERPRINT_FILE).is_file() and metadata.is_file()):
         return None
     try:
         seed = json.loads(metadata.read_text()).get("seed")
@@ -251,5 +253,5 @@ def assembled_seed(model_dir: str | Path) -> int | None:
 
 
 def is_assembled(files_dir: str | Path, target: str | Path) -> bool:
-    marker = Path(target) / "visionzip_fingerprint.txt"
+    marker = Path(target) / FINGERPRINT_FILE
     return marker.is_file() and marker.read_text().strip() == _fingerprint(Path(files_dir))

@@ -142,19 +142,17 @@ def run_eval(args: argparse.Namespace) -> int:
     with console.status("loading data and model"):
         if args.data is not None:
             data = jsonl_set(args.data, limit, on_error=args.on_error)
-        elif args.model is not None:
+        else:
             from vlmzip.default_model.build import assembled_seed
 
             # A copy or a rebuild of the embedded model has a held-out split of its own (its seed's).
-            seed = assembled_seed(args.model)
+            seed = 0 if args.model is None else assembled_seed(args.model)
             if seed is None:
                 raise ValueError(
                     "--data is required with --model (the held-out split belongs to the embedded model and "
                     "to directories built from its recipe)"
                 )
             data = held_out_set(limit or DEFAULT_LIMIT, seed=seed)
-        else:
-            data = held_out_set(limit or DEFAULT_LIMIT)
         if args.data is not None:  # an image the data names is an input too
             images = [("an image of --data", item.image_key) for item in {i.image_key: i for i in data.items}.values()]
             check_output_path(args.json, ".json", "--json", images)
