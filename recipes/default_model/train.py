@@ -31,12 +31,7 @@ from torch import nn
 from recipes.default_model.evaluation import evaluate_cached, evaluate_llava
 from recipes.default_model.features import Progress, extract_features, feature_stats
 from recipes.default_model.modeling import REFERENT_SPLITS, Packed, Packer, TrainableVLM, pad_images
-from recipes.default_model.subsets import (
-    contextual_tokens,
-    image_token_targets,
-    subset_mode,
-    token_subset,
-)
+from recipes.default_model.subsets import contextual_tokens, image_token_targets, subset_mode, token_subset
 from vlmzip.default_model import build, data
 
 # --------------------------------------------------------------------------- training
@@ -325,7 +320,8 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
             # Projector regression onto the (fixed) codes of real training scenes, every step.
             mse_idx = np.unique(np.concatenate([real_idx, rng.choice(n_train, settings.projector_batch)]))
             clean, _, centres = _code_inputs([train_objects[i] for i in mse_idx], rng, 0.0)
-            projected = model.project(torch.from_numpy(np.asarray(train_feats[mse_idx], dtype=np.float32)))
+            mse_features = torch.from_numpy(np.asarray(train_feats[mse_idx], dtype=np.float32))
+            projected = model.project(mse_features)
             mse = nn.functional.mse_loss(projected.float(), model.coder(clean, centres).detach().float())
             where = {int(i): k for k, i in enumerate(mse_idx)}
             tokens += [projected[where[int(i)]] for i in real_idx]
@@ -339,8 +335,7 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
                 count = int(rng.integers(1, settings.contextual_max + 1))
                 for j, i in enumerate(real_idx):
                     b = n_code + j
-                    features = torch.from_numpy(np.asarray(train_feats[i], dtype=np.float32))
-                    merged, merged_anchors = contextual_tokens(features, subsets[b], count)
+                    merged, merged_anchors = contextual_tokens(mse_features[where[int(i)]], subsets[b], count)
                     tokens[b] = torch.cat([tokens[b], model.project(merged[None])[0].to(tokens[b].dtype)])
                     anchors[b] = np.concatenate([subsets[b], merged_anchors])
             original = mode.kind != "all" and settings.original_position_share > 0
