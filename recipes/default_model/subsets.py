@@ -23,13 +23,21 @@ class SubsetMode:
     size: int = 0  # random: tokens kept besides [CLS]
 
 
+# A sparse object-keeping subset keeps less than this share of the background (~26 of ~525 patches).
+SPARSE_BACKGROUND_MAX = 0.05
+
+
 def subset_mode(rng: np.random.Generator, settings: Any) -> SubsetMode:
     """A step's mode: all tokens, an object-keeping subset or a random one, by the settings' shares."""
     u = rng.uniform()
     if u < settings.full_share:
         return SubsetMode("all")
     if u < settings.full_share + settings.object_subset_share:
-        return SubsetMode("objects", float(rng.uniform(settings.object_share_min, 1.0)), float(rng.uniform(0.0, 1.0)))
+        object_share = float(rng.uniform(settings.object_share_min, 1.0))
+        # The extra draw only when the share is set, so that earlier settings keep their random stream.
+        sparse = settings.sparse_share > 0 and rng.uniform() < settings.sparse_share
+        background_max = SPARSE_BACKGROUND_MAX if sparse else 1.0
+        return SubsetMode("objects", object_share, float(rng.uniform(0.0, background_max)))
     return SubsetMode("random", size=int(rng.integers(32, data.GRID * data.GRID)))
 
 

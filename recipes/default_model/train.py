@@ -96,6 +96,11 @@ class TrainSettings:
     # Object-keeping subsets keep each object's centre patch and a share of its other patches drawn from
     # [object_share_min, 1); a reduction that keeps a token or two of a large object needs a low minimum.
     object_share_min: float = 0.3
+    # Share of object-keeping subsets that keep almost no background (its share drawn from
+    # [0, SPARSE_BACKGROUND_MAX) instead of [0, 1)): a 64-token reduction keeps about as many tokens as the
+    # objects hold, while the default draw keeps ~300 tokens on median; 0 in the settings of earlier recipes,
+    # which keep their random stream.
+    sparse_share: float = 0.0
     # Share of the reduced steps whose subsets keep their original positions (each kept token at its index
     # among the 577, the questions from 577, as VisionZipConfig(positions="original") numbers them) instead
     # of renumbered ones; 0 in the settings of earlier recipes, which keep their random stream.
@@ -241,6 +246,8 @@ def check_settings(settings: TrainSettings) -> None:
         raise ValueError(f"object_share_min must be in 0..1, got {settings.object_share_min}")
     if not 0.0 <= settings.merge_share <= 1.0:
         raise ValueError(f"merge_share must be in 0..1, got {settings.merge_share}")
+    if not 0.0 <= settings.sparse_share <= 1.0:
+        raise ValueError(f"sparse_share must be in 0..1, got {settings.sparse_share}")
     if not 1 <= settings.contextual_max <= build.NUM_IMAGE_TOKENS - 1:
         raise ValueError(f"contextual_max must be in 1..{build.NUM_IMAGE_TOKENS - 1}, got {settings.contextual_max}")
     for name in ("referent_weight", "relation_weight", "projector_mse_weight", "image_head_weight"):
@@ -515,6 +522,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(default: as recorded)",
     )
     parser.add_argument(
+        "--sparse-share",
+        type=float,
+        default=None,
+        help="share of object-keeping subsets that keep almost no background (default: as recorded)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -545,6 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["object_share_min"] = args.object_share_min
     if args.merge_share is not None:
         overrides["merge_share"] = args.merge_share
+    if args.sparse_share is not None:
+        overrides["sparse_share"] = args.sparse_share
     if args.threads is not None and args.threads not in (1, 2):
         parser.error(f"--threads must be 1 or 2, got {args.threads}")
     from vlmzip.outputs import embedded_model_inputs, refuse_overlap

@@ -176,6 +176,16 @@ def check_device(device: str) -> str:
     return device
 
 
+def check_model_dir(model_dir: str | None) -> None:
+    """Refuse a `--model` that names no directory, before an error about what else it needs hides the typo."""
+    from pathlib import Path
+
+    from vlmzip.cli import UserError
+
+    if model_dir is not None and not Path(model_dir).is_dir():
+        raise UserError(f"--model: model directory not found: {model_dir}")
+
+
 def load_model_for_cli(
     model_dir: str | None, *, dtype: Any = None, alternatives: str = "--model DIR"
 ) -> tuple[Any, Any]:

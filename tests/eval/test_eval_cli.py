@@ -79,6 +79,9 @@ def test_model_without_data_and_bad_results_file(paths, tmp_path, capsys):
     model, _ = paths
     assert main(["eval", "--model", str(model), "--json", str(tmp_path / "x.json")]) == 2
     assert "--data is required with --model" in capsys.readouterr().err
+    # a mistyped directory is named as such, not as a missing --data
+    assert main(["eval", "--model", str(tmp_path / "typo"), "--json", str(tmp_path / "x.json")]) == 2
+    assert "--model: model directory not found: " + str(tmp_path / "typo") in capsys.readouterr().err
     broken = tmp_path / "broken.json"
     broken.write_text("[1, 2]")
     assert run(paths, broken, "--methods", "random", "--tokens", "32") == 2

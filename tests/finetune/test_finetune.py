@@ -281,6 +281,8 @@ def test_cli(workspace, capsys):
     assert "either --tokens or --dominant" in capsys.readouterr().err
     assert main(["finetune", "--model", str(root / "base"), "-o", str(out), "--overwrite"]) == 2
     assert "--data is required with --model" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(root / "typo"), "-o", str(out), "--overwrite"]) == 2
+    assert "--model: model directory not found: " + str(root / "typo") in capsys.readouterr().err
     assert main([*args, "--dominant", "40", "--overwrite"]) == 2
     assert "--dominant and --contextual must be given together" in capsys.readouterr().err
     assert main([*args, "--dominant", "600", "--contextual", "0", "--overwrite"]) == 2

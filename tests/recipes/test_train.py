@@ -133,6 +133,35 @@ def test_object_subsets_draw_their_object_share_from_the_minimum_up(share_min):
     assert shares.min() < share_min + 0.05 and shares.max() > 0.95
 
 
+def test_sparse_object_subsets_keep_almost_no_background_and_share_zero_keeps_the_random_stream():
+    objects_only = dict(full_share=0.0, object_subset_share=1.0)
+    rng = np.random.default_rng(0)
+    sparse = [subsets.subset_mode(rng, train.TrainSettings(**objects_only, sparse_share=1.0)) for _ in range(300)]
+    backgrounds = np.array([m.background_share for m in sparse])
+    assert backgrounds.max() < subsets.SPARSE_BACKGROUND_MAX and backgrounds.min() >= 0.0
+    kept = [len(subsets.token_subset(SCENE, rng, m)) for m in sparse]
+    n_object = int((data.patch_labels(SCENE) > 0).sum())
+    # background shares below 0.05 (0.025 on average): on average fewer tokens than objects + 5 % background
+    assert np.mean(kept) < 1 + n_object + 0.05 * (data.GRID * data.GRID - n_object)
+    # a share of one half makes about half of the object subsets sparse
+    rng = np.random.default_rng(1)
+    half = [subsets.subset_mode(rng, train.TrainSettings(**objects_only, sparse_share=0.5)) for _ in range(400)]
+    assert 0.35 < np.mean([m.background_share < subsets.SPARSE_BACKGROUND_MAX for m in half]) < 0.65
+    # share 0 draws nothing extra: the modes are those drawn as the recorded recipes drew them
+    settings = train.TrainSettings()
+    rng, reference = np.random.default_rng(2), np.random.default_rng(2)
+    for _ in range(200):
+        mode = subsets.subset_mode(rng, settings)
+        u = reference.uniform()
+        if u < settings.full_share:
+            assert mode.kind == "all"
+        elif u < settings.full_share + settings.object_subset_share:
+            expected = (reference.uniform(settings.object_share_min, 1.0), reference.uniform(0.0, 1.0))
+            assert (mode.kind, mode.object_share, mode.background_share) == ("objects", *expected)
+        else:
+            assert mode.kind == "random" and mode.size == int(reference.integers(32, data.GRID * data.GRID))
+
+
 def test_contextual_tokens_merge_what_a_subset_drops_as_visionzip_does():
     from vlmzip.core import visionzip_reduce
 
@@ -264,6 +293,7 @@ def test_train_default_rejects_bad_settings_before_any_tower_pass(monkeypatch, t
         (dict(original_position_share=1.5), "original_position_share must be in 0..1, got 1.5"),
         (dict(object_share_min=float("nan")), "object_share_min must be in 0..1, got nan"),
         (dict(merge_share=-0.1), "merge_share must be in 0..1, got -0.1"),
+        (dict(sparse_share=float("inf")), "sparse_share must be in 0..1, got inf"),
         (dict(contextual_max=0), "contextual_max must be in 1..576, got 0"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -442,6 +472,7 @@ def test_train_main_has_its_own_parser(capsys):
         (["--threads", "3"], "--threads must be 1 or 2, got 3"),
         (["--object-share-min", "1.2"], "object_share_min must be in 0..1, got 1.2"),
         (["--merge-share", "2"], "merge_share must be in 0..1, got 2.0"),
+        (["--sparse-share", "-1"], "sparse_share must be in 0..1, got -1.0"),
     ],
 )
 def test_train_default_refuses_bad_values_before_any_work(tmp_path, capsys, argv, message):

@@ -112,7 +112,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from vlmzip.bench.report import check_output_path, table_console
-    from vlmzip.cli_options import check_device, dtype_named, load_model_for_cli, variants_from_args
+    from vlmzip.cli_options import check_device, check_model_dir, dtype_named, load_model_for_cli, variants_from_args
     from vlmzip.config import check_int
     from vlmzip.eval.evaluator import Evaluator
     from vlmzip.eval.items import DEFAULT_LIMIT, held_out_set, jsonl_set
@@ -145,6 +145,7 @@ def run_eval(args: argparse.Namespace) -> int:
         else:
             from vlmzip.default_model.build import assembled_seed
 
+            check_model_dir(args.model)
             # A copy or a rebuild of the embedded model has a held-out split of its own (its seed's).
             seed = 0 if args.model is None else assembled_seed(args.model)
             if seed is None:

@@ -83,12 +83,13 @@ def _run(args: argparse.Namespace) -> int:
     import tempfile
 
     from vlmzip.cli import UserError
-    from vlmzip.cli_options import config_from_args
+    from vlmzip.cli_options import check_model_dir, config_from_args
 
     config = config_from_args(args)
     if args.data is not None:
         return _finetune_from_args(args, config, args.data)
     if args.model is not None:
+        check_model_dir(args.model)
         raise UserError("--data is required with --model (the training split belongs to the embedded model)")
     from vlmzip.default_model.data import export_split
 
