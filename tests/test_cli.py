@@ -34,6 +34,19 @@ def test_the_command_is_installed_under_both_names(name):
     assert run.returncode == 0 and run.stdout.strip() == f"vlmzip {__version__}"
 
 
+@pytest.mark.parametrize(("argv0", "name"), [("/usr/bin/visionzip", "visionzip"), ("/usr/bin/vlmzip", "vlmzip")])
+def test_errors_and_help_name_the_command_as_it_was_run(monkeypatch, capsys, tmp_path, argv0, name):
+    monkeypatch.setattr(sys, "argv", [argv0])
+    assert main(["eval", "--model", str(tmp_path / "typo")]) == 2
+    assert capsys.readouterr().err.startswith(f"{name} eval: error: --model: model directory not found")
+    with pytest.raises(SystemExit):
+        main(["eval", "--tokens", "x"])  # refused by argparse itself
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"{name} eval: error: argument --tokens")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert f"Run '{name} COMMAND --help'" in capsys.readouterr().out
+
+
 def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])

@@ -62,15 +62,21 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+def command_name() -> str:
+    """The name the command was run by: ``visionzip`` (the method's name) or ``vlmzip``, for help and errors."""
+    return "visionzip" if os.path.basename(sys.argv[0]) == "visionzip" else "vlmzip"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    prog = command_name()
     parser = argparse.ArgumentParser(
-        prog="vlmzip",
+        prog=prog,
         description=(
             "VisionZip: make vision-language models fast by sending the language model far fewer visual "
             "tokens. Dominant tokens are kept by [CLS] attention at the feature layer, the rest are merged "
             "into a few contextual tokens, before the language model and independent of the text."
         ),
-        epilog="Run 'vlmzip COMMAND --help' for the options of each command.",
+        epilog=f"Run '{prog} COMMAND --help' for the options of each command.",
     )
     from vlmzip import __version__
 
@@ -93,10 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, ValueError, TypeError, OSError, ImportError) as error:
         if os.environ.get("VLMZIP_DEBUG"):
             raise
-        print(f"vlmzip {args.command}: error: {error}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"vlmzip {args.command}: interrupted", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
