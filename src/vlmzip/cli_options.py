@@ -177,13 +177,12 @@ def check_device(device: str) -> str:
 
 
 def check_model_dir(model_dir: str | None) -> None:
-    """Refuse a `--model` that names no directory, before an error about what else it needs hides the typo."""
+    """Refuse a `--model` that names no directory, naming the option: before loading it, and before an error
+    about what else `--model` needs (`--data`) could hide the typo."""
     from pathlib import Path
 
-    from vlmzip.cli import UserError
-
     if model_dir is not None and not Path(model_dir).is_dir():
-        raise UserError(f"--model: model directory not found: {model_dir}")
+        raise FileNotFoundError(f"--model: model directory not found: {model_dir}")
 
 
 def load_model_for_cli(
@@ -201,6 +200,7 @@ def load_model_for_cli(
 
     dtype = torch.float32 if dtype is None else dtype
     if model_dir is not None:
+        check_model_dir(model_dir)
         return load_model(model_dir, dtype=dtype)
     try:
         return load_model(None, dtype=dtype)
