@@ -50,7 +50,12 @@ def check_tensor(name: str, value: Any, ndim: int) -> torch.Tensor:
 
 def budget_error(config: Any, available: int, where: str) -> ValueError:
     """The error for a budget (`config`: dominant, contextual, tokens) above the `available` tokens; `where`
-    says what they are, e.g. " (the tokens of one tile)"."""
+    says what they are, e.g. " (the tokens of one tile)". An adaptive budget names its fewest tokens."""
+    if getattr(config, "adaptive", False):  # the fewest tokens an adaptive budget can give a unit
+        return ValueError(
+            f"min_dominant + contextual must be <= {available}{where}, got {config.min_dominant} + "
+            f"{config.contextual} = {config.fewest_tokens}"
+        )
     return ValueError(
         f"dominant + contextual must be <= {available}{where}, got {config.dominant} + {config.contextual} = "
         f"{config.tokens}"

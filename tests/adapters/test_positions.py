@@ -282,26 +282,35 @@ def test_bad_position_scheme_is_refused():
         vlmzip.VisionZipConfig(positions="renumbered")
 
 
-@pytest.mark.parametrize("make_model", ["make_smolvlm", "make_mistral3"])
-def test_families_without_the_hooks_refuse_by_name(make_model):
-    import families
+def test_a_family_without_the_hooks_refuses_by_name():
+    """Every built-in family has the hooks; a family adapter that lacks them refuses both options at apply()."""
+    from vlmzip.adapters.llava import LlavaAdapter
 
-    model = getattr(families, make_model)()
-    name = type(model).__name__
+    flags = {"supports_original_positions": False, "supports_adaptive": False}
+    without_hooks = type("WithoutHooks", (LlavaAdapter,), flags)
+    model, name = make_llava(), "LlavaForConditionalGeneration"
     with pytest.raises(ValueError, match=f"positions='original' is not supported for {name}"):
-        vlmzip.apply(model, positions="original")
-    with pytest.raises(ValueError, match=f"attention_mass \\(adaptive budget\\) is not supported for {name}"):
-        vlmzip.apply(model, contextual=2, attention_mass=0.5)
-    assert not vlmzip.is_applied(model)
+        without_hooks(model, vlmzip.VisionZipConfig(positions="original"))
+    with pytest.raises(ValueError, match=rf"attention_mass \(adaptive budget\) is not supported for {name}"):
+        without_hooks(model, vlmzip.VisionZipConfig(contextual=2, attention_mass=0.5))
 
 
-def test_qwen_takes_an_adaptive_budget():
-    processor = make_qwen_processor()
-    images = random_images(2, seed=2, size=(112, 112))
-    inputs = dict(processor(text=[qwen_prompt("<image>")] * 2, images=images, return_tensors="pt", padding=True))
-    model = make_qwen2_vl()
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl", "qwen3.5"])
+def test_qwen_takes_an_adaptive_budget(family):
+    from families import FAMILIES
+
+    spec = FAMILIES[family]
+    processor, model = spec.make_processor(), spec.make_model()
+    sizes = [(112, 112), (140, 224)]
+
+    def inputs(samples):
+        images = [random_images(1, seed=i, size=sizes[i]) for i in samples]
+        texts = [spec.prompt(1) for _ in samples]
+        return dict(processor(text=texts, images=spec.images(images), return_tensors="pt", padding=True))
+
     vlmzip.apply(model, contextual=1, attention_mass=0.4)
-    prepared = vlmzip.prepare(model, inputs)
+    prepared = vlmzip.prepare(model, inputs([0, 1]))
     reductions = vlmzip.api.get_state(model).adapter.last_encoded.reductions
-    image_token = model.config.image_token_id
-    assert (prepared["input_ids"] == image_token).sum(dim=1).tolist() == [r.features.shape[1] for r in reductions]
+    counts = [r.features.shape[1] for r in reductions]
+    assert (prepared["input_ids"] == spec.image_token_id).sum(dim=1).tolist() == counts
+    assert_batch_equals_singles(model, inputs([0, 1]), [inputs([0]), inputs([1])])

@@ -22,6 +22,9 @@ contextual tokens. `<start_of_image>` and `<end_of_image>` stay in the text arou
 `token_type_ids` (image tokens attend to each other bidirectionally) shrink with the placeholders, so
 the reduced tokens of one image still form one bidirectional block. Pan-and-scan crops are separate
 placeholder runs of `mm_tokens_per_image` tokens: each is reduced like an image.
+
+Original positions (`positions="original"`): soft token i held placeholder i of its image's run, so a
+reduced token takes the position of its anchor soft token (`core.anchor_indices`).
 """
 
 from __future__ import annotations
@@ -35,13 +38,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from vlmzip._validation import budget_error
 from vlmzip.adapters.base import Adapter, EncodedImages, check_square_batch
 from vlmzip.adapters.parts import TowerAndProjector
-from vlmzip.core import Reduction
+from vlmzip.core import Reduction, anchor_indices
 from vlmzip.probe import ProbeOutput
 
 
 class Gemma3Adapter(TowerAndProjector, Adapter):
     families = ("Gemma3ForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
+    supports_original_positions = True
+    supports_adaptive = True
 
     # --- model parts (vision_tower, projector: TowerAndProjector) ---------------------------
     def resolve_feature_layer(self, layer: int | None) -> int:
@@ -64,7 +69,7 @@ class Gemma3Adapter(TowerAndProjector, Adapter):
 
     def check_budget(self) -> None:
         available = self.tokens_per_unit()
-        if self.config.tokens > available:
+        if self.config.fewest_tokens > available:
             side, patches = self.soft_token_side, self.patch_side
             raise budget_error(
                 self.config,
@@ -120,20 +125,39 @@ class Gemma3Adapter(TowerAndProjector, Adapter):
     def token_pixels(self) -> int:
         return self.tower_info.patch_size * self.patch_side // self.soft_token_side  # a soft token's pixels
 
-    def reduce(self, pixel_values: torch.Tensor, **tower_kwargs: Any) -> tuple[ProbeOutput, Reduction]:
-        """The pooled probe of a batch of images and the method's reduction of it (soft-token grid)."""
+    def reduce(
+        self, pixel_values: torch.Tensor, **tower_kwargs: Any
+    ) -> tuple[ProbeOutput, Reduction | list[Reduction]]:
+        """The pooled probe of a batch of images and the method's reduction of it (soft-token grid; one
+        reduction per image with an adaptive budget, see `Adapter.run_method`)."""
         probe = self.pooled_probe(pixel_values)
-        return probe, self.call_method(probe, self.config)
+        return probe, self.run_method(probe)
 
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         full_counts = self.full_counts(inputs)
-        _, reduction = self.reduce(inputs["pixel_values"])
-        projected = self.project(reduction.features)
-        return EncodedImages(features=list(projected.unbind(0)), full_counts=full_counts, reductions=[reduction])
+        _, reduced = self.reduce(inputs["pixel_values"])
+        if isinstance(reduced, Reduction):
+            features = list(self.project(reduced.features).unbind(0))
+            reductions, units = [reduced], reduced.split()
+        else:  # adaptive budget: one reduction per image, of its own length
+            features = [self.project(unit.features)[0] for unit in reduced]
+            reductions = units = reduced
+        return EncodedImages(
+            features=features,
+            full_counts=full_counts,
+            reductions=reductions,
+            positions=[anchor_indices(unit)[0] for unit in units],  # soft token i holds placeholder i
+        )
 
     def attach_features(self, prepared: dict[str, Any], encoded: EncodedImages) -> None:
-        # Gemma 3 takes one (images, tokens, hidden) tensor; every image has the same count.
-        pooled = torch.stack(encoded.features) if encoded.features else None
+        # Gemma 3 takes one (images, tokens, hidden) tensor. Images of different lengths (adaptive budgets)
+        # go as one item per token, (tokens, 1, hidden): the model scatters them in order, and generate()
+        # regroups them per sample (beam search) by counting placeholders.
+        features = encoded.features
+        if len({feature.shape[0] for feature in features}) > 1:
+            pooled = torch.cat(features).unsqueeze(1)
+        else:
+            pooled = torch.stack(features) if features else None
         prepared["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
 
 

@@ -27,6 +27,9 @@ contextual` tokens; `"per_image"` splits the numbers over an image's tiles (`Vis
 Layout of an image: its tiles in the processor's order (thumbnail last), each tile's dominant units in
 raster order, then its contextual tokens. `<img>` and `</img>` stay in the text. Video frames are
 separate `<img>...</img>` runs of one tile each and are reduced like one-tile images.
+
+Original positions (`positions="original"`): unit i of tile t held placeholder `t * 256 + i` of its
+image's run, so a reduced token takes the position of its anchor unit (`core.anchor_indices`) in its tile.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from vlmzip._validation import budget_error
 from vlmzip.adapters.base import Adapter, EncodedImages, check_square_batch
 from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.config import VisionZipConfig
-from vlmzip.core import Reduction
+from vlmzip.core import Reduction, anchor_indices
 from vlmzip.probe import ProbeOutput, square_size
 
 
@@ -64,6 +67,8 @@ def image_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor, token_id: 
 class InternVLAdapter(TowerAndProjector, Adapter):
     families = ("InternVLForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
+    supports_original_positions = True
+    supports_adaptive = True
 
     def __init__(self, model: nn.Module, config: VisionZipConfig, processor: Any = None) -> None:
         if config.temporal_threshold is not None:
@@ -102,7 +107,7 @@ class InternVLAdapter(TowerAndProjector, Adapter):
 
     def check_budget(self) -> None:
         available = self.tokens_per_unit()
-        if self.config.budget_scope == "per_crop" and self.config.tokens > available:
+        if self.config.budget_scope == "per_crop" and self.config.fewest_tokens > available:
             side = self.unit_side
             raise budget_error(
                 self.config,
@@ -186,10 +191,13 @@ class InternVLAdapter(TowerAndProjector, Adapter):
             )
         return config
 
-    def reduce(self, pixel_values: torch.Tensor, **tower_kwargs: Any) -> tuple[ProbeOutput, Reduction]:
-        """The shuffled probe of the tiles of one image and the method's reduction of it (each tile alike)."""
+    def reduce(
+        self, pixel_values: torch.Tensor, **tower_kwargs: Any
+    ) -> tuple[ProbeOutput, Reduction | list[Reduction]]:
+        """The shuffled probe of the tiles of one image and the method's reduction of it (each tile alike; one
+        reduction per tile with an adaptive budget, see `Adapter.run_method`)."""
         probe = self.shuffled_probe(pixel_values)
-        return probe, self.call_method(probe, self.tile_config(pixel_values.shape[0], 0))
+        return probe, self.run_method(probe, self.tile_config(pixel_values.shape[0], 0))
 
     @property
     def token_pixels(self) -> int:
@@ -203,15 +211,26 @@ class InternVLAdapter(TowerAndProjector, Adapter):
         tiles = self.tile_counts(inputs)
         configs = [self.tile_config(count, image) for image, count in enumerate(tiles)]  # before the tower runs
         probe = self.shuffled_probe(inputs["pixel_values"])
-        features, reductions = [], []
+        per_tile = self.tokens_per_unit()
+        features, reductions, positions = [], [], []
         start = 0
         for count, config in zip(tiles, configs, strict=True):
-            reduction = self.call_method(probe[start : start + count], config)
+            reduced = self.run_method(probe[start : start + count], config)
             start += count
-            features.append(self.projector()(reduction.features).flatten(0, 1))
-            reductions.append(reduction)
-        full_counts = [count * self.tokens_per_unit() for count in tiles]
-        return EncodedImages(features=features, full_counts=full_counts, reductions=reductions)
+            if isinstance(reduced, Reduction):
+                features.append(self.projector()(reduced.features).flatten(0, 1))
+                reductions.append(reduced)
+                tile_reductions = reduced.split()
+            else:  # adaptive budget: one reduction per tile, of its own length
+                features.append(torch.cat([self.projector()(tile.features)[0] for tile in reduced]))
+                reductions.extend(reduced)
+                tile_reductions = reduced
+            # A tile's placeholders follow the previous tiles' `per_tile` each.
+            positions.append(
+                torch.cat([tile * per_tile + anchor_indices(unit)[0] for tile, unit in enumerate(tile_reductions)])
+            )
+        full_counts = [count * per_tile for count in tiles]
+        return EncodedImages(features=features, full_counts=full_counts, reductions=reductions, positions=positions)
 
     def attach_features(self, prepared: dict[str, Any], encoded: EncodedImages) -> None:
         # InternVL takes one tensor; images have different token counts (their tiles), so every token is

@@ -20,6 +20,9 @@ What differs from LLaVA:
   rows, so an image becomes `dominant + contextual` `[IMG]` tokens (dominant in raster order of the
   merged grid, then the contextual ones) followed by its one `[IMG_END]`; every `[IMG_BREAK]` of the
   image is dropped. `[IMG_END]` stays as text.
+- Original positions (`positions="original"`): merged token (r, c) held placeholder `r * (cols + 1) + c`
+  of its image's run (the `[IMG_BREAK]`s count); a reduced token takes the position of its anchor
+  (`core.anchor_indices`), so `[IMG_END]` and the text after it keep the positions they have unreduced.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from torch.nn import functional
 from vlmzip._validation import budget_error
 from vlmzip.adapters.base import Adapter, EncodedImages
 from vlmzip.adapters.parts import TowerAndProjector
-from vlmzip.core import Reduction
+from vlmzip.core import Reduction, anchor_indices
 from vlmzip.probe import DEFAULT_QUERY_CHUNK, ProbeOutput, TowerInfo, TowerLayout, received_attention, resolve_tower
 
 PIXTRAL_TOWER = TowerLayout(
@@ -55,6 +58,12 @@ def merge_units(rows: int, cols: int, merge: int) -> torch.Tensor:
     patch merger emits them (its own `unfold` applied to patch indices)."""
     indices = torch.arange(rows * cols, dtype=torch.float64).view(1, 1, rows, cols)
     return functional.unfold(indices, kernel_size=merge, stride=merge)[0].t().round().long()
+
+
+def run_offsets(units: torch.Tensor, cols: int) -> torch.Tensor:
+    """The offset within an image's placeholder run of each merged unit index: `cols` [IMG] per line, then
+    one [IMG_BREAK]."""
+    return units // cols * (cols + 1) + units % cols
 
 
 def image_grids(image_sizes: Sequence[Sequence[int]], patch_size: int) -> list[tuple[int, int]]:
@@ -127,6 +136,8 @@ class Mistral3Adapter(TowerAndProjector, Adapter):
     serves_probes = False  # the tower is probed per image by probe_pixtral_tower
     families = ("Mistral3ForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
+    supports_original_positions = True
+    supports_adaptive = True
 
     # --- model parts (vision_tower, projector: TowerAndProjector) ---------------------------
     def resolve_tower_info(self) -> TowerInfo:
@@ -143,7 +154,7 @@ class Mistral3Adapter(TowerAndProjector, Adapter):
 
     def check_budget(self) -> None:
         available = self.tokens_per_unit()
-        if self.config.tokens > available:
+        if self.config.fewest_tokens > available:
             square = self.model.config.vision_config.image_size
             where = f" (the merged tokens of the largest image this model takes, {square} px square)"
             raise budget_error(self.config, available, where)
@@ -257,14 +268,19 @@ class Mistral3Adapter(TowerAndProjector, Adapter):
         return probes
 
     def reduce_image(self, probe: ProbeOutput, index: int, size: tuple[int, int]) -> Reduction:
+        """The one-image `probe` reduced (with an adaptive budget, at the count this image chooses)."""
         rows, cols = probe.grid
-        if self.config.tokens > rows * cols:
+        if self.config.fewest_tokens > rows * cols:
             where = f" for image {index} (its {rows}x{cols} merged tokens at {size[0]}x{size[1]} px)"
             raise budget_error(self.config, rows * cols, where)
-        return self.call_method(probe, self.config)
+        reduced = self.run_method(probe)
+        return reduced if isinstance(reduced, Reduction) else reduced[0]
 
-    def reduce(self, pixel_values: torch.Tensor, **tower_kwargs: Any) -> tuple[ProbeOutput, Reduction]:
-        """Reduce whole images of one size (`pixel_values` (images, C, H, W)), as `encode` reduces each image."""
+    def reduce(
+        self, pixel_values: torch.Tensor, **tower_kwargs: Any
+    ) -> tuple[ProbeOutput, Reduction | list[Reduction]]:
+        """Reduce whole images of one size (`pixel_values` (images, C, H, W)), as `encode` reduces each image
+        (one reduction per image with an adaptive budget, whose counts differ)."""
         size = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
         probes = self.unit_probes(pixel_values, [size] * pixel_values.shape[0])
         reductions = [self.reduce_image(probe, index, size) for index, probe in enumerate(probes)]
@@ -276,25 +292,27 @@ class Mistral3Adapter(TowerAndProjector, Adapter):
             num_prefix_tokens=0,
             grid=probes[0].grid,
         )
-        return probe, Reduction.cat(reductions)
+        return probe, reductions if self.config.adaptive else Reduction.cat(reductions)
 
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         sizes = self.image_sizes(inputs)
         probes = self.unit_probes(inputs["pixel_values"], sizes)
-        reduced, slots, reductions = [], [], []
+        reduced, slots, reductions, positions = [], [], [], []
         for index, (probe, size) in enumerate(zip(probes, sizes, strict=True)):
             reduction = self.reduce_image(probe, index, size)
             reduced.append(reduction.features[0])
             # The first `tokens` [IMG] positions of the run: line-end [IMG_BREAK]s are skipped (dropped).
             _, cols = probe.grid
-            positions = torch.arange(probe.features.shape[1] + probe.grid[0] - 1)
-            slots.append(positions[(positions + 1) % (cols + 1) != 0][: reduction.features.shape[1]])
+            image_slots = run_offsets(torch.arange(probe.features.shape[1]), cols)
+            slots.append(image_slots[: reduction.features.shape[1]])
+            positions.append(run_offsets(anchor_indices(reduction)[0].cpu(), cols))
             reductions.append(reduction)
-        return EncodedImages(features=reduced, full_counts=self.full_counts(inputs), slots=slots, reductions=reductions)
+        full_counts = self.full_counts(inputs)
+        return EncodedImages(reduced, full_counts, slots=slots, reductions=reductions, positions=positions)
 
     def attach_features(self, prepared: dict[str, Any], encoded: EncodedImages) -> None:
         super().attach_features(prepared, encoded)
         prepared.pop("image_sizes", None)
 
 
-__all__ = ["PIXTRAL_TOWER", "Mistral3Adapter", "merge_units", "probe_pixtral_tower"]
+__all__ = ["PIXTRAL_TOWER", "Mistral3Adapter", "merge_units", "probe_pixtral_tower", "run_offsets"]

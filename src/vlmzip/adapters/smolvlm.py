@@ -20,6 +20,9 @@ What differs from LLaVA:
   LLaVA-NeXT's base crop); `budget_scope="per_image"` splits the totals evenly over an image's tiles
   (`VisionZipConfig.per_unit`). Every tile's reduced tokens fill its own run: dominant tokens in raster
   order of the shuffled grid, then the contextual tokens.
+- Original positions (`positions="original"`): every tile is a run of its own, whose placeholder i
+  held shuffled unit i; a reduced token takes the position of its anchor unit (`core.anchor_indices`).
+  The layout tokens between the runs keep their positions, as all text does.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch import nn
 
 from vlmzip._validation import budget_error
 from vlmzip.adapters.base import Adapter, EncodedImages
-from vlmzip.core import Reduction
+from vlmzip.core import Reduction, anchor_indices
 from vlmzip.probe import ProbeOutput, TowerInfo, TowerLayout, resolve_tower
 
 SMOLVLM_TOWER = TowerLayout(
@@ -70,6 +73,8 @@ def pool_units(probe: ProbeOutput, units: torch.Tensor, features: torch.Tensor, 
 class SmolVLMAdapter(Adapter):
     families = ("SmolVLMForConditionalGeneration",)
     image_input_keys = ("pixel_values", "pixel_attention_mask")
+    supports_original_positions = True
+    supports_adaptive = True
 
     # --- model parts ---------------------------------------------------------------------
     def vision_tower(self) -> nn.Module:
@@ -107,7 +112,7 @@ class SmolVLMAdapter(Adapter):
     def check_budget(self) -> None:
         # Both scopes: an image may be a single tile (its global image), which then gets the whole budget.
         available = self.tokens_per_unit()
-        if self.config.tokens > available:
+        if self.config.fewest_tokens > available:
             raise budget_error(self.config, available, " (the shuffled tokens of one SmolVLM tile)")
 
     def pad_token_id(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
@@ -203,13 +208,15 @@ class SmolVLMAdapter(Adapter):
         grid = (side // self.scale, side // self.scale)
         return pool_units(probe, shuffle_units(self.connector(), side), projected, grid)
 
-    def reduce_tiles(self, probe: ProbeOutput, tiles: int) -> Reduction:
+    def reduce_tiles(self, probe: ProbeOutput, tiles: int) -> Reduction | list[Reduction]:
+        """The tiles of `probe` reduced with the budget of an image of `tiles` tiles (one reduction per tile
+        with an adaptive budget, see `Adapter.run_method`)."""
         config = self.config.per_unit(tiles)
         units = probe.features.shape[1]
-        if config.tokens > units:
+        if config.fewest_tokens > units:
             rows, cols = probe.grid
             raise budget_error(config, units, f" per tile (the {rows}x{cols} shuffled tokens of a SmolVLM tile)")
-        return self.call_method(probe, config)
+        return self.run_method(probe, config)
 
     @property
     def token_pixels(self) -> int:
@@ -219,7 +226,9 @@ class SmolVLMAdapter(Adapter):
         # The processor puts the grid tiles first (row-major) and the global image last.
         return [f"tile {index}" for index in range(1, count)] + ["global image"] if count > 1 else None
 
-    def reduce(self, pixel_values: torch.Tensor, **tower_kwargs: Any) -> tuple[ProbeOutput, Reduction]:
+    def reduce(
+        self, pixel_values: torch.Tensor, **tower_kwargs: Any
+    ) -> tuple[ProbeOutput, Reduction | list[Reduction]]:
         """Reduce the tiles of one image (`pixel_values` (tiles, C, H, W)), as `encode` reduces them."""
         probe = self.probe_tiles(pixel_values, None)
         return probe, self.reduce_tiles(probe, pixel_values.shape[0] if self.config.budget_scope == "per_image" else 1)
@@ -229,14 +238,16 @@ class SmolVLMAdapter(Adapter):
         full_counts = self.full_counts(inputs)
         probe = self.probe_tiles(tiles, masks)
         if self.config.budget_scope == "per_crop":
-            reductions = [self.reduce_tiles(probe, 1)]
-        else:
+            reduced = self.reduce_tiles(probe, 1)
+            reductions = [reduced] if isinstance(reduced, Reduction) else reduced  # adaptive: one per tile
+        else:  # (adaptive budgets need "per_crop")
             reductions, start = [], 0
             for count in self.tile_groups(inputs, tiles.shape[0]):
                 reductions.append(self.reduce_tiles(probe[start : start + count], count))
                 start += count
         features = [tile for reduction in reductions for tile in reduction.features.unbind(0)]
-        return EncodedImages(features=features, full_counts=full_counts, reductions=reductions)
+        positions = [tile for reduction in reductions for tile in anchor_indices(reduction).unbind(0)]
+        return EncodedImages(features=features, full_counts=full_counts, reductions=reductions, positions=positions)
 
 
 __all__ = ["SMOLVLM_TOWER", "SmolVLMAdapter", "pool_units", "shuffle_units"]
