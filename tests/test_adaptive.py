@@ -9,7 +9,7 @@ import torch
 
 import vlmzip
 from conftest import IMAGE_TOKEN_ID, make_llava, make_llava_processor, random_images
-from families import make_llava_next, make_llava_next_processor
+from families import FAMILIES, make_llava_next, make_llava_next_processor
 from helpers import assert_batch_equals_singles
 from vlmzip.cli_options import add_budget_options, add_variant_options, config_from_args, variants_from_args
 from vlmzip.config import VisionZipConfig
@@ -157,3 +157,22 @@ def test_show_draws_an_adaptive_budget():
     pixel_values = make_llava_processor()(text=[PROMPTS[0]], images=[image], return_tensors="pt")["pixel_values"]
     (expected,) = expected_counts(make_llava(), pixel_values, config)
     assert f"{expected}" in token_summary(panels)
+
+
+@pytest.mark.parametrize("family", ["llava-next", "smolvlm"])
+def test_show_draws_an_adaptive_budget_crop_by_crop(family):
+    """Each crop's panel holds the count that crop chose inside the model, labelled as the crop."""
+    from vlmzip.viz import reduce_image, visualize
+
+    spec = FAMILIES[family]
+    model, processor = spec.make_model(), spec.make_processor()
+    config = VisionZipConfig(contextual=2, attention_mass=0.3)
+    image = random_images(1, seed=1, size=(200, 500))[0]
+    panels = reduce_image(model, processor, image, config)
+    vlmzip.apply(model, config)
+    vlmzip.prepare(model, dict(processor(images=spec.images([[image]]), text=[spec.prompt(1)], return_tensors="pt")))
+    chosen = [r.features.shape[1] for r in vlmzip.api.get_state(model).adapter.last_encoded.reductions]
+    assert len(panels) == len(chosen) > 1
+    assert [panel.kept_tokens for panel in panels] == chosen
+    assert len({panel.label for panel in panels}) == len(panels)  # every crop captioned apart
+    assert visualize(panels).size[0] > 0

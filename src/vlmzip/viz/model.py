@@ -69,13 +69,18 @@ def reduced_images(
     patch_size = check_int("patch_size", patch_size, 1)
     grid = (pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size)
     if labels is None:
-        labels = [f"image {index + 1}" for index in range(len(views))] if len(views) > 1 else [""]
+        labels = default_labels(len(views))
     if len(labels) != len(views):
         raise ValueError(f"labels must have one entry per image ({len(views)}), got {len(labels)}")
     return [
         ReducedImage(view, row, grid, num_prefix_tokens, str(label))
         for view, row, label in zip(views, rows, labels, strict=True)
     ]
+
+
+def default_labels(count: int) -> list[str]:
+    """Captions of `count` images without labels of their own: none for one, "image 1", "image 2", ... for several."""
+    return [f"image {index + 1}" for index in range(count)] if count > 1 else [""]
 
 
 def _crop_labels(count: int) -> list[str]:
@@ -160,11 +165,24 @@ def reduce_image(
     parameter = next(adapter.vision_tower().parameters())
     with torch.no_grad():
         probe, reduction = adapter.reduce(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
-    if isinstance(reduction, list):  # an adaptive budget: one reduction per image or crop, of its own length
-        if len(reduction) != 1:
-            raise ValueError(f"drawing an adaptive budget covers single-crop images, got {len(reduction)} crops")
-        reduction = reduction[0]
     labels = adapter.unit_labels(pixel_values.shape[0]) or labels
-    return reduced_images(
-        pixel_values, reduction, adapter.token_pixels, probe.num_prefix_tokens, image_processor, labels
-    )
+    if not isinstance(reduction, list):
+        return reduced_images(
+            pixel_values, reduction, adapter.token_pixels, probe.num_prefix_tokens, image_processor, labels
+        )
+    # An adaptive budget: one reduction per image or crop, each of its own length, so each crop is paired alone.
+    if len(reduction) != pixel_values.shape[0]:
+        raise RuntimeError(f"the adapter gave {len(reduction)} reductions for {pixel_values.shape[0]} crops")
+    labels = list(labels) if labels is not None else default_labels(len(reduction))
+    return [
+        panel
+        for index, unit in enumerate(reduction)
+        for panel in reduced_images(
+            pixel_values[index : index + 1],
+            unit,
+            adapter.token_pixels,
+            probe.num_prefix_tokens,
+            image_processor,
+            labels[index : index + 1],
+        )
+    ]
