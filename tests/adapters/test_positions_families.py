@@ -102,10 +102,10 @@ def lm_calls(model, inputs, **generate_kwargs):
     return calls
 
 
-def test_dominant_tokens_and_text_sit_where_they_sit_unreduced(name, processor, model):
+def assert_tokens_sit_where_they_sit_unreduced(name, model, inputs):
     """Nothing merged: every token the language model sees (text and image) is the unreduced prompt's token at
-    the position it is given, and the last position is the unreduced prompt's, sample by sample in a padded batch."""
-    inputs = inputs_for(name, processor)
+    the position it is given, text in increasing order, and the last position is the unreduced prompt's, row
+    by row of a padded batch."""
     reference = FAMILIES[name].make_model()
     (full_embeds, _), *_ = lm_calls(reference, inputs)
     vlmzip.apply(model, dominant=DOMINANT, contextual=0, positions="original")
@@ -113,12 +113,34 @@ def test_dominant_tokens_and_text_sit_where_they_sit_unreduced(name, processor, 
     (embeds, positions), *_ = lm_calls(model, prepared)
     assert torch.equal(positions, prepared["position_ids"])
     unreduced = original_positions(inputs["attention_mask"])
-    for row in range(len(QUESTIONS)):
+    image_token = FAMILIES[name].image_token_id
+    for row in range(inputs["input_ids"].shape[0]):
         real, full_real = prepared["attention_mask"][row].bool(), inputs["attention_mask"][row].bool()
         assert embeds[row][real].shape[0] < full_embeds[row][full_real].shape[0]  # something was dropped
         row_positions = positions[row][real]
         torch.testing.assert_close(embeds[row][real], full_embeds[row][full_real][row_positions], rtol=0, atol=1e-6)
+        text_positions = row_positions[prepared["input_ids"][row][real] != image_token]
+        assert bool((text_positions.diff() > 0).all())
         assert int(row_positions.max()) == int(unreduced[row].max())  # decoding goes on where it would unreduced
+
+
+def test_dominant_tokens_and_text_sit_where_they_sit_unreduced(name, processor, model):
+    assert_tokens_sit_where_they_sit_unreduced(name, model, inputs_for(name, processor))
+
+
+def test_several_images_in_one_sample_keep_the_text_between_them_in_place(name, processor, model):
+    family = FAMILIES[name]
+    images = [random_images(1, seed=index, size=size)[0] for index, size in enumerate(SIZES)]
+    text = f"USER: {MARKERS[name]} left of {MARKERS[name]} ? ASSISTANT:"
+    inputs = dict(processor(images=family.images([images]), text=[text], return_tensors="pt"))
+    assert_tokens_sit_where_they_sit_unreduced(name, model, inputs)
+    prepared = vlmzip.prepare(model, inputs)
+    word = processor.tokenizer.convert_tokens_to_ids("left")
+    assert word != processor.tokenizer.unk_token_id
+    (between,) = (inputs["input_ids"][0] == word).nonzero()[:, 0].tolist()  # the word between the two images
+    ids, positions = prepared["input_ids"][0], prepared["position_ids"][0]
+    assert positions[ids == word].tolist() == [between]  # at its unreduced position
+    assert (ids == FAMILIES[name].image_token_id).nonzero()[-1] > (ids == word).nonzero()[0]  # an image after it
 
 
 def tile_unit(name, run_ids, offset, per_tile):
@@ -205,7 +227,7 @@ def test_all_tokens_kept_give_bit_identical_logits_and_generation(name, processo
     assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits, strict=True))
 
 
-@pytest.mark.parametrize("method", ["visionzip", "tome"])
+@pytest.mark.parametrize("method", ["visionzip", "visionzip-dominant", "divprune", "tome"])  # random: per batch
 def test_batch_equals_per_sample(name, processor, model, method):
     vlmzip.apply(model, dominant=DOMINANT, contextual=CONTEXTUAL, method=method, positions="original")
     batch = inputs_for(name, processor)
