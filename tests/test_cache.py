@@ -535,27 +535,41 @@ def test_families_without_units_hit_a_repeated_call_bit_identically(name):
 ADAPTIVE_ORIGINAL = {"attention_mass": 0.4, "max_dominant": 6, "positions": "original"}
 
 
-@pytest.mark.parametrize("name", ["llava", "llava_next", "onevision"])
-@pytest.mark.parametrize("options", [{"positions": "original"}, ADAPTIVE_ORIGINAL])
-def test_original_positions_and_adaptive_budgets_survive_a_hit(name, options, tmp_path):
+def assert_hits_match_a_miss(model, inputs, tower, directory, options):
     """Hits (memory and disk) give the same tokens and the same original position ids as a miss."""
-    spec = FAMILIES[name]
-    model, processor = spec.make_model(), spec.make_processor()
-    inputs = processor(images=pictures(2), text=[spec.prompt] * 2, return_tensors="pt", padding=True)
-    apply_with_cache(model, directory=tmp_path, **options)  # adaptive: at most 6 + 2
+    apply_with_cache(model, directory=directory, **options)  # adaptive: at most 6 + 2
     with torch.no_grad():
         reference = vlmzip.prepare(model, inputs, cache=None)
         assert "position_ids" in reference
         first = vlmzip.prepare(model, inputs)
-        with TowerCounter(spec.tower(model)) as counter:
+        with TowerCounter(tower) as counter:
             from_memory = vlmzip.prepare(model, inputs)
-            from_disk = vlmzip.prepare(model, inputs, cache=ImageCache(max_bytes=2**24, directory=tmp_path))
+            from_disk = vlmzip.prepare(model, inputs, cache=ImageCache(max_bytes=2**24, directory=directory))
             cached = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
         assert counter.calls == 0
         uncached = model.generate(**reference, max_new_tokens=4, do_sample=False, pad_token_id=0)
     for prepared in (first, from_memory, from_disk):
         assert_same_prepared(reference, prepared)
     assert_same_answer(cached, inputs, uncached, reference)
+
+
+@pytest.mark.parametrize("name", ["llava", "llava_next", "onevision"])
+@pytest.mark.parametrize("options", [{"positions": "original"}, ADAPTIVE_ORIGINAL])
+def test_original_positions_and_adaptive_budgets_survive_a_hit(name, options, tmp_path):
+    spec = FAMILIES[name]
+    model, processor = spec.make_model(), spec.make_processor()
+    inputs = processor(images=pictures(2), text=[spec.prompt] * 2, return_tensors="pt", padding=True)
+    assert_hits_match_a_miss(model, inputs, spec.tower(model), tmp_path, options)
+
+
+@pytest.mark.parametrize("name", sorted(PER_CALL_FAMILIES))
+@pytest.mark.parametrize("options", [{"positions": "original"}, ADAPTIVE_ORIGINAL])
+def test_original_positions_and_adaptive_budgets_survive_a_per_call_hit(name, options, tmp_path):
+    spec = PER_CALL_FAMILIES[name]
+    model, processor = spec.make_model(), spec.make_processor()
+    images = [[image] for image in pictures(2)]
+    inputs = processor(images=images, text=[spec.prompt] * 2, return_tensors="pt", padding=True)
+    assert_hits_match_a_miss(model, inputs, spec.tower(model), tmp_path, options)
 
 
 def test_compact_entries_hold_no_positions():
