@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import make_llava, make_llava_processor, random_images
+from families import make_smolvlm, make_smolvlm_processor
 from vlmzip.loading import load_image, load_model
 
 
@@ -56,4 +57,23 @@ def test_load_model_errors(tmp_path):
         load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
     with pytest.raises(ValueError, match="supported"):
+        load_model(tmp_path)
+
+
+def test_a_processor_with_a_video_slot_loads_without_torchvision_or_is_refused(tmp_path):
+    """SmolVLM's processor needs a video processor (torchvision); it loads without one. A processor class
+    transformers does not know would load as the bare tokenizer, dropping images: that is refused."""
+    make_smolvlm().save_pretrained(tmp_path)
+    make_smolvlm_processor().save_pretrained(tmp_path)
+    config_path = tmp_path / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    config["processor_class"] = "SmolVLMProcessor"  # what a released checkpoint names
+    config_path.write_text(json.dumps(config))
+    _, processor = load_model(tmp_path)
+    assert type(processor).__name__ == "SmolVLMProcessor"
+    inputs = processor(images=[random_images(1)], text=["<image> what ?"], return_tensors="pt")
+    assert inputs["pixel_values"].ndim == 5
+    config["processor_class"] = "SomeCustomProcessor"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"cannot load an image processor from {tmp_path}: .*processor_class"):
         load_model(tmp_path)

@@ -53,6 +53,13 @@ def load_model(model: str | Path | None = None, *, dtype: torch.dtype = torch.fl
         processor = _load_without_torchvision(path)
         if processor is None:
             raise ValueError(f"cannot load the processor in {path}: {error}") from None
+    if getattr(processor, "image_processor", None) is None:
+        # AutoProcessor falls back to the bare tokenizer when it does not know the processor class: images
+        # would then be dropped without a word, so refuse instead.
+        raise ValueError(
+            f"cannot load an image processor from {path}: transformers gave a {type(processor).__name__}; "
+            "check processor_class in its processor_config.json (a transformers processor of the model's family)"
+        )
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "left"
