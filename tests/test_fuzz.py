@@ -52,6 +52,7 @@ cases = st.fixed_dictionaries(
         "rows": st.lists(st.lists(sizes, min_size=0, max_size=2), min_size=1, max_size=3),
         "dtype": st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64]),
         "padding": st.sampled_from(["left", "right"]),
+        "positions": st.sampled_from(["compact", "original"]),
         "seed": st.integers(0, 2**16),
     }
 )
@@ -73,6 +74,7 @@ VALID_CASES = (
         "rows": [[(420, 30)], [(40, 40), (28, 300)]],
         "dtype": torch.bfloat16,
         "padding": "right",
+        "positions": "original",
     },
 )
 
@@ -287,7 +289,8 @@ def reduce_case(family: Any, model: Any, processor: Any, case: dict, inputs: dic
     attributes = set(model.__dict__)
     units = units_per_image(model, processor, images, case["rows"], inputs)
     try:
-        vlmzip.apply(model, dominant=dominant, contextual=contextual, budget_scope=case["scope"])
+        positions = case.get("positions", "compact")
+        vlmzip.apply(model, dominant=dominant, contextual=contextual, budget_scope=case["scope"], positions=positions)
     except (ValueError, TypeError) as error:
         assert not vlmzip.is_applied(model) and set(model.__dict__) == attributes  # no trace left
         assert not valid_budget(model, case), f"valid budget refused by apply(): {error}"
@@ -324,6 +327,8 @@ def check_prepared(
     features = _features(prepared)
     assert all(len(layer) == sum(promised) for layer in features)  # one feature per placeholder
     layout = {family.image_token_id, *family.dropped_tokens}
+    if case.get("positions") == "original" and model.config.model_type not in QWEN_TYPES:
+        check_original_positions(inputs, prepared, torch.tensor(sorted(layout)))
     first = 0
     for row, row_sizes in enumerate(rows):
         before = real_tokens(inputs["input_ids"][row], inputs["attention_mask"][row])
@@ -342,6 +347,23 @@ def check_prepared(
             assert mine.shape[0] == promised[row]
             torch.testing.assert_close(mine, batched[start : start + promised[row]], rtol=1e-3, atol=1e-3)
         first += len(row_sizes)
+
+
+def check_original_positions(inputs: dict, prepared: dict, layout: torch.Tensor) -> None:
+    """positions="original" (1-D families): every text token at the position it has in the unreduced prompt,
+    numbered as generate() numbers it (real tokens 0, 1, ...), so decoding continues where it would."""
+    if "position_ids" not in prepared:  # no image in the batch: nothing reduced, the model numbers it as usual
+        assert torch.equal(prepared["input_ids"], inputs["input_ids"])
+        return
+    unreduced = inputs["attention_mask"].long().cumsum(-1) - 1
+    for row in range(inputs["input_ids"].shape[0]):
+        before = inputs["attention_mask"][row].bool()
+        after = prepared["attention_mask"][row].bool()
+        ids_before, ids_after = inputs["input_ids"][row][before], prepared["input_ids"][row][after]
+        text_before, text_after = ~torch.isin(ids_before, layout), ~torch.isin(ids_after, layout)
+        positions = prepared["position_ids"][row][after]
+        assert torch.equal(positions[text_after], unreduced[row][before][text_before])
+        assert int(positions.max()) == int(unreduced[row][before].max())
 
 
 def _flat(features: Any) -> torch.Tensor:
