@@ -176,3 +176,29 @@ def test_show_draws_an_adaptive_budget_crop_by_crop(family):
     assert [panel.kept_tokens for panel in panels] == chosen
     assert len({panel.label for panel in panels}) == len(panels)  # every crop captioned apart
     assert visualize(panels).size[0] > 0
+
+
+@pytest.mark.parametrize("family", ["llava-next", "llava-onevision"])
+def test_an_adaptive_anyres_image_never_gets_more_tokens_than_its_placeholders(family):
+    """A narrow image: unpadding (OneVision also downscales) leaves it fewer placeholders than crops x tokens
+    per crop. Even at attention_mass 1 it gets at most placeholders // crops tokens per crop."""
+    spec = FAMILIES[family]
+    processor, model = spec.make_processor(), spec.make_model()
+    inputs = dict(
+        processor(images=[random_images(1, seed=1, size=(40, 700))[0]], text=[spec.prompt(1)], return_tensors="pt")
+    )
+    placeholders = int((inputs["input_ids"] == spec.image_token_id).sum())
+    vlmzip.apply(model, contextual=2, attention_mass=1.0, positions="original")
+    prepared = vlmzip.prepare(model, inputs)
+    reductions = vlmzip.api.get_state(model).adapter.last_encoded.reductions
+    share = placeholders // len(reductions)
+    assert len(reductions) > 1 and share < reductions[0].groups.shape[1]  # the cap binds
+    assert max(r.features.shape[1] for r in reductions) == share
+    assert int((prepared["input_ids"] == spec.image_token_id).sum()) <= placeholders
+    with torch.no_grad():
+        assert model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0).shape[1] > 0
+    vlmzip.remove(model)
+    vlmzip.apply(model, contextual=2, attention_mass=0.5, min_dominant=share - 1)
+    match = rf"min_dominant \+ contextual must be <= {share} for an image of {len(reductions)} crops"
+    with pytest.raises(ValueError, match=match):
+        vlmzip.prepare(model, inputs)

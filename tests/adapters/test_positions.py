@@ -203,6 +203,28 @@ def test_next_dominant_tokens_sit_where_their_own_feature_sits_unreduced(size):
     assert torch.equal(positions[0][text], torch.arange(inputs["input_ids"].shape[1])[full_text])
 
 
+@pytest.mark.parametrize("size", [(1, 337), (2, 2000)])
+def test_next_image_whose_grid_cells_unpadding_removed_takes_its_last_placeholder(size):
+    """So narrow an image that unpadding leaves no grid cell: the grid crops' tokens sit at the image's last
+    placeholder (no nearest cell exists), the base crop's at their own, and text keeps its positions."""
+    inputs = next_inputs(make_llava_next_processor(), [size], PROMPTS[:1])
+    model = make_llava_next()
+    vlmzip.apply(model, dominant=10, contextual=2, positions="original")
+    prepared = vlmzip.prepare(model, inputs)
+    full_ids, ids, positions = inputs["input_ids"][0], prepared["input_ids"][0], prepared["position_ids"][0]
+    run = (full_ids == IMAGE_TOKEN_ID).nonzero().squeeze(1)
+    assert run.numel() == 576  # the base crop's placeholders only
+    image_positions = positions[ids == IMAGE_TOKEN_ID]
+    crops = vlmzip.api.get_state(model).adapter.last_encoded.reductions[0].features.shape[0]
+    assert crops > 1 and image_positions.numel() == crops * 12
+    assert bool(((image_positions >= run[0]) & (image_positions <= run[-1])).all())
+    assert int((image_positions == run[-1]).sum()) >= (crops - 1) * 10  # every grid crop's dominant tokens
+    text = ids != IMAGE_TOKEN_ID
+    assert torch.equal(positions[text], torch.arange(full_ids.numel())[full_ids != IMAGE_TOKEN_ID])
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
 @pytest.mark.parametrize("method", ("visionzip", "tome"))
 def test_next_batch_equals_per_sample(method):
     processor = make_llava_next_processor()

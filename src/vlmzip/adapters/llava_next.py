@@ -97,6 +97,26 @@ def _as_size_list(image_sizes: Any, count_name: str) -> list[tuple[int, int]]:
     return [(int(height), int(width)) for height, width in image_sizes]
 
 
+def capped_adaptive(config: VisionZipConfig, crops: int, placeholders: int) -> VisionZipConfig:
+    """An adaptive `config` for one AnyRes image of `crops` crops and `placeholders` unreduced placeholders.
+
+    Unpadding (and OneVision's downscaling) leaves an image fewer placeholders than crops x tokens per crop,
+    so crops that all keep most of their tokens would send more tokens than the image has without VisionZip.
+    Each crop then keeps at most `placeholders // crops - contextual` dominant tokens (a tighter
+    `max_dominant`); an image too small for even `min_dominant` is refused, naming it.
+    """
+    share = placeholders // crops
+    ceiling = share - config.contextual
+    if ceiling < config.min_dominant:
+        raise ValueError(
+            f"min_dominant + contextual must be <= {share} for an image of {crops} crops and {placeholders} "
+            f"placeholders, got {config.min_dominant} + {config.contextual} = {config.fewest_tokens}"
+        )
+    if config.max_dominant is not None and config.max_dominant <= ceiling:
+        return config
+    return config.replace(max_dominant=ceiling)
+
+
 class LlavaNextAdapter(TowerAndProjector, Adapter):
     families = ("LlavaNextForConditionalGeneration",)
     image_input_keys = ("pixel_values",)
@@ -214,14 +234,22 @@ class LlavaNextAdapter(TowerAndProjector, Adapter):
         )
         return int(rows), int(cols)
 
-    def reduce_units(self, probe: ProbeOutput, units: int) -> Reduction | list[Reduction]:
-        """Apply the method to the crops (or frames) of one image (or video) with its per-unit budget."""
+    def reduce_units(
+        self, probe: ProbeOutput, units: int, placeholders: int | None = None
+    ) -> Reduction | list[Reduction]:
+        """Apply the method to the crops (or frames) of one image (or video) with its per-unit budget.
+
+        placeholders: the image's unreduced placeholder count; an adaptive budget never gives the image
+        more tokens than that (see `capped_adaptive`).
+        """
         config = self.config.per_unit(units)
         num_tokens = probe.features.shape[1]
         if config.fewest_tokens > num_tokens:
             raise ValueError(
                 f"dominant + contextual must be <= {num_tokens} per crop for these inputs, got {config.fewest_tokens}"
             )
+        if config.adaptive and placeholders is not None:
+            config = capped_adaptive(config, units, placeholders)
         return self.run_method(probe, config)
 
     # --- original positions ------------------------------------------------------------------
@@ -251,7 +279,8 @@ class LlavaNextAdapter(TowerAndProjector, Adapter):
         tags: (tokens, 2) [crop, tower token index of the anchor] in the order the tokens reach the model.
         The base crop fills the first placeholders (a [CLS] anchor takes its crop's first patch). A grid
         crop's token takes the placeholder that holds its stitched-grid cell in the model's packing, or the
-        nearest cell there when unpadding (or OneVision's downscaling) removed its own.
+        nearest cell there when unpadding (or OneVision's downscaling) removed its own, or the image's last
+        placeholder when no grid cell is left at all.
         """
         crop, index = tags[:, 0], tags[:, 1]
         prefix = self.tower_info.num_prefix_tokens
@@ -262,6 +291,9 @@ class LlavaNextAdapter(TowerAndProjector, Adapter):
             rows, cols = self.patch_grid
             candidates = (packed.abs().sum(dim=1) > 0).nonzero().squeeze(1)
             candidates = candidates[candidates >= rows * cols]
+            if candidates.numel() == 0:  # unpadding removed every grid cell (images of about 1:100 and narrower)
+                out[grid] = packed.shape[0] - 1  # the image's last placeholder, just before the text
+                return out
             crop_grid = self.crop_grid(crops, image_size)
             wanted = stitched_coordinates(crop[grid] - 1, index[grid], crop_grid, self.patch_grid, prefix) + 1
             out[grid] = candidates[torch.cdist(wanted, packed[candidates].float()).argmin(dim=1)]
@@ -275,7 +307,7 @@ class LlavaNextAdapter(TowerAndProjector, Adapter):
         features, reductions, positions = [], [], []
         start = 0
         for image, (crops, size) in enumerate(zip(crop_counts, sizes, strict=True)):
-            reduced = self.reduce_units(probe[start : start + crops], crops)
+            reduced = self.reduce_units(probe[start : start + crops], crops, full_counts[image])
             start += crops
             if isinstance(reduced, Reduction):
                 units = reduced.split()

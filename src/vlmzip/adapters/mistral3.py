@@ -305,7 +305,7 @@ class Mistral3Adapter(TowerAndProjector, Adapter):
             _, cols = probe.grid
             image_slots = run_offsets(torch.arange(probe.features.shape[1]), cols)
             slots.append(image_slots[: reduction.features.shape[1]])
-            positions.append(run_offsets(anchor_indices(reduction)[0].cpu(), cols))
+            positions.append(run_offsets(anchor_indices(reduction)[0], cols))
             reductions.append(reduction)
         full_counts = self.full_counts(inputs)
         return EncodedImages(reduced, full_counts, slots=slots, reductions=reductions, positions=positions)
