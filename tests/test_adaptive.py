@@ -202,3 +202,17 @@ def test_an_adaptive_anyres_image_never_gets_more_tokens_than_its_placeholders(f
     match = rf"min_dominant \+ contextual must be <= {share} for an image of {len(reductions)} crops"
     with pytest.raises(ValueError, match=match):
         vlmzip.prepare(model, inputs)
+
+
+def test_an_adaptive_budget_never_exceeds_the_placeholders_when_cls_is_dropped():
+    """LLaVA's "default" strategy writes 576 placeholders for the tower's 577 tokens: all of the attention
+    keeps at most 576 (with [CLS]'s slot), not 577."""
+    processor, model = make_llava_processor("default"), make_llava("default")
+    inputs = dict(processor(text=PROMPTS[:2], images=random_images(2, seed=1), return_tensors="pt", padding=True))
+    vlmzip.apply(model, contextual=0, attention_mass=1.0)
+    prepared = vlmzip.prepare(model, inputs)
+    assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == [576, 576]
+    vlmzip.remove(model)
+    with pytest.raises(ValueError, match=r"min_dominant \+ contextual must be <= 576 \(the placeholders of one unit"):
+        vlmzip.apply(model, contextual=2, attention_mass=0.5, min_dominant=575)
+        vlmzip.prepare(model, inputs)

@@ -281,3 +281,11 @@ def test_an_adaptive_minimum_above_a_tile_is_refused_by_name(name, model):
     with pytest.raises(ValueError, match=rf"min_dominant \+ contextual must be <= {available}\b.*got 2 \+ {available}"):
         vlmzip.apply(model, contextual=available, attention_mass=0.5, min_dominant=2)
     assert not vlmzip.is_applied(model)
+
+
+def test_an_adaptive_budget_ignores_the_unused_dominant_count(name, processor, model):
+    """dominant (54 by default) + contextual may exceed a tile; only min_dominant + contextual has to fit."""
+    vlmzip.apply(model, contextual=12, attention_mass=0.3)
+    assert vlmzip.api.get_state(model).config.tokens > vlmzip.adapters.geometry_of(model).tokens_per_unit()
+    prepared = vlmzip.prepare(model, inputs_for(name, processor))
+    assert int((prepared["input_ids"] == FAMILIES[name].image_token_id).sum()) > 0

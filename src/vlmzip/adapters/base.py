@@ -266,19 +266,21 @@ class Adapter(FamilyGeometry, ProbeSourcing, CachedEncoding):
 
         A fixed budget gives one batched Reduction. An adaptive budget (`config.attention_mass`) gives
         one single-row Reduction per unit: each unit's dominant count is chosen from its scores
-        (`core.adaptive_dominant`, at most the unit's tokens minus `contextual`), and units that chose the
-        same count are reduced together.
+        (`core.adaptive_dominant`, at most the unit's placeholders minus `contextual`), and units that chose
+        the same count are reduced together.
         """
         config = self.config if config is None else config
         if not config.adaptive:
             return self.call_method(probe, config)
-        num_tokens = probe.features.shape[1]
-        if config.fewest_tokens > num_tokens:
+        # A unit never sends more tokens than its placeholders: its tower tokens, less [CLS] where the
+        # processor leaves it out (LLaVA's "default" strategy).
+        placeholders = probe.features.shape[1] - (1 if self.drops_cls else 0)
+        if config.fewest_tokens > placeholders:
             raise ValueError(
-                f"min_dominant + contextual must be <= {num_tokens} (the tokens of one unit here), "
+                f"min_dominant + contextual must be <= {placeholders} (the placeholders of one unit here), "
                 f"got {config.fewest_tokens}"
             )
-        ceiling = num_tokens - config.contextual
+        ceiling = placeholders - config.contextual
         maximum = ceiling if config.max_dominant is None else min(config.max_dominant, ceiling)
         counts = adaptive_dominant(
             probe.scores, config.attention_mass, has_cls=probe.has_cls, minimum=config.min_dominant, maximum=maximum

@@ -183,7 +183,7 @@ class InternVLAdapter(TowerAndProjector, Adapter):
         """The budget each tile of image `image` gets; raises when the image cannot take the budget."""
         config = self.config.per_unit(tiles)
         available = self.tokens_per_unit()
-        if config.tokens > available:
+        if config.fewest_tokens > available:  # (an adaptive budget's `dominant` is unused)
             raise ValueError(
                 f"with budget_scope='per_image', image {image} of {tiles} tile(s) would give each tile "
                 f"{config.dominant} + {config.contextual} tokens, more than the {available} a tile has; lower "
