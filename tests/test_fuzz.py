@@ -1,9 +1,11 @@
 """Property-based tests: no input gives a silently wrong result, on every supported family.
 
-Hypothesis draws budgets (valid, out of range, wrong types) x image sizes and aspect ratios (extreme
-ones included) x pixel dtypes x batch mixes (text-only rows, several images per prompt). Each case
-either yields exactly the promised visual token count per sample, with the batch prepared as each
-sample alone is, or raises ValueError / TypeError; afterwards the model is unpatched (apply() that
+Hypothesis draws budgets (valid, out of range, wrong types; now and then adaptive, with out-of-range
+shares) x position schemes x image sizes and aspect ratios (extreme ones included) x pixel dtypes x batch
+mixes (text-only rows, several images per prompt). Each case either yields exactly the promised visual
+token count per sample (adaptive: between one dominant token + contextual per unit and the whole unit),
+with the batch prepared as each sample alone is and, with original positions, every text token at its
+unreduced position, or raises ValueError / TypeError; afterwards the model is unpatched (apply() that
 failed leaves no trace) and gives bit-identical logits. The promise is counted here, not by the
 library: (dominant + contextual) per unit, the unit being an image, or a crop / tile (thumbnail and
 global image included) read from the processor's outputs as transformers counts them; with
@@ -53,6 +55,8 @@ cases = st.fixed_dictionaries(
         "dtype": st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64]),
         "padding": st.sampled_from(["left", "right"]),
         "positions": st.sampled_from(["compact", "original"]),
+        # An adaptive budget now and then (dominant unused), and out-of-range shares.
+        "mass": st.one_of(st.none(), st.none(), st.floats(0.05, 1.0), st.sampled_from([0.0, 1.5, float("nan")])),
         "seed": st.integers(0, 2**16),
     }
 )
@@ -75,6 +79,15 @@ VALID_CASES = (
         "dtype": torch.bfloat16,
         "padding": "right",
         "positions": "original",
+    },
+    {
+        "budget": (4, 2),
+        "scope": "per_crop",
+        "rows": [[(200, 150)], [(100, 300)]],
+        "dtype": torch.float32,
+        "padding": "left",
+        "positions": "original",
+        "mass": 0.5,
     },
 )
 
@@ -193,6 +206,10 @@ def valid_budget(model: Any, case: dict) -> bool:
     dominant, contextual = case["budget"]
     if type(dominant) is not int or type(contextual) is not int or dominant < 1 or contextual < 0:
         return False
+    mass = case.get("mass")
+    if mass is not None:  # adaptive: a share in (0, 1], per crop, and one dominant token + contextual must fit
+        fewest = 1 + contextual
+        return 0 < mass <= 1 and case["scope"] == "per_crop" and (largest_unit(model) or fewest) >= fewest
     if case["scope"] == "per_image" and model.config.model_type in MULTI_UNIT_TYPES:
         return False
     return largest_unit(model) is None or dominant + contextual <= largest_unit(model)
@@ -220,6 +237,8 @@ def fits(case: dict, units: list[int], capacity: list[int], placeholders: list[i
     dominant, contextual = case["budget"]
     if not case["dtype"].is_floating_point:
         return False
+    if case.get("mass") is not None:  # adaptive: the fewest tokens (1 + contextual per crop) must fit
+        dominant = 1
     for n, tokens, written in zip(units, capacity, placeholders, strict=True):
         mine = (dominant, contextual) if case["scope"] == "per_crop" else (dominant // n, contextual // n)
         if mine[0] < 1 or sum(mine) > tokens or (written is not None and n * sum(mine) > written):
@@ -290,7 +309,14 @@ def reduce_case(family: Any, model: Any, processor: Any, case: dict, inputs: dic
     units = units_per_image(model, processor, images, case["rows"], inputs)
     try:
         positions = case.get("positions", "compact")
-        vlmzip.apply(model, dominant=dominant, contextual=contextual, budget_scope=case["scope"], positions=positions)
+        vlmzip.apply(
+            model,
+            dominant=dominant,
+            contextual=contextual,
+            budget_scope=case["scope"],
+            positions=positions,
+            attention_mass=case.get("mass"),
+        )
     except (ValueError, TypeError) as error:
         assert not vlmzip.is_applied(model) and set(model.__dict__) == attributes  # no trace left
         assert not valid_budget(model, case), f"valid budget refused by apply(): {error}"
@@ -312,8 +338,19 @@ def check_prepared(
 ) -> None:
     """A case that prepared without error: exact counts, text untouched, batched == each sample alone."""
     rows, seed = case["rows"], case["seed"]
-    promised = promised_tokens(case["budget"], case["scope"], rows, units)
-    assert visual_counts(family, prepared) == promised
+    if case.get("mass") is None:
+        promised = promised_tokens(case["budget"], case["scope"], rows, units)
+        assert visual_counts(family, prepared) == promised
+    else:  # adaptive: between one dominant token + contextual per crop and the whole crop, per sample
+        promised = visual_counts(family, prepared)
+        contextual = case["budget"][1]
+        capacity = unit_capacity(model, inputs, len(units))
+        fewest = promised_tokens((1, contextual), "per_crop", rows, units)
+        most = [
+            sum(n * c for n, c in zip(units[i : i + len(r)], capacity[i : i + len(r)], strict=True))
+            for i, r in ((sum(map(len, rows[:k])), r) for k, r in enumerate(rows))
+        ]
+        assert all(low <= count <= high for low, count, high in zip(fewest, promised, most, strict=True))
     ids, mask = prepared["input_ids"], prepared["attention_mask"].bool()
     # Re-padded on the side the input was padded (left when the input shows none), and no wider than needed.
     side = "right" if bool((inputs["attention_mask"][:, -1] == 0).any()) else "left"
