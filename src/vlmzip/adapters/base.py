@@ -219,7 +219,8 @@ class Adapter(FamilyGeometry, ProbeSourcing, CachedEncoding):
 
     def check_budget(self) -> None:
         available = self.tokens_per_unit()
-        self.check_adaptive(available)
+        # An adaptive unit sends at most its placeholders: without [CLS] where the processor leaves it out.
+        self.check_adaptive(available - (1 if self.drops_cls else 0))
         if self.config.fewest_tokens > available:
             raise ValueError(
                 f"dominant + contextual must be <= {available} (the tokens this model's tower yields per image "
@@ -233,8 +234,8 @@ class Adapter(FamilyGeometry, ProbeSourcing, CachedEncoding):
             return
         if config.fewest_tokens > available:
             raise ValueError(
-                f"min_dominant + contextual must be <= {available} (the tokens this model's tower yields per "
-                f"image / crop), got {config.min_dominant} + {config.contextual} = {config.fewest_tokens}"
+                f"min_dominant + contextual must be <= {available} (the placeholders of one image / crop of this "
+                f"model), got {config.min_dominant} + {config.contextual} = {config.fewest_tokens}"
             )
 
     _method_listener: Callable[[str], None] | None = None
