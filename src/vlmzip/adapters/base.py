@@ -24,7 +24,7 @@ from vlmzip.adapters.encoded import EncodedImages
 from vlmzip.adapters.probes import ProbeSourcing
 from vlmzip.cache import ImageCache, VisualUnit
 from vlmzip.config import VisionZipConfig
-from vlmzip.core import Reduction, adaptive_dominant
+from vlmzip.core import Reduction, adaptive_dominant, anchor_indices
 from vlmzip.images import processor_input_size
 from vlmzip.methods import get_method
 from vlmzip.probe import ProbeOutput, TowerInfo, check_finite, resolve_tower
@@ -135,6 +135,10 @@ class FamilyGeometry:
         """Whether the processor's placeholders leave out the tower's [CLS] token (LLaVA's "default" strategy)."""
         return False
 
+    def placeholders_for(self, tower_tokens: int) -> int:
+        """Placeholders the processor writes for a unit of `tower_tokens` tower tokens (less a dropped [CLS])."""
+        return tower_tokens - (1 if self.drops_cls else 0)
+
     def placeholder_blocks(
         self, inputs: Mapping[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor, full_counts: list[int]
     ) -> list[tuple[int, int, int]]:
@@ -219,8 +223,7 @@ class Adapter(FamilyGeometry, ProbeSourcing, CachedEncoding):
 
     def check_budget(self) -> None:
         available = self.tokens_per_unit()
-        # An adaptive unit sends at most its placeholders: without [CLS] where the processor leaves it out.
-        self.check_adaptive(available - (1 if self.drops_cls else 0))
+        self.check_adaptive(self.placeholders_for(available))  # an adaptive unit sends at most its placeholders
         if self.config.fewest_tokens > available:
             raise ValueError(
                 f"dominant + contextual must be <= {available} (the tokens this model's tower yields per image "
@@ -273,9 +276,7 @@ class Adapter(FamilyGeometry, ProbeSourcing, CachedEncoding):
         config = self.config if config is None else config
         if not config.adaptive:
             return self.call_method(probe, config)
-        # A unit never sends more tokens than its placeholders: its tower tokens, less [CLS] where the
-        # processor leaves it out (LLaVA's "default" strategy).
-        placeholders = probe.features.shape[1] - (1 if self.drops_cls else 0)
+        placeholders = self.placeholders_for(probe.features.shape[1])  # a unit never sends more than these
         if config.fewest_tokens > placeholders:
             raise ValueError(
                 f"min_dominant + contextual must be <= {placeholders} (the placeholders of one unit here), "
@@ -314,6 +315,13 @@ class Adapter(FamilyGeometry, ProbeSourcing, CachedEncoding):
         return probe, self.run_method(probe)
 
     # --- positions -------------------------------------------------------------------------------
+    def anchor_rows(self, reductions: Sequence[Reduction]) -> list[torch.Tensor] | None:
+        """The anchors (`core.anchor_indices`) of every row of `reductions`, in order, for the `encode()` of a
+        family that fills `EncodedImages.positions`; None under `positions="compact"`, which never reads them."""
+        if self.config.positions != "original":
+            return None
+        return [row for reduction in reductions for row in anchor_indices(reduction).unbind(0)]
+
     def position_ids(
         self, attention_mask: torch.Tensor, blocks: Sequence[tuple[int, int, int]], encoded: EncodedImages
     ) -> torch.Tensor | None:
@@ -432,6 +440,11 @@ def model_directory(model: nn.Module) -> Path | None:
         if isinstance(source, (str, Path)) and str(source) and Path(source).is_dir():
             return Path(source)
     return None
+
+
+def reduction_list(reduced: Reduction | list[Reduction]) -> list[Reduction]:
+    """`run_method`'s result as a list: the one batched Reduction of a fixed budget, or the per-unit ones."""
+    return [reduced] if isinstance(reduced, Reduction) else list(reduced)
 
 
 def slots_of(encoded: EncodedImages, image: int, count: int) -> torch.Tensor:

@@ -36,9 +36,9 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmzip._validation import budget_error
-from vlmzip.adapters.base import Adapter, EncodedImages, check_square_batch
+from vlmzip.adapters.base import Adapter, EncodedImages, check_square_batch, reduction_list
 from vlmzip.adapters.parts import TowerAndProjector
-from vlmzip.core import Reduction, anchor_indices
+from vlmzip.core import Reduction
 from vlmzip.probe import ProbeOutput
 
 
@@ -136,17 +136,13 @@ class Gemma3Adapter(TowerAndProjector, Adapter):
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         full_counts = self.full_counts(inputs)
         _, reduced = self.reduce(inputs["pixel_values"])
-        if isinstance(reduced, Reduction):
-            features = list(self.project(reduced.features).unbind(0))
-            reductions, units = [reduced], reduced.split()
-        else:  # adaptive budget: one reduction per image, of its own length
-            features = [self.project(unit.features)[0] for unit in reduced]
-            reductions = units = reduced
+        reductions = reduction_list(reduced)  # adaptive budget: one per image, of its own length
+        features = [image for reduction in reductions for image in self.project(reduction.features).unbind(0)]
         return EncodedImages(
             features=features,
             full_counts=full_counts,
             reductions=reductions,
-            positions=[anchor_indices(unit)[0] for unit in units],  # soft token i holds placeholder i
+            positions=self.anchor_rows(reductions),  # soft token i holds placeholder i
         )
 
     def attach_features(self, prepared: dict[str, Any], encoded: EncodedImages) -> None:

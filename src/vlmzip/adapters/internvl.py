@@ -42,10 +42,10 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmzip._validation import budget_error
-from vlmzip.adapters.base import Adapter, EncodedImages, check_square_batch
+from vlmzip.adapters.base import Adapter, EncodedImages, check_square_batch, reduction_list
 from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.config import VisionZipConfig
-from vlmzip.core import Reduction, anchor_indices
+from vlmzip.core import Reduction
 from vlmzip.probe import ProbeOutput, square_size
 
 
@@ -215,22 +215,16 @@ class InternVLAdapter(TowerAndProjector, Adapter):
         features, reductions, positions = [], [], []
         start = 0
         for count, config in zip(tiles, configs, strict=True):
-            reduced = self.run_method(probe[start : start + count], config)
+            image = reduction_list(self.run_method(probe[start : start + count], config))  # adaptive: one per tile
             start += count
-            if isinstance(reduced, Reduction):
-                features.append(self.projector()(reduced.features).flatten(0, 1))
-                reductions.append(reduced)
-                tile_reductions = reduced.split()
-            else:  # adaptive budget: one reduction per tile, of its own length
-                features.append(torch.cat([self.projector()(tile.features)[0] for tile in reduced]))
-                reductions.extend(reduced)
-                tile_reductions = reduced
-            # A tile's placeholders follow the previous tiles' `per_tile` each.
-            positions.append(
-                torch.cat([tile * per_tile + anchor_indices(unit)[0] for tile, unit in enumerate(tile_reductions)])
-            )
+            features.append(torch.cat([self.projector()(reduction.features).flatten(0, 1) for reduction in image]))
+            reductions.extend(image)
+            anchors = self.anchor_rows(image)
+            if anchors is not None:  # a tile's placeholders follow the previous tiles' `per_tile` each
+                positions.append(torch.cat([tile * per_tile + row for tile, row in enumerate(anchors)]))
         full_counts = [count * per_tile for count in tiles]
-        return EncodedImages(features=features, full_counts=full_counts, reductions=reductions, positions=positions)
+        original = self.config.positions == "original"
+        return EncodedImages(features, full_counts, reductions=reductions, positions=positions if original else None)
 
     def attach_features(self, prepared: dict[str, Any], encoded: EncodedImages) -> None:
         # InternVL takes one tensor; images have different token counts (their tiles), so every token is

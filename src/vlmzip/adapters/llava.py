@@ -11,10 +11,9 @@ from typing import Any
 
 import torch
 
-from vlmzip.adapters.base import Adapter, EncodedImages
+from vlmzip.adapters.base import Adapter, EncodedImages, reduction_list
 from vlmzip.adapters.parts import TowerAndProjector
 from vlmzip.cache import VisualUnit
-from vlmzip.core import Reduction, anchor_indices
 
 
 class LlavaAdapter(TowerAndProjector, Adapter):
@@ -46,7 +45,7 @@ class LlavaAdapter(TowerAndProjector, Adapter):
                 f"{getattr(pixel_values, 'shape', type(pixel_values).__name__)}"
             )
         height, width = pixel_values.shape[-2:]
-        per_image = self.tower_info.num_tokens(height, width) - (1 if self.drops_cls else 0)
+        per_image = self.placeholders_for(self.tower_info.num_tokens(height, width))
         return [per_image] * pixel_values.shape[0]
 
     def placeholder_of(self, anchors: torch.Tensor) -> torch.Tensor:
@@ -56,17 +55,14 @@ class LlavaAdapter(TowerAndProjector, Adapter):
     def encode(self, inputs: Mapping[str, Any]) -> EncodedImages:
         pixel_values = inputs["pixel_values"]
         _, reduced = self.reduce(pixel_values)
-        if isinstance(reduced, Reduction):
-            features = list(self.projector()(reduced.features).unbind(0))
-            reductions, units = [reduced], reduced.split()
-        else:  # adaptive budget: one reduction per image, of its own length
-            features = [self.projector()(unit.features)[0] for unit in reduced]
-            reductions = units = reduced
+        reductions = reduction_list(reduced)  # adaptive budget: one per image, of its own length
+        features = [image for reduction in reductions for image in self.projector()(reduction.features).unbind(0)]
+        anchors = self.anchor_rows(reductions)
         return EncodedImages(
             features=features,
             full_counts=self.full_counts(inputs),
             reductions=reductions,
-            positions=[self.placeholder_of(anchor_indices(unit)[0]) for unit in units],
+            positions=None if anchors is None else [self.placeholder_of(row) for row in anchors],
         )
 
     def visual_units(self, inputs: Mapping[str, Any]) -> list[VisualUnit]:

@@ -36,9 +36,9 @@ from torch import nn
 from torch.nn import functional
 
 from vlmzip._validation import budget_error
-from vlmzip.adapters.base import Adapter, EncodedImages
+from vlmzip.adapters.base import Adapter, EncodedImages, reduction_list
 from vlmzip.adapters.parts import TowerAndProjector
-from vlmzip.core import Reduction, anchor_indices
+from vlmzip.core import Reduction
 from vlmzip.probe import DEFAULT_QUERY_CHUNK, ProbeOutput, TowerInfo, TowerLayout, received_attention, resolve_tower
 
 PIXTRAL_TOWER = TowerLayout(
@@ -273,8 +273,8 @@ class Mistral3Adapter(TowerAndProjector, Adapter):
         if self.config.fewest_tokens > rows * cols:
             where = f" for image {index} (its {rows}x{cols} merged tokens at {size[0]}x{size[1]} px)"
             raise budget_error(self.config, rows * cols, where)
-        reduced = self.run_method(probe)
-        return reduced if isinstance(reduced, Reduction) else reduced[0]
+        (reduction,) = reduction_list(self.run_method(probe))  # one image: one row either way
+        return reduction
 
     def reduce(
         self, pixel_values: torch.Tensor, **tower_kwargs: Any
@@ -305,10 +305,15 @@ class Mistral3Adapter(TowerAndProjector, Adapter):
             _, cols = probe.grid
             image_slots = run_offsets(torch.arange(probe.features.shape[1]), cols)
             slots.append(image_slots[: reduction.features.shape[1]])
-            positions.append(run_offsets(anchor_indices(reduction)[0], cols))
+            anchors = self.anchor_rows([reduction])
+            if anchors is not None:
+                positions.append(run_offsets(anchors[0], cols))
             reductions.append(reduction)
         full_counts = self.full_counts(inputs)
-        return EncodedImages(reduced, full_counts, slots=slots, reductions=reductions, positions=positions)
+        original = self.config.positions == "original"
+        return EncodedImages(
+            reduced, full_counts, slots=slots, reductions=reductions, positions=positions if original else None
+        )
 
     def attach_features(self, prepared: dict[str, Any], encoded: EncodedImages) -> None:
         super().attach_features(prepared, encoded)

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from vlmzip._validation import budget_error
-from vlmzip.adapters.base import Adapter, EncodedImages
-from vlmzip.core import Reduction, anchor_indices
+from vlmzip.adapters.base import Adapter, EncodedImages, reduction_list
+from vlmzip.core import Reduction
 from vlmzip.probe import ProbeOutput, TowerInfo, TowerLayout, resolve_tower
 
 SMOLVLM_TOWER = TowerLayout(
@@ -238,15 +238,14 @@ class SmolVLMAdapter(Adapter):
         full_counts = self.full_counts(inputs)
         probe = self.probe_tiles(tiles, masks)
         if self.config.budget_scope == "per_crop":
-            reduced = self.reduce_tiles(probe, 1)
-            reductions = [reduced] if isinstance(reduced, Reduction) else reduced  # adaptive: one per tile
+            reductions = reduction_list(self.reduce_tiles(probe, 1))  # adaptive: one per tile
         else:  # (adaptive budgets need "per_crop")
             reductions, start = [], 0
             for count in self.tile_groups(inputs, tiles.shape[0]):
                 reductions.append(self.reduce_tiles(probe[start : start + count], count))
                 start += count
         features = [tile for reduction in reductions for tile in reduction.features.unbind(0)]
-        positions = [tile for reduction in reductions for tile in anchor_indices(reduction).unbind(0)]
+        positions = self.anchor_rows(reductions)  # every tile is a run of its own
         return EncodedImages(features=features, full_counts=full_counts, reductions=reductions, positions=positions)
 
 
