@@ -197,8 +197,8 @@ def test_every_token_takes_the_placeholder_of_its_anchor(name, processor, model,
                 tile_tokens, inside = inside[: reduction.features.shape[1]], inside[reduction.features.shape[1] :]
                 assert tile_tokens.numel() == reduction.features.shape[1]
                 for index, position in enumerate(tile_tokens.tolist()):
-                    assert tile_unit(name, run_ids, position - first, per_tile)[0] == tile  # within its own tile
-                    unit = tile_unit(name, run_ids, position - first, per_tile)[1]
+                    own_tile, unit = tile_unit(name, run_ids, position - first, per_tile)
+                    assert own_tile == tile  # within its own tile
                     if index < kept.numel():
                         assert unit == int(kept[index])
                     else:
