@@ -84,7 +84,7 @@ def test_ask_with_a_split_budget_and_another_method(tiny):
         ({"question": "a" * 501}, ValueError, "at most 500 characters"),
         ({"question": 3}, TypeError, "question must be a string"),
         ({"budget": 0}, ValueError, "tokens must be an integer >= 1"),
-        ({"budget": 9999}, ValueError, "must be <= 577"),
+        ({"budget": 9999}, ValueError, "must be <= 576"),
         ({"budget": (1, 2, 3)}, ValueError, "budget must be a token count or"),
         ({"budget": (-1, 2)}, ValueError, "dominant must be an integer >= 1"),
         ({"method": "magic"}, ValueError, "method must be one of"),
@@ -151,18 +151,19 @@ def test_page_has_stable_element_ids(tiny, tmp_path):
     components = {c["props"].get("elem_id"): c for c in config["components"]}
     assert ELEM_IDS <= set(components)
     assert components["vz-image"]["type"] == "image"  # the upload check keeps the stock frontend
-    assert components["vz-tokens"]["props"]["maximum"] == 577
+    assert components["vz-tokens"]["props"]["maximum"] == 576  # "default" strategy: no [CLS] placeholder
     choices = [tuple(choice) for choice in components["vz-method"]["props"]["choices"]]
     assert choices == [(m, m) for m in vlmzip.methods.available_methods()]
 
 
 def test_largest_budget_follows_the_processor_not_the_tower_config(tiny):
     model, processor = tiny
-    assert app.tokens_per_image(model, processor) == 577
+    assert app.tokens_per_image(model, processor) == 576  # "default" strategy: no [CLS] placeholder
     small = make_llava_processor()
     small.image_processor.size = {"shortest_edge": 224}
     small.image_processor.crop_size = {"height": 224, "width": 224}
-    assert app.tokens_per_image(model, small) == 1 + 16 * 16
+    assert app.tokens_per_image(model, small) == 16 * 16
+    assert app.tokens_per_image(make_llava(strategy="full"), small) == 1 + 16 * 16
 
 
 def test_page_values_to_budget_and_upload_path():

@@ -98,8 +98,8 @@ def test_budget_limit_follows_a_processor_given_to_apply():
     processor = make_llava_processor()
     processor.image_processor.crop_size = {"height": 224, "width": 224}
     processor.image_processor.size = {"shortest_edge": 224}
-    assert_apply_refused(model, ValueError, r"<= 257 .*224x224", dominant=300, contextual=0, processor=processor)
-    vlmzip.apply(model, dominant=257, contextual=0, processor=processor)
+    assert_apply_refused(model, ValueError, r"<= 256 .*224x224", dominant=300, contextual=0, processor=processor)
+    vlmzip.apply(model, dominant=256, contextual=0, processor=processor)
     vlmzip.remove(model)
 
 

@@ -282,13 +282,15 @@ def page_budget(mode: str, tokens: float | None, dominant: float | None, context
 
 
 def tokens_per_image(model: nn.Module, processor: Any) -> int:
-    """Tokens the tower yields for one image (or crop) at the size the processor produces.
+    """The largest budget of one image (or crop): the tokens the tower yields at the size the processor
+    produces, less a [CLS] the processor writes no placeholder for (LLaVA's "default" strategy).
 
     Read from the processor's output rather than the tower's config: a tower may be configured for
     another resolution than the one its model is used at (DINOv2: 518 in the config, 336 here).
     """
     pixel_values, _, _ = image_pixel_values(processor, Image.new("RGB", (64, 64)))
-    return model_adapter(model).tower_info.num_tokens(*pixel_values.shape[-2:])
+    geometry = model_adapter(model)
+    return geometry.placeholders_for(geometry.tower_info.num_tokens(*pixel_values.shape[-2:]))
 
 
 def build_app(

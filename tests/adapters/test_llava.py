@@ -189,7 +189,8 @@ def test_config_object_and_fields(fresh_llava):
         ({"dominant": 0}, ValueError, "dominant"),
         ({"contextual": -2}, ValueError, "contextual"),
         ({"dominant": "54"}, TypeError, "dominant"),
-        ({"dominant": 570, "contextual": 10}, ValueError, r"dominant \+ contextual must be <= 577"),
+        ({"dominant": 570, "contextual": 10}, ValueError, r"dominant \+ contextual must be <= 576"),
+        ({"dominant": 567, "contextual": 10}, ValueError, r"<= 576 \(.* less the \[CLS\] its feature strategy drops"),
         ({"feature_layer": 9}, ValueError, "feature_layer"),
         ({"merge": "sum"}, ValueError, "merge"),
         ({"method": "nope"}, ValueError, "method"),
@@ -249,6 +250,19 @@ def test_full_strategy_keeps_budget(images):
     prepared = vlmzip.prepare(model, inputs)
     assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum() == 128
     generate(model, prepared)
+
+
+def test_default_strategy_budget_is_capped_at_its_placeholders(images):
+    """The "default" strategy writes 576 placeholders for the tower's 577 tokens: 576 fit, 577 are refused
+    at apply(), not later at prepare()."""
+    model, processor = make_llava(strategy="default"), make_llava_processor(strategy="default")
+    inputs = processor_inputs(processor, images[:1], PROMPTS[:1])
+    vlmzip.apply(model, dominant=566, contextual=10)
+    prepared = vlmzip.prepare(model, inputs)
+    assert (prepared["input_ids"] == IMAGE_TOKEN_ID).sum() == 576
+    generate(model, prepared)
+    vlmzip.remove(model)
+    assert_apply_refused(model, ValueError, r"must be <= 576", dominant=567, contextual=10)
 
 
 @pytest.mark.parametrize("method", ["pool", "random", "visionzip-dominant"])

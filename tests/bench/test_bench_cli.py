@@ -45,7 +45,7 @@ def test_json_plot_and_table(model_dir, tmp_path, capsys):
         (["--plot", "out.jpg"], "--plot must name a .png file"),
         (["--batch", "0"], "--batch"),
         (["--new-tokens", "1"], "--new-tokens"),
-        (["--tokens", "700"], r"dominant \+ contextual must be <= 577"),
+        (["--tokens", "700"], r"dominant \+ contextual must be <= 576"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--repeats", "0"], "CUDA|--repeats"),
     ],
 )

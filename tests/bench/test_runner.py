@@ -118,7 +118,7 @@ def test_bad_inputs(model, inputs):
     text_only = make_llava_processor().tokenizer([PROMPT.replace("<image> ", "")], return_tensors="pt")
     with pytest.raises(ValueError, match="no image placeholder"):
         PipelineBench(model, text_only, [Variant(FULL)])
-    with pytest.raises(ValueError, match="dominant \\+ contextual must be <= 577"):
+    with pytest.raises(ValueError, match="dominant \\+ contextual must be <= 576"):
         PipelineBench(model, inputs, [Variant("visionzip", 600)])
 
 

@@ -236,7 +236,7 @@ def test_skips_bad_rows_and_images_and_reports_line_numbers(workspace):
         ({"prompt_template": "no placeholder"}, ValueError, "prompt_template"),
         ({"prompt_template": "Q: {question} A:"}, ValueError, "image token <image>"),
         ({"config": {"dominant": 8}}, TypeError, "config must be a VisionZipConfig"),
-        ({"config": vlmzip.VisionZipConfig(dominant=570, contextual=10)}, ValueError, "must be <= 577"),
+        ({"config": vlmzip.VisionZipConfig(dominant=570, contextual=10)}, ValueError, "must be <= 576"),
         ({"data": 42}, TypeError, "data must be"),
         ({"model": 42}, TypeError, "model must be"),
         ({"output_dir": None}, TypeError, "output_dir"),
@@ -288,7 +288,7 @@ def test_cli(workspace, capsys):
     assert main([*args, "--dominant", "600", "--contextual", "0", "--overwrite"]) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("vlmzip finetune: error: dominant + contextual must be <= 577")
+    assert last.startswith("vlmzip finetune: error: dominant + contextual must be <= 576")
     assert "Traceback" not in err
 
 

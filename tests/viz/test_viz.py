@@ -230,7 +230,7 @@ def test_reduce_image_uses_the_applied_config(tiny):
     assert (panel.dominant, panel.contextual) == (30, 2)
     (default,) = reduce_image(model, processor, random_images(1)[0])
     assert (default.dominant, default.contextual) == (54, 10)
-    with pytest.raises(ValueError, match="dominant \\+ contextual must be <= 577"):
+    with pytest.raises(ValueError, match="dominant \\+ contextual must be <= 576"):
         reduce_image(model, processor, random_images(1)[0], vlmzip.VisionZipConfig(dominant=600, contextual=0))
     with pytest.raises(ValueError, match="unsupported model family"):
         reduce_image(torch.nn.Linear(2, 2), processor, random_images(1)[0])
@@ -303,7 +303,7 @@ def test_show_writes_the_picture(tiny_dir, image_file, tmp_path, capsys):
     ("extra", "message"),
     [
         (["--tokens", "0"], "tokens must be an integer >= 1"),
-        (["--tokens", "9999"], "must be <= 577"),
+        (["--tokens", "9999"], "must be <= 576"),
         (["--dominant", "8"], "must be given together"),
         (["--tokens", "8", "--contextual", "2"], "not both"),
         (["--method", "magic"], "method must be one of"),

@@ -223,11 +223,14 @@ class Adapter(FamilyGeometry, ProbeSourcing, CachedEncoding):
 
     def check_budget(self) -> None:
         available = self.tokens_per_unit()
-        self.check_adaptive(self.placeholders_for(available))  # an adaptive unit sends at most its placeholders
-        if self.config.fewest_tokens > available:
+        placeholders = self.placeholders_for(available)  # a unit never sends more tokens than these
+        self.check_adaptive(placeholders)
+        if not self.config.adaptive and self.config.tokens > placeholders:
+            dropped = " less the [CLS] its feature strategy drops" if placeholders < available else ""
             raise ValueError(
-                f"dominant + contextual must be <= {available} (the tokens this model's tower yields per image "
-                f"{self.geometry_note()}), got {self.config.dominant} + {self.config.contextual} = {self.config.tokens}"
+                f"dominant + contextual must be <= {placeholders} (the tokens this model's tower yields per image "
+                f"{self.geometry_note()}{dropped}), got {self.config.dominant} + {self.config.contextual} = "
+                f"{self.config.tokens}"
             )
 
     def check_adaptive(self, available: int) -> None:
