@@ -11,6 +11,7 @@ import torch
 from vlmzip.default_model import build, data
 
 FEATURE_DIM = 384  # DINOv2-S/14 hidden size
+TOWER_LAYERS = 12  # DINOv2-S/14 transformer layers
 
 
 class Progress:
@@ -29,24 +30,27 @@ class Progress:
         print(f"[{self.label}] {done}/{self.total} {elapsed:6.0f}s elapsed, eta {eta:5.0f}s {extra}", flush=True)
 
 
-def feature_tower():
-    """The frozen tower truncated after the feature layer (layer -2): the last layer is never needed."""
+def feature_tower(layer: int = build.VISION_FEATURE_LAYER):
+    """The frozen tower truncated after the feature layer (``hidden_states[layer]``, -2 by default): the
+    layers after it are never needed."""
     from vlmzip.default_model.convert import load_dinov2_from_onnx
 
     tower = load_dinov2_from_onnx()
-    tower.encoder.layer = tower.encoder.layer[: len(tower.encoder.layer) + build.VISION_FEATURE_LAYER + 1]
+    tower.encoder.layer = tower.encoder.layer[: len(tower.encoder.layer) + layer + 1]
     return tower.eval()
 
 
 @torch.inference_mode()
-def extract_features(split: str, num_images: int, seed: int, path: Path, batch_size: int = 8) -> np.ndarray:
-    """Cache ``hidden_states[-2]`` (float16, (N, 577, 384)) of ``num_images`` scenes; reuse if present."""
+def extract_features(
+    split: str, num_images: int, seed: int, path: Path, batch_size: int = 8, layer: int = build.VISION_FEATURE_LAYER
+) -> np.ndarray:
+    """Cache ``hidden_states[layer]`` (float16, (N, 577, 384)) of ``num_images`` scenes; reuse if present."""
     path = Path(path)
     if path.is_file():
         feats = np.load(path, mmap_mode="r")
         if feats.shape == (num_images, build.NUM_IMAGE_TOKENS, FEATURE_DIM):
             return feats
-    tower = feature_tower()
+    tower = feature_tower(layer)
     processor = build.build_image_processor()
     out = np.lib.format.open_memmap(
         path.with_suffix(".tmp.npy"),

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from recipes.default_model.evaluation import evaluate_cached, evaluate_llava
-from recipes.default_model.features import Progress, extract_features, feature_stats
+from recipes.default_model.features import TOWER_LAYERS, Progress, extract_features, feature_stats
 from recipes.default_model.modeling import REFERENT_SPLITS, Packed, Packer, TrainableVLM, pad_images
 from recipes.default_model.subsets import contextual_tokens, image_token_targets, subset_mode, token_subset
 from vlmzip.default_model import build, data
@@ -125,6 +125,9 @@ class TrainSettings:
     # rebuild does not depend on native bfloat16 (float32 sums still depend on the thread count); "auto"
     # takes bfloat16 where it is native.
     precision: str = "float32"
+    # The tower layer whose output feeds the projector (``hidden_states[layer]``; -2 as in LLaVA); VisionZip
+    # then reads that layer's attention.
+    vision_feature_layer: int = build.VISION_FEATURE_LAYER
     text_model: build.TextModelSize = field(default_factory=build.TextModelSize)
 
 
@@ -248,6 +251,8 @@ def check_settings(settings: TrainSettings) -> None:
         raise ValueError(f"merge_share must be in 0..1, got {settings.merge_share}")
     if not 0.0 <= settings.sparse_share <= 1.0:
         raise ValueError(f"sparse_share must be in 0..1, got {settings.sparse_share}")
+    if not -TOWER_LAYERS <= settings.vision_feature_layer <= -1:
+        raise ValueError(f"vision_feature_layer must be in -{TOWER_LAYERS}..-1, got {settings.vision_feature_layer}")
     if not 1 <= settings.contextual_max <= build.NUM_IMAGE_TOKENS - 1:
         raise ValueError(f"contextual_max must be in 1..{build.NUM_IMAGE_TOKENS - 1}, got {settings.contextual_max}")
     for name in ("referent_weight", "relation_weight", "projector_mse_weight", "image_head_weight"):
@@ -270,7 +275,7 @@ def train_model(settings: TrainSettings, train_feats: np.ndarray, val_feats: np.
     from the task and by regression onto the scene codes. The share of real scenes grows by phase."""
     check_settings(settings)
     torch.manual_seed(settings.seed)
-    config = build.build_config(settings.text_model)
+    config = build.build_config(settings.text_model, settings.vision_feature_layer)
     mean, std = feature_stats(train_feats)
     image_layer = settings.image_head_layer if settings.image_head_weight > 0 else None
     model = TrainableVLM(config, mean, std, image_head=image_layer is not None)
@@ -430,7 +435,9 @@ def train_default(
     t0 = time.time()
 
     def feats(split: str, n: int) -> np.ndarray:
-        return extract_features(split, n, seed, work_dir / f"features-{split}-s{seed}-n{n}.npy")
+        layer = settings.vision_feature_layer  # caches of layer -2 keep their earlier names
+        suffix = "" if layer == build.VISION_FEATURE_LAYER else f"-layer{layer}"
+        return extract_features(split, n, seed, work_dir / f"features-{split}-s{seed}-n{n}{suffix}.npy", layer=layer)
 
     train_feats = feats("train", settings.train_images)
     val_feats = feats("val", settings.val_images) if settings.val_images else None
@@ -442,7 +449,7 @@ def train_default(
     # Everything trained, training-only heads and scene coder included, for inspecting a run.
     torch.save(model.state_dict(), work_dir / "trainable.pt")
 
-    config = build.build_config(settings.text_model)
+    config = build.build_config(settings.text_model, settings.vision_feature_layer)
     meta = {
         "seed": seed,
         "settings": {**asdict(settings), "text_model": asdict(settings.text_model)},
@@ -483,50 +490,28 @@ def _save_payload(model: TrainableVLM, settings: TrainSettings, output_dir: Path
     build.save_shipped_files(model.export_state_dict(), settings.text_model, output_dir, meta)
 
 
+# Command-line flags that override one recorded setting each (the flag's name is the setting's).
+SETTING_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("--steps", int, "training steps"),
+    ("--train-images", int, "training scenes"),
+    ("--original-position-share", float, "share of reduced training steps that keep original positions"),
+    ("--object-share-min", float, "least share of an object's other patches that an object-keeping subset keeps"),
+    ("--merge-share", float, "share of reduced training steps whose dropped tokens are merged into contextual tokens"),
+    ("--sparse-share", float, "share of object-keeping subsets that keep almost no background"),
+    ("--vision-feature-layer", int, "tower layer whose output feeds the projector (-2 as in LLaVA)"),
+)
+PRECISION_HELP = "matrix-product precision (default: as recorded, float32; 'auto' takes bfloat16 where native)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m recipes.default_model.train``: rebuild the default model from a seed."""
     parser = argparse.ArgumentParser(prog="python -m recipes.default_model.train", description=main.__doc__)
     parser.add_argument("output_dir", type=Path, help="where to write the model payload")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None, help="feature caches (default: OUTPUT_DIR/_work)")
-    parser.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="training steps (default: as recorded with the shipped weights)",
-    )
-    parser.add_argument("--train-images", type=int, default=None)
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default=None,
-        help="matrix-product precision (default: as recorded, float32; 'auto' takes bfloat16 where native)",
-    )
-    parser.add_argument(
-        "--original-position-share",
-        type=float,
-        default=None,
-        help="share of reduced training steps that keep original positions (default: as recorded)",
-    )
-    parser.add_argument(
-        "--object-share-min",
-        type=float,
-        default=None,
-        help="least share of an object's other patches that an object-keeping subset keeps (default: as recorded)",
-    )
-    parser.add_argument(
-        "--merge-share",
-        type=float,
-        default=None,
-        help="share of reduced training steps whose dropped tokens are merged into contextual tokens "
-        "(default: as recorded)",
-    )
-    parser.add_argument(
-        "--sparse-share",
-        type=float,
-        default=None,
-        help="share of object-keeping subsets that keep almost no background (default: as recorded)",
-    )
+    for flag, kind, help_text in SETTING_FLAGS:
+        parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default: as recorded)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
     parser.add_argument(
         "--threads",
         type=int,
@@ -545,21 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(
             f"--train-images must be >= {recorded.images_per_step} (scenes per training step), got {args.train_images}"
         )
-    overrides = {}
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    if args.train_images is not None:
-        overrides["train_images"] = args.train_images
-    if args.precision is not None:
-        overrides["precision"] = args.precision
-    if args.original_position_share is not None:
-        overrides["original_position_share"] = args.original_position_share
-    if args.object_share_min is not None:
-        overrides["object_share_min"] = args.object_share_min
-    if args.merge_share is not None:
-        overrides["merge_share"] = args.merge_share
-    if args.sparse_share is not None:
-        overrides["sparse_share"] = args.sparse_share
+    names = [flag[2:].replace("-", "_") for flag, _, _ in SETTING_FLAGS] + ["precision"]
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.threads is not None and args.threads not in (1, 2):
         parser.error(f"--threads must be 1 or 2, got {args.threads}")
     from vlmzip.outputs import embedded_model_inputs, refuse_overlap

@@ -295,6 +295,8 @@ def test_train_default_rejects_bad_settings_before_any_tower_pass(monkeypatch, t
         (dict(merge_share=-0.1), "merge_share must be in 0..1, got -0.1"),
         (dict(sparse_share=float("inf")), "sparse_share must be in 0..1, got inf"),
         (dict(contextual_max=0), "contextual_max must be in 1..576, got 0"),
+        (dict(vision_feature_layer=0), r"vision_feature_layer must be in -12..-1, got 0"),
+        (dict(vision_feature_layer=-13), r"vision_feature_layer must be in -12..-1, got -13"),
     ]:
         with pytest.raises(ValueError, match=match):
             train.train_default(tmp_path / "out", settings=replace(train.TrainSettings(), **bad))
@@ -473,6 +475,8 @@ def test_train_main_has_its_own_parser(capsys):
         (["--object-share-min", "1.2"], "object_share_min must be in 0..1, got 1.2"),
         (["--merge-share", "2"], "merge_share must be in 0..1, got 2.0"),
         (["--sparse-share", "-1"], "sparse_share must be in 0..1, got -1.0"),
+        (["--vision-feature-layer", "2"], "vision_feature_layer must be in -12..-1, got 2"),
+        (["--vision-feature-layer", "-1.5"], "argument --vision-feature-layer: invalid int value"),
     ],
 )
 def test_train_default_refuses_bad_values_before_any_work(tmp_path, capsys, argv, message):
@@ -490,3 +494,56 @@ def test_train_default_refuses_emulated_bfloat16_before_any_work(tmp_path, capsy
     assert exit_info.value.code == 2
     assert "precision='bfloat16' needs a CPU that computes bfloat16 natively" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_setting_flags_override_the_recorded_settings_and_nothing_else(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(
+        train, "train_default", lambda *args, **kwargs: seen.update(kwargs) or {"timings_s": {"total_s": 0}}
+    )
+    argv = ["--vision-feature-layer", "-1", "--steps", "7", "--sparse-share", "0.25", "--precision", "float32"]
+    assert train.main([str(tmp_path / "out"), *argv]) == 0
+    expected = replace(
+        train.shipped_settings(), vision_feature_layer=-1, steps=7, sparse_share=0.25, precision="float32"
+    )
+    assert seen["settings"] == expected
+
+
+class _Stop(Exception):
+    """Raised by a stand-in to stop a run before training."""
+
+
+def test_another_feature_layer_caches_its_own_features(tmp_path, monkeypatch):
+    calls = []
+
+    def record(split, n, seed, path, layer):
+        calls.append((path.name, layer))
+        raise _Stop
+
+    monkeypatch.setattr(train, "extract_features", record)
+    for layer, name in [(-1, "features-train-s0-n16-layer-1.npy"), (-2, "features-train-s0-n16.npy")]:
+        settings = replace(train.TrainSettings(), train_images=16, vision_feature_layer=layer)
+        with pytest.raises(_Stop):
+            train.train_default(tmp_path / "out", settings=settings, threads=1)
+        assert calls[-1] == (name, layer)
+
+
+def test_feature_tower_stops_at_the_feature_layer():
+    from recipes.default_model.features import TOWER_LAYERS, feature_tower
+
+    assert len(feature_tower(-1).encoder.layer) == TOWER_LAYERS
+    assert len(feature_tower(-2).encoder.layer) == TOWER_LAYERS - 1
+
+
+@pytest.mark.parametrize(("metadata", "expected"), [({"vision_feature_layer": -1}, -1), ({}, -2), (None, -2)])
+def test_assembled_model_reads_the_recorded_feature_layer(tmp_path, metadata, expected):
+    import shutil
+
+    from vlmzip.default_model import files_dir
+
+    files = shutil.copytree(files_dir(), tmp_path / "files")
+    (files / "training_metadata.json").unlink()
+    if metadata is not None:
+        (files / "training_metadata.json").write_text(json.dumps(metadata))
+    assert build.recorded_feature_layer(files) == expected
+    assert build.build_model_from_files(files).config.vision_feature_layer == expected

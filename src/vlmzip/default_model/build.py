@@ -113,8 +113,9 @@ def build_processor() -> LlavaProcessor:
     )
 
 
-def build_config(size: TextModelSize | None = None) -> LlavaConfig:
-    """LLaVA configuration: DINOv2-S/14 tower, 2-layer GELU projector, small Llama language model."""
+def build_config(size: TextModelSize | None = None, vision_feature_layer: int = VISION_FEATURE_LAYER) -> LlavaConfig:
+    """LLaVA configuration: DINOv2-S/14 tower (its layer ``vision_feature_layer`` feeds the projector),
+    2-layer GELU projector, small Llama language model."""
     from transformers import LlamaConfig, LlavaConfig
 
     from .convert import dinov2_small_config
@@ -141,7 +142,7 @@ def build_config(size: TextModelSize | None = None) -> LlavaConfig:
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         projector_hidden_act="gelu",
         vision_feature_select_strategy="full",
-        vision_feature_layer=VISION_FEATURE_LAYER,
+        vision_feature_layer=vision_feature_layer,
         image_seq_length=NUM_IMAGE_TOKENS,
         tie_word_embeddings=False,
     )
@@ -187,6 +188,14 @@ def _fingerprint(files_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def recorded_feature_layer(files_dir: str | Path) -> int:
+    """The tower layer the weights in ``files_dir`` were trained on (``vision_feature_layer`` in their
+    ``training_metadata.json``; -2, LLaVA's, where none is recorded)."""
+    path = Path(files_dir) / "training_metadata.json"
+    metadata = json.loads(path.read_text()) if path.is_file() else {}
+    return int(metadata.get("vision_feature_layer", VISION_FEATURE_LAYER))
+
+
 def build_model_from_files(files_dir: str | Path, onnx_path: str | Path | None = None):
     """``LlavaForConditionalGeneration`` from the shipped files and the converted ONNX tower (float32)."""
     from safetensors.torch import load_file
@@ -196,7 +205,7 @@ def build_model_from_files(files_dir: str | Path, onnx_path: str | Path | None =
 
     files_dir = Path(files_dir)
     size = TextModelSize(**json.loads((files_dir / "text_model_size.json").read_text()))
-    config = build_config(size)
+    config = build_config(size, recorded_feature_layer(files_dir))
     model = LlavaForConditionalGeneration(config)
     state = {f"model.vision_tower.{k}": v for k, v in onnx_to_dinov2_state_dict(onnx_path).items()}
     state.update(load_file(str(files_dir / SHIPPED_WEIGHTS)))
